@@ -1,0 +1,102 @@
+"""Errors raised by the SCIM client, grouped by what the engine should do next.
+
+ScimError                  base: status, scim_type, detail, the request that caused it
+├── TransientError         retry later: 429, 5xx, timeouts, connection errors
+│   └── InvalidResponse    a success status with a body that is not the JSON promised
+├── AuthError              401: credentials refused; retry later and alert, no storm
+└── PermanentError         other 4xx: retries are useless, the operation goes to review
+    ├── NotFound           404: the resource is not (or no longer) in the target
+    ├── Conflict           409: uniqueness clash, e.g. the userName already exists
+    └── PreconditionFailed 412: the ETag sent in If-Match is stale
+
+The original exception (httpx's, or a JSON decode error) is kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Response bodies kept on an error are capped: a target may answer with megabytes of HTML.
+BODY_CAP = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What was sent, with secrets already removed (headers are never kept)."""
+
+    method: str
+    url: str
+    body: Any = None
+
+
+@dataclass(slots=True)
+class ScimError(Exception):
+    """A SCIM call that did not succeed."""
+
+    message: str
+    status: int | None = None
+    scim_type: str | None = None
+    detail: str | None = None
+    request: RequestInfo | None = None
+    response_body: str | None = None
+    retry_after: float | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        Exception.__init__(self, self.message)
+        if self.response_body is not None:
+            self.response_body = self.response_body[:BODY_CAP]
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.scim_type:
+            parts.append(f"scimType={self.scim_type}")
+        if self.detail and self.detail not in self.message:
+            parts.append(f"detail={self.detail}")
+        return "; ".join(parts)
+
+
+class TransientError(ScimError):
+    """Retry later: the target is busy, down or unreachable."""
+
+
+class InvalidResponse(TransientError):
+    """The target answered a success status with a body we cannot read."""
+
+
+class AuthError(ScimError):
+    """The target refused our credentials."""
+
+
+class PermanentError(ScimError):
+    """Retrying the same request will fail the same way."""
+
+
+class NotFound(PermanentError):
+    """The resource does not exist in the target."""
+
+
+class Conflict(PermanentError):
+    """The target already holds a resource with a unique value we sent."""
+
+
+class PreconditionFailed(PermanentError):
+    """The version we sent in If-Match is no longer current."""
+
+
+_BY_STATUS: dict[int, type[ScimError]] = {
+    401: AuthError,
+    404: NotFound,
+    409: Conflict,
+    412: PreconditionFailed,
+    429: TransientError,
+}
+
+
+def error_class_for(status: int) -> type[ScimError]:
+    """The error class for an HTTP status that is not a success."""
+    if status in _BY_STATUS:
+        return _BY_STATUS[status]
+    if status >= 500:
+        return TransientError
+    return PermanentError

@@ -1,0 +1,201 @@
+"""SCIM 2.0 protocol steps without I/O: prepare a request, check a response.
+
+The client in ``_client.py`` does the sending; everything here is pure so that
+it can be tested on plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from urllib.parse import quote, urlsplit
+
+import orjson
+
+from connectors._errors import (
+    InvalidResponse,
+    PermanentError,
+    RequestInfo,
+    error_class_for,
+)
+
+SCHEMA_PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+SCHEMA_LIST_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
+SCHEMA_ERROR = "urn:ietf:params:scim:api:messages:2.0:Error"
+
+# RFC 7644 §3.1: application/scim+json; plain JSON is accepted from servers.
+CONTENT_TYPE = "application/scim+json"
+
+
+@dataclass(frozen=True, slots=True)
+class ScimRequest:
+    """One SCIM call, ready to send: ``path`` is relative to the target's base URL."""
+
+    method: str
+    path: str
+    body: Any = None
+    params: dict[str, str | int] | None = None
+    if_match: str | None = None
+    # Whether the caller needs the resource back (create must learn the new id).
+    needs_resource: bool = False
+
+    def info(self, base_url: str) -> RequestInfo:
+        """What to record about this request; no headers, so no credentials."""
+        return RequestInfo(self.method, f"{base_url.rstrip('/')}/{self.path}", self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class ScimResult:
+    """A successful answer: the resource (when one came back), its ETag and location."""
+
+    status: int
+    resource: dict[str, Any] | None = None
+    etag: str | None = None
+    location: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str | None:
+        """The resource id, from the body or else from the Location header."""
+        if self.resource and self.resource.get("id"):
+            return str(self.resource["id"])
+        if self.location:
+            return urlsplit(self.location).path.rstrip("/").rsplit("/", 1)[-1] or None
+        return None
+
+    @property
+    def version(self) -> str | None:
+        """The ETag header, else ``meta.version`` of the body (RFC 7644 §3.14)."""
+        if self.etag:
+            return self.etag
+        meta = (self.resource or {}).get("meta") or {}
+        return meta.get("version")
+
+
+def quote_filter_value(value: str) -> str:
+    """Quote a string for a SCIM filter (RFC 7644 §3.4.2.2: a JSON string literal)."""
+    return orjson.dumps(str(value)).decode()
+
+
+def equals_filter(attribute: str, value: str) -> str:
+    """``attribute eq "value"`` with the value escaped, never concatenated raw."""
+    if not attribute.replace(".", "").replace(":", "").replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"not a SCIM attribute path: {attribute!r}")
+    return f"{attribute} eq {quote_filter_value(value)}"
+
+
+def resource_path(endpoint: str, resource_id: str | None = None) -> str:
+    """``Users`` or ``Users/<id>``, the id percent-quoted so that it cannot escape the path."""
+    if resource_id is None:
+        return endpoint
+    return f"{endpoint}/{quote(str(resource_id), safe='')}"
+
+
+def patch_body(operations: list[dict[str, Any]]) -> dict[str, Any]:
+    """A PatchOp message (RFC 7644 §3.5.2)."""
+    return {"schemas": [SCHEMA_PATCH_OP], "Operations": operations}
+
+
+def check_response(
+    request: ScimRequest,
+    base_url: str,
+    status: int,
+    headers: dict[str, str],
+    content: bytes,
+) -> ScimResult:
+    """Turn an HTTP answer into a result, or raise the error that says what to do next."""
+    if 200 <= status < 300:
+        return _success(request, base_url, status, headers, content)
+    info = request.info(base_url)
+    if 300 <= status < 400:
+        raise PermanentError(
+            f"{request.method} {info.url}: redirected ({status}) to {headers.get('location', '?')}, not followed",
+            status=status,
+            request=info,
+        )
+    body = _decode(content)
+    scim_type, detail = _error_fields(body)
+    cls = error_class_for(status)
+    raise cls(
+        f"{request.method} {info.url} answered {status}",
+        status=status,
+        scim_type=scim_type,
+        detail=detail,
+        request=info,
+        response_body=content.decode("utf-8", "replace") if content else None,
+        retry_after=parse_retry_after(headers.get("retry-after")),
+    )
+
+
+def _success(
+    request: ScimRequest, base_url: str, status: int, headers: dict[str, str], content: bytes
+) -> ScimResult:
+    resource: dict[str, Any] | None = None
+    if content.strip():
+        try:
+            decoded = orjson.loads(content)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidResponse(
+                f"{request.method} {request.info(base_url).url} answered {status} with a body that is not JSON",
+                status=status,
+                request=request.info(base_url),
+                response_body=content.decode("utf-8", "replace"),
+            ) from exc
+        if not isinstance(decoded, dict):
+            raise InvalidResponse(
+                f"{request.method} {request.info(base_url).url} answered {status} with JSON that is not an object",
+                status=status,
+                request=request.info(base_url),
+                response_body=content.decode("utf-8", "replace"),
+            )
+        resource = decoded
+    result = ScimResult(
+        status=status,
+        resource=resource,
+        etag=headers.get("etag"),
+        location=headers.get("location") or headers.get("content-location"),
+        headers=headers,
+    )
+    if request.needs_resource and result.id is None:
+        raise InvalidResponse(
+            f"{request.method} {request.info(base_url).url} answered {status} without a resource id",
+            status=status,
+            request=request.info(base_url),
+            response_body=content.decode("utf-8", "replace"),
+        )
+    return result
+
+
+def _decode(content: bytes) -> Any:
+    try:
+        return orjson.loads(content) if content else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _error_fields(body: Any) -> tuple[str | None, str | None]:
+    """scimType and detail of a SCIM Error body (RFC 7644 §3.12), if the body is one."""
+    if not isinstance(body, dict):
+        return None, None
+    scim_type = body.get("scimType")
+    detail = body.get("detail")
+    return (str(scim_type) if scim_type else None, str(detail) if detail else None)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+

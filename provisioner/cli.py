@@ -1,0 +1,274 @@
+"""The ``provisioner`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from provisioner import logs
+from provisioner.config import Config, load_config
+from provisioner.demo import start_scim_server, write_demo_config
+from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
+from provisioner.queue import STATUSES, get_operation, list_operations
+from provisioner.store import open_store
+from provisioner.sync import (
+    TargetReport,
+    describe_plan,
+    load_target_mapping,
+    plan_once,
+    selected_targets,
+    sync_target,
+)
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_FAILED_OPERATIONS = 4
+EXIT_SAFETY_STOP = 5
+
+EPILOG = """exit codes:
+  0  every operation succeeded (or there was nothing to do)
+  1  internal error (a bug: please report it with the log)
+  2  wrong command-line usage
+  3  config, mapping or source error: fix the file named in the message
+  4  some operations failed or wait for a retry: see `provisioner queue list`
+  5  the cycle was refused for safety (e.g. an empty source would deprovision everyone)
+"""
+
+log = structlog.get_logger("provisioner.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; the return value is the process exit code."""
+    # Piped into `head`, a listing stops quietly instead of raising BrokenPipeError.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    try:
+        return int(args.handler(args))
+    except SafetyStop as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return EXIT_SAFETY_STOP
+    except (ConfigError, SourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("interrupted; operations not yet sent stay queued for the next cycle", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="provisioner",
+        description="Outbound SCIM 2.0 provisioning: HR source to SaaS accounts.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format", default="auto", choices=["auto", "json", "console"], help="auto: console on a terminal, else JSON"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run one cycle of the sample HR file into a local SCIM server")
+    demo.add_argument("--dir", type=Path, default=Path(".provisioner-demo"), help="where the demo keeps its state")
+    demo.add_argument("--keep-running", action="store_true", help="keep the SCIM server up until Ctrl-C")
+    demo.set_defaults(handler=_demo)
+
+    sync = commands.add_parser("sync", help="run one cycle for every configured target, then exit")
+    _config_options(sync)
+    sync.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sync.set_defaults(handler=_sync)
+
+    plan = commands.add_parser("plan", help="print what a cycle would do; sends nothing")
+    _config_options(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=_plan)
+
+    check = commands.add_parser("check", help="validate the config and every mapping it uses")
+    check.add_argument("--config", type=Path, default=Path("config.yaml"))
+    check.set_defaults(handler=_check)
+
+    queue = commands.add_parser("queue", help="review recorded operations")
+    queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    listing = queue_commands.add_parser("list", help="list operations, newest first")
+    listing.add_argument("--config", type=Path, default=Path("config.yaml"))
+    listing.add_argument("--status", choices=STATUSES)
+    listing.add_argument("--target")
+    listing.add_argument("--identity", help="only this identity key")
+    listing.add_argument("--limit", type=int, default=200)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=_queue_list)
+    show = queue_commands.add_parser("show", help="one operation with every HTTP call made for it")
+    show.add_argument("id", type=int)
+    show.add_argument("--config", type=Path, default=Path("config.yaml"))
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=_queue_show)
+    return parser
+
+
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    parser.add_argument("--target", action="append", help="only this target (repeatable)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    folder: Path = args.dir.resolve()
+    print("starting a local SCIM 2.0 server (scim2-server) ...", file=sys.stderr)
+    with start_scim_server() as server:
+        config_path = write_demo_config(folder, server)
+        config = load_config(config_path)
+        # The server starts empty, so the state of an earlier demo would be wrong about it.
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(folder / "state.db") + suffix).unlink(missing_ok=True)
+        code, reports = _run_sync(config, None)
+        _print_summary(reports, as_json=False)
+        print(f"\nSCIM server:    {server.base_url}  (bearer token in ${'{'}PROVISIONER_DEMO_TOKEN{'}'})")
+        print(f"state database: {folder / 'state.db'}")
+        print(f"review queue:   provisioner queue list --config {config_path}")
+        if args.keep_running:
+            print(f"\ntry: curl -s -H 'Authorization: Bearer {server.token}' {server.base_url}/Users")
+            print("the server keeps running until Ctrl-C (its data is in memory and goes with it)")
+            try:
+                server.process.wait()
+            except KeyboardInterrupt:
+                pass
+        return code
+
+
+def _sync(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    code, reports = _run_sync(config, args.target)
+    _print_summary(reports, as_json=args.json)
+    return code
+
+
+def _run_sync(config: Config, names: list[str] | None) -> tuple[int, list[TargetReport]]:
+    targets = selected_targets(config, names)
+    mappings = {name: load_target_mapping(config, name) for name in targets}
+    engine = open_store(config.state)
+
+    async def cycle() -> list[TargetReport]:
+        return list(await asyncio.gather(*(sync_target(engine, config, n, mappings[n]) for n in targets)))
+
+    reports = asyncio.run(cycle())
+    failed = any(r.failed or r.deferred for r in reports)
+    return (EXIT_FAILED_OPERATIONS if failed else EXIT_OK), reports
+
+
+def _print_summary(reports: list[TargetReport], *, as_json: bool) -> None:
+    if as_json:
+        data = [{"target": r.target, "run_id": r.run_id, **r.summary()} for r in reports]
+        print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+        return
+    for report in reports:
+        counts = "  ".join(f"{name} {value}" for name, value in report.summary().items())
+        print(f"{report.target}: {counts}  (run {report.run_id})")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    engine = open_store(config.state)
+    plans = []
+    for name in selected_targets(config, args.target):
+        mapping = load_target_mapping(config, name)
+        plans.append(describe_plan(engine, plan_once(engine, config, name, mapping)))
+    if args.json:
+        print(orjson.dumps(plans, option=orjson.OPT_INDENT_2).decode())
+        return EXIT_OK
+    for plan in plans:
+        counts = plan["counts"]
+        assert isinstance(counts, dict)
+        print(f"{plan['target']}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+        for op in plan["operations"]:  # type: ignore[attr-defined]
+            changes = f"  [{', '.join(op['changes'])}]" if op.get("changes") else ""
+            who = f" {op['userName']}" if op.get("userName") else ""
+            print(f"  {op['kind']:<8} {op['reason']:<7} {op['identity_key']}{who}{changes}")
+        for rejected in plan["rejected"]:  # type: ignore[attr-defined]
+            print(f"  rejected {rejected['identity_key']}: {rejected['reason']}")
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    for name in config.targets:
+        load_target_mapping(config, name)
+    print(f"{args.config}: ok ({len(config.sources)} sources, {len(config.targets)} targets)")
+    return EXIT_OK
+
+
+_LIST_COLUMNS = ("id", "target", "identity_key", "kind", "reason", "status", "attempts", "last_http_status", "updated_at")
+
+
+def _queue_list(args: argparse.Namespace) -> int:
+    engine = open_store(load_config(args.config, secrets=False).state)
+    rows = list_operations(engine, status=args.status, target=args.target, identity=args.identity, limit=args.limit)
+    if args.json:
+        print(_json(rows))
+        return EXIT_OK
+    table = [[_cell(row.get(c)) for c in _LIST_COLUMNS] + [_cell(_problem(row))] for row in rows]
+    _print_table([*(c.replace("last_", "") for c in _LIST_COLUMNS), "problem"], table)
+    return EXIT_OK
+
+
+def _queue_show(args: argparse.Namespace) -> int:
+    engine = open_store(load_config(args.config, secrets=False).state)
+    found = get_operation(engine, args.id)
+    if found is None:
+        print(f"error: no operation {args.id}", file=sys.stderr)
+        return EXIT_CONFIG
+    row, calls = found
+    if args.json:
+        print(_json({**row, "calls": calls}))
+        return EXIT_OK
+    for key, value in row.items():
+        if value is not None:
+            print(f"{key + ':':<18}{value}")
+    for call in calls:
+        print(f"\ncall {call['id']} (attempt {call['number']}, {call['started_at']:%Y-%m-%d %H:%M:%S}, {call['duration_ms']} ms)")
+        print(f"  {call['method']} {call['url']} -> {call['http_status'] or call['error']}")
+        for field_name in ("scim_type", "detail", "request_body", "response_body"):
+            if call[field_name]:
+                print(f"  {field_name}: {call[field_name]}")
+    return EXIT_OK
+
+
+def _problem(row: dict[str, Any]) -> str:
+    text = " ".join(str(row[k]) for k in ("last_scim_type", "last_detail") if row.get(k)) or row.get("last_error") or ""
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return f"{value:%Y-%m-%d %H:%M:%S}"
+    return str(value)
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    for line in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_NAIVE_UTC, default=str).decode()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

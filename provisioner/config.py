@@ -1,0 +1,196 @@
+"""The config file: YAML validated by pydantic, secrets from the environment or files.
+
+Every error names the file, the line and the key. ``${NAME}`` reads an
+environment variable and ``${file:/path}`` a file's content, anywhere a string
+is allowed; values that land in secret fields are masked in every log line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from provisioner import redaction
+from provisioner.errors import ConfigError
+from provisioner.yamlfile import Loc, YamlDocument, load_yaml
+
+_INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BearerAuthConfig(_Strict):
+    """A static bearer token."""
+
+    type: Literal["bearer"]
+    token: SecretStr
+
+
+class NoAuthConfig(_Strict):
+    """No credentials (a local test target)."""
+
+    type: Literal["none"]
+
+
+AuthConfig = Annotated[BearerAuthConfig | NoAuthConfig, Field(discriminator="type")]
+
+
+class SourceConfig(_Strict):
+    """Where identity records come from."""
+
+    type: Literal["csv", "jsonl"]
+    path: Path
+    key: str = Field(min_length=1)
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    encoding: str = "utf-8-sig"
+
+
+class TargetConfig(_Strict):
+    """One SCIM 2.0 target and how identities reach it."""
+
+    base_url: str
+    auth: AuthConfig
+    source: str
+    mapping: Path
+    leaver: Literal["disable", "delete"] = "disable"
+    enabled: bool = True
+    max_concurrency: int = Field(default=4, ge=1, le=64)
+    timeout: float = Field(default=30.0, gt=0, le=600)
+    update_method: Literal["auto", "patch", "put"] = "auto"
+    use_etags: Literal["auto", "always", "never"] = "auto"
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class Config(_Strict):
+    """The whole config file."""
+
+    state: str = "sqlite:///provisioner.db"
+    sources: dict[str, SourceConfig]
+    targets: dict[str, TargetConfig]
+    # Where the file was read from; relative paths in it are relative to its folder.
+    origin: Path = Field(default=Path("config.yaml"), exclude=True)
+
+
+def load_config(path: Path, *, secrets: bool = True) -> Config:
+    """Read, interpolate and validate a config file.
+
+    ``secrets=False`` is for commands that only read the state database (the
+    review queue): references that cannot be resolved become empty strings.
+    """
+    doc = load_yaml(path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError(f"{path}:1: the config must be a mapping of keys")
+    data = _interpolate(doc.data, (), doc, strict=secrets)
+    try:
+        config = Config.model_validate({**data, "origin": path})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, doc)) from None
+    _check_references(config, doc)
+    _register_secrets(config)
+    return _resolve_paths(config, path.parent)
+
+
+def _interpolate(value: Any, loc: Loc, doc: YamlDocument, *, strict: bool) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, (*loc, k), doc, strict=strict) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, (*loc, i), doc, strict=strict) for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+        return _INTERPOLATION.sub(lambda m: _lookup_or_blank(m.group(1).strip(), loc, doc, strict), value)
+    return value
+
+
+def _lookup_or_blank(reference: str, loc: Loc, doc: YamlDocument, strict: bool) -> str:
+    try:
+        return _lookup(reference, loc, doc)
+    except ConfigError:
+        if strict:
+            raise
+        return ""
+
+
+def _lookup(reference: str, loc: Loc, doc: YamlDocument) -> str:
+    where = f"{doc.where(loc)}: {_dotted(loc)}"
+    if reference.startswith("file:"):
+        secret_path = Path(reference[len("file:") :]).expanduser()
+        try:
+            return secret_path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read secret file {secret_path}: {exc.strerror}") from None
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", reference):
+        raise ConfigError(f"{where}: '${{{reference}}}' is not an environment variable name or file:PATH")
+    if reference not in os.environ:
+        raise ConfigError(f"{where}: environment variable {reference} is not set")
+    return os.environ[reference]
+
+
+def _describe(exc: ValidationError, doc: YamlDocument) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = _yaml_loc(error["loc"], doc)
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"{doc.where(loc)}: {_dotted(tuple(error['loc']))}: {message}")
+    return "\n".join(lines)
+
+
+def _yaml_loc(loc: tuple[Any, ...], doc: YamlDocument) -> Loc:
+    # Discriminated unions add the tag ("bearer") to the location; it is not a YAML key.
+    kept: list[str | int] = []
+    for part in loc:
+        candidate = (*kept, part)
+        if candidate in doc.lines or isinstance(part, int):
+            kept.append(part)
+    return tuple(kept)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _check_references(config: Config, doc: YamlDocument) -> None:
+    for name, target in config.targets.items():
+        if target.source not in config.sources:
+            known = ", ".join(sorted(config.sources)) or "none"
+            loc = ("targets", name, "source")
+            raise ConfigError(f"{doc.where(loc)}: {_dotted(loc)}: no source named '{target.source}' (known: {known})")
+
+
+def _register_secrets(config: Config) -> None:
+    for target in config.targets.values():
+        if isinstance(target.auth, BearerAuthConfig):
+            redaction.register(target.auth.token.get_secret_value())
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def resolve(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else base / p
+
+    sources = {n: s.model_copy(update={"path": resolve(s.path)}) for n, s in config.sources.items()}
+    targets = {
+        n: t.model_copy(update={"mapping": resolve(t.mapping), "ca_bundle": t.ca_bundle and resolve(t.ca_bundle)})
+        for n, t in config.targets.items()
+    }
+    state = config.state
+    match = re.match(r"^(sqlite(?:\+\w+)?:///)(?!/)(.+)$", state)
+    if match and match.group(2) != ":memory:":
+        state = f"{match.group(1)}{resolve(Path(match.group(2)))}"
+    return config.model_copy(update={"sources": sources, "targets": targets, "state": state})

@@ -1,0 +1,303 @@
+"""Sending claimed operations to a target and recording what happened.
+
+Operations run concurrently per target (one SCIM client per worker, bounded
+by ``max_concurrency``), never two at once for the same account. Each outcome
+is written with the account link it leaves, in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from sqlalchemy import Engine
+
+from connectors import (
+    AuthError,
+    Capabilities,
+    Exchange,
+    NotFound,
+    PermanentError,
+    ScimClient,
+    ScimError,
+    ScimResult,
+    TransientError,
+)
+from provisioner.config import TargetConfig
+from provisioner.payload import patch_operations, payload_hash, refs_in, resolve_refs
+from provisioner.planner import Kind
+from provisioner.queue import (
+    CallRecord,
+    ClaimedOperation,
+    LinkState,
+    Outcome,
+    give_up_if_too_old,
+    load_link_states,
+    record,
+)
+from provisioner.redaction import redact_value
+
+log = structlog.get_logger("provisioner.executor")
+
+ClientFactory = Callable[[], ScimClient]
+# Attributes whose values never reach the queue or the logs.
+_SECRET_ATTRIBUTES = {"password"}
+
+
+@dataclass(slots=True)
+class ExecutionReport:
+    """What one execution round did: outcomes by status, and accounts created."""
+
+    statuses: Counter[str] = field(default_factory=Counter)
+    done: Counter[str] = field(default_factory=Counter)
+    created: int = 0
+
+
+class Executor:
+    """Runs the due operations of one target."""
+
+    def __init__(
+        self, engine: Engine, target: str, config: TargetConfig, endpoint: str, client_factory: ClientFactory
+    ) -> None:
+        self.engine = engine
+        self.target = target
+        self.config = config
+        self.endpoint = endpoint
+        self.client_factory = client_factory
+        self.capabilities: Capabilities | None = None
+
+    async def run(self, operations: list[ClaimedOperation]) -> ExecutionReport:
+        """Send every operation, at most ``max_concurrency`` at a time, and record each outcome."""
+        report = ExecutionReport()
+        if not operations:
+            return report
+        by_key: dict[str, list[ClaimedOperation]] = {}
+        for op in operations:
+            by_key.setdefault(op.identity_key, []).append(op)
+        links = load_link_states(self.engine, self.target, _keys_needed(by_key))
+        clients = [self.client_factory() for _ in range(min(self.config.max_concurrency, len(by_key)))]
+        try:
+            if self.capabilities is None:
+                self.capabilities = await self._discover(clients[0])
+            for wave in _waves(by_key, links):
+                work: asyncio.Queue[list[ClaimedOperation]] = asyncio.Queue()
+                for key in wave:
+                    work.put_nowait(by_key[key])
+                await asyncio.gather(*(self._worker(client, work, links, report) for client in clients))
+        finally:
+            await asyncio.gather(*(client.aclose() for client in clients))
+        return report
+
+    async def _discover(self, client: ScimClient) -> Capabilities:
+        capabilities = await client.capabilities()
+        client.history.clear()
+        overrides: dict[str, Any] = {}
+        if self.config.update_method != "auto":
+            overrides["patch"] = self.config.update_method == "patch"
+        if self.config.use_etags != "auto":
+            overrides["etag"] = self.config.use_etags == "always"
+        if overrides:
+            capabilities = Capabilities(**{**_as_dict(capabilities), **overrides})
+        log.debug("capabilities", target=self.target, **_as_dict(capabilities))
+        return capabilities
+
+    async def _worker(
+        self,
+        client: ScimClient,
+        work: asyncio.Queue[list[ClaimedOperation]],
+        links: dict[str, LinkState],
+        report: ExecutionReport,
+    ) -> None:
+        while not work.empty():
+            ops = work.get_nowait()
+            for op in ops:
+                started = time.perf_counter()
+                client.history.clear()
+                outcome = await self._apply(client, op, links)
+                outcome.calls = [_call_record(x) for x in client.history]
+                if outcome.http_status is None and outcome.calls:
+                    outcome.http_status = outcome.calls[-1].http_status
+                record(self.engine, self.target, op.identity_key, outcome)
+                if outcome.drop_link:
+                    links.pop(op.identity_key, None)
+                elif outcome.link is not None:
+                    links[op.identity_key] = outcome.link
+                report.statuses[outcome.status] += 1
+                if outcome.status == "succeeded":
+                    report.done[op.kind.value] += 1
+                    report.created += op.kind is Kind.CREATE
+                self._log(op, outcome, started)
+
+    async def _apply(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
+        try:
+            return await self._send(client, op, links)
+        except NotFound as exc:
+            if op.kind in (Kind.DISABLE, Kind.DELETE):
+                # Nothing left to deprovision: the account is already gone from the target.
+                return _outcome(op, "succeeded", exc, drop_link=True, note="account not found in the target")
+            return _outcome(op, "failed", exc)
+        except (TransientError, AuthError) as exc:
+            status = "failed" if give_up_if_too_old(op) else "retry_wait"
+            return _outcome(op, status, exc)
+        except PermanentError as exc:
+            return _outcome(op, "failed", exc)
+
+    async def _send(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
+        link = links.get(op.identity_key)
+        if op.kind is Kind.DELETE:
+            if link is None:
+                return Outcome(op.id, "succeeded", note="no account linked; nothing to delete")
+            await client.delete(self.endpoint, link.scim_id, etag=self._if_match(link))
+            return Outcome(op.id, "succeeded", drop_link=True)
+        if op.kind is Kind.DISABLE:
+            if link is None:
+                return Outcome(op.id, "succeeded", note="no account linked; nothing to disable")
+            result = await self._set_active(client, link, active=False)
+            return Outcome(op.id, "succeeded", link=_linked(link, result, active=False))
+        # References to accounts created earlier in this cycle resolve now; the rest drop out.
+        payload, _ = resolve_refs(op.payload or {}, lambda key: links[key].scim_id if key in links else None)
+        applied_hash = payload_hash(payload)
+        if link is None:
+            result = await client.create(self.endpoint, payload)
+            state = LinkState(result.id or "", True, result.version, result.location, applied_hash, payload)
+            return Outcome(op.id, "succeeded", link=state)
+        result = await self._update(client, link, payload, enable=op.kind is Kind.ENABLE)
+        state = _linked(link, result, active=True, applied=payload, applied_hash=applied_hash)
+        return Outcome(op.id, "succeeded", link=state)
+
+    async def _update(
+        self, client: ScimClient, link: LinkState, payload: dict[str, Any], *, enable: bool
+    ) -> ScimResult:
+        if self._use_patch() and link.applied is not None:
+            operations = patch_operations(link.applied, payload)
+            if enable and not any(o.get("path") == "active" for o in operations):
+                operations.append({"op": "replace", "path": "active", "value": True})
+            if operations:
+                return await client.patch(self.endpoint, link.scim_id, operations, etag=self._if_match(link))
+        return await client.replace(self.endpoint, link.scim_id, payload, etag=self._if_match(link))
+
+    async def _set_active(self, client: ScimClient, link: LinkState, *, active: bool) -> ScimResult:
+        if self._use_patch():
+            operations = [{"op": "replace", "path": "active", "value": active}]
+            return await client.patch(self.endpoint, link.scim_id, operations, etag=self._if_match(link))
+        current = link.applied
+        if current is None:
+            current = (await client.get(self.endpoint, link.scim_id)).resource or {}
+        body = {k: v for k, v in current.items() if k not in ("id", "meta")}
+        return await client.replace(self.endpoint, link.scim_id, {**body, "active": active}, etag=self._if_match(link))
+
+    def _use_patch(self) -> bool:
+        return bool(self.capabilities and self.capabilities.patch)
+
+    def _if_match(self, link: LinkState) -> str | None:
+        return link.etag if self.capabilities and self.capabilities.etag else None
+
+    def _log(self, op: ClaimedOperation, outcome: Outcome, started: float) -> None:
+        event = log.info if outcome.status == "succeeded" else log.warning
+        event(
+            "operation",
+            target=self.target,
+            identity_key=op.identity_key,
+            kind=op.kind.value,
+            reason=op.reason.value,
+            status=outcome.status,
+            attempt=op.attempts,
+            http_status=outcome.http_status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            error=outcome.error,
+        )
+
+
+def _keys_needed(by_key: dict[str, list[ClaimedOperation]]) -> list[str]:
+    """The accounts operated on, and the accounts their payloads refer to."""
+    keys = set(by_key)
+    for ops in by_key.values():
+        for op in ops:
+            keys |= refs_in(op.payload)
+    return list(keys)
+
+
+def _waves(by_key: dict[str, list[ClaimedOperation]], links: dict[str, LinkState]) -> list[list[str]]:
+    """Accounts in the order their references need: a manager's account before their reports'.
+
+    An account waits for those it refers to that are not linked yet but are
+    created in this batch; a reference cycle is sent as it is and resolved next cycle.
+    """
+    waiting = {
+        key: {ref for op in ops for ref in refs_in(op.payload)} & by_key.keys() - links.keys() - {key}
+        for key, ops in by_key.items()
+    }
+    waves: list[list[str]] = []
+    done: set[str] = set()
+    while waiting:
+        ready = [key for key, needs in waiting.items() if needs <= done] or list(waiting)
+        waves.append(ready)
+        done.update(ready)
+        for key in ready:
+            del waiting[key]
+    return waves
+
+
+def _linked(
+    link: LinkState,
+    result: ScimResult,
+    *,
+    active: bool,
+    applied: dict[str, Any] | None = None,
+    applied_hash: str | None = None,
+) -> LinkState:
+    return LinkState(
+        scim_id=link.scim_id,
+        active=active,
+        etag=result.version or None,
+        location=result.location or link.location,
+        applied_hash=applied_hash if applied is not None else link.applied_hash,
+        applied=applied if applied is not None else link.applied,
+    )
+
+
+def _outcome(op: ClaimedOperation, status: str, exc: ScimError, *, drop_link: bool = False, note: str | None = None) -> Outcome:
+    return Outcome(
+        op.id,
+        status,
+        note=note,
+        error=str(exc),
+        http_status=exc.status,
+        scim_type=exc.scim_type,
+        detail=exc.detail,
+        drop_link=drop_link,
+    )
+
+
+def _call_record(exchange: Exchange) -> CallRecord:
+    error = exchange.error
+    return CallRecord(
+        started_at=exchange.started_at,
+        duration_ms=exchange.duration_ms,
+        method=exchange.method,
+        url=exchange.url,
+        http_status=exchange.status,
+        scim_type=error.scim_type if error else None,
+        detail=error.detail if error else None,
+        error=str(error) if error else None,
+        request_body=_mask(exchange.request_body),
+        response_body=exchange.response_body,
+    )
+
+
+def _mask(body: Any) -> Any:
+    if isinstance(body, dict):
+        return {k: "***" if k in _SECRET_ATTRIBUTES else _mask(v) for k, v in body.items()}
+    if isinstance(body, list):
+        return [_mask(v) for v in body]
+    return redact_value(body)
+
+
+def _as_dict(capabilities: Capabilities) -> dict[str, Any]:
+    return {name: getattr(capabilities, name) for name in capabilities.__slots__}
+

@@ -1,0 +1,142 @@
+"""SCIM payloads as data: canonical hashes, references, attribute-level differences.
+
+Pure functions; the planner and the executor share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from provisioner.mapping import Ref
+
+# Attributes that are not the account's data: never diffed, never patched.
+_NOT_DATA = {"schemas", "id", "meta"}
+
+
+def payload_hash(payload: Mapping[str, Any]) -> str:
+    """A stable digest of a payload: key order does not matter, values do."""
+    return hashlib.blake2b(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
+
+
+# How an unresolved reference is written in a queue row (a key no SCIM schema uses).
+_REF_MARKER = "__provisioner_ref__"
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text for storage; unresolved references survive the round trip."""
+    # Ref is a dataclass: orjson would serialize it as a plain object without the passthrough.
+    option = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
+    return orjson.dumps(value, option=option, default=_encode_ref).decode()
+
+
+def loads(text: str | None) -> Any:
+    """Parse JSON text written by :func:`dumps` (None stays None)."""
+    return None if text is None else _decode_refs(orjson.loads(text))
+
+
+def _encode_ref(value: Any) -> Any:
+    if isinstance(value, Ref):
+        return {_REF_MARKER: value.key}
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
+
+
+def _decode_refs(value: Any) -> Any:
+    if isinstance(value, dict):
+        if len(value) == 1 and _REF_MARKER in value:
+            return Ref(value[_REF_MARKER])
+        return {k: _decode_refs(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_refs(v) for v in value]
+    return value
+
+
+def refs_in(value: Any) -> set[str]:
+    """The identity keys that a payload still refers to by reference."""
+    if isinstance(value, Ref):
+        return {value.key}
+    if isinstance(value, dict):
+        return set().union(*(refs_in(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(refs_in(v) for v in value)) if value else set()
+    return set()
+
+
+def resolve_refs(value: Any, lookup: Callable[[str], str | None], *, keep_unresolved: bool = False) -> tuple[Any, int]:
+    """Replace every Ref with the SCIM id ``lookup`` gives.
+
+    Returns the new value and how many references could not be resolved.
+    Unresolved ones drop out — a complex value left without its ``value`` (a
+    manager not yet created) is dropped whole — unless ``keep_unresolved``
+    keeps them for a later try.
+    """
+    if isinstance(value, Ref):
+        resolved = lookup(value.key)
+        if resolved is not None:
+            return resolved, 0
+        return (value if keep_unresolved else None), 1
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        missing = 0
+        for key, item in value.items():
+            new, n = resolve_refs(item, lookup, keep_unresolved=keep_unresolved)
+            missing += n
+            if new is None and n and key == "value":
+                return None, missing
+            if new is not None and new != {} and new != []:
+                out[key] = new
+        return out, missing
+    if isinstance(value, list):
+        items = []
+        missing = 0
+        for item in value:
+            new, n = resolve_refs(item, lookup, keep_unresolved=keep_unresolved)
+            missing += n
+            if new is not None:
+                items.append(new)
+        return items, missing
+    return value, 0
+
+
+def flatten(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Attribute paths as SCIM PATCH names them, down to simple values or multi-valued lists.
+
+    ``name.givenName``, ``urn:…:enterprise:2.0:User:department``,
+    ``urn:…:User:manager`` (a complex value kept whole), ``emails`` (a list kept whole).
+    """
+    flat: dict[str, Any] = {}
+    for key, value in payload.items():
+        if key in _NOT_DATA:
+            continue
+        if key.startswith("urn:") and isinstance(value, dict):
+            for sub, sub_value in value.items():
+                flat[f"{key}:{sub}"] = sub_value
+        elif isinstance(value, dict):
+            for sub, sub_value in value.items():
+                flat[f"{key}.{sub}"] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def changed_paths(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    """The attribute paths whose values differ between two payloads, sorted."""
+    before = flatten(old or {})
+    after = flatten(new)
+    return sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+
+
+def patch_operations(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """PATCH operations (RFC 7644 §3.5.2) that turn ``old`` into ``new``, changed attributes only."""
+    before = flatten(old)
+    after = flatten(new)
+    operations: list[dict[str, Any]] = []
+    for path in sorted(before.keys() | after.keys()):
+        if path not in after:
+            operations.append({"op": "remove", "path": path})
+        elif before.get(path) != after[path]:
+            operations.append({"op": "replace", "path": path, "value": after[path]})
+    return operations

@@ -1,0 +1,189 @@
+"""Deciding what to do for each identity in a target. Purely computational, no side effects.
+
+:func:`decide` is the decision table — joiner, mover, leaver, rehire, noop —
+as a ladder of early returns over (desired state, account link).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+from provisioner.errors import SafetyStop
+from provisioner.mapping import AttributeMapping, MappingError
+from provisioner.payload import payload_hash, resolve_refs
+from provisioner.sources import BadRecord, IdentityRecord
+
+
+class Kind(StrEnum):
+    """What is sent to the target."""
+
+    CREATE = "create"
+    UPDATE = "update"
+    DISABLE = "disable"
+    ENABLE = "enable"
+    DELETE = "delete"
+
+
+class Reason(StrEnum):
+    """Why, in the lifecycle's words."""
+
+    JOINER = "joiner"
+    MOVER = "mover"
+    LEAVER = "leaver"
+    REHIRE = "rehire"
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """What we know of an identity's account in a target, as last applied."""
+
+    identity_key: str
+    scim_id: str
+    applied_hash: str | None
+    active: bool
+    etag: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """What the source says an identity's account should be.
+
+    ``payload`` is None when the identity must not have an active account:
+    gone from the source, out of scope, or a leaver by the mapping's rule.
+    """
+
+    identity_key: str
+    payload: dict[str, Any] | None
+    payload_hash: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One operation the planner wants sent."""
+
+    identity_key: str
+    kind: Kind
+    reason: Reason
+    payload: dict[str, Any] | None = None
+    payload_hash: str | None = None
+
+
+LeaverAction = Literal["disable", "delete"]
+
+
+def decide(desired: Desired, link: Link | None, leaver: LeaverAction = "disable") -> Decision | None:
+    """The operation that moves ``link`` to ``desired``, or None when nothing needs doing."""
+    key = desired.identity_key
+    if desired.payload is None:
+        if link is None:
+            return None  # a leaver we never provisioned
+        if leaver == "delete":
+            return Decision(key, Kind.DELETE, Reason.LEAVER)
+        if not link.active:
+            return None  # already disabled
+        return Decision(key, Kind.DISABLE, Reason.LEAVER)
+    if link is None:
+        return Decision(key, Kind.CREATE, Reason.JOINER, desired.payload, desired.payload_hash)
+    if not link.active:
+        return Decision(key, Kind.ENABLE, Reason.REHIRE, desired.payload, desired.payload_hash)
+    if link.applied_hash == desired.payload_hash:
+        return None
+    return Decision(key, Kind.UPDATE, Reason.MOVER, desired.payload, desired.payload_hash)
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything one planning pass decided for one target."""
+
+    target: str
+    decisions: list[Decision] = field(default_factory=list)
+    # Records that could not be rendered: (identity key, reason, what kind it would have been).
+    rejected: list[tuple[str, str, Kind, Reason]] = field(default_factory=list)
+    unchanged: int = 0
+    unresolved_refs: int = 0
+    source_records: int = 0
+
+    def counts(self) -> dict[str, int]:
+        """How many operations of each kind, plus unchanged and rejected."""
+        counts = {kind.value: 0 for kind in Kind}
+        for decision in self.decisions:
+            counts[decision.kind.value] += 1
+        counts["unchanged"] = self.unchanged
+        counts["rejected"] = len(self.rejected)
+        return counts
+
+
+def plan_target(
+    target: str,
+    mapping: AttributeMapping,
+    records: Iterable[IdentityRecord | BadRecord],
+    links: Mapping[str, Link],
+    leaver: LeaverAction = "disable",
+) -> Plan:
+    """Decide every operation for one target from the whole source and the current links.
+
+    A record that cannot be rendered is rejected, never mistaken for a leaver;
+    an identity linked in the target but absent from the source is a leaver.
+    """
+    plan = Plan(target)
+    seen: set[str] = set()
+    for record in records:
+        if isinstance(record, BadRecord):
+            key = record.key or f"<{record.origin}>"
+            plan.rejected.append((key, f"{record.origin}: {record.reason}", *_would_be(links.get(record.key))))
+            seen.add(record.key)
+            continue
+        if record.key in seen:
+            plan.rejected.append(
+                (record.key, f"{record.origin}: duplicate identity key '{record.key}'", *_would_be(links.get(record.key)))
+            )
+            continue
+        seen.add(record.key)
+        plan.source_records += 1
+        link = links.get(record.key)
+        try:
+            desired = _desired(record, mapping, links, plan)
+        except MappingError as exc:
+            plan.rejected.append((record.key, f"{record.origin}: {exc}", *_would_be(link)))
+            continue
+        _add(plan, decide(desired, link, leaver))
+    if plan.source_records == 0 and any(link.active for link in links.values()):
+        raise SafetyStop(
+            f"target {target}: the source has no usable records; refusing to deprovision "
+            f"{sum(link.active for link in links.values())} linked accounts"
+        )
+    for key, link in links.items():
+        if key not in seen:
+            _add(plan, decide(Desired(key, None), link, leaver))
+    return plan
+
+
+def _desired(record: IdentityRecord, mapping: AttributeMapping, links: Mapping[str, Link], plan: Plan) -> Desired:
+    rendered = mapping.render(record.attributes)
+    if not rendered.payload:
+        return Desired(record.key, None)
+
+    def scim_id(key: str) -> str | None:
+        link = links.get(key)
+        return link.scim_id if link is not None else None
+
+    # The hash is of what would be sent now; the payload keeps unresolved references so that
+    # the executor can resolve them once the accounts they name are created in this cycle.
+    payload, unresolved = resolve_refs(rendered.payload, scim_id, keep_unresolved=True)
+    plan.unresolved_refs += unresolved
+    sendable = resolve_refs(payload, scim_id)[0] if unresolved else payload
+    return Desired(record.key, payload, payload_hash(sendable))
+
+
+def _add(plan: Plan, decision: Decision | None) -> None:
+    if decision is None:
+        plan.unchanged += 1
+    else:
+        plan.decisions.append(decision)
+
+
+def _would_be(link: Link | None) -> tuple[Kind, Reason]:
+    return (Kind.CREATE, Reason.JOINER) if link is None else (Kind.UPDATE, Reason.MOVER)

@@ -1,0 +1,371 @@
+"""The operation queue (a transactional outbox): enqueue, claim, record outcomes, list.
+
+Operations are written before anything is sent; an outcome is written with
+the account link it produces in one transaction, so a crash between the two
+cannot happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, delete, insert, or_, select, update
+
+from provisioner.payload import dumps, loads
+from provisioner.planner import Decision, Kind, Link, Reason
+from provisioner.redaction import redact
+from provisioner.store import AccountLink, Attempt, Operation, utcnow
+
+OP = Operation.__table__
+LINK = AccountLink.__table__
+ATTEMPT = Attempt.__table__
+
+# Statuses in which an operation still has to happen (or be reviewed).
+OPEN = ("pending", "running", "retry_wait", "failed")
+STATUSES = ("pending", "running", "retry_wait", "succeeded", "failed", "resolved", "cancelled", "superseded")
+
+# Transient failures are retried across cycles on a growing schedule, then go to review.
+RETRY_SCHEDULE = (
+    timedelta(minutes=1),
+    timedelta(minutes=5),
+    timedelta(minutes=30),
+    timedelta(hours=2),
+    timedelta(hours=6),
+    timedelta(hours=12),
+)
+MAX_RETRY_AGE = timedelta(days=7)
+LEASE = timedelta(minutes=10)
+# Bodies stored with attempts are capped: a queue row is for reading, not archiving.
+BODY_CAP = 4_000
+
+
+def retry_delay(attempts: int) -> timedelta:
+    """How long to wait before the next try after ``attempts`` failed tries."""
+    return RETRY_SCHEDULE[min(max(attempts, 1), len(RETRY_SCHEDULE)) - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedOperation:
+    """An operation this process now owns until its lease runs out."""
+
+    id: int
+    identity_key: str
+    kind: Kind
+    reason: Reason
+    payload: dict[str, Any] | None
+    payload_hash: str | None
+    attempts: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LinkState:
+    """An account link with the payload last applied, as the executor needs it."""
+
+    scim_id: str
+    active: bool
+    etag: str | None
+    location: str | None
+    applied_hash: str | None
+    applied: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One HTTP call made for an operation."""
+
+    started_at: datetime
+    duration_ms: float
+    method: str | None = None
+    url: str | None = None
+    http_status: int | None = None
+    scim_type: str | None = None
+    detail: str | None = None
+    error: str | None = None
+    request_body: Any = None
+    response_body: str | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How an operation ended this time, and the link state it leaves behind."""
+
+    operation_id: int
+    status: str
+    note: str | None = None
+    error: str | None = None
+    http_status: int | None = None
+    scim_type: str | None = None
+    detail: str | None = None
+    # The new link (None: unchanged); ``drop_link`` removes it (account deleted).
+    link: LinkState | None = None
+    drop_link: bool = False
+    calls: list[CallRecord] = field(default_factory=list)
+
+
+def load_links(engine: Engine, target: str) -> dict[str, Link]:
+    """Every account link of a target, without payloads: one query per planning pass."""
+    columns = (LINK.c.identity_key, LINK.c.scim_id, LINK.c.applied_hash, LINK.c.active, LINK.c.etag)
+    with engine.connect() as conn:
+        rows = conn.execute(select(*columns).where(LINK.c.target == target))
+        return {row[0]: Link(row[0], row[1], row[2], bool(row[3]), row[4]) for row in rows}
+
+
+def load_link_states(engine: Engine, target: str, keys: Sequence[str]) -> dict[str, LinkState]:
+    """The full link state (with applied payloads) of some identities."""
+    states: dict[str, LinkState] = {}
+    with engine.connect() as conn:
+        for chunk in _chunks(list(keys), 500):
+            rows = conn.execute(select(LINK).where(LINK.c.target == target, LINK.c.identity_key.in_(chunk)))
+            for row in rows.mappings():
+                states[row["identity_key"]] = LinkState(
+                    scim_id=row["scim_id"],
+                    active=bool(row["active"]),
+                    etag=row["etag"],
+                    location=row["location"],
+                    applied_hash=row["applied_hash"],
+                    applied=loads(row["applied"]),
+                )
+    return states
+
+
+def enqueue(
+    engine: Engine,
+    run_id: str,
+    target: str,
+    decisions: Iterable[Decision],
+    rejected: Iterable[tuple[str, str, Kind, Reason]] = (),
+) -> int:
+    """Write a plan's operations in one transaction; return how many were added.
+
+    An identical operation still open is not queued again; an older open one for
+    the same account is superseded by the new plan, unless it is running.
+    """
+    now = utcnow()
+    rows: list[dict[str, Any]] = []
+    superseded: list[int] = []
+    with engine.begin() as conn:
+        open_rows = conn.execute(
+            select(OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.payload_hash, OP.c.status, OP.c.last_error).where(
+                OP.c.target == target, OP.c.status.in_(OPEN)
+            )
+        ).all()
+        open_by_key: dict[str, list[Any]] = {}
+        for row in open_rows:
+            open_by_key.setdefault(row.identity_key, []).append(row)
+        for d in decisions:
+            existing = open_by_key.get(d.identity_key, [])
+            if any(r.status == "running" or (r.kind == d.kind and r.payload_hash == d.payload_hash) for r in existing):
+                continue
+            superseded.extend(r.id for r in existing)
+            rows.append(_new_row(run_id, target, d.identity_key, d.kind, d.reason, now, d.payload, d.payload_hash))
+        for key, message, kind, reason in rejected:
+            existing = open_by_key.get(key, [])
+            if any(r.status == "failed" and r.last_error == message for r in existing):
+                continue
+            superseded.extend(r.id for r in existing if r.status != "running")
+            row = _new_row(run_id, target, key, kind, reason, now)
+            row.update(status="failed", last_error=message, finished_at=now)
+            rows.append(row)
+        if superseded:
+            conn.execute(
+                update(OP)
+                .where(OP.c.id.in_(superseded))
+                .values(status="superseded", updated_at=now, finished_at=now, note="replaced by a newer plan")
+            )
+        if rows:
+            conn.execute(insert(OP), rows)
+    return len(rows)
+
+
+def _new_row(
+    run_id: str,
+    target: str,
+    key: str,
+    kind: Kind,
+    reason: Reason,
+    now: datetime,
+    payload: dict[str, Any] | None = None,
+    payload_hash: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "target": target,
+        "identity_key": key,
+        "kind": kind.value,
+        "reason": reason.value,
+        "status": "pending",
+        "payload": None if payload is None else dumps(payload),
+        "payload_hash": payload_hash,
+        "attempts": 0,
+        "next_attempt_at": None,
+        "lease_until": None,
+        "last_http_status": None,
+        "last_scim_type": None,
+        "last_detail": None,
+        "last_error": None,
+        "note": None,
+        "created_at": now,
+        "updated_at": now,
+        "finished_at": None,
+    }
+
+
+def claim(engine: Engine, target: str, *, now: datetime | None = None, lease: timedelta = LEASE) -> list[ClaimedOperation]:
+    """Take every due operation of a target: pending, retry_wait that is due, or running with an expired lease."""
+    now = now or utcnow()
+    due = and_(
+        OP.c.target == target,
+        or_(
+            OP.c.status == "pending",
+            and_(OP.c.status == "retry_wait", OP.c.next_attempt_at <= now),
+            and_(OP.c.status == "running", OP.c.lease_until < now),
+        ),
+    )
+    with engine.begin() as conn:
+        rows = conn.execute(select(OP).where(due).order_by(OP.c.id)).mappings().all()
+        if not rows:
+            return []
+        ids = [row["id"] for row in rows]
+        for chunk in _chunks(ids, 500):
+            conn.execute(
+                update(OP)
+                .where(OP.c.id.in_(chunk))
+                .values(status="running", lease_until=now + lease, attempts=OP.c.attempts + 1, updated_at=now)
+            )
+    return [
+        ClaimedOperation(
+            id=row["id"],
+            identity_key=row["identity_key"],
+            kind=Kind(row["kind"]),
+            reason=Reason(row["reason"]),
+            payload=loads(row["payload"]),
+            payload_hash=row["payload_hash"],
+            attempts=row["attempts"] + 1,
+            created_at=row["created_at"],
+        )
+        for row in rows
+    ]
+
+
+def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> None:
+    """Write an operation's outcome, its calls and the link it leaves, in one transaction."""
+    now = utcnow()
+    with engine.begin() as conn:
+        values: dict[str, Any] = {
+            "status": outcome.status,
+            "updated_at": now,
+            "lease_until": None,
+            "last_http_status": outcome.http_status,
+            "last_scim_type": outcome.scim_type,
+            "last_detail": _cap(outcome.detail),
+            "last_error": _cap(outcome.error),
+        }
+        if outcome.note is not None:
+            values["note"] = outcome.note
+        if outcome.status == "retry_wait":
+            attempts = conn.execute(select(OP.c.attempts).where(OP.c.id == outcome.operation_id)).scalar_one()
+            values["next_attempt_at"] = now + retry_delay(attempts)
+        else:
+            values["next_attempt_at"] = None
+        if outcome.status in ("succeeded", "failed"):
+            values["finished_at"] = now
+        conn.execute(update(OP).where(OP.c.id == outcome.operation_id).values(**values))
+        _insert_calls(conn, outcome)
+        if outcome.drop_link:
+            conn.execute(delete(LINK).where(LINK.c.target == target, LINK.c.identity_key == identity_key))
+        elif outcome.link is not None:
+            _write_link(conn, target, identity_key, outcome.link, now)
+
+
+def _insert_calls(conn: Any, outcome: Outcome) -> None:
+    if not outcome.calls:
+        return
+    number = conn.execute(select(OP.c.attempts).where(OP.c.id == outcome.operation_id)).scalar_one()
+    conn.execute(
+        insert(ATTEMPT),
+        [
+            {
+                "operation_id": outcome.operation_id,
+                "number": number,
+                "started_at": call.started_at,
+                "duration_ms": round(call.duration_ms, 2),
+                "method": call.method,
+                "url": call.url and redact(call.url),
+                "http_status": call.http_status,
+                "scim_type": call.scim_type,
+                "detail": _cap(call.detail),
+                "error": _cap(call.error),
+                "request_body": None if call.request_body is None else _cap(dumps(call.request_body)),
+                "response_body": _cap(call.response_body),
+            }
+            for call in outcome.calls
+        ],
+    )
+
+
+def _write_link(conn: Any, target: str, key: str, link: LinkState, now: datetime) -> None:
+    values = {
+        "scim_id": link.scim_id,
+        "active": link.active,
+        "etag": link.etag,
+        "location": link.location,
+        "applied_hash": link.applied_hash,
+        "applied": None if link.applied is None else dumps(link.applied),
+        "updated_at": now,
+    }
+    where = and_(LINK.c.target == target, LINK.c.identity_key == key)
+    if conn.execute(update(LINK).where(where).values(**values)).rowcount == 0:
+        conn.execute(insert(LINK).values(target=target, identity_key=key, **values))
+
+
+def give_up_if_too_old(claimed: ClaimedOperation, now: datetime | None = None) -> bool:
+    """Whether a transient failure has been retried for longer than the maximum age."""
+    return (now or utcnow()) - claimed.created_at > MAX_RETRY_AGE
+
+
+def list_operations(
+    engine: Engine,
+    *,
+    status: str | None = None,
+    target: str | None = None,
+    identity: str | None = None,
+    limit: int = 200,
+) -> list[dict[str, Any]]:
+    """Operations, newest first, filtered as an operator asks."""
+    query = select(OP).order_by(OP.c.id.desc()).limit(limit)
+    if status:
+        query = query.where(OP.c.status == status)
+    if target:
+        query = query.where(OP.c.target == target)
+    if identity:
+        query = query.where(OP.c.identity_key == identity)
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.execute(query).mappings()]
+
+
+def get_operation(engine: Engine, operation_id: int) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """One operation and every HTTP call made for it, or None."""
+    with engine.connect() as conn:
+        row = conn.execute(select(OP).where(OP.c.id == operation_id)).mappings().first()
+        if row is None:
+            return None
+        calls = conn.execute(
+            select(ATTEMPT).where(ATTEMPT.c.operation_id == operation_id).order_by(ATTEMPT.c.id)
+        ).mappings()
+        return dict(row), [dict(call) for call in calls]
+
+
+def _cap(text: str | None) -> str | None:
+    if text is None:
+        return None
+    text = redact(text)
+    return text if len(text) <= BODY_CAP else text[:BODY_CAP] + f"… ({len(text) - BODY_CAP} more characters)"
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

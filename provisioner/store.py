@@ -1,0 +1,153 @@
+"""The state database: account links, the operation queue and its attempts.
+
+SQLModel tables on SQLite by default (WAL, a busy timeout, ``BEGIN IMMEDIATE``
+for every transaction so that two claimers never read the same rows as free).
+Hot paths use SQLAlchemy Core on these tables; the ORM is for reading one row.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, Index, event
+from sqlalchemy.engine import make_url
+from sqlmodel import Field, SQLModel, create_engine
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    """Now, in UTC, as stored in every timestamp column."""
+    return datetime.now(UTC)
+
+
+class AccountLink(SQLModel, table=True):
+    """An identity's account in a target, as we last applied it."""
+
+    __tablename__ = "account_link"
+
+    target: str = Field(primary_key=True)
+    identity_key: str = Field(primary_key=True)
+    scim_id: str
+    active: bool = True
+    etag: str | None = None
+    location: str | None = None
+    applied_hash: str | None = None
+    # The payload last applied, as JSON: PATCH sends only what differs from it.
+    applied: str | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Operation(SQLModel, table=True):
+    """One change to send to a target: a row of the outbox, reviewed by operators.
+
+    Status: pending → running → succeeded; or → retry_wait → …; or → failed,
+    then resolved / cancelled by an operator. ``superseded`` when a newer
+    plan for the same account replaced it before it was sent.
+    """
+
+    __tablename__ = "operation"
+    __table_args__ = (
+        Index("ix_operation_due", "target", "status", "next_attempt_at"),
+        Index("ix_operation_account", "target", "identity_key"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(index=True)
+    target: str
+    identity_key: str
+    kind: str
+    reason: str
+    status: str = "pending"
+    payload: str | None = None
+    payload_hash: str | None = None
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    lease_until: datetime | None = None
+    last_http_status: int | None = None
+    last_scim_type: str | None = None
+    last_detail: str | None = None
+    last_error: str | None = None
+    note: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+class Attempt(SQLModel, table=True):
+    """One HTTP call made for an operation: what was sent, what came back, how long it took."""
+
+    __tablename__ = "attempt"
+
+    id: int | None = Field(default=None, primary_key=True)
+    operation_id: int = Field(index=True, foreign_key="operation.id")
+    number: int
+    started_at: datetime
+    duration_ms: float
+    method: str | None = None
+    url: str | None = None
+    http_status: int | None = None
+    scim_type: str | None = None
+    detail: str | None = None
+    error: str | None = None
+    request_body: str | None = None
+    response_body: str | None = None
+
+
+class Run(SQLModel, table=True):
+    """One sync cycle of one target."""
+
+    __tablename__ = "run"
+
+    id: str = Field(primary_key=True)
+    target: str = Field(index=True)
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    status: str = "running"
+    counts: str | None = None
+
+
+class SchemaInfo(SQLModel, table=True):
+    """The schema version this database was created with."""
+
+    __tablename__ = "schema_info"
+
+    id: int = Field(default=1, primary_key=True)
+    version: int
+
+
+def open_store(url: str) -> Engine:
+    """Connect to the state database, creating its tables on first use."""
+    parsed = make_url(url)
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    kwargs: dict[str, Any] = {}
+    if is_sqlite:
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    engine = create_engine(url, **kwargs)
+    if is_sqlite:
+        _configure_sqlite(engine)
+    SQLModel.metadata.create_all(engine)
+    with engine.begin() as conn:
+        row = conn.execute(SchemaInfo.__table__.select()).first()
+        if row is None:
+            conn.execute(SchemaInfo.__table__.insert().values(id=1, version=SCHEMA_VERSION))
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own
+        # deferred BEGIN lets two writers read the same rows as free).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,177 @@
+"""One sync cycle: source → plan → queue → executor, per target.
+
+A cycle plans, writes the plan to the queue, then sends every due operation
+(the executor orders them so that a manager's account exists before the
+accounts that refer to it).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import httpx
+import structlog
+from sqlalchemy import Engine, insert, update
+
+from connectors import BearerAuth, ScimClient
+from provisioner.config import BearerAuthConfig, Config, TargetConfig
+from provisioner.errors import ConfigError
+from provisioner.executor import Executor
+from provisioner.mapping import AttributeMapping, load_mapping
+from provisioner.payload import changed_paths, dumps
+from provisioner.planner import Kind, Plan, plan_target
+from provisioner.queue import claim, enqueue, load_link_states, load_links
+from provisioner.sources import read_source, source_columns
+from provisioner.store import Run, utcnow
+
+log = structlog.get_logger("provisioner.sync")
+
+
+@dataclass(slots=True)
+class TargetReport:
+    """What a cycle did in one target."""
+
+    target: str
+    run_id: str
+    planned: dict[str, int] = field(default_factory=dict)
+    done: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
+    unchanged: int = 0
+    rejected: int = 0
+
+    @property
+    def failed(self) -> int:
+        """Operations that need review, including records that could not be mapped."""
+        return self.statuses["failed"] + self.rejected
+
+    @property
+    def deferred(self) -> int:
+        """Operations waiting for a retry in a later cycle."""
+        return self.statuses["retry_wait"]
+
+    def summary(self) -> dict[str, int]:
+        """The counts an operator reads first."""
+        return {
+            "created": self.done["create"],
+            "updated": self.done["update"],
+            "enabled": self.done["enable"],
+            "disabled": self.done["disable"],
+            "deleted": self.done["delete"],
+            "unchanged": self.unchanged,
+            "failed": self.failed,
+            "deferred": self.deferred,
+        }
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: time first, then randomness."""
+    return f"{utcnow():%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+
+
+def client_factory(config: TargetConfig) -> ScimClient:
+    """A SCIM client for a target, as its config says."""
+    auth = BearerAuth(config.auth.token.get_secret_value()) if isinstance(config.auth, BearerAuthConfig) else None
+    verify: bool | str = str(config.ca_bundle) if config.ca_bundle else config.verify_tls
+    return ScimClient(
+        config.base_url,
+        auth=auth,
+        timeout=httpx.Timeout(config.timeout, connect=min(config.timeout, 10.0)),
+        max_connections=2,
+        verify=verify,
+    )
+
+
+def selected_targets(config: Config, names: list[str] | None) -> list[str]:
+    """The targets to work on: the named ones (which must exist), else every enabled one."""
+    if names:
+        unknown = [n for n in names if n not in config.targets]
+        if unknown:
+            raise ConfigError(f"unknown target {unknown[0]!r} (configured: {', '.join(sorted(config.targets))})")
+        return names
+    return [name for name, target in config.targets.items() if target.enabled]
+
+
+def load_target_mapping(config: Config, name: str) -> AttributeMapping:
+    """Compile a target's mapping and check it reads only columns the source has."""
+    target = config.targets[name]
+    mapping = load_mapping(target.mapping)
+    columns = source_columns(config.sources[target.source])
+    if columns is not None:
+        missing = mapping.missing_columns(columns)
+        if missing:
+            source = config.sources[target.source]
+            raise ConfigError(
+                f"{target.mapping}: reads column '{missing[0]}', which {source.path} does not have "
+                f"(columns: {', '.join(sorted(columns))})"
+            )
+    return mapping
+
+
+def plan_once(engine: Engine, config: Config, name: str, mapping: AttributeMapping) -> Plan:
+    """Plan one target against the current links; writes nothing."""
+    target = config.targets[name]
+    records = read_source(config.sources[target.source])
+    return plan_target(name, mapping, records, load_links(engine, name), target.leaver)
+
+
+async def sync_target(engine: Engine, config: Config, name: str, mapping: AttributeMapping) -> TargetReport:
+    """Run one cycle for one target and return what it did."""
+    report = TargetReport(name, new_run_id())
+    started = utcnow()
+    _start_run(engine, report.run_id, name, started)
+    target = config.targets[name]
+    executor = Executor(engine, name, target, mapping.endpoint, lambda: client_factory(target))
+    plan = plan_once(engine, config, name, mapping)
+    report.planned = plan.counts()
+    report.rejected = len(plan.rejected)
+    report.unchanged = plan.unchanged
+    enqueue(engine, report.run_id, name, plan.decisions, plan.rejected)
+    result = await executor.run(claim(engine, name))
+    report.done.update(result.done)
+    report.statuses.update(result.statuses)
+    log.info("cycle", target=name, run_id=report.run_id, planned=report.planned, outcomes=dict(result.statuses))
+    _finish_run(engine, report)
+    return report
+
+
+def _start_run(engine: Engine, run_id: str, target: str, started: datetime) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(Run.__table__).values(id=run_id, target=target, started_at=started, status="running"))
+
+
+def _finish_run(engine: Engine, report: TargetReport) -> None:
+    status = "failed" if report.failed else "deferred" if report.deferred else "succeeded"
+    with engine.begin() as conn:
+        conn.execute(
+            update(Run.__table__)
+            .where(Run.__table__.c.id == report.run_id)
+            .values(finished_at=utcnow(), status=status, counts=dumps(report.summary()))
+        )
+
+
+def describe_plan(engine: Engine, plan: Plan) -> dict[str, object]:
+    """A plan as an operator reads it: counts, each operation with the attributes it changes."""
+    updates = [d.identity_key for d in plan.decisions if d.kind in (Kind.UPDATE, Kind.ENABLE)]
+    states = load_link_states(engine, plan.target, updates) if updates else {}
+    operations = []
+    for decision in plan.decisions:
+        item: dict[str, object] = {
+            "identity_key": decision.identity_key,
+            "kind": decision.kind.value,
+            "reason": decision.reason.value,
+        }
+        if decision.payload is not None:
+            item["userName"] = decision.payload.get("userName")
+        if decision.kind in (Kind.UPDATE, Kind.ENABLE) and decision.payload is not None:
+            state = states.get(decision.identity_key)
+            item["changes"] = changed_paths(state.applied if state else None, decision.payload)
+        operations.append(item)
+    return {
+        "target": plan.target,
+        "counts": plan.counts(),
+        "operations": operations,
+        "rejected": [{"identity_key": key, "reason": reason} for key, reason, _kind, _why in plan.rejected],
+    }
