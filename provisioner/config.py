@@ -63,6 +63,11 @@ class TargetConfig(_Strict):
     max_concurrency: int = Field(default=4, ge=1, le=64)
     timeout: float = Field(default=30.0, gt=0, le=600)
     update_method: Literal["auto", "patch", "put"] = "auto"
+    # Look the account up by the mapping's match attribute before POSTing: on every create,
+    # only when a create is retried (its first answer may have been lost), or never.
+    match_before_create: Literal["always", "retries", "never"] = "retries"
+    # An update whose account vanished from the target: create it again, or send it to review.
+    on_missing: Literal["recreate", "review"] = "recreate"
     use_etags: Literal["auto", "always", "never"] = "auto"
     verify_tls: bool = True
     ca_bundle: Path | None = None

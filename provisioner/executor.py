@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +20,11 @@ from sqlalchemy import Engine
 from connectors import (
     AuthError,
     Capabilities,
+    Conflict,
     Exchange,
     NotFound,
     PermanentError,
+    PreconditionFailed,
     ScimClient,
     ScimError,
     ScimResult,
@@ -37,6 +39,7 @@ from provisioner.queue import (
     LinkState,
     Outcome,
     give_up_if_too_old,
+    linked_identity,
     load_link_states,
     record,
 )
@@ -45,6 +48,8 @@ from provisioner.redaction import redact_value
 log = structlog.get_logger("provisioner.executor")
 
 ClientFactory = Callable[[], ScimClient]
+# 412 rounds: refetch the version and resend, at most this often before review.
+PRECONDITION_ROUNDS = 3
 # Attributes whose values never reach the queue or the logs.
 _SECRET_ATTRIBUTES = {"password"}
 
@@ -62,12 +67,20 @@ class Executor:
     """Runs the due operations of one target."""
 
     def __init__(
-        self, engine: Engine, target: str, config: TargetConfig, endpoint: str, client_factory: ClientFactory
+        self,
+        engine: Engine,
+        target: str,
+        config: TargetConfig,
+        client_factory: ClientFactory,
+        *,
+        endpoint: str = "Users",
+        match_attribute: str = "userName",
     ) -> None:
         self.engine = engine
         self.target = target
         self.config = config
         self.endpoint = endpoint
+        self.match_attribute = match_attribute
         self.client_factory = client_factory
         self.capabilities: Capabilities | None = None
 
@@ -152,7 +165,7 @@ class Executor:
         if op.kind is Kind.DELETE:
             if link is None:
                 return Outcome(op.id, "succeeded", note="no account linked; nothing to delete")
-            await client.delete(self.endpoint, link.scim_id, etag=self._if_match(link))
+            await self._fresh(client, link, lambda etag: client.delete(self.endpoint, link.scim_id, etag=etag))
             return Outcome(op.id, "succeeded", drop_link=True)
         if op.kind is Kind.DISABLE:
             if link is None:
@@ -163,12 +176,74 @@ class Executor:
         payload, _ = resolve_refs(op.payload or {}, lambda key: links[key].scim_id if key in links else None)
         applied_hash = payload_hash(payload)
         if link is None:
-            result = await client.create(self.endpoint, payload)
-            state = LinkState(result.id or "", True, result.version, result.location, applied_hash, payload)
-            return Outcome(op.id, "succeeded", link=state)
-        result = await self._update(client, link, payload, enable=op.kind is Kind.ENABLE)
+            return await self._create(client, op, payload, applied_hash)
+        try:
+            result = await self._update(client, link, payload, enable=op.kind is Kind.ENABLE)
+        except NotFound:
+            if self.config.on_missing == "review":
+                raise
+            # The account vanished from the target: provision it again.
+            outcome = await self._create(client, op, payload, applied_hash)
+            outcome.note = "account was missing in the target; created again"
+            return outcome
         state = _linked(link, result, active=True, applied=payload, applied_hash=applied_hash)
         return Outcome(op.id, "succeeded", link=state)
+
+    async def _create(self, client: ScimClient, op: ClaimedOperation, payload: dict[str, Any], applied_hash: str) -> Outcome:
+        """POST the account; adopt an existing one when the target already has it."""
+        if self._match_first(op):
+            existing = await self._find_existing(client, payload, required=False)
+            if existing is not None:
+                return await self._adopt(client, op, existing, payload, applied_hash, "matched an existing account")
+        try:
+            result = await client.create(self.endpoint, payload)
+        except Conflict:
+            existing = await self._find_existing(client, payload, required=True)
+            assert existing is not None
+            return await self._adopt(client, op, existing, payload, applied_hash, "409 on create: adopted the existing account")
+        state = LinkState(result.id or "", True, result.version, result.location, applied_hash, payload)
+        return Outcome(op.id, "succeeded", link=state)
+
+    def _match_first(self, op: ClaimedOperation) -> bool:
+        # A retried create may have succeeded the first time with its answer lost.
+        policy = self.config.match_before_create
+        return policy == "always" or (policy == "retries" and op.attempts > 1)
+
+    async def _find_existing(self, client: ScimClient, payload: dict[str, Any], *, required: bool) -> dict[str, Any] | None:
+        value = payload.get(self.match_attribute)
+        if not isinstance(value, str) or not value:
+            if required:
+                raise Conflict(f"the target reports a conflict, and '{self.match_attribute}' has no value to look it up by")
+            return None
+        found = await client.find(self.endpoint, self.match_attribute, value)
+        if len(found) == 1 and found[0].get("id"):
+            return found[0]
+        if not found and not required:
+            return None
+        raise Conflict(
+            f"{self.match_attribute} eq {value!r} matches {len(found)} accounts in the target; "
+            "expected exactly one to adopt"
+        )
+
+    async def _adopt(
+        self,
+        client: ScimClient,
+        op: ClaimedOperation,
+        existing: dict[str, Any],
+        payload: dict[str, Any],
+        applied_hash: str,
+        note: str,
+    ) -> Outcome:
+        scim_id = str(existing["id"])
+        owner = linked_identity(self.engine, self.target, scim_id)
+        if owner is not None and owner != op.identity_key:
+            raise Conflict(f"account {scim_id} ({self.match_attribute}) is already linked to identity {owner}")
+        version = (existing.get("meta") or {}).get("version")
+        found = LinkState(scim_id, bool(existing.get("active", True)), version, None, None, None)
+        result = await self._fresh(
+            client, found, lambda etag: client.replace(self.endpoint, scim_id, payload, etag=etag)
+        )
+        return Outcome(op.id, "succeeded", note=note, link=_linked(found, result, active=True, applied=payload, applied_hash=applied_hash))
 
     async def _update(
         self, client: ScimClient, link: LinkState, payload: dict[str, Any], *, enable: bool
@@ -178,18 +253,43 @@ class Executor:
             if enable and not any(o.get("path") == "active" for o in operations):
                 operations.append({"op": "replace", "path": "active", "value": True})
             if operations:
-                return await client.patch(self.endpoint, link.scim_id, operations, etag=self._if_match(link))
-        return await client.replace(self.endpoint, link.scim_id, payload, etag=self._if_match(link))
+                return await self._fresh(
+                    client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag)
+                )
+        return await self._fresh(client, link, lambda etag: client.replace(self.endpoint, link.scim_id, payload, etag=etag))
 
     async def _set_active(self, client: ScimClient, link: LinkState, *, active: bool) -> ScimResult:
         if self._use_patch():
             operations = [{"op": "replace", "path": "active", "value": active}]
-            return await client.patch(self.endpoint, link.scim_id, operations, etag=self._if_match(link))
+            return await self._fresh(
+                client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag)
+            )
         current = link.applied
         if current is None:
             current = (await client.get(self.endpoint, link.scim_id)).resource or {}
         body = {k: v for k, v in current.items() if k not in ("id", "meta")}
-        return await client.replace(self.endpoint, link.scim_id, {**body, "active": active}, etag=self._if_match(link))
+        return await self._fresh(
+            client, link, lambda etag: client.replace(self.endpoint, link.scim_id, {**body, "active": active}, etag=etag)
+        )
+
+    async def _fresh(
+        self, client: ScimClient, link: LinkState, send: Callable[[str | None], Awaitable[ScimResult]]
+    ) -> ScimResult:
+        """Send with If-Match; on 412, refetch the resource's version and send the change again on top of it."""
+        etag = self._if_match(link)
+        versions = [etag]
+        for _ in range(PRECONDITION_ROUNDS):
+            try:
+                return await send(etag)
+            except PreconditionFailed:
+                fresh = await client.get(self.endpoint, link.scim_id)
+                etag = fresh.version
+                versions.append(etag)
+        try:
+            return await send(etag)
+        except PreconditionFailed as exc:
+            exc.message = f"{exc.message}; still stale after {PRECONDITION_ROUNDS} refetches (versions tried: {versions})"
+            raise
 
     def _use_patch(self) -> bool:
         return bool(self.capabilities and self.capabilities.patch)

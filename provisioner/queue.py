@@ -114,6 +114,13 @@ def load_links(engine: Engine, target: str) -> dict[str, Link]:
         return {row[0]: Link(row[0], row[1], row[2], bool(row[3]), row[4]) for row in rows}
 
 
+def linked_identity(engine: Engine, target: str, scim_id: str) -> str | None:
+    """The identity already linked to a SCIM id in a target, if any."""
+    with engine.connect() as conn:
+        query = select(LINK.c.identity_key).where(LINK.c.target == target, LINK.c.scim_id == scim_id)
+        return conn.execute(query).scalar()
+
+
 def load_link_states(engine: Engine, target: str, keys: Sequence[str]) -> dict[str, LinkState]:
     """The full link state (with applied payloads) of some identities."""
     states: dict[str, LinkState] = {}

@@ -26,6 +26,7 @@ class AccountLink(SQLModel, table=True):
     """An identity's account in a target, as we last applied it."""
 
     __tablename__ = "account_link"
+    __table_args__ = (Index("ix_account_link_scim_id", "target", "scim_id"),)
 
     target: str = Field(primary_key=True)
     identity_key: str = Field(primary_key=True)

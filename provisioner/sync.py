@@ -123,7 +123,9 @@ async def sync_target(engine: Engine, config: Config, name: str, mapping: Attrib
     started = utcnow()
     _start_run(engine, report.run_id, name, started)
     target = config.targets[name]
-    executor = Executor(engine, name, target, mapping.endpoint, lambda: client_factory(target))
+    executor = Executor(
+        engine, name, target, lambda: client_factory(target), endpoint=mapping.endpoint, match_attribute=mapping.match
+    )
     plan = plan_once(engine, config, name, mapping)
     report.planned = plan.counts()
     report.rejected = len(plan.rejected)
