@@ -18,7 +18,7 @@ from provisioner import logs
 from provisioner.config import Config, load_config
 from provisioner.demo import start_scim_server, write_demo_config
 from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
-from provisioner.queue import STATUSES, get_operation, list_operations
+from provisioner.queue import STATUSES, get_operation, list_operations, release_held
 from provisioner.store import open_store
 from provisioner.sync import (
     TargetReport,
@@ -42,7 +42,8 @@ EPILOG = """exit codes:
   2  wrong command-line usage
   3  config, mapping or source error: fix the file named in the message
   4  some operations failed or wait for a retry: see `provisioner queue list`
-  5  the cycle was refused for safety (e.g. an empty source would deprovision everyone)
+  5  safety stop: the cycle was refused (an empty or truncated source), or its leavers
+     were held by the deletion brake (see `provisioner plan --held`)
 """
 
 log = structlog.get_logger("provisioner.cli")
@@ -97,7 +98,17 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="print what a cycle would do; sends nothing")
     _config_options(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--held", action="store_true", help="show the leaver operations held by the deletion brake")
     plan.set_defaults(handler=_plan)
+
+    approve = commands.add_parser("approve", help="release a held cycle's leaver operations (sent by the next cycle)")
+    approve.add_argument("run_id")
+    approve.add_argument("--config", type=Path, default=Path("config.yaml"))
+    approve.set_defaults(handler=_release, approve=True)
+    reject = commands.add_parser("reject", help="drop a held cycle's leaver operations")
+    reject.add_argument("run_id")
+    reject.add_argument("--config", type=Path, default=Path("config.yaml"))
+    reject.set_defaults(handler=_release, approve=False)
 
     check = commands.add_parser("check", help="validate the config and every mapping it uses")
     check.add_argument("--config", type=Path, default=Path("config.yaml"))
@@ -166,6 +177,8 @@ def _run_sync(config: Config, names: list[str] | None) -> tuple[int, list[Target
         return list(await asyncio.gather(*(sync_target(engine, config, n, mappings[n]) for n in targets)))
 
     reports = asyncio.run(cycle())
+    if any(r.held for r in reports):
+        return EXIT_SAFETY_STOP, reports
     failed = any(r.failed or r.deferred for r in reports)
     return (EXIT_FAILED_OPERATIONS if failed else EXIT_OK), reports
 
@@ -181,12 +194,15 @@ def _print_summary(reports: list[TargetReport], *, as_json: bool) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    if args.held:
+        return _held(args)
     config = load_config(args.config)
     engine = open_store(config.state)
     plans = []
     for name in selected_targets(config, args.target):
         mapping = load_target_mapping(config, name)
-        plans.append(describe_plan(engine, plan_once(engine, config, name, mapping)))
+        plan, active = plan_once(engine, config, name, mapping)
+        plans.append(describe_plan(engine, plan, active, config.targets[name]))
     if args.json:
         print(orjson.dumps(plans, option=orjson.OPT_INDENT_2).decode())
         return EXIT_OK
@@ -194,12 +210,47 @@ def _plan(args: argparse.Namespace) -> int:
         counts = plan["counts"]
         assert isinstance(counts, dict)
         print(f"{plan['target']}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+        if plan["would_hold_leavers"]:
+            print("  the deletion brake would hold this cycle's leavers until `provisioner approve RUN_ID`")
         for op in plan["operations"]:  # type: ignore[attr-defined]
             changes = f"  [{', '.join(op['changes'])}]" if op.get("changes") else ""
             who = f" {op['userName']}" if op.get("userName") else ""
             print(f"  {op['kind']:<8} {op['reason']:<7} {op['identity_key']}{who}{changes}")
         for rejected in plan["rejected"]:  # type: ignore[attr-defined]
             print(f"  rejected {rejected['identity_key']}: {rejected['reason']}")
+    return EXIT_OK
+
+
+def _held(args: argparse.Namespace) -> int:
+    engine = open_store(load_config(args.config, secrets=False).state)
+    rows = list_operations(engine, status="held", limit=100_000)
+    if args.target:
+        rows = [row for row in rows if row["target"] in args.target]
+    if args.json:
+        print(_json(rows))
+        return EXIT_OK
+    if not rows:
+        print("no held operations")
+        return EXIT_OK
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        runs.setdefault((row["target"], row["run_id"]), []).append(row)
+    for (target, run_id), ops in sorted(runs.items()):
+        print(f"{target}: run {run_id} holds {len(ops)} leaver operations")
+        for op in sorted(ops, key=lambda o: o["identity_key"]):
+            print(f"  {op['kind']:<8} {op['identity_key']}")
+        print(f"  release: provisioner approve {run_id}    drop: provisioner reject {run_id}")
+    return EXIT_OK
+
+
+def _release(args: argparse.Namespace) -> int:
+    engine = open_store(load_config(args.config, secrets=False).state)
+    count = release_held(engine, args.run_id, approve=args.approve)
+    if count == 0:
+        print(f"error: run {args.run_id} has no held operations", file=sys.stderr)
+        return EXIT_CONFIG
+    verb = "approved; the next cycle sends them" if args.approve else "rejected; they will not be sent"
+    print(f"{count} operations of run {args.run_id} {verb}")
     return EXIT_OK
 
 

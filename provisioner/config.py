@@ -49,6 +49,9 @@ class SourceConfig(_Strict):
     key: str = Field(min_length=1)
     delimiter: str = Field(default=",", min_length=1, max_length=1)
     encoding: str = "utf-8-sig"
+    # A source with fewer usable records than this fails the cycle before planning
+    # (a truncated export must not look like mass leavers). An empty source always fails.
+    min_records: int = Field(default=1, ge=1)
 
 
 class TargetConfig(_Strict):
@@ -59,6 +62,10 @@ class TargetConfig(_Strict):
     source: str
     mapping: Path
     leaver: Literal["disable", "delete"] = "disable"
+    # The deletion brake: a cycle that would disable or delete more accounts than this
+    # (a count, and a share of the linked active accounts) is held for approval. null: no limit.
+    max_deprovision: int | None = Field(default=50, ge=0)
+    max_deprovision_share: float | None = Field(default=0.10, ge=0, le=1)
     enabled: bool = True
     max_concurrency: int = Field(default=4, ge=1, le=64)
     timeout: float = Field(default=30.0, gt=0, le=600)

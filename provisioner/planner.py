@@ -6,6 +6,7 @@ as a ladder of early returns over (desired state, account link).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -122,6 +123,7 @@ def plan_target(
     records: Iterable[IdentityRecord | BadRecord],
     links: Mapping[str, Link],
     leaver: LeaverAction = "disable",
+    min_records: int = 1,
 ) -> Plan:
     """Decide every operation for one target from the whole source and the current links.
 
@@ -150,15 +152,31 @@ def plan_target(
             plan.rejected.append((record.key, f"{record.origin}: {exc}", *_would_be(link)))
             continue
         _add(plan, decide(desired, link, leaver))
-    if plan.source_records == 0 and any(link.active for link in links.values()):
+    active = sum(link.active for link in links.values())
+    if plan.source_records == 0 and active:
         raise SafetyStop(
-            f"target {target}: the source has no usable records; refusing to deprovision "
-            f"{sum(link.active for link in links.values())} linked accounts"
+            f"target {target}: the source has no usable records; refusing to deprovision {active} linked accounts"
+        )
+    if plan.source_records < min_records:
+        raise SafetyStop(
+            f"target {target}: the source has {plan.source_records} usable records, fewer than its "
+            f"min_records ({min_records}); is the export truncated?"
         )
     for key, link in links.items():
         if key not in seen:
             _add(plan, decide(Desired(key, None), link, leaver))
     return plan
+
+
+def brake_trips(leavers: int, active_accounts: int, max_count: int | None, max_share: float | None) -> bool:
+    """Whether deprovisioning ``leavers`` accounts at once must wait for an operator.
+
+    Over ``max_count``, or over ``max_share`` of the active linked accounts; a
+    single leaver never trips the share (small directories would hold every one).
+    """
+    if max_count is not None and leavers > max_count:
+        return True
+    return max_share is not None and leavers > max(1, math.ceil(max_share * active_accounts))
 
 
 def _desired(record: IdentityRecord, mapping: AttributeMapping, links: Mapping[str, Link], plan: Plan) -> Desired:

@@ -7,12 +7,12 @@ cannot happen.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, insert, or_, select, update
+from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
 
 from provisioner.payload import dumps, loads
 from provisioner.planner import Decision, Kind, Link, Reason
@@ -24,8 +24,12 @@ LINK = AccountLink.__table__
 ATTEMPT = Attempt.__table__
 
 # Statuses in which an operation still has to happen (or be reviewed).
-OPEN = ("pending", "running", "retry_wait", "failed")
-STATUSES = ("pending", "running", "retry_wait", "succeeded", "failed", "resolved", "cancelled", "superseded")
+OPEN = ("pending", "running", "retry_wait", "failed", "held")
+STATUSES = (
+    "pending", "running", "retry_wait", "held", "succeeded", "failed", "resolved", "cancelled", "superseded",
+)  # fmt: skip
+# Leaver operations: the ones the deletion brake can hold.
+DEPROVISION = (Kind.DISABLE.value, Kind.DELETE.value)
 
 # Transient failures are retried across cycles on a growing schedule, then go to review.
 RETRY_SCHEDULE = (
@@ -145,11 +149,15 @@ def enqueue(
     target: str,
     decisions: Iterable[Decision],
     rejected: Iterable[tuple[str, str, Kind, Reason]] = (),
+    *,
+    brake: Callable[[int], bool] | None = None,
 ) -> int:
     """Write a plan's operations in one transaction; return how many were added.
 
     An identical operation still open is not queued again; an older open one for
     the same account is superseded by the new plan, unless it is running.
+    ``brake`` gets the number of new deprovisioning operations; when it says so,
+    they are written as ``held`` and wait for an operator's approval.
     """
     now = utcnow()
     rows: list[dict[str, Any]] = []
@@ -177,6 +185,10 @@ def enqueue(
             row = _new_row(run_id, target, key, kind, reason, now)
             row.update(status="failed", last_error=message, finished_at=now)
             rows.append(row)
+        leavers = [row for row in rows if row["kind"] in DEPROVISION and row["status"] == "pending"]
+        if brake is not None and leavers and brake(len(leavers)):
+            for row in leavers:
+                row["status"] = "held"
         if superseded:
             conn.execute(
                 update(OP)
@@ -186,6 +198,25 @@ def enqueue(
         if rows:
             conn.execute(insert(OP), rows)
     return len(rows)
+
+
+def count_status(engine: Engine, target: str, status: str) -> int:
+    """How many operations of a target are in a status."""
+    with engine.connect() as conn:
+        query = select(func.count()).select_from(OP).where(OP.c.target == target, OP.c.status == status)
+        return int(conn.execute(query).scalar_one())
+
+
+def release_held(engine: Engine, run_id: str, *, approve: bool, note: str | None = None) -> int:
+    """Approve (back to pending) or reject (cancelled) a run's held operations; return how many."""
+    now = utcnow()
+    values: dict[str, Any] = {"status": "pending", "updated_at": now} if approve else {
+        "status": "cancelled", "updated_at": now, "finished_at": now
+    }  # fmt: skip
+    values["note"] = note or ("approved by an operator" if approve else "rejected by an operator")
+    with engine.begin() as conn:
+        result = conn.execute(update(OP).where(OP.c.run_id == run_id, OP.c.status == "held").values(**values))
+        return int(result.rowcount)
 
 
 def _new_row(

@@ -22,8 +22,8 @@ from provisioner.errors import ConfigError
 from provisioner.executor import Executor
 from provisioner.mapping import AttributeMapping, load_mapping
 from provisioner.payload import changed_paths, dumps
-from provisioner.planner import Kind, Plan, plan_target
-from provisioner.queue import claim, enqueue, load_link_states, load_links
+from provisioner.planner import Kind, Plan, brake_trips, plan_target
+from provisioner.queue import claim, count_status, enqueue, load_link_states, load_links
 from provisioner.sources import read_source, source_columns
 from provisioner.store import Run, utcnow
 
@@ -41,6 +41,7 @@ class TargetReport:
     statuses: Counter[str] = field(default_factory=Counter)
     unchanged: int = 0
     rejected: int = 0
+    held: int = 0
 
     @property
     def failed(self) -> int:
@@ -63,6 +64,7 @@ class TargetReport:
             "unchanged": self.unchanged,
             "failed": self.failed,
             "deferred": self.deferred,
+            "held": self.held,
         }
 
 
@@ -99,7 +101,8 @@ def load_target_mapping(config: Config, name: str) -> AttributeMapping:
     target = config.targets[name]
     mapping = load_mapping(target.mapping)
     columns = source_columns(config.sources[target.source])
-    if columns is not None:
+    # An empty file has no header to check; the planner refuses it as an empty source.
+    if columns:
         missing = mapping.missing_columns(columns)
         if missing:
             source = config.sources[target.source]
@@ -110,11 +113,13 @@ def load_target_mapping(config: Config, name: str) -> AttributeMapping:
     return mapping
 
 
-def plan_once(engine: Engine, config: Config, name: str, mapping: AttributeMapping) -> Plan:
-    """Plan one target against the current links; writes nothing."""
+def plan_once(engine: Engine, config: Config, name: str, mapping: AttributeMapping) -> tuple[Plan, int]:
+    """Plan one target against the current links; writes nothing. Also returns the active account count."""
     target = config.targets[name]
-    records = read_source(config.sources[target.source])
-    return plan_target(name, mapping, records, load_links(engine, name), target.leaver)
+    source = config.sources[target.source]
+    links = load_links(engine, name)
+    plan = plan_target(name, mapping, read_source(source), links, target.leaver, source.min_records)
+    return plan, sum(link.active for link in links.values())
 
 
 async def sync_target(engine: Engine, config: Config, name: str, mapping: AttributeMapping) -> TargetReport:
@@ -126,11 +131,26 @@ async def sync_target(engine: Engine, config: Config, name: str, mapping: Attrib
     executor = Executor(
         engine, name, target, lambda: client_factory(target), endpoint=mapping.endpoint, match_attribute=mapping.match
     )
-    plan = plan_once(engine, config, name, mapping)
+    plan, active = plan_once(engine, config, name, mapping)
     report.planned = plan.counts()
     report.rejected = len(plan.rejected)
     report.unchanged = plan.unchanged
-    enqueue(engine, report.run_id, name, plan.decisions, plan.rejected)
+
+    def brake(leavers: int) -> bool:
+        return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
+
+    enqueue(engine, report.run_id, name, plan.decisions, plan.rejected, brake=brake)
+    # Held operations of earlier cycles still wait too: the target stays held until approved.
+    report.held = count_status(engine, name, "held")
+    if report.held:
+        log.warning(
+            "cycle held",
+            target=name,
+            run_id=report.run_id,
+            leavers=report.held,
+            active_accounts=active,
+            hint=f"provisioner plan --held; provisioner approve {report.run_id}",
+        )
     result = await executor.run(claim(engine, name))
     report.done.update(result.done)
     report.statuses.update(result.statuses)
@@ -145,7 +165,7 @@ def _start_run(engine: Engine, run_id: str, target: str, started: datetime) -> N
 
 
 def _finish_run(engine: Engine, report: TargetReport) -> None:
-    status = "failed" if report.failed else "deferred" if report.deferred else "succeeded"
+    status = "held" if report.held else "failed" if report.failed else "deferred" if report.deferred else "succeeded"
     with engine.begin() as conn:
         conn.execute(
             update(Run.__table__)
@@ -154,7 +174,7 @@ def _finish_run(engine: Engine, report: TargetReport) -> None:
         )
 
 
-def describe_plan(engine: Engine, plan: Plan) -> dict[str, object]:
+def describe_plan(engine: Engine, plan: Plan, active: int, target: TargetConfig) -> dict[str, object]:
     """A plan as an operator reads it: counts, each operation with the attributes it changes."""
     updates = [d.identity_key for d in plan.decisions if d.kind in (Kind.UPDATE, Kind.ENABLE)]
     states = load_link_states(engine, plan.target, updates) if updates else {}
@@ -171,9 +191,11 @@ def describe_plan(engine: Engine, plan: Plan) -> dict[str, object]:
             state = states.get(decision.identity_key)
             item["changes"] = changed_paths(state.applied if state else None, decision.payload)
         operations.append(item)
+    leavers = sum(d.kind in (Kind.DISABLE, Kind.DELETE) for d in plan.decisions)
     return {
         "target": plan.target,
         "counts": plan.counts(),
+        "would_hold_leavers": brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share),
         "operations": operations,
         "rejected": [{"identity_key": key, "reason": reason} for key, reason, _kind, _why in plan.rejected],
     }
