@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
+import re
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,22 @@ from provisioner import logs
 from provisioner.config import Config, load_config
 from provisioner.demo import start_scim_server, write_demo_config
 from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
-from provisioner.queue import STATUSES, get_operation, list_operations, release_held
+from provisioner.planner import Reason
+from provisioner.queue import (
+    STATUSES,
+    Selection,
+    close,
+    get_operation,
+    list_operations,
+    release_held,
+    retry_now,
+    status_by_target,
+)
 from provisioner.store import open_store
 from provisioner.sync import (
     TargetReport,
     describe_plan,
+    last_runs,
     load_target_mapping,
     plan_once,
     selected_targets,
@@ -49,6 +62,10 @@ EPILOG = """exit codes:
 log = structlog.get_logger("provisioner.cli")
 
 
+class UsageError(Exception):
+    """The command line asks for something that cannot be done as written."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; the return value is the process exit code."""
     # Piped into `head`, a listing stops quietly instead of raising BrokenPipeError.
@@ -67,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"provisioner: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted; operations not yet sent stay queued for the next cycle", file=sys.stderr)
         return 130
@@ -121,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", choices=STATUSES)
     listing.add_argument("--target")
     listing.add_argument("--identity", help="only this identity key")
+    listing.add_argument("--reason", choices=[r.value for r in Reason])
+    listing.add_argument("--since", type=_since, help="updated since: an ISO date/time, or an age like 2h, 30m, 7d")
     listing.add_argument("--limit", type=int, default=200)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_queue_list)
@@ -129,7 +152,51 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--config", type=Path, default=Path("config.yaml"))
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=_queue_show)
+
+    retry = queue_commands.add_parser("retry", help="send failed or waiting operations again at the next cycle")
+    _selection_options(retry)
+    retry.set_defaults(handler=_queue_retry)
+    resolve = queue_commands.add_parser("resolve", help="mark operations handled by hand (kept for audit)")
+    _selection_options(resolve)
+    resolve.add_argument("--note", required=True, help="what was done, for the audit trail")
+    resolve.set_defaults(handler=_queue_close, close_as="resolved")
+    cancel = queue_commands.add_parser("cancel", help="drop operations that must not be sent")
+    _selection_options(cancel)
+    cancel.add_argument("--note")
+    cancel.set_defaults(handler=_queue_close, close_as="cancelled")
+    export = queue_commands.add_parser("export", help="operations as CSV or JSON, for a ticket")
+    export.add_argument("--config", type=Path, default=Path("config.yaml"))
+    export.add_argument("--format", choices=["csv", "json"], default="csv")
+    export.add_argument("--status", choices=STATUSES)
+    export.add_argument("--target")
+    export.add_argument("--since", type=_since)
+    export.add_argument("--limit", type=int, default=100_000)
+    export.set_defaults(handler=_queue_export)
+
+    status = commands.add_parser("status", help="per target: last cycle, operations by status, held cycles")
+    status.add_argument("--config", type=Path, default=Path("config.yaml"))
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_status)
     return parser
+
+
+def _selection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ids", nargs="*", type=int, metavar="ID")
+    parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    parser.add_argument("--status", choices=STATUSES, help="every operation in this status (with or without IDs)")
+    parser.add_argument("--target")
+
+
+def _since(text: str) -> datetime:
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if match:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: int(match.group(1))})
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date/time or an age like 2h: {text!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _config_options(parser: argparse.ArgumentParser) -> None:
@@ -267,7 +334,15 @@ _LIST_COLUMNS = ("id", "target", "identity_key", "kind", "reason", "status", "at
 
 def _queue_list(args: argparse.Namespace) -> int:
     engine = open_store(load_config(args.config, secrets=False).state)
-    rows = list_operations(engine, status=args.status, target=args.target, identity=args.identity, limit=args.limit)
+    rows = list_operations(
+        engine,
+        status=args.status,
+        target=args.target,
+        identity=args.identity,
+        reason=args.reason,
+        since=args.since,
+        limit=args.limit,
+    )
     if args.json:
         print(_json(rows))
         return EXIT_OK
@@ -295,6 +370,82 @@ def _queue_show(args: argparse.Namespace) -> int:
         for field_name in ("scim_type", "detail", "request_body", "response_body"):
             if call[field_name]:
                 print(f"  {field_name}: {call[field_name]}")
+    return EXIT_OK
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    if not args.ids and not args.status and not args.target:
+        raise UsageError("name operation IDs, or select them with --status and/or --target")
+    return Selection(ids=tuple(args.ids), status=args.status, target=args.target)
+
+
+def _queue_retry(args: argparse.Namespace) -> int:
+    engine = open_store(load_config(args.config, secrets=False).state)
+    retried, skipped = retry_now(engine, _selection(args))
+    print(f"{retried} operations back to pending; the next cycle (or the daemon's retry job) sends them")
+    if skipped:
+        print(f"{skipped} skipped: records that could not be mapped are fixed in the source, then replanned")
+    return EXIT_OK
+
+
+def _queue_close(args: argparse.Namespace) -> int:
+    engine = open_store(load_config(args.config, secrets=False).state)
+    count = close(engine, _selection(args), status=args.close_as, note=args.note)
+    print(f"{count} operations {args.close_as}")
+    return EXIT_OK
+
+
+_EXPORT_COLUMNS = (
+    "id", "run_id", "target", "identity_key", "kind", "reason", "status", "attempts", "last_http_status",
+    "last_scim_type", "last_detail", "last_error", "note", "created_at", "updated_at", "finished_at",
+)  # fmt: skip
+
+
+def _queue_export(args: argparse.Namespace) -> int:
+    engine = open_store(load_config(args.config, secrets=False).state)
+    rows = list_operations(engine, status=args.status, target=args.target, since=args.since, limit=args.limit)
+    if args.format == "json":
+        print(_json([{k: row[k] for k in _EXPORT_COLUMNS} for row in rows]))
+        return EXIT_OK
+    writer = csv.writer(sys.stdout)
+    writer.writerow(_EXPORT_COLUMNS)
+    for row in rows:
+        writer.writerow([_cell(row[k]) for k in _EXPORT_COLUMNS])
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = load_config(args.config, secrets=False)
+    engine = open_store(config.state)
+    counts = status_by_target(engine)
+    runs = last_runs(engine)
+    data = []
+    for name in sorted(set(config.targets) | set(counts)):
+        run = runs.get(name) or {}
+        data.append(
+            {
+                "target": name,
+                "enabled": name in config.targets and config.targets[name].enabled,
+                "last_run": run.get("id"),
+                "last_run_started_at": run.get("started_at"),
+                "last_run_status": run.get("status"),
+                "last_run_counts": orjson.loads(str(run["counts"])) if run.get("counts") else None,
+                "operations": counts.get(name, {}),
+                "held": counts.get(name, {}).get("held", 0),
+            }
+        )
+    if args.json:
+        print(_json(data))
+        return EXIT_OK
+    for item in data:
+        started = _cell(item["last_run_started_at"]) or "never"
+        print(f"{item['target']}: last cycle {started} ({item['last_run_status'] or '-'})"
+              + ("" if item["enabled"] else "  [disabled]"))  # fmt: skip
+        ops = item["operations"]
+        assert isinstance(ops, dict)
+        print("  operations: " + ("  ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "none"))
+        if item["held"]:
+            print(f"  HELD: {item['held']} leaver operations wait for approval (provisioner plan --held)")
     return EXIT_OK
 
 

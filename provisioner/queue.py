@@ -371,10 +371,16 @@ def list_operations(
     status: str | None = None,
     target: str | None = None,
     identity: str | None = None,
+    reason: str | None = None,
+    since: datetime | None = None,
     limit: int = 200,
 ) -> list[dict[str, Any]]:
     """Operations, newest first, filtered as an operator asks."""
     query = select(OP).order_by(OP.c.id.desc()).limit(limit)
+    if reason:
+        query = query.where(OP.c.reason == reason)
+    if since:
+        query = query.where(OP.c.updated_at >= since)
     if status:
         query = query.where(OP.c.status == status)
     if target:
@@ -407,3 +413,70 @@ def _cap(text: str | None) -> str | None:
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+# What an operator may do to an operation in each status.
+RETRYABLE = ("failed", "retry_wait", "cancelled")
+RESOLVABLE = ("failed", "retry_wait", "held", "pending")
+CANCELLABLE = ("failed", "retry_wait", "held", "pending")
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which operations an operator's command applies to: ids, or filters."""
+
+    ids: tuple[int, ...] = ()
+    status: str | None = None
+    target: str | None = None
+
+    def where(self, allowed: tuple[str, ...]) -> Any:
+        """The SQL condition: the selection, restricted to the statuses the action allows."""
+        clauses = [OP.c.status.in_(allowed)]
+        if self.ids:
+            clauses.append(OP.c.id.in_(self.ids))
+        if self.status:
+            clauses.append(OP.c.status == self.status)
+        if self.target:
+            clauses.append(OP.c.target == self.target)
+        return and_(*clauses)
+
+
+def retry_now(engine: Engine, selection: Selection) -> tuple[int, int]:
+    """Put selected operations back to pending, due now; return (retried, skipped).
+
+    Records that could not be mapped carry no payload: they are fixed in the
+    source and replanned by the next cycle, so they are skipped here.
+    """
+    now = utcnow()
+    no_payload = and_(OP.c.payload.is_(None), OP.c.kind.in_((Kind.CREATE.value, Kind.UPDATE.value, Kind.ENABLE.value)))
+    with engine.begin() as conn:
+        skipped = conn.execute(select(func.count()).select_from(OP).where(selection.where(RETRYABLE), no_payload))
+        skipped_count = int(skipped.scalar_one())
+        result = conn.execute(
+            update(OP)
+            .where(selection.where(RETRYABLE), ~no_payload)
+            .values(status="pending", next_attempt_at=None, finished_at=None, updated_at=now, note="retried by an operator")
+        )
+        return int(result.rowcount), skipped_count
+
+
+def close(engine: Engine, selection: Selection, *, status: str, note: str | None) -> int:
+    """Mark selected operations resolved (handled by hand) or cancelled; kept for audit."""
+    allowed = RESOLVABLE if status == "resolved" else CANCELLABLE
+    now = utcnow()
+    text = note or f"{status} by an operator"
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(OP).where(selection.where(allowed)).values(status=status, note=text, updated_at=now, finished_at=now)
+        )
+        return int(result.rowcount)
+
+
+def status_by_target(engine: Engine) -> dict[str, dict[str, int]]:
+    """Operation counts by target and status."""
+    query = select(OP.c.target, OP.c.status, func.count()).group_by(OP.c.target, OP.c.status)
+    counts: dict[str, dict[str, int]] = {}
+    with engine.connect() as conn:
+        for target, status, count in conn.execute(query):
+            counts.setdefault(target, {})[status] = int(count)
+    return counts

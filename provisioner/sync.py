@@ -14,11 +14,11 @@ from datetime import datetime
 
 import httpx
 import structlog
-from sqlalchemy import Engine, insert, update
+from sqlalchemy import Engine, func, insert, select, update
 
 from connectors import BearerAuth, ScimClient
 from provisioner.config import BearerAuthConfig, Config, TargetConfig
-from provisioner.errors import ConfigError
+from provisioner.errors import ConfigError, SafetyStop
 from provisioner.executor import Executor
 from provisioner.mapping import AttributeMapping, load_mapping
 from provisioner.payload import changed_paths, dumps
@@ -125,12 +125,30 @@ def plan_once(engine: Engine, config: Config, name: str, mapping: AttributeMappi
 async def sync_target(engine: Engine, config: Config, name: str, mapping: AttributeMapping) -> TargetReport:
     """Run one cycle for one target and return what it did."""
     report = TargetReport(name, new_run_id())
-    started = utcnow()
-    _start_run(engine, report.run_id, name, started)
+    _start_run(engine, report.run_id, name, utcnow())
+    try:
+        _plan_into_queue(engine, config, name, mapping, report)
+        await _send(engine, config, name, mapping, report)
+    except SafetyStop:
+        _finish_run(engine, report, status="refused")
+        raise
+    except BaseException:
+        _finish_run(engine, report, status="error")
+        raise
+    log.info("cycle", target=name, run_id=report.run_id, planned=report.planned, outcomes=dict(report.statuses))
+    _finish_run(engine, report)
+    return report
+
+
+async def send_due(engine: Engine, config: Config, name: str, mapping: AttributeMapping) -> TargetReport:
+    """Send a target's due operations (retries, approved leavers) without planning anew."""
+    report = TargetReport(name, new_run_id())
+    await _send(engine, config, name, mapping, report)
+    return report
+
+
+def _plan_into_queue(engine: Engine, config: Config, name: str, mapping: AttributeMapping, report: TargetReport) -> None:
     target = config.targets[name]
-    executor = Executor(
-        engine, name, target, lambda: client_factory(target), endpoint=mapping.endpoint, match_attribute=mapping.match
-    )
     plan, active = plan_once(engine, config, name, mapping)
     report.planned = plan.counts()
     report.rejected = len(plan.rejected)
@@ -149,14 +167,18 @@ async def sync_target(engine: Engine, config: Config, name: str, mapping: Attrib
             run_id=report.run_id,
             leavers=report.held,
             active_accounts=active,
-            hint=f"provisioner plan --held; provisioner approve {report.run_id}",
+            hint="provisioner plan --held, then provisioner approve RUN_ID or reject RUN_ID",
         )
+
+
+async def _send(engine: Engine, config: Config, name: str, mapping: AttributeMapping, report: TargetReport) -> None:
+    target = config.targets[name]
+    executor = Executor(
+        engine, name, target, lambda: client_factory(target), endpoint=mapping.endpoint, match_attribute=mapping.match
+    )
     result = await executor.run(claim(engine, name))
     report.done.update(result.done)
     report.statuses.update(result.statuses)
-    log.info("cycle", target=name, run_id=report.run_id, planned=report.planned, outcomes=dict(result.statuses))
-    _finish_run(engine, report)
-    return report
 
 
 def _start_run(engine: Engine, run_id: str, target: str, started: datetime) -> None:
@@ -164,14 +186,24 @@ def _start_run(engine: Engine, run_id: str, target: str, started: datetime) -> N
         conn.execute(insert(Run.__table__).values(id=run_id, target=target, started_at=started, status="running"))
 
 
-def _finish_run(engine: Engine, report: TargetReport) -> None:
-    status = "held" if report.held else "failed" if report.failed else "deferred" if report.deferred else "succeeded"
+def _finish_run(engine: Engine, report: TargetReport, status: str | None = None) -> None:
+    if status is None:
+        status = "held" if report.held else "failed" if report.failed else "deferred" if report.deferred else "succeeded"
     with engine.begin() as conn:
         conn.execute(
             update(Run.__table__)
             .where(Run.__table__.c.id == report.run_id)
             .values(finished_at=utcnow(), status=status, counts=dumps(report.summary()))
         )
+
+
+def last_runs(engine: Engine) -> dict[str, dict[str, object]]:
+    """The latest finished run of every target."""
+    runs = Run.__table__
+    latest = select(runs.c.target, func.max(runs.c.started_at).label("started")).group_by(runs.c.target).subquery()
+    query = select(runs).join(latest, (runs.c.target == latest.c.target) & (runs.c.started_at == latest.c.started))
+    with engine.connect() as conn:
+        return {row["target"]: dict(row) for row in conn.execute(query).mappings()}
 
 
 def describe_plan(engine: Engine, plan: Plan, active: int, target: TargetConfig) -> dict[str, object]:
