@@ -1,10 +1,10 @@
-"""The target side of provisioner: a generic SCIM 2.0 client, its auth and its errors.
+"""The target side of provisioner: a generic SCIM 2.0 client, its auth, politeness and errors.
 
 This package never imports from ``provisioner``.
 """
 
-from connectors._auth import BearerAuth
-from connectors._client import DEFAULT_TIMEOUT, Capabilities, Exchange, ScimClient
+from connectors._auth import BearerAuth, OAuth2ClientCredentials, TokenSource
+from connectors._client import Capabilities, Exchange, ScimClient
 from connectors._errors import (
     AuthError,
     Conflict,
@@ -16,6 +16,8 @@ from connectors._errors import (
     ScimError,
     TransientError,
 )
+from connectors._http import DEFAULT_TIMEOUT
+from connectors._limiter import RateLimit, TargetLimiter
 from connectors._protocol import (
     SCHEMA_PATCH_OP,
     ScimRequest,
@@ -24,6 +26,7 @@ from connectors._protocol import (
     parse_retry_after,
     quote_filter_value,
 )
+from connectors._retry import RetryPolicy
 
 __all__ = [
     "AuthError",
@@ -34,14 +37,19 @@ __all__ = [
     "Exchange",
     "InvalidResponse",
     "NotFound",
+    "OAuth2ClientCredentials",
     "PermanentError",
     "PreconditionFailed",
+    "RateLimit",
     "RequestInfo",
+    "RetryPolicy",
     "SCHEMA_PATCH_OP",
     "ScimClient",
     "ScimError",
     "ScimRequest",
     "ScimResult",
+    "TargetLimiter",
+    "TokenSource",
     "TransientError",
     "equals_filter",
     "parse_retry_after",

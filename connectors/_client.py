@@ -1,12 +1,15 @@
 """The generic SCIM 2.0 client: one per target (or per worker of a target).
 
 Every call goes through :meth:`ScimClient.send`, the single place where
-transport errors become :mod:`connectors._errors` and where retry policy
-slots in.
+transport errors become :mod:`connectors._errors`, where the target's
+:class:`~connectors.RetryPolicy` is applied, where a 401 earns one token
+refresh, and where redirects are followed (same origin only). Every HTTP round
+trip, retries and redirect hops included, is appended to ``history``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,8 +18,20 @@ from typing import Any
 
 import httpx
 import orjson
+from tenacity import RetryCallState
 
-from connectors._errors import BODY_CAP, InvalidResponse, ScimError, TransientError
+from connectors._auth import TokenSource
+from connectors._errors import (
+    BODY_CAP,
+    AuthError,
+    InvalidResponse,
+    PermanentError,
+    RequestInfo,
+    ScimError,
+    TransientError,
+)
+from connectors._http import DEFAULT_TIMEOUT, Verify, require_secure_url, same_origin, tls_verify
+from connectors._limiter import TargetLimiter
 from connectors._protocol import (
     CONTENT_TYPE,
     ScimRequest,
@@ -26,9 +41,13 @@ from connectors._protocol import (
     patch_body,
     resource_path,
 )
+from connectors._retry import RetryPolicy
 
-# Timeouts are always set: a target that hangs must not hang a cycle.
-DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+log = logging.getLogger("connectors")
+
+# RFC 9110 §15.4: the redirects that name a new location. 303 turns the request into a GET
+# (the operation was done; the result is elsewhere); the others keep the method and body.
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,28 +91,53 @@ class Exchange:
     error: ScimError | None
 
 
+@dataclass(slots=True)
+class _Call:
+    """One call to :meth:`ScimClient.send`, across its attempts."""
+
+    request: ScimRequest
+    attempts: int = 0
+    refreshed: bool = False
+
+
 class ScimClient:
-    """Async SCIM 2.0 client over httpx for one target."""
+    """Async SCIM 2.0 client over httpx for one target (one instance per worker).
+
+    What belongs to the target rather than the worker is passed in, shared:
+    the ``retry`` policy, the ``limiter`` and, for OAuth 2.0, the ``auth``
+    token source.
+    """
 
     def __init__(
         self,
         base_url: str,
         *,
-        auth: httpx.Auth | None = None,
+        auth: httpx.Auth | TokenSource | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         max_connections: int = 4,
-        verify: bool | str = True,
+        verify: Verify = True,
         transport: httpx.AsyncBaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+        limiter: TargetLimiter | None = None,
+        allow_insecure_http: bool = False,
+        max_redirects: int = 5,
     ) -> None:
+        require_secure_url(base_url, allow_insecure_http=allow_insecure_http, what="SCIM base URL")
         self.base_url = base_url.rstrip("/")
+        self.retry = retry if retry is not None else RetryPolicy()
+        # Without a shared limiter, this client is polite on its own.
+        self.limiter = limiter if limiter is not None else TargetLimiter(max_concurrency=max_connections)
+        self.max_redirects = max_redirects
+        # A token source is asked before each attempt (outside the limiter's slot, so that its own
+        # token request can take one); a plain httpx auth flow signs requests inside httpx.
+        self._tokens = auth if isinstance(auth, TokenSource) else None
         self._http = httpx.AsyncClient(
             base_url=self.base_url + "/",
-            auth=auth,
+            auth=None if self._tokens is not None else auth,
             timeout=timeout,
-            verify=verify,
+            verify=tls_verify(verify, url=self.base_url),
             transport=transport,
-            # Redirects are refused here; a redirect is reported, never followed blindly
-            # with credentials attached.
+            # httpx never follows a redirect by itself: send() does, to the same origin only.
             follow_redirects=False,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             headers={"Accept": f"{CONTENT_TYPE}, application/json"},
@@ -108,11 +152,43 @@ class ScimClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (a shared token source is left open: it is the target's)."""
         await self._http.aclose()
 
     async def send(self, request: ScimRequest) -> ScimResult:
-        """Send one request and check the answer; raise a ScimError on any failure."""
+        """Send one request, retrying as the policy says; raise a ScimError when it does not succeed."""
+        call = _Call(request)
+        retrying = self.retry.retrying(before_sleep=self._before_retry, ambiguous=request.retry_ambiguous)
+        try:
+            return await retrying(self._attempt, call)
+        except ScimError as exc:
+            exc.attempts = call.attempts
+            raise
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        delay = state.upcoming_sleep
+        if isinstance(error, ScimError) and error.status == 429:
+            # The target is overloaded for every worker, not just this one: all of them wait.
+            self.limiter.slow_down(delay)
+        log.info("retrying in %.2fs after attempt %d: %s", delay, state.attempt_number, error)
+
+    async def _attempt(self, call: _Call) -> ScimResult:
+        call.attempts += 1
+        token = await self._tokens.token() if self._tokens is not None else None
+        try:
+            return await self._round_trip(call.request, token)
+        except AuthError as exc:
+            if self._tokens is None or token is None or call.refreshed or exc.status != 401:
+                raise
+        # One refresh per call, however many attempts: a second 401 is an AuthError, not a storm.
+        call.refreshed = True
+        call.attempts += 1
+        token = await self._tokens.refresh(token)
+        return await self._round_trip(call.request, token)
+
+    async def _round_trip(self, request: ScimRequest, token: str | None) -> ScimResult:
+        """One attempt: the request, then any redirects to the same origin."""
         headers = {}
         content = None
         if request.body is not None:
@@ -120,44 +196,89 @@ class ScimClient:
             headers["Content-Type"] = CONTENT_TYPE
         if request.if_match:
             headers["If-Match"] = request.if_match
-        info = request.info(self.base_url)
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        outgoing = self._http.build_request(
+            request.method, request.path, content=content, params=request.params, headers=headers
+        )
+        body = request.body
+        for hops_left in range(self.max_redirects, -1, -1):
+            async with self.limiter.slot():
+                answer = await self._exchange(request, outgoing, body, hops_left)
+            if isinstance(answer, ScimResult):
+                return answer
+            outgoing, body = answer
+        raise AssertionError("unreachable: the last hop raises")  # pragma: no cover
+
+    async def _exchange(
+        self, request: ScimRequest, outgoing: httpx.Request, body: Any, hops_left: int
+    ) -> ScimResult | tuple[httpx.Request, Any]:
+        """One HTTP round trip, recorded: a result, the next hop of a redirect, or an error."""
         started_at = datetime.now(UTC)
         started = time.perf_counter()
         status: int | None = None
-        body: bytes = b""
+        content: bytes = b""
         error: ScimError | None = None
+        info = RequestInfo(outgoing.method, str(outgoing.url.copy_with(query=None)), body)
         try:
-            response = await self._http.request(
-                request.method, request.path, content=content, params=request.params, headers=headers
-            )
-            status, body = response.status_code, response.content
-            return check_response(request, self.base_url, status, _lower_headers(response.headers), body)
+            response = await self._http.send(outgoing)
+            status, content = response.status_code, response.content
+            headers = _lower_headers(response.headers)
+            if status in _REDIRECTS and "location" in headers:
+                return self._follow(outgoing, body, status, headers["location"], info, hops_left)
+            return check_response(request, self.base_url, status, headers, content, now=self.retry.now())
         except ScimError as exc:
             error = exc
             raise
         except httpx.TimeoutException as exc:
-            error = TransientError(f"{request.method} {info.url}: timed out ({type(exc).__name__})", request=info)
+            error = TransientError(f"{info.method} {info.url}: timed out ({type(exc).__name__})", request=info)
             raise error from exc
         except httpx.TransportError as exc:
-            error = TransientError(f"{request.method} {info.url}: {type(exc).__name__}: {exc}", request=info)
+            error = TransientError(f"{info.method} {info.url}: {type(exc).__name__}: {exc}", request=info)
             raise error from exc
         finally:
             self.history.append(
                 Exchange(
                     started_at=started_at,
-                    method=request.method,
-                    url=info.url if not request.params else f"{info.url}?{httpx.QueryParams(request.params)}",
-                    request_body=request.body,
+                    method=outgoing.method,
+                    url=str(outgoing.url),
+                    request_body=body,
                     status=status,
                     duration_ms=(time.perf_counter() - started) * 1000,
-                    response_body=body[:BODY_CAP].decode("utf-8", "replace") if body else None,
+                    response_body=content[:BODY_CAP].decode("utf-8", "replace") if content else None,
                     error=error,
                 )
             )
 
+    def _follow(
+        self, outgoing: httpx.Request, body: Any, status: int, location: str, info: RequestInfo, hops_left: int
+    ) -> tuple[httpx.Request, Any]:
+        """The next request of a redirect, or a PermanentError if it leaves the target or goes on too long."""
+        where = f"{info.method} {info.url}: redirected ({status}) to {location}"
+        try:
+            target = outgoing.url.join(location)
+        except httpx.InvalidURL as exc:
+            raise PermanentError(f"{where}: not a URL", status=status, request=info) from exc
+        if not same_origin(outgoing.url, target):
+            # Never followed: the Authorization header must not reach another scheme, host or port.
+            raise PermanentError(f"{where}: another origin, not followed", status=status, request=info)
+        if hops_left <= 0:
+            raise PermanentError(f"{where}: more than {self.max_redirects} redirects", status=status, request=info)
+        method, content, headers = outgoing.method, outgoing.content, httpx.Headers(outgoing.headers)
+        if status == 303 and method != "HEAD":
+            method, content, body = "GET", b"", None
+            for name in ("Content-Type", "If-Match"):
+                headers.pop(name, None)
+        # Recomputed for the new request.
+        for name in ("Host", "Content-Length"):
+            headers.pop(name, None)
+        return self._http.build_request(method, target, content=content or None, headers=headers), body
+
     async def create(self, endpoint: str, resource: dict[str, Any]) -> ScimResult:
         """POST a new resource (RFC 7644 §3.3)."""
-        return await self.send(ScimRequest("POST", endpoint, body=resource, needs_resource=True))
+        # A POST whose answer was lost may have created the resource: never resent blindly.
+        request = ScimRequest("POST", endpoint, body=resource, needs_resource=True, retry_ambiguous=False)
+        return await self.send(request)
 
     async def get(self, endpoint: str, resource_id: str) -> ScimResult:
         """GET one resource by id (RFC 7644 §3.4.1)."""

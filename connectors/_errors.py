@@ -1,15 +1,21 @@
 """Errors raised by the SCIM client, grouped by what the engine should do next.
 
-ScimError                  base: status, scim_type, detail, the request that caused it
-├── TransientError         retry later: 429, 5xx, timeouts, connection errors
-│   └── InvalidResponse    a success status with a body that is not the JSON promised
-├── AuthError              401: credentials refused; retry later and alert, no storm
-└── PermanentError         other 4xx: retries are useless, the operation goes to review
+ScimError                  base: status, scim_type, detail, the request that caused it, attempts
+├── TransientError         retry later: 429, 5xx, timeouts, connection errors, a token endpoint down
+│   └── InvalidResponse    a success status with a body that is not the JSON promised (SCIM or token)
+├── AuthError              401 again after one token refresh, or the token endpoint refused us: alert
+└── PermanentError         other 4xx, a redirect off the target's origin: retries are useless, to review
     ├── NotFound           404: the resource is not (or no longer) in the target
     ├── Conflict           409: uniqueness clash, e.g. the userName already exists
     └── PreconditionFailed 412: the ETag sent in If-Match is stale
 
-The original exception (httpx's, or a JSON decode error) is kept as ``__cause__``.
+``ScimClient.send`` raises a TransientError only once its RetryPolicy gives up
+(``attempts`` says after how many tries), or at once for a 5xx that retrying
+does not help (501, 505…). A 401 is retried once after a token refresh, never
+more: no storm. A redirect is followed only to the same scheme, host and port.
+
+The original exception (httpx's, Authlib's, or a JSON decode error) is kept as
+``__cause__``. No error carries a header, a token or a client secret.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class ScimError(Exception):
     request: RequestInfo | None = None
     response_body: str | None = None
     retry_after: float | None = field(default=None)
+    # How many times the client sent the request before giving up (retries and a token refresh included).
+    attempts: int = 1
 
     def __post_init__(self) -> None:
         Exception.__init__(self, self.message)
@@ -58,6 +66,11 @@ class ScimError(Exception):
 
 class TransientError(ScimError):
     """Retry later: the target is busy, down or unreachable."""
+
+    @property
+    def ambiguous(self) -> bool:
+        """Whether the request may have been applied all the same (no answer, or a garbled one)."""
+        return self.status is None or isinstance(self, InvalidResponse)
 
 
 class InvalidResponse(TransientError):

@@ -40,6 +40,9 @@ class ScimRequest:
     if_match: str | None = None
     # Whether the caller needs the resource back (create must learn the new id).
     needs_resource: bool = False
+    # Whether to resend after a failure that may have come after the server applied the
+    # request (no answer, a garbled answer). False for creates: the caller looks first.
+    retry_ambiguous: bool = True
 
     def info(self, base_url: str) -> RequestInfo:
         """What to record about this request; no headers, so no credentials."""
@@ -104,8 +107,13 @@ def check_response(
     status: int,
     headers: dict[str, str],
     content: bytes,
+    *,
+    now: datetime | None = None,
 ) -> ScimResult:
-    """Turn an HTTP answer into a result, or raise the error that says what to do next."""
+    """Turn an HTTP answer into a result, or raise the error that says what to do next.
+
+    ``now`` is the wall clock that a ``Retry-After`` HTTP-date is measured against.
+    """
     if 200 <= status < 300:
         return _success(request, base_url, status, headers, content)
     info = request.info(base_url)
@@ -125,7 +133,7 @@ def check_response(
         detail=detail,
         request=info,
         response_body=content.decode("utf-8", "replace") if content else None,
-        retry_after=parse_retry_after(headers.get("retry-after")),
+        retry_after=parse_retry_after(headers.get("retry-after"), now=now),
     )
 
 
@@ -184,8 +192,11 @@ def _error_fields(body: Any) -> tuple[str | None, str | None]:
     return (str(scim_type) if scim_type else None, str(detail) if detail else None)
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date."""
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (RFC 9110 §10.2.3): delta-seconds or an HTTP-date.
+
+    A date is measured against ``now`` (default: the current UTC time); a date in the past means 0.
+    """
     if not value:
         return None
     value = value.strip()
@@ -197,5 +208,7 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    if now is None:
+        now = datetime.now(timezone.utc)
+    return max(0.0, (when - now).total_seconds())
 
