@@ -18,6 +18,7 @@ import structlog
 
 from provisioner import logs
 from provisioner.config import Config, load_config
+from provisioner.daemon import Daemon
 from provisioner.demo import start_scim_server, write_demo_config
 from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
 from provisioner.planner import Reason
@@ -27,10 +28,13 @@ from provisioner.queue import (
     close,
     get_operation,
     list_operations,
+    recover_orphans,
     release_held,
     retry_now,
     status_by_target,
 )
+from provisioner.lock import StateLock
+from provisioner.quarantine import all_states, set_paused
 from provisioner.store import open_store
 from provisioner.sync import (
     TargetReport,
@@ -111,6 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true", help="keep the SCIM server up until Ctrl-C")
     demo.set_defaults(handler=_demo)
 
+    run = commands.add_parser("run", help="the daemon: cycles on each source's schedule, retries, metrics")
+    run.add_argument("--config", type=Path, default=Path("config.yaml"))
+    run.set_defaults(handler=_run)
+
     sync = commands.add_parser("sync", help="run one cycle for every configured target, then exit")
     _config_options(sync)
     sync.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -172,6 +180,18 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--since", type=_since)
     export.add_argument("--limit", type=int, default=100_000)
     export.set_defaults(handler=_queue_export)
+
+    target = commands.add_parser("target", help="pause or resume a target by hand (maintenance)")
+    target_commands = target.add_subparsers(dest="target_command", required=True, metavar="ACTION")
+    pause = target_commands.add_parser("pause", help="send nothing to this target; operations stay queued")
+    pause.add_argument("name")
+    pause.add_argument("--config", type=Path, default=Path("config.yaml"))
+    pause.add_argument("--note", help="why, shown by `provisioner status` and in alerts")
+    pause.set_defaults(handler=_pause, paused=True)
+    resume = target_commands.add_parser("resume", help="send to this target again")
+    resume.add_argument("name")
+    resume.add_argument("--config", type=Path, default=Path("config.yaml"))
+    resume.set_defaults(handler=_pause, paused=False, note=None)
 
     status = commands.add_parser("status", help="per target: last cycle, operations by status, held cycles")
     status.add_argument("--config", type=Path, default=Path("config.yaml"))
@@ -235,15 +255,24 @@ def _sync(args: argparse.Namespace) -> int:
     return code
 
 
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    with StateLock(config.state):
+        engine = open_store(config.state)
+        return asyncio.run(Daemon(config, engine).run())
+
+
 def _run_sync(config: Config, names: list[str] | None) -> tuple[int, list[TargetReport]]:
     targets = selected_targets(config, names)
     mappings = {name: load_target_mapping(config, name) for name in targets}
-    engine = open_store(config.state)
 
     async def cycle() -> list[TargetReport]:
         return list(await asyncio.gather(*(sync_target(engine, config, n, mappings[n]) for n in targets)))
 
-    reports = asyncio.run(cycle())
+    with StateLock(config.state):
+        engine = open_store(config.state)
+        recover_orphans(engine)
+        reports = asyncio.run(cycle())
     if any(r.held for r in reports):
         return EXIT_SAFETY_STOP, reports
     failed = any(r.failed or r.deferred for r in reports)
@@ -414,11 +443,21 @@ def _queue_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _pause(args: argparse.Namespace) -> int:
+    config = load_config(args.config, secrets=False)
+    selected_targets(config, [args.name])
+    set_paused(open_store(config.state), args.name, args.paused, args.note)
+    print(f"{args.name}: {'paused; nothing is sent until' if args.paused else 'resumed; the next cycle sends its queue'}"
+          + (" `provisioner target resume`" if args.paused else ""))  # fmt: skip
+    return EXIT_OK
+
+
 def _status(args: argparse.Namespace) -> int:
     config = load_config(args.config, secrets=False)
     engine = open_store(config.state)
     counts = status_by_target(engine)
     runs = last_runs(engine)
+    health = all_states(engine)
     data = []
     for name in sorted(set(config.targets) | set(counts)):
         run = runs.get(name) or {}
@@ -432,6 +471,11 @@ def _status(args: argparse.Namespace) -> int:
                 "last_run_counts": orjson.loads(str(run["counts"])) if run.get("counts") else None,
                 "operations": counts.get(name, {}),
                 "held": counts.get(name, {}).get("held", 0),
+                "paused": bool(health.get(name) and health[name].paused),
+                "quarantined": bool(health.get(name) and health[name].quarantined),
+                "quarantine_reason": health[name].quarantine_reason if name in health else None,
+                "next_probe_at": health[name].next_probe_at if name in health else None,
+                "last_error": health[name].last_error if name in health else None,
             }
         )
     if args.json:
@@ -446,6 +490,12 @@ def _status(args: argparse.Namespace) -> int:
         print("  operations: " + ("  ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "none"))
         if item["held"]:
             print(f"  HELD: {item['held']} leaver operations wait for approval (provisioner plan --held)")
+        if item["paused"]:
+            print("  PAUSED by an operator (provisioner target resume NAME)")
+        if item["quarantined"]:
+            print(f"  QUARANTINED: {item['quarantine_reason']}; next probe {_cell(item['next_probe_at'])}")
+        if item["last_error"] and item["quarantined"]:
+            print(f"  last error: {item['last_error']}")
     return EXIT_OK
 
 

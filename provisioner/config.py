@@ -12,9 +12,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from provisioner import redaction
+from provisioner.alerts import AlertsConfig
+from provisioner.quarantine import QuarantinePolicy
 from provisioner.errors import ConfigError
 from provisioner.yamlfile import Loc, YamlDocument, load_yaml
 
@@ -38,7 +41,70 @@ class NoAuthConfig(_Strict):
     type: Literal["none"]
 
 
-AuthConfig = Annotated[BearerAuthConfig | NoAuthConfig, Field(discriminator="type")]
+class OAuth2Config(_Strict):
+    """OAuth 2.0 client credentials (RFC 6749 §4.4): a token fetched, cached and refreshed."""
+
+    type: Literal["oauth2"]
+    token_url: str
+    client_id: str
+    client_secret: SecretStr
+    scope: str | list[str] | None = None
+    audience: str | None = None
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+
+
+AuthConfig = Annotated[BearerAuthConfig | OAuth2Config | NoAuthConfig, Field(discriminator="type")]
+
+
+class RetryConfig(_Strict):
+    """Retries of one call within a round (the queue retries across rounds after that)."""
+
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    backoff_base: float = Field(default=0.5, gt=0)
+    backoff_cap: float = Field(default=30.0, gt=0)
+    max_retry_after: float = Field(default=120.0, ge=0)
+
+
+class ScheduleConfig(_Strict):
+    """When the daemon runs a source's cycle: every N (``15m``, ``1h``, ``90s``) or a crontab line."""
+
+    every: str = "15m"
+    cron: str | None = None
+
+    @field_validator("every")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _crontab(cls, value: str | None) -> str | None:
+        if value is not None:
+            CronTrigger.from_crontab(value)  # raises ValueError with the reason
+        return value
+
+    @property
+    def every_seconds(self) -> float:
+        """The interval in seconds."""
+        return parse_duration(self.every)
+
+
+class DaemonConfig(_Strict):
+    """The long-running daemon (``provisioner run``)."""
+
+    # /metrics and /healthz; loopback by default. null: no HTTP listener.
+    listen: str | None = "127.0.0.1:9464"
+    shutdown_grace: float = Field(default=30.0, ge=0, le=3600)
+    retry_interval: float = Field(default=60.0, ge=1)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90s``, ``15m``, ``2h``, ``1d``; raise ValueError otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if not match:
+        raise ValueError(f"not a duration like 90s, 15m, 2h or 1d: {text!r}")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 class SourceConfig(_Strict):
@@ -52,6 +118,7 @@ class SourceConfig(_Strict):
     # A source with fewer usable records than this fails the cycle before planning
     # (a truncated export must not look like mass leavers). An empty source always fails.
     min_records: int = Field(default=1, ge=1)
+    schedule: ScheduleConfig = ScheduleConfig()
 
 
 class TargetConfig(_Strict):
@@ -78,6 +145,19 @@ class TargetConfig(_Strict):
     use_etags: Literal["auto", "always", "never"] = "auto"
     verify_tls: bool = True
     ca_bundle: Path | None = None
+    quarantine: QuarantinePolicy = QuarantinePolicy()
+    retry: RetryConfig = RetryConfig()
+    # Requests per second or minute to this target, retries and token requests included: "10/s", "180/min".
+    rate_limit: str | None = None
+    # http:// sends credentials in clear text: refused unless said here (a local test server).
+    allow_insecure_http: bool = False
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\s*\d+(\.\d+)?\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", value):
+            raise ValueError(f"not a rate like 10/s, 180/min or 3600/h: {value!r}")
+        return value
 
     @field_validator("base_url")
     @classmethod
@@ -93,6 +173,8 @@ class Config(_Strict):
     state: str = "sqlite:///provisioner.db"
     sources: dict[str, SourceConfig]
     targets: dict[str, TargetConfig]
+    daemon: DaemonConfig = DaemonConfig()
+    alerts: AlertsConfig = AlertsConfig()
     # Where the file was read from; relative paths in it are relative to its folder.
     origin: Path = Field(default=Path("config.yaml"), exclude=True)
 
@@ -113,7 +195,7 @@ def load_config(path: Path, *, secrets: bool = True) -> Config:
         raise ConfigError(_describe(exc, doc)) from None
     _check_references(config, doc)
     _register_secrets(config)
-    return _resolve_paths(config, path.parent)
+    return _resolve_paths(config, path.resolve().parent)
 
 
 def _interpolate(value: Any, loc: Loc, doc: YamlDocument, *, strict: bool) -> Any:
@@ -154,12 +236,15 @@ def _describe(exc: ValidationError, doc: YamlDocument) -> str:
     lines = []
     for error in exc.errors():
         loc = _yaml_loc(error["loc"], doc)
+        named = loc
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         elif error["type"] == "missing":
+            # The missing key has no line of its own: point at its parent, name the key.
+            named = (*loc, error["loc"][-1])
             message = "required key is missing"
-        lines.append(f"{doc.where(loc)}: {_dotted(tuple(error['loc']))}: {message}")
+        lines.append(f"{doc.where(loc)}: {_dotted(named)}: {message}")
     return "\n".join(lines)
 
 
@@ -189,6 +274,8 @@ def _register_secrets(config: Config) -> None:
     for target in config.targets.values():
         if isinstance(target.auth, BearerAuthConfig):
             redaction.register(target.auth.token.get_secret_value())
+        elif isinstance(target.auth, OAuth2Config):
+            redaction.register(target.auth.client_secret.get_secret_value())
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:

@@ -109,6 +109,7 @@ sources:
 targets:
   demo-app:
     base_url: {server.base_url}
+    allow_insecure_http: true      # a local demo server on 127.0.0.1
     auth: {{type: bearer, token: "${{{TOKEN_VARIABLE}}}"}}
     source: hr
     mapping: {DEMO_MAPPING}

@@ -30,7 +30,9 @@ from connectors import (
     ScimResult,
     TransientError,
 )
+from provisioner import metrics
 from provisioner.config import TargetConfig
+from provisioner.quarantine import Admission, Tally, admission, observe, state
 from provisioner.payload import patch_operations, payload_hash, refs_in, resolve_refs
 from provisioner.planner import Kind
 from provisioner.queue import (
@@ -42,6 +44,7 @@ from provisioner.queue import (
     linked_identity,
     load_link_states,
     record,
+    release,
 )
 from provisioner.redaction import redact_value
 
@@ -61,6 +64,9 @@ class ExecutionReport:
     statuses: Counter[str] = field(default_factory=Counter)
     done: Counter[str] = field(default_factory=Counter)
     created: int = 0
+    finished: set[int] = field(default_factory=set)
+    # Claimed but not sent: stopped, paused, quarantined, or the breaker tripped. Still queued.
+    skipped: int = 0
 
 
 class Executor:
@@ -83,28 +89,66 @@ class Executor:
         self.match_attribute = match_attribute
         self.client_factory = client_factory
         self.capabilities: Capabilities | None = None
+        # Set to stop taking new operations; those in flight finish and are recorded.
+        self.stopping = asyncio.Event()
 
     async def run(self, operations: list[ClaimedOperation]) -> ExecutionReport:
-        """Send every operation, at most ``max_concurrency`` at a time, and record each outcome."""
+        """Send every operation, at most ``max_concurrency`` at a time, and record each outcome.
+
+        A paused target, or a quarantined one between probes, is sent nothing; a
+        quarantined one due for a probe is sent one operation first, and the rest
+        only if that one succeeds.
+        """
         report = ExecutionReport()
         if not operations:
+            return report
+        gate = admission(self.engine, self.target)
+        if gate is Admission.SKIP:
+            release(self.engine, [op.id for op in operations])
+            report.skipped = len(operations)
             return report
         by_key: dict[str, list[ClaimedOperation]] = {}
         for op in operations:
             by_key.setdefault(op.identity_key, []).append(op)
         links = load_link_states(self.engine, self.target, _keys_needed(by_key))
         clients = [self.client_factory() for _ in range(min(self.config.max_concurrency, len(by_key)))]
+        tally = Tally()
         try:
             if self.capabilities is None:
                 self.capabilities = await self._discover(clients[0])
-            for wave in _waves(by_key, links):
+            waves = _waves(by_key, links)
+            if gate is Admission.PROBE:
+                probe = waves[0][0]
+                waves = [[probe], *([key for key in wave if key != probe] for wave in waves)]
+            for number, wave in enumerate(waves):
+                if self._must_stop(tally) or (gate is Admission.PROBE and number > 0 and not tally.succeeded):
+                    break
                 work: asyncio.Queue[list[ClaimedOperation]] = asyncio.Queue()
                 for key in wave:
                     work.put_nowait(by_key[key])
-                await asyncio.gather(*(self._worker(client, work, links, report) for client in clients))
+                await asyncio.gather(*(self._worker(client, work, links, report, tally) for client in clients))
         finally:
             await asyncio.gather(*(client.aclose() for client in clients))
+            # Whatever was claimed but not started (a stop, a breaker, a probe) goes back as it was.
+            unstarted = [op.id for op in operations if op.id not in report.finished]
+            release(self.engine, unstarted)
+            report.skipped = len(unstarted)
+            self._observe(tally)
         return report
+
+    def _must_stop(self, tally: Tally) -> bool:
+        return self.stopping.is_set() or tally.consecutive_failures >= self.config.quarantine.consecutive_failures
+
+    def _observe(self, tally: Tally) -> None:
+        transition = observe(self.engine, self.target, tally, self.config.quarantine)
+        if transition == "quarantined":
+            log.error("target quarantined", target=self.target, failed=tally.failed, succeeded=tally.succeeded,
+                      last_error=tally.last_error)  # fmt: skip
+        elif transition == "recovered":
+            log.info("target recovered from quarantine", target=self.target)
+        current = state(self.engine, self.target)
+        unwell = current is not None and (current.quarantined or current.paused)
+        metrics.QUARANTINED.labels(self.target).set(1 if unwell else 0)
 
     async def _discover(self, client: ScimClient) -> Capabilities:
         capabilities = await client.capabilities()
@@ -125,8 +169,9 @@ class Executor:
         work: asyncio.Queue[list[ClaimedOperation]],
         links: dict[str, LinkState],
         report: ExecutionReport,
+        tally: Tally,
     ) -> None:
-        while not work.empty():
+        while not work.empty() and not self._must_stop(tally):
             ops = work.get_nowait()
             for op in ops:
                 started = time.perf_counter()
@@ -136,6 +181,14 @@ class Executor:
                 if outcome.http_status is None and outcome.calls:
                     outcome.http_status = outcome.calls[-1].http_status
                 record(self.engine, self.target, op.identity_key, outcome)
+                report.finished.add(op.id)
+                tally.add(
+                    ok=outcome.status == "succeeded",
+                    unwell=outcome.status == "retry_wait" or outcome.http_status == 401,
+                    auth=outcome.http_status == 401,
+                    error=outcome.error,
+                )
+                self._measure(op, outcome)
                 if outcome.drop_link:
                     links.pop(op.identity_key, None)
                 elif outcome.link is not None:
@@ -196,13 +249,28 @@ class Executor:
             if existing is not None:
                 return await self._adopt(client, op, existing, payload, applied_hash, "matched an existing account")
         try:
-            result = await client.create(self.endpoint, payload)
+            result = await self._post(client, payload)
         except Conflict:
             existing = await self._find_existing(client, payload, required=True)
             assert existing is not None
             return await self._adopt(client, op, existing, payload, applied_hash, "409 on create: adopted the existing account")
+        if isinstance(result, dict):
+            note = "the create's answer was lost; adopted the account it made"
+            return await self._adopt(client, op, result, payload, applied_hash, note)
         state = LinkState(result.id or "", True, result.version, result.location, applied_hash, payload)
         return Outcome(op.id, "succeeded", link=state)
+
+    async def _post(self, client: ScimClient, payload: dict[str, Any]) -> ScimResult | dict[str, Any]:
+        try:
+            return await client.create(self.endpoint, payload)
+        except TransientError as exc:
+            if not exc.ambiguous:
+                raise
+            # No answer (or a garbled one): the account may exist now. Look before posting again.
+            existing = await self._find_existing(client, payload, required=False)
+            if existing is not None:
+                return existing
+            return await client.create(self.endpoint, payload)
 
     def _match_first(self, op: ClaimedOperation) -> bool:
         # A retried create may have succeeded the first time with its answer lost.
@@ -296,6 +364,12 @@ class Executor:
 
     def _if_match(self, link: LinkState) -> str | None:
         return link.etag if self.capabilities and self.capabilities.etag else None
+
+    def _measure(self, op: ClaimedOperation, outcome: Outcome) -> None:
+        metrics.OPERATIONS.labels(self.target, op.kind.value, outcome.status).inc()
+        for call in outcome.calls:
+            if call.method:
+                metrics.REQUEST_SECONDS.labels(self.target, call.method).observe(call.duration_ms / 1000)
 
     def _log(self, op: ClaimedOperation, outcome: Outcome, started: float) -> None:
         event = log.info if outcome.status == "succeeded" else log.warning

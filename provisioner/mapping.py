@@ -105,6 +105,8 @@ class AttributeMapping:
     columns: frozenset[str]
     _batch: _Batch
     _root: _Object
+    # Attributes a resource cannot go without (userName, the match attribute): name -> file:line.
+    _required: dict[str, str]
 
     def render(self, record: Mapping[str, Any]) -> Rendered:
         """Render one record; raise MappingError naming file:line and the attribute."""
@@ -114,6 +116,10 @@ class AttributeMapping:
         if not in_scope or leaver:
             return Rendered(payload={}, in_scope=in_scope, leaver=leaver)
         payload = _render(self._root, record, slots) or {}
+        for name in self._required:
+            if name not in payload:
+                leaf = self._required[name]
+                raise MappingError(f"{leaf}: attribute '{name}': is required but the record gives it no value")
         schemas = [CORE_USER] + [k for k in payload if k.startswith("urn:")]
         return Rendered(payload={"schemas": schemas, **payload, "active": True}, in_scope=True, leaver=False)
 
@@ -203,6 +209,7 @@ def load_mapping(path: Path) -> AttributeMapping:
         columns=frozenset(compiler.columns),
         _batch=compiler.batch(scope, leaver_when),
         _root=root,
+        _required={name: doc.where(("attributes", name)) for name in dict.fromkeys(["userName", match])},
     )
 
 
@@ -298,16 +305,22 @@ def _value(leaf: _Leaf, record: Mapping[str, Any], slots: dict[str, Any]) -> Any
     if isinstance(value, _Failure):
         raise MappingError(f"{leaf.where}: attribute '{leaf.path}': {_explain(value.error)}")
     if isinstance(value, jinja2.Undefined):
+        # The sandbox answers a forbidden attribute with an Undefined that raises SecurityError.
         try:
             str(value)
-        except jinja2.UndefinedError as exc:
-            raise MappingError(f"{leaf.where}: attribute '{leaf.path}': {exc.message}") from None
+        except Exception as exc:  # noqa: BLE001 - UndefinedError, SecurityError: both are the record's problem
+            raise MappingError(f"{leaf.where}: attribute '{leaf.path}': {_explain(exc)}") from None
+        raise MappingError(f"{leaf.where}: attribute '{leaf.path}': undefined value")
     return value
 
 
 def _explain(error: Exception) -> str:
     if isinstance(error, jinja2.UndefinedError):
-        return str(error.message)
+        message = str(error.message)
+        missing = re.fullmatch(r"'(\w+)' is undefined", message)
+        return f"the record has no column '{missing.group(1)}'" if missing else message
+    if isinstance(error, jinja2.exceptions.SecurityError):
+        return f"not allowed in the sandbox: {error}"
     return f"{type(error).__name__}: {error}"
 
 

@@ -289,6 +289,36 @@ def claim(engine: Engine, target: str, *, now: datetime | None = None, lease: ti
     ]
 
 
+def release(engine: Engine, operation_ids: Sequence[int]) -> None:
+    """Give claimed operations that were never started back to the queue, as they were."""
+    if not operation_ids:
+        return
+    with engine.begin() as conn:
+        for chunk in _chunks(list(operation_ids), 500):
+            conn.execute(
+                update(OP)
+                .where(OP.c.id.in_(chunk), OP.c.status == "running")
+                .values(status="pending", lease_until=None, attempts=OP.c.attempts - 1, updated_at=utcnow())
+            )
+
+
+def recover_orphans(engine: Engine, target: str | None = None) -> int:
+    """Operations left running by a process that died: pending again, now.
+
+    Only safe while holding the state lock (no other process can be running them).
+    A retried create looks the account up before POSTing, so nothing is duplicated.
+    """
+    where = OP.c.status == "running"
+    if target is not None:
+        where = and_(where, OP.c.target == target)
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(OP).where(where).values(status="pending", lease_until=None, updated_at=utcnow(),
+                                           note="recovered after an interrupted run")  # fmt: skip
+        )
+        return int(result.rowcount)
+
+
 def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> None:
     """Write an operation's outcome, its calls and the link it leaves, in one transaction."""
     now = utcnow()

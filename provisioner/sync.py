@@ -7,17 +7,16 @@ accounts that refer to it).
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import httpx
 import structlog
 from sqlalchemy import Engine, func, insert, select, update
 
-from connectors import BearerAuth, ScimClient
-from provisioner.config import BearerAuthConfig, Config, TargetConfig
+from provisioner.config import Config, TargetConfig
 from provisioner.errors import ConfigError, SafetyStop
 from provisioner.executor import Executor
 from provisioner.mapping import AttributeMapping, load_mapping
@@ -26,6 +25,7 @@ from provisioner.planner import Kind, Plan, brake_trips, plan_target
 from provisioner.queue import claim, count_status, enqueue, load_link_states, load_links
 from provisioner.sources import read_source, source_columns
 from provisioner.store import Run, utcnow
+from provisioner.targets import TargetSession
 
 log = structlog.get_logger("provisioner.sync")
 
@@ -73,19 +73,6 @@ def new_run_id() -> str:
     return f"{utcnow():%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 
-def client_factory(config: TargetConfig) -> ScimClient:
-    """A SCIM client for a target, as its config says."""
-    auth = BearerAuth(config.auth.token.get_secret_value()) if isinstance(config.auth, BearerAuthConfig) else None
-    verify: bool | str = str(config.ca_bundle) if config.ca_bundle else config.verify_tls
-    return ScimClient(
-        config.base_url,
-        auth=auth,
-        timeout=httpx.Timeout(config.timeout, connect=min(config.timeout, 10.0)),
-        max_connections=2,
-        verify=verify,
-    )
-
-
 def selected_targets(config: Config, names: list[str] | None) -> list[str]:
     """The targets to work on: the named ones (which must exist), else every enabled one."""
     if names:
@@ -122,13 +109,15 @@ def plan_once(engine: Engine, config: Config, name: str, mapping: AttributeMappi
     return plan, sum(link.active for link in links.values())
 
 
-async def sync_target(engine: Engine, config: Config, name: str, mapping: AttributeMapping) -> TargetReport:
-    """Run one cycle for one target and return what it did."""
+async def sync_target(
+    engine: Engine, config: Config, name: str, mapping: AttributeMapping, *, stop: asyncio.Event | None = None
+) -> TargetReport:
+    """Run one cycle for one target and return what it did; ``stop`` ends it early, losing nothing."""
     report = TargetReport(name, new_run_id())
     _start_run(engine, report.run_id, name, utcnow())
     try:
         _plan_into_queue(engine, config, name, mapping, report)
-        await _send(engine, config, name, mapping, report)
+        await _send(engine, config, name, mapping, report, stop)
     except SafetyStop:
         _finish_run(engine, report, status="refused")
         raise
@@ -140,10 +129,12 @@ async def sync_target(engine: Engine, config: Config, name: str, mapping: Attrib
     return report
 
 
-async def send_due(engine: Engine, config: Config, name: str, mapping: AttributeMapping) -> TargetReport:
+async def send_due(
+    engine: Engine, config: Config, name: str, mapping: AttributeMapping, *, stop: asyncio.Event | None = None
+) -> TargetReport:
     """Send a target's due operations (retries, approved leavers) without planning anew."""
     report = TargetReport(name, new_run_id())
-    await _send(engine, config, name, mapping, report)
+    await _send(engine, config, name, mapping, report, stop)
     return report
 
 
@@ -171,12 +162,23 @@ def _plan_into_queue(engine: Engine, config: Config, name: str, mapping: Attribu
         )
 
 
-async def _send(engine: Engine, config: Config, name: str, mapping: AttributeMapping, report: TargetReport) -> None:
+async def _send(
+    engine: Engine,
+    config: Config,
+    name: str,
+    mapping: AttributeMapping,
+    report: TargetReport,
+    stop: asyncio.Event | None,
+) -> None:
     target = config.targets[name]
-    executor = Executor(
-        engine, name, target, lambda: client_factory(target), endpoint=mapping.endpoint, match_attribute=mapping.match
-    )
-    result = await executor.run(claim(engine, name))
+    session = TargetSession(target)
+    executor = Executor(engine, name, target, session.client, endpoint=mapping.endpoint, match_attribute=mapping.match)
+    if stop is not None:
+        executor.stopping = stop
+    try:
+        result = await executor.run(claim(engine, name))
+    finally:
+        await session.aclose()
     report.done.update(result.done)
     report.statuses.update(result.statuses)
 

@@ -50,6 +50,7 @@ sources:
 targets:
   app:
     base_url: {server.base_url}
+    allow_insecure_http: true
     auth: {{type: bearer, token: "${{TARGET_TOKEN}}"}}
     source: hr
     mapping: {DEMO_MAPPING}{options}

@@ -1,0 +1,193 @@
+"""The long-running daemon: APScheduler triggers cycles and retries; the logic lives elsewhere.
+
+Jobs: one sync cycle per source on its schedule (every target fed by it), a
+job that sends due queue rows (retries, approved leavers) every minute. A
+cycle never overlaps itself or the retry job of the same target.
+
+Stopping: the first SIGTERM/SIGINT stops new work and lets in-flight requests
+finish (bounded by ``shutdown_grace``); a second one exits at once. Either
+way nothing is lost: every operation is in the queue before it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import Engine
+
+from provisioner import alerts, metrics, quarantine
+from provisioner.config import Config, ScheduleConfig
+from provisioner.errors import UserError
+from provisioner.mapping import AttributeMapping
+from provisioner.queue import STATUSES, count_status, list_operations, recover_orphans, status_by_target
+from provisioner.store import utcnow
+from provisioner.sync import TargetReport, load_target_mapping, send_due, sync_target
+
+log = structlog.get_logger("provisioner.daemon")
+
+# A second signal exits the process with this code, at once.
+EXIT_FORCED = 130
+
+
+class Daemon:
+    """Schedules cycles and retries for every enabled target until told to stop."""
+
+    def __init__(self, config: Config, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.targets = [name for name, target in config.targets.items() if target.enabled]
+        self.mappings: dict[str, AttributeMapping] = {name: load_target_mapping(config, name) for name in self.targets}
+        self.locks = {name: asyncio.Lock() for name in self.targets}
+        self.stopping = asyncio.Event()
+        self.inflight: set[asyncio.Task[Any]] = set()
+        self.last_cycle: dict[str, dict[str, Any]] = {}
+        self.started_at = datetime.now(UTC)
+
+    async def run(self) -> int:
+        """Run until a signal; return the process exit code."""
+        recovered = recover_orphans(self.engine)
+        if recovered:
+            log.warning("recovered operations left running by an earlier process", count=recovered)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        server = metrics.serve(self.config.daemon.listen, self.health) if self.config.daemon.listen else None
+        scheduler = self._scheduler()
+        scheduler.start()
+        log.info("daemon started", targets=self.targets, listen=self.config.daemon.listen, pid=os.getpid())
+        await self.stopping.wait()
+        scheduler.shutdown(wait=False)
+        await self._drain()
+        if server is not None:
+            server.shutdown()
+        log.info("daemon stopped")
+        return 0
+
+    def _scheduler(self) -> AsyncIOScheduler:
+        scheduler = AsyncIOScheduler(timezone=UTC)
+        # Each job starts once at start-up, then on its trigger; a late run is coalesced, never stacked.
+        options = {"max_instances": 1, "coalesce": True, "misfire_grace_time": 300, "next_run_time": datetime.now(UTC)}
+        for source_name, source in self.config.sources.items():
+            targets = [t for t in self.targets if self.config.targets[t].source == source_name]
+            if targets:
+                scheduler.add_job(
+                    self._job, _trigger(source.schedule), args=[self.cycle, targets], id=f"sync:{source_name}", **options
+                )
+        retry = IntervalTrigger(seconds=self.config.daemon.retry_interval)
+        scheduler.add_job(self._job, retry, args=[self.send_due, self.targets], id="retry", **options)
+        return scheduler
+
+    async def _job(self, work: Callable[[str], Awaitable[None]], targets: list[str]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.inflight.add(task)
+        try:
+            await asyncio.gather(*(self._guarded(work, name) for name in targets))
+        finally:
+            self.inflight.discard(task)
+
+    async def _guarded(self, work: Callable[[str], Awaitable[None]], name: str) -> None:
+        if self.stopping.is_set():
+            return
+        async with self.locks[name]:
+            if self.stopping.is_set():
+                return
+            try:
+                await work(name)
+            except UserError as exc:
+                log.error("cycle refused", target=name, error=str(exc))
+                self.last_cycle[name] = {"status": "refused", "error": str(exc), "at": datetime.now(UTC)}
+            except Exception:
+                log.exception("cycle crashed", target=name)
+                self.last_cycle[name] = {"status": "error", "at": datetime.now(UTC)}
+            finally:
+                self._publish_queue_depth()
+                await self._check_alerts(name)
+
+    async def cycle(self, name: str) -> None:
+        """One sync cycle of one target."""
+        report = await sync_target(self.engine, self.config, name, self.mappings[name], stop=self.stopping)
+        self._remember(name, report)
+
+    async def send_due(self, name: str) -> None:
+        """Send a target's due queue rows."""
+        report = await send_due(self.engine, self.config, name, self.mappings[name], stop=self.stopping)
+        if report.statuses:
+            log.info("due operations sent", target=name, outcomes=dict(report.statuses))
+
+    def _remember(self, name: str, report: TargetReport) -> None:
+        status = "held" if report.held else "failed" if report.failed else "ok"
+        self.last_cycle[name] = {"status": status, "run_id": report.run_id, "at": datetime.now(UTC), **report.summary()}
+        if status == "ok":
+            metrics.LAST_SUCCESS.labels(name).set(datetime.now(UTC).timestamp())
+
+    async def _check_alerts(self, name: str) -> None:
+        try:
+            facts = target_facts(self.engine, name)
+            conditions = alerts.evaluate([facts], self.config.alerts)
+            await alerts.dispatch(self.engine, conditions, self.config.alerts, utcnow(), targets=[name])
+        except Exception:
+            # Alerting must never stop provisioning; the failure itself is logged.
+            log.exception("alert check failed", target=name)
+
+    def _publish_queue_depth(self) -> None:
+        metrics.set_queue_depth(status_by_target(self.engine), STATUSES)
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz answers: ok while the daemon runs, with each target's last cycle."""
+        return {
+            "status": "stopping" if self.stopping.is_set() else "ok",
+            "started_at": self.started_at.isoformat(),
+            "targets": {name: self.last_cycle.get(name) for name in self.targets},
+        }
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.stopping.is_set():
+            log.warning("second signal: exiting now; unsent operations stay queued", signal=sig.name)
+            os._exit(EXIT_FORCED)
+        log.info("stopping: finishing in-flight requests", signal=sig.name, grace_seconds=self.config.daemon.shutdown_grace)
+        self.stopping.set()
+
+    async def _drain(self) -> None:
+        if not self.inflight:
+            return
+        done, pending = await asyncio.wait(set(self.inflight), timeout=self.config.daemon.shutdown_grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+            log.warning("grace period over: cancelled in-flight work; it is picked up at the next start",
+                        tasks=len(pending))  # fmt: skip
+
+
+def target_facts(engine: Engine, name: str) -> alerts.TargetFacts:
+    """What the alert rules need to know of a target, read from the queue and its health record."""
+    health = quarantine.state(engine, name)
+    held_runs = sorted({str(row["run_id"]) for row in list_operations(engine, status="held", target=name, limit=10_000)})
+    return alerts.TargetFacts(
+        target=name,
+        failed_count=count_status(engine, name, "failed"),
+        held_count=count_status(engine, name, "held"),
+        held_runs=tuple(held_runs),
+        auth_failed=bool(health and health.auth_failures),
+        failing_since=health.failing_since if health else None,
+        quarantined=bool(health and (health.quarantined or health.paused)),
+        quarantine_reason=(health.quarantine_reason or (f"paused: {health.pause_note or 'by an operator'}"
+                           if health.paused else None)) if health else None,  # fmt: skip
+        last_error=health.last_error if health else None,
+    )
+
+
+def _trigger(schedule: ScheduleConfig) -> IntervalTrigger | CronTrigger:
+    if schedule.cron:
+        return CronTrigger.from_crontab(schedule.cron, timezone=UTC)
+    return IntervalTrigger(seconds=schedule.every_seconds)

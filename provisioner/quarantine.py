@@ -1,0 +1,177 @@
+"""Target health: quarantine a target whose calls keep failing, pause one by hand.
+
+A quarantined target is sent nothing but one probe operation per backoff
+interval (doubling to a cap); its operations stay queued. The first success
+ends the quarantine. A paused target is sent nothing until resumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Engine, insert, select, update
+from sqlmodel import Field as Column
+from sqlmodel import SQLModel
+
+from provisioner.store import utcnow
+
+
+class QuarantinePolicy(BaseModel):
+    """When a target counts as failing, and how often it is probed then."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Within one round of sending: this many calls, this share of them failing (transient or auth).
+    min_calls: int = Field(default=10, ge=1)
+    failure_share: float = Field(default=0.9, gt=0, le=1)
+    # This many consecutive failures stop a round at once (a target that is down
+    # must not get every queued operation times every retry).
+    consecutive_failures: int = Field(default=20, ge=1)
+    # Rounds in a row whose calls were refused as unauthenticated.
+    auth_failures: int = Field(default=2, ge=1)
+    probe_interval: float = Field(default=60.0, gt=0)
+    max_probe_interval: float = Field(default=3600.0, gt=0)
+
+
+class TargetState(SQLModel, table=True):
+    """What the engine knows of a target's health, kept across restarts."""
+
+    __tablename__ = "target_state"
+
+    target: str = Column(primary_key=True)
+    paused: bool = False
+    pause_note: str | None = None
+    quarantined: bool = False
+    quarantine_reason: str | None = None
+    probe_interval: float = 0.0
+    next_probe_at: datetime | None = None
+    failing_since: datetime | None = None
+    last_success_at: datetime | None = None
+    last_error: str | None = None
+    auth_failures: int = 0
+    updated_at: datetime = Column(default_factory=utcnow)
+
+
+TABLE = TargetState.__table__
+
+
+class Admission(StrEnum):
+    """What a round of sending may do."""
+
+    SEND = "send"
+    PROBE = "probe"
+    SKIP = "skip"
+
+
+@dataclass(slots=True)
+class Tally:
+    """The calls of one round: how many succeeded, how many failed in a way that says the target is unwell."""
+
+    succeeded: int = 0
+    failed: int = 0
+    auth_failed: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+
+    def add(self, *, ok: bool, unwell: bool, auth: bool, error: str | None) -> None:
+        """Count one operation's outcome."""
+        if ok:
+            self.succeeded += 1
+            self.consecutive_failures = 0
+        elif unwell:
+            self.failed += 1
+            self.consecutive_failures += 1
+            self.auth_failed += auth
+            self.last_error = error
+
+
+def state(engine: Engine, target: str) -> TargetState | None:
+    """The stored health of a target (None before its first round)."""
+    with engine.connect() as conn:
+        row = conn.execute(select(TABLE).where(TABLE.c.target == target)).mappings().first()
+    return TargetState(**row) if row else None
+
+
+def all_states(engine: Engine) -> dict[str, TargetState]:
+    """Every target's stored health."""
+    with engine.connect() as conn:
+        return {row["target"]: TargetState(**row) for row in conn.execute(select(TABLE)).mappings()}
+
+
+def admission(engine: Engine, target: str, now: datetime | None = None) -> Admission:
+    """Whether a round may send everything, one probe, or nothing."""
+    current = state(engine, target)
+    if current is None:
+        return Admission.SEND
+    if current.paused:
+        return Admission.SKIP
+    if not current.quarantined:
+        return Admission.SEND
+    now = now or utcnow()
+    due = current.next_probe_at is None or _aware(current.next_probe_at) <= now
+    return Admission.PROBE if due else Admission.SKIP
+
+
+def observe(
+    engine: Engine, target: str, tally: Tally, policy: QuarantinePolicy, now: datetime | None = None
+) -> str | None:
+    """Record a round's calls; return "quarantined" or "recovered" when the target's state changed."""
+    now = now or utcnow()
+    current = state(engine, target) or TargetState(target=target)
+    changes: dict[str, object] = {"updated_at": now}
+    transition = None
+    if tally.succeeded:
+        changes.update(failing_since=None, last_success_at=now, auth_failures=0)
+        if current.quarantined:
+            changes.update(quarantined=False, quarantine_reason=None, probe_interval=0.0, next_probe_at=None)
+            transition = "recovered"
+    if tally.failed:
+        changes["last_error"] = tally.last_error
+        if not tally.succeeded and current.failing_since is None:
+            changes["failing_since"] = now
+        auth_rounds = current.auth_failures + 1 if tally.auth_failed and not tally.succeeded else 0
+        changes["auth_failures"] = auth_rounds
+        reason = _reason(tally, policy, auth_rounds)
+        if current.quarantined and not tally.succeeded:
+            interval = min(max(current.probe_interval, policy.probe_interval) * 2, policy.max_probe_interval)
+            changes.update(probe_interval=interval, next_probe_at=now + timedelta(seconds=interval))
+        elif reason and not current.quarantined:
+            changes.update(
+                quarantined=True,
+                quarantine_reason=reason,
+                probe_interval=policy.probe_interval,
+                next_probe_at=now + timedelta(seconds=policy.probe_interval),
+            )
+            transition = "quarantined"
+    _write(engine, target, changes)
+    return transition
+
+
+def set_paused(engine: Engine, target: str, paused: bool, note: str | None = None) -> None:
+    """Pause (send nothing) or resume a target by hand."""
+    _write(engine, target, {"paused": paused, "pause_note": note if paused else None, "updated_at": utcnow()})
+
+
+def _reason(tally: Tally, policy: QuarantinePolicy, auth_rounds: int) -> str | None:
+    total = tally.succeeded + tally.failed
+    if auth_rounds >= policy.auth_failures:
+        return f"authentication refused in {auth_rounds} rounds in a row"
+    if tally.consecutive_failures >= policy.consecutive_failures:
+        return f"{tally.consecutive_failures} calls in a row failed"
+    if total >= policy.min_calls and tally.failed / total >= policy.failure_share:
+        return f"{tally.failed} of {total} calls failed"
+    return None
+
+
+def _write(engine: Engine, target: str, changes: dict[str, object]) -> None:
+    with engine.begin() as conn:
+        if conn.execute(update(TABLE).where(TABLE.c.target == target).values(**changes)).rowcount == 0:
+            conn.execute(insert(TABLE).values(target=target, **changes))
+
+
+def _aware(moment: datetime) -> datetime:
+    # Every timestamp we store is UTC; a driver that hands back naive ones means UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

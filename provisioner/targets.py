@@ -1,0 +1,88 @@
+"""A target's config turned into SCIM clients: auth, retry policy and limits shared by its workers."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import httpx
+
+from connectors import (
+    BearerAuth,
+    OAuth2ClientCredentials,
+    RateLimit,
+    RetryPolicy,
+    ScimClient,
+    TargetLimiter,
+)
+from provisioner.config import BearerAuthConfig, OAuth2Config, TargetConfig
+
+
+def parse_rate_limit(text: str) -> RateLimit:
+    """``10/s``, ``180/min``, ``3600/h`` as a token bucket; raise ValueError otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", text)
+    if not match:
+        raise ValueError(f"not a rate like 10/s, 180/min or 3600/h: {text!r}")
+    per = {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)[0]]
+    return RateLimit(float(match.group(1)), per=per)
+
+
+@dataclass(slots=True)
+class TargetSession:
+    """What the clients of one target share during a round of sending; create it inside the event loop."""
+
+    config: TargetConfig
+    limiter: TargetLimiter = field(init=False)
+    retry: RetryPolicy = field(init=False)
+    auth: httpx.Auth | OAuth2ClientCredentials | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        config = self.config
+        rate = parse_rate_limit(config.rate_limit) if config.rate_limit else None
+        # Every request to the target counts, token requests and retries included.
+        self.limiter = TargetLimiter(max_concurrency=config.max_concurrency, rate_limit=rate)
+        self.retry = RetryPolicy(
+            max_attempts=config.retry.max_attempts,
+            base=config.retry.backoff_base,
+            cap=config.retry.backoff_cap,
+            max_retry_after=config.retry.max_retry_after,
+        )
+        self.auth = _auth(config, self.limiter)
+
+    def client(self) -> ScimClient:
+        """A client for one worker: its own small connection pool, the shared policy and limits."""
+        config = self.config
+        return ScimClient(
+            config.base_url,
+            auth=self.auth,
+            timeout=httpx.Timeout(config.timeout, connect=min(config.timeout, 10.0)),
+            max_connections=2,
+            verify=str(config.ca_bundle) if config.ca_bundle else config.verify_tls,
+            retry=self.retry,
+            limiter=self.limiter,
+            allow_insecure_http=config.allow_insecure_http,
+        )
+
+    async def aclose(self) -> None:
+        """Close what the session holds open (the token client)."""
+        if isinstance(self.auth, OAuth2ClientCredentials):
+            await self.auth.aclose()
+
+
+def _auth(config: TargetConfig, limiter: TargetLimiter) -> httpx.Auth | OAuth2ClientCredentials | None:
+    auth = config.auth
+    if isinstance(auth, BearerAuthConfig):
+        return BearerAuth(auth.token.get_secret_value())
+    if isinstance(auth, OAuth2Config):
+        return OAuth2ClientCredentials(
+            auth.token_url,
+            auth.client_id,
+            auth.client_secret.get_secret_value(),
+            scope=auth.scope,
+            audience=auth.audience,
+            auth_method=auth.auth_method,
+            limiter=limiter,
+            verify=str(config.ca_bundle) if config.ca_bundle else config.verify_tls,
+            allow_insecure_http=config.allow_insecure_http,
+        )
+    return None

@@ -1,0 +1,218 @@
+"""The daemon as an operator runs it: a real process, a real SCIM server, signals and kill -9."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from provisioner.demo import DEMO_MAPPING, ScimServer, free_port, start_scim_server
+
+USERS = 300
+FIELDS = ["employee_id", "first_name", "last_name", "email", "phone", "title", "department",
+          "cost_center", "division", "manager_id", "status"]  # fmt: skip
+
+
+@pytest.fixture
+def server() -> Iterator[ScimServer]:
+    with start_scim_server() as srv:
+        yield srv
+
+
+def write_source(path: Path, count: int) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        for n in range(count):
+            manager = f"E{(n // 10) * 10:05d}" if n % 10 else ""
+            writer.writerow({**dict.fromkeys(FIELDS, ""), "employee_id": f"E{n:05d}", "first_name": f"First{n}",
+                             "last_name": f"Last{n}", "email": f"user{n}@example.com", "title": "Engineer",
+                             "department": f"Dept{n % 7}", "manager_id": manager, "status": "active"})  # fmt: skip
+
+
+def write_config(folder: Path, server: ScimServer) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(
+        f"""state: sqlite:///state.db
+sources:
+  hr: {{type: csv, path: hr.csv, key: employee_id, schedule: {{every: 1h}}}}
+targets:
+  app:
+    base_url: {server.base_url}
+    allow_insecure_http: true
+    auth: {{type: bearer, token: "${{APP_TOKEN}}"}}
+    source: hr
+    mapping: {DEMO_MAPPING}
+    max_concurrency: 2
+daemon: {{listen: "127.0.0.1:{free_port()}", shutdown_grace: 20, retry_interval: 1}}
+"""
+    )
+    return path
+
+
+def start_daemon(config: Path, token: str) -> subprocess.Popen[bytes]:
+    """Start `provisioner run`; its log goes to a file beside the config (a pipe nobody reads would fill up)."""
+    env = {**os.environ, "APP_TOKEN": token}
+    command = [sys.executable, "-m", "provisioner", "--log-format", "json", "run", "--config", str(config)]
+    log = (config.parent / "daemon.log").open("ab")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=log)
+
+
+def statuses(folder: Path) -> dict[str, int]:
+    database = folder / "state.db"
+    if not database.exists():
+        return {}
+    with sqlite3.connect(database, timeout=30) as conn:
+        try:
+            return dict(conn.execute("SELECT status, count(*) FROM operation GROUP BY status").fetchall())
+        except sqlite3.OperationalError:
+            return {}
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def server_users(server: ScimServer) -> list[dict[str, object]]:
+    headers = {"Authorization": f"Bearer {server.token}"}
+    users: list[dict[str, object]] = []
+    with httpx.Client(base_url=server.base_url + "/", headers=headers) as http:
+        start = 1
+        while True:
+            page = http.get("Users", params={"startIndex": start, "count": 200}).json()
+            users += page.get("Resources", [])
+            start += len(page.get("Resources", []))
+            if not page.get("Resources") or start > page["totalResults"]:
+                return users
+
+
+def assert_target_complete(server: ScimServer) -> None:
+    users = server_users(server)
+    names = [u["userName"] for u in users]
+    assert len(names) == len(set(names)), "duplicate accounts in the target"
+    assert sorted(names) == sorted(f"user{n}@example.com" for n in range(USERS))
+    enterprise = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+    by_name = {u["userName"]: u for u in users}
+    # Every report points at its manager's account, whatever the crash interrupted.
+    for n in range(USERS):
+        if n % 10:
+            manager = by_name[f"user{(n // 10) * 10}@example.com"]
+            assert by_name[f"user{n}@example.com"][enterprise]["manager"]["value"] == manager["id"]
+
+
+def finish_with_a_new_daemon(folder: Path, config: Path, server: ScimServer) -> None:
+    daemon = start_daemon(config, server.token)
+    try:
+        wait_for(lambda: statuses(folder).get("succeeded", 0) >= USERS and not statuses(folder).get("running"))
+        # The second cycle of the restarted daemon must find nothing left to do.
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+
+
+def test_kill_9_mid_cycle_loses_nothing_and_duplicates_nothing(tmp_path: Path, server: ScimServer) -> None:
+    write_source(tmp_path / "hr.csv", USERS)
+    config = write_config(tmp_path, server)
+    daemon = start_daemon(config, server.token)
+    wait_for(lambda: statuses(tmp_path).get("succeeded", 0) >= 40)
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.wait(timeout=10)
+    interrupted = statuses(tmp_path)
+    assert interrupted.get("succeeded", 0) < USERS, f"the kill came too late to test anything: {interrupted}"
+
+    finish_with_a_new_daemon(tmp_path, config, server)
+
+    assert_target_complete(server)
+    final = statuses(tmp_path)
+    assert set(final) == {"succeeded"}, final
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path: Path, server: ScimServer) -> None:
+    write_source(tmp_path / "hr.csv", USERS)
+    config = write_config(tmp_path, server)
+    daemon = start_daemon(config, server.token)
+    wait_for(lambda: statuses(tmp_path).get("succeeded", 0) >= 40)
+
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
+    stopped = statuses(tmp_path)
+    assert "running" not in stopped, stopped
+    assert stopped.get("succeeded", 0) < USERS and stopped.get("pending", 0) > 0, stopped
+
+    finish_with_a_new_daemon(tmp_path, config, server)
+    assert_target_complete(server)
+
+
+def test_a_second_daemon_on_the_same_state_file_is_refused_with_a_clear_message(
+    tmp_path: Path, server: ScimServer
+) -> None:
+    write_source(tmp_path / "hr.csv", 5)
+    config = write_config(tmp_path, server)
+    first = start_daemon(config, server.token)
+    try:
+        wait_for(lambda: statuses(tmp_path).get("succeeded", 0) >= 5)
+        env = {**os.environ, "APP_TOKEN": server.token}
+        command = [sys.executable, "-m", "provisioner", "run", "--config", str(config)]
+        second = subprocess.run(command, env=env, capture_output=True, timeout=30)
+        err = second.stderr
+        assert second.returncode == 3
+        assert b"another provisioner process" in err and str(first.pid).encode() in err
+        assert b"Traceback" not in err
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 0
+
+
+class _HangingTarget(BaseHTTPRequestHandler):
+    """A SCIM target that describes itself at once and then never answers a write."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        body = b'{"patch": {"supported": true}}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        time.sleep(60)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        return
+
+
+def test_a_second_signal_exits_at_once_while_requests_hang(tmp_path: Path) -> None:
+    hanging = ThreadingHTTPServer(("127.0.0.1", 0), _HangingTarget)
+    hanging.daemon_threads = True
+    threading.Thread(target=hanging.serve_forever, daemon=True).start()
+    target = ScimServer(hanging.server_address[1], "token-for-the-hanging-target", process=None)  # type: ignore[arg-type]
+    write_source(tmp_path / "hr.csv", 20)
+    config = write_config(tmp_path, target)
+    daemon = start_daemon(config, target.token)
+    try:
+        wait_for(lambda: statuses(tmp_path).get("running", 0) > 0)
+        daemon.send_signal(signal.SIGTERM)
+        wait_for(lambda: b"stopping" in (tmp_path / "daemon.log").read_bytes())
+
+        daemon.send_signal(signal.SIGTERM)
+
+        assert daemon.wait(timeout=5) == 130
+        assert sum(statuses(tmp_path).values()) == 20, "every operation is still in the queue"
+    finally:
+        daemon.kill()
+        hanging.shutdown()
