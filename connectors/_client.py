@@ -331,10 +331,14 @@ class ScimClient:
                 return
 
     async def capabilities(self) -> Capabilities:
-        """Read ``/ServiceProviderConfig``; a target that fails to answer gets safe defaults."""
+        """Read ``/ServiceProviderConfig``; a target without one gets safe defaults.
+
+        A target that is down or refuses our credentials raises: guessing "no PATCH,
+        no ETags" from an outage would silently change how every update is sent.
+        """
         try:
             result = await self.send(ScimRequest("GET", "ServiceProviderConfig"))
-        except ScimError:
+        except PermanentError:
             return Capabilities()
         return Capabilities.from_service_provider_config(result.resource or {})
 

@@ -195,7 +195,12 @@ def load_config(path: Path, *, secrets: bool = True) -> Config:
         raise ConfigError(_describe(exc, doc)) from None
     _check_references(config, doc)
     _register_secrets(config)
-    return _resolve_paths(config, path.resolve().parent)
+    resolved = _resolve_paths(config, path.resolve().parent)
+    for name, target in resolved.targets.items():
+        if target.ca_bundle is not None and not target.ca_bundle.is_file():
+            loc = ("targets", name, "ca_bundle")
+            raise ConfigError(f"{doc.where(loc)}: {_dotted(loc)}: no such file: {target.ca_bundle}")
+    return resolved
 
 
 def _interpolate(value: Any, loc: Loc, doc: YamlDocument, *, strict: bool) -> Any:

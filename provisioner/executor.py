@@ -115,7 +115,13 @@ class Executor:
         tally = Tally()
         try:
             if self.capabilities is None:
-                self.capabilities = await self._discover(clients[0])
+                try:
+                    self.capabilities = await self._discover(clients[0])
+                except (TransientError, AuthError) as exc:
+                    # The target cannot even describe itself: send nothing, keep everything queued.
+                    log.warning("target unreachable", target=self.target, error=str(exc))
+                    tally.add(ok=False, unwell=True, auth=isinstance(exc, AuthError), error=str(exc))
+                    return report
             waves = _waves(by_key, links)
             if gate is Admission.PROBE:
                 probe = waves[0][0]
@@ -178,6 +184,7 @@ class Executor:
                 client.history.clear()
                 outcome = await self._apply(client, op, links)
                 outcome.calls = [_call_record(x) for x in client.history]
+                outcome.attempt = op.attempts
                 if outcome.http_status is None and outcome.calls:
                     outcome.http_status = outcome.calls[-1].http_status
                 record(self.engine, self.target, op.identity_key, outcome)

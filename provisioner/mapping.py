@@ -107,6 +107,8 @@ class AttributeMapping:
     _root: _Object
     # Attributes a resource cannot go without (userName, the match attribute): name -> file:line.
     _required: dict[str, str]
+    # Whether any expression calls ref(): payloads of mappings without references skip resolving.
+    uses_refs: bool = False
 
     def render(self, record: Mapping[str, Any]) -> Rendered:
         """Render one record; raise MappingError naming file:line and the attribute."""
@@ -156,9 +158,9 @@ class _Batch:
     def _evaluate_each(self, record: Mapping[str, Any]) -> dict[str, Any]:
         slots: dict[str, Any] = {}
         for part in self._parts:
-            template = self._env.from_string(part)
-            context = template.new_context({**record, **slots})
             try:
+                template = self._env.from_string(part)
+                context = template.new_context({**record, **slots})
                 for _ in template.root_render_func(context):
                     pass
             except Exception as exc:  # noqa: BLE001 - a user expression failing is a data error
@@ -210,6 +212,7 @@ def load_mapping(path: Path) -> AttributeMapping:
         _batch=compiler.batch(scope, leaver_when),
         _root=root,
         _required={name: doc.where(("attributes", name)) for name in dict.fromkeys(["userName", match])},
+        uses_refs=any("ref(" in part for part in compiler.parts),
     )
 
 
@@ -264,7 +267,8 @@ class _Compiler:
         else:
             part = f"{{% set {slot} = ({source}) %}}"
         try:
-            self.env.parse(part)
+            # Compiling (not just parsing) catches unknown filters and tests now, not per record.
+            self.env.from_string(part)
         except jinja2.TemplateSyntaxError as exc:
             raise ConfigError(f"{where}: attribute '{path}': invalid expression: {exc.message}") from None
         self.parts.append(part)

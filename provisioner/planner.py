@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from provisioner.errors import SafetyStop
 from provisioner.mapping import AttributeMapping, MappingError
-from provisioner.payload import payload_hash, resolve_refs
+from provisioner.payload import payload_hash, refs_in, resolve_refs
 from provisioner.sources import BadRecord, IdentityRecord
 
 
@@ -106,6 +106,8 @@ class Plan:
     unchanged: int = 0
     unresolved_refs: int = 0
     source_records: int = 0
+    # Identities already as they should be: any operation still open for them is stale.
+    settled: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """How many operations of each kind, plus unchanged and rejected."""
@@ -151,7 +153,7 @@ def plan_target(
         except MappingError as exc:
             plan.rejected.append((record.key, f"{record.origin}: {exc}", *_would_be(link)))
             continue
-        _add(plan, decide(desired, link, leaver))
+        _add(plan, record.key, decide(desired, link, leaver))
     active = sum(link.active for link in links.values())
     if plan.source_records == 0 and active:
         raise SafetyStop(
@@ -164,8 +166,39 @@ def plan_target(
         )
     for key, link in links.items():
         if key not in seen:
-            _add(plan, decide(Desired(key, None), link, leaver))
+            _add(plan, key, decide(Desired(key, None), link, leaver))
+    plan.decisions = order_by_references(plan.decisions)
     return plan
+
+
+def order_by_references(decisions: list[Decision]) -> list[Decision]:
+    """Decisions with every account another one refers to (a manager) before the ones referring to it.
+
+    The queue is sent in this order, page by page, so a report's manager exists
+    by the time the report is created. A reference cycle keeps the source order.
+    """
+    payload_refs = {d.identity_key: refs_in(d.payload) for d in decisions if d.payload is not None}
+    if not any(payload_refs.values()):
+        return decisions
+    depth: dict[str, int] = {}
+
+    def depth_of(key: str, visiting: set[str]) -> int:
+        if key in depth:
+            return depth[key]
+        if key in visiting:
+            return 0
+        visiting.add(key)
+        refs = payload_refs.get(key, set()) & payload_refs.keys()
+        depth[key] = 1 + max((depth_of(ref, visiting) for ref in refs - {key}), default=-1)
+        visiting.discard(key)
+        return depth[key]
+
+    try:
+        for key in payload_refs:
+            depth_of(key, set())
+    except RecursionError:
+        return decisions  # a reporting chain thousands deep: keep the source order
+    return sorted(decisions, key=lambda d: depth.get(d.identity_key, 0))
 
 
 def brake_trips(leavers: int, active_accounts: int, max_count: int | None, max_share: float | None) -> bool:
@@ -190,15 +223,18 @@ def _desired(record: IdentityRecord, mapping: AttributeMapping, links: Mapping[s
 
     # The hash is of what would be sent now; the payload keeps unresolved references so that
     # the executor can resolve them once the accounts they name are created in this cycle.
+    if not mapping.uses_refs:
+        return Desired(record.key, rendered.payload, payload_hash(rendered.payload))
     payload, unresolved = resolve_refs(rendered.payload, scim_id, keep_unresolved=True)
     plan.unresolved_refs += unresolved
     sendable = resolve_refs(payload, scim_id)[0] if unresolved else payload
     return Desired(record.key, payload, payload_hash(sendable))
 
 
-def _add(plan: Plan, decision: Decision | None) -> None:
+def _add(plan: Plan, key: str, decision: Decision | None) -> None:
     if decision is None:
         plan.unchanged += 1
+        plan.settled.append(key)
     else:
         plan.decisions.append(decision)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from provisioner.payload import dumps, loads
 from provisioner.planner import Decision, Kind, Link, Reason
@@ -108,6 +109,8 @@ class Outcome:
     link: LinkState | None = None
     drop_link: bool = False
     calls: list[CallRecord] = field(default_factory=list)
+    # Which try of the operation this was (from its claim): numbers the calls, sets the retry delay.
+    attempt: int = 1
 
 
 def load_links(engine: Engine, target: str) -> dict[str, Link]:
@@ -151,13 +154,16 @@ def enqueue(
     rejected: Iterable[tuple[str, str, Kind, Reason]] = (),
     *,
     brake: Callable[[int], bool] | None = None,
+    settled: Iterable[str] = (),
 ) -> int:
     """Write a plan's operations in one transaction; return how many were added.
 
     An identical operation still open is not queued again; an older open one for
     the same account is superseded by the new plan, unless it is running.
     ``brake`` gets the number of new deprovisioning operations; when it says so,
-    they are written as ``held`` and wait for an operator's approval.
+    they are written as ``held`` and wait for an operator's approval. Open
+    operations of ``settled`` identities (already as they should be: a leaver
+    back in the source before their disable was sent) are superseded.
     """
     now = utcnow()
     rows: list[dict[str, Any]] = []
@@ -185,6 +191,8 @@ def enqueue(
             row = _new_row(run_id, target, key, kind, reason, now)
             row.update(status="failed", last_error=message, finished_at=now)
             rows.append(row)
+        for key in settled:
+            superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
         leavers = [row for row in rows if row["kind"] in DEPROVISION and row["status"] == "pending"]
         if brake is not None and leavers and brake(len(leavers)):
             for row in leavers:
@@ -252,8 +260,15 @@ def _new_row(
     }
 
 
-def claim(engine: Engine, target: str, *, now: datetime | None = None, lease: timedelta = LEASE) -> list[ClaimedOperation]:
-    """Take every due operation of a target: pending, retry_wait that is due, or running with an expired lease."""
+def claim(
+    engine: Engine,
+    target: str,
+    *,
+    now: datetime | None = None,
+    lease: timedelta = LEASE,
+    limit: int | None = None,
+) -> list[ClaimedOperation]:
+    """Take due operations of a target, oldest first: pending, retry_wait that is due, or running with an expired lease."""
     now = now or utcnow()
     due = and_(
         OP.c.target == target,
@@ -264,7 +279,7 @@ def claim(engine: Engine, target: str, *, now: datetime | None = None, lease: ti
         ),
     )
     with engine.begin() as conn:
-        rows = conn.execute(select(OP).where(due).order_by(OP.c.id)).mappings().all()
+        rows = conn.execute(select(OP).where(due).order_by(OP.c.id).limit(limit)).mappings().all()
         if not rows:
             return []
         ids = [row["id"] for row in rows]
@@ -319,64 +334,94 @@ def recover_orphans(engine: Engine, target: str | None = None) -> int:
         return int(result.rowcount)
 
 
-def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> None:
-    """Write an operation's outcome, its calls and the link it leaves, in one transaction."""
-    now = utcnow()
-    with engine.begin() as conn:
-        values: dict[str, Any] = {
-            "status": outcome.status,
-            "updated_at": now,
-            "lease_until": None,
-            "last_http_status": outcome.http_status,
-            "last_scim_type": outcome.scim_type,
-            "last_detail": _cap(outcome.detail),
-            "last_error": _cap(outcome.error),
-        }
-        if outcome.note is not None:
-            values["note"] = outcome.note
-        if outcome.status == "retry_wait":
-            attempts = conn.execute(select(OP.c.attempts).where(OP.c.id == outcome.operation_id)).scalar_one()
-            values["next_attempt_at"] = now + retry_delay(attempts)
-        else:
-            values["next_attempt_at"] = None
-        if outcome.status in ("succeeded", "failed"):
-            values["finished_at"] = now
-        conn.execute(update(OP).where(OP.c.id == outcome.operation_id).values(**values))
-        _insert_calls(conn, outcome)
-        if outcome.drop_link:
-            conn.execute(delete(LINK).where(LINK.c.target == target, LINK.c.identity_key == identity_key))
-        elif outcome.link is not None:
-            _write_link(conn, target, identity_key, outcome.link, now)
+# Statements of the hot path, built once: building one per call costs more than running it.
+_FINISH = (
+    update(OP)
+    .where(OP.c.id == bindparam("op_id"))
+    .values(
+        status=bindparam("status"),
+        updated_at=bindparam("now"),
+        lease_until=None,
+        last_http_status=bindparam("http_status"),
+        last_scim_type=bindparam("scim_type"),
+        last_detail=bindparam("detail"),
+        last_error=bindparam("error"),
+        note=func.coalesce(bindparam("note"), OP.c.note),
+        next_attempt_at=bindparam("next_attempt_at"),
+        finished_at=bindparam("finished_at"),
+    )
+)
+_INSERT_CALL = insert(ATTEMPT)
+_DROP_LINK = delete(LINK).where(LINK.c.target == bindparam("t"), LINK.c.identity_key == bindparam("k"))
+_LINK_VALUES = ("scim_id", "active", "etag", "location", "applied_hash", "applied", "updated_at")
 
 
-def _insert_calls(conn: Any, outcome: Outcome) -> None:
-    if not outcome.calls:
-        return
-    number = conn.execute(select(OP.c.attempts).where(OP.c.id == outcome.operation_id)).scalar_one()
-    conn.execute(
-        insert(ATTEMPT),
-        [
-            {
-                "operation_id": outcome.operation_id,
-                "number": number,
-                "started_at": call.started_at,
-                "duration_ms": round(call.duration_ms, 2),
-                "method": call.method,
-                "url": call.url and redact(call.url),
-                "http_status": call.http_status,
-                "scim_type": call.scim_type,
-                "detail": _cap(call.detail),
-                "error": _cap(call.error),
-                "request_body": None if call.request_body is None else _cap(dumps(call.request_body)),
-                "response_body": _cap(call.response_body),
-            }
-            for call in outcome.calls
-        ],
+def _upsert_link(dialect: str) -> Any:
+    """INSERT … ON CONFLICT DO UPDATE for the link table, in the database's own dialect."""
+    module = postgresql if dialect == "postgresql" else sqlite
+    statement = module.insert(LINK)
+    return statement.on_conflict_do_update(
+        index_elements=[LINK.c.target, LINK.c.identity_key],
+        set_={name: getattr(statement.excluded, name) for name in _LINK_VALUES},
     )
 
 
-def _write_link(conn: Any, target: str, key: str, link: LinkState, now: datetime) -> None:
-    values = {
+_UPSERTS: dict[str, Any] = {}
+
+
+def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> None:
+    """Write an operation's outcome, its calls and the link it leaves, in one transaction."""
+    now = utcnow()
+    finished = outcome.status in ("succeeded", "failed")
+    waits = outcome.status == "retry_wait"
+    with engine.begin() as conn:
+        conn.execute(
+            _FINISH,
+            {
+                "op_id": outcome.operation_id,
+                "status": outcome.status,
+                "now": now,
+                "http_status": outcome.http_status,
+                "scim_type": outcome.scim_type,
+                "detail": _cap(outcome.detail),
+                "error": _cap(outcome.error),
+                "note": outcome.note,
+                "next_attempt_at": now + retry_delay(outcome.attempt) if waits else None,
+                "finished_at": now if finished else None,
+            },
+        )
+        if outcome.calls:
+            conn.execute(_INSERT_CALL, [_call_row(outcome, call) for call in outcome.calls])
+        if outcome.drop_link:
+            conn.execute(_DROP_LINK, {"t": target, "k": identity_key})
+        elif outcome.link is not None:
+            dialect = engine.dialect.name
+            if dialect not in _UPSERTS:
+                _UPSERTS[dialect] = _upsert_link(dialect)
+            conn.execute(_UPSERTS[dialect], _link_row(target, identity_key, outcome.link, now))
+
+
+def _call_row(outcome: Outcome, call: CallRecord) -> dict[str, Any]:
+    return {
+        "operation_id": outcome.operation_id,
+        "number": outcome.attempt,
+        "started_at": call.started_at,
+        "duration_ms": round(call.duration_ms, 2),
+        "method": call.method,
+        "url": call.url and redact(call.url),
+        "http_status": call.http_status,
+        "scim_type": call.scim_type,
+        "detail": _cap(call.detail),
+        "error": _cap(call.error),
+        "request_body": None if call.request_body is None else _cap(dumps(call.request_body)),
+        "response_body": _cap(call.response_body),
+    }
+
+
+def _link_row(target: str, key: str, link: LinkState, now: datetime) -> dict[str, Any]:
+    return {
+        "target": target,
+        "identity_key": key,
         "scim_id": link.scim_id,
         "active": link.active,
         "etag": link.etag,
@@ -385,9 +430,6 @@ def _write_link(conn: Any, target: str, key: str, link: LinkState, now: datetime
         "applied": None if link.applied is None else dumps(link.applied),
         "updated_at": now,
     }
-    where = and_(LINK.c.target == target, LINK.c.identity_key == key)
-    if conn.execute(update(LINK).where(where).values(**values)).rowcount == 0:
-        conn.execute(insert(LINK).values(target=target, identity_key=key, **values))
 
 
 def give_up_if_too_old(claimed: ClaimedOperation, now: datetime | None = None) -> bool:

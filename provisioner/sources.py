@@ -44,7 +44,10 @@ def source_columns(config: SourceConfig) -> set[str] | None:
     if config.type != "csv":
         return None
     with _open(config.path, config.encoding) as handle:
-        header = next(csv.reader(handle, delimiter=config.delimiter), [])
+        try:
+            header = next(csv.reader(handle, delimiter=config.delimiter), [])
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise SourceError(f"{config.path}:1: cannot parse the header as {config.encoding} CSV: {exc}") from None
     return {name.strip() for name in header}
 
 
@@ -60,37 +63,47 @@ def _open(path: Path, encoding: str) -> Any:
 def _read_csv(config: SourceConfig) -> Iterator[IdentityRecord | BadRecord]:
     with _open(config.path, config.encoding) as handle:
         reader = csv.DictReader(handle, delimiter=config.delimiter)
-        if reader.fieldnames is None:
-            return
-        reader.fieldnames = [name.strip() for name in reader.fieldnames]
-        if config.key not in reader.fieldnames:
-            raise SourceError(f"{config.path}:1: the key column '{config.key}' is not in the header")
         try:
+            if reader.fieldnames is None:
+                return
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
+            if config.key not in reader.fieldnames:
+                raise SourceError(f"{config.path}:1: the key column '{config.key}' is not in the header")
             for row in reader:
                 origin = f"{config.path}:{reader.line_num}"
                 if None in row:
                     yield BadRecord(row.get(config.key) or "", "more fields than the header has", origin)
-                    continue
-                yield _record(config.key, row, origin)
+                elif None in row.values():
+                    # A row cut short (a truncated export): missing columns must not read as empty values.
+                    yield BadRecord(row.get(config.key) or "", "fewer fields than the header has", origin)
+                else:
+                    yield _record(config.key, row, origin)
         except (csv.Error, UnicodeDecodeError) as exc:
-            raise SourceError(f"{config.path}:{reader.line_num}: cannot parse: {exc}") from None
+            raise SourceError(f"{config.path}:{reader.line_num}: cannot parse as {config.encoding} CSV: {exc}") from None
 
 
 def _read_jsonl(config: SourceConfig) -> Iterator[IdentityRecord | BadRecord]:
     with _open(config.path, config.encoding) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            origin = f"{config.path}:{number}"
-            try:
-                data = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                yield BadRecord("", f"not valid JSON: {exc}", origin)
-                continue
-            if not isinstance(data, dict):
-                yield BadRecord("", "a line must hold a JSON object", origin)
-                continue
-            yield _record(config.key, data, origin)
+        try:
+            yield from _jsonl_records(config, handle)
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"{config.path}: cannot read as {config.encoding}: {exc}") from None
+
+
+def _jsonl_records(config: SourceConfig, handle: Any) -> Iterator[IdentityRecord | BadRecord]:
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        origin = f"{config.path}:{number}"
+        try:
+            data = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            yield BadRecord("", f"not valid JSON: {exc}", origin)
+            continue
+        if not isinstance(data, dict):
+            yield BadRecord("", "a line must hold a JSON object", origin)
+            continue
+        yield _record(config.key, data, origin)
 
 
 def _record(key_name: str, attributes: dict[str, Any], origin: str) -> IdentityRecord | BadRecord:

@@ -29,6 +29,9 @@ from provisioner.targets import TargetSession
 
 log = structlog.get_logger("provisioner.sync")
 
+# Operations claimed and sent at a time.
+CLAIM_PAGE = 1000
+
 
 @dataclass(slots=True)
 class TargetReport:
@@ -42,6 +45,7 @@ class TargetReport:
     unchanged: int = 0
     rejected: int = 0
     held: int = 0
+    skipped: int = 0
 
     @property
     def failed(self) -> int:
@@ -50,8 +54,8 @@ class TargetReport:
 
     @property
     def deferred(self) -> int:
-        """Operations waiting for a retry in a later cycle."""
-        return self.statuses["retry_wait"]
+        """Operations waiting for a later cycle: a retry, or not sent (target down, paused, quarantined)."""
+        return self.statuses["retry_wait"] + self.skipped
 
     def summary(self) -> dict[str, int]:
         """The counts an operator reads first."""
@@ -148,7 +152,7 @@ def _plan_into_queue(engine: Engine, config: Config, name: str, mapping: Attribu
     def brake(leavers: int) -> bool:
         return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
 
-    enqueue(engine, report.run_id, name, plan.decisions, plan.rejected, brake=brake)
+    enqueue(engine, report.run_id, name, plan.decisions, plan.rejected, brake=brake, settled=plan.settled)
     # Held operations of earlier cycles still wait too: the target stays held until approved.
     report.held = count_status(engine, name, "held")
     if report.held:
@@ -176,11 +180,16 @@ async def _send(
     if stop is not None:
         executor.stopping = stop
     try:
-        result = await executor.run(claim(engine, name))
+        # Page by page: an initial load of 100,000 accounts never sits in memory at once.
+        while not executor.stopping.is_set():
+            result = await executor.run(claim(engine, name, limit=CLAIM_PAGE))
+            report.done.update(result.done)
+            report.statuses.update(result.statuses)
+            report.skipped += result.skipped
+            if not result.finished or result.skipped:
+                break  # nothing due, or the target stopped taking work (paused, quarantined, breaker)
     finally:
         await session.aclose()
-    report.done.update(result.done)
-    report.statuses.update(result.statuses)
 
 
 def _start_run(engine: Engine, run_id: str, target: str, started: datetime) -> None:
