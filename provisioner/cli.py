@@ -18,7 +18,7 @@ import structlog
 
 from provisioner import logs
 from provisioner.config import Config, load_config
-from provisioner.daemon import Daemon
+from provisioner.daemon import Daemon, check_alerts
 from provisioner.demo import start_scim_server, write_demo_config
 from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
 from provisioner.planner import Reason
@@ -267,7 +267,10 @@ def _run_sync(config: Config, names: list[str] | None) -> tuple[int, list[Target
     mappings = {name: load_target_mapping(config, name) for name in targets}
 
     async def cycle() -> list[TargetReport]:
-        return list(await asyncio.gather(*(sync_target(engine, config, n, mappings[n]) for n in targets)))
+        try:
+            return list(await asyncio.gather(*(sync_target(engine, config, n, mappings[n]) for n in targets)))
+        finally:
+            await check_alerts(engine, config, targets)
 
     with StateLock(config.state):
         engine = open_store(config.state)

@@ -131,13 +131,7 @@ class Daemon:
             metrics.LAST_SUCCESS.labels(name).set(datetime.now(UTC).timestamp())
 
     async def _check_alerts(self, name: str) -> None:
-        try:
-            facts = target_facts(self.engine, name)
-            conditions = alerts.evaluate([facts], self.config.alerts)
-            await alerts.dispatch(self.engine, conditions, self.config.alerts, utcnow(), targets=[name])
-        except Exception:
-            # Alerting must never stop provisioning; the failure itself is logged.
-            log.exception("alert check failed", target=name)
+        await check_alerts(self.engine, self.config, [name])
 
     def _publish_queue_depth(self) -> None:
         metrics.set_queue_depth(status_by_target(self.engine), STATUSES)
@@ -167,6 +161,16 @@ class Daemon:
             await asyncio.wait(pending, timeout=5)
             log.warning("grace period over: cancelled in-flight work; it is picked up at the next start",
                         tasks=len(pending))  # fmt: skip
+
+
+async def check_alerts(engine: Engine, config: Config, names: list[str]) -> None:
+    """Evaluate the alert rules for some targets and send what is new; never raises."""
+    try:
+        conditions = alerts.evaluate([target_facts(engine, name) for name in names], config.alerts)
+        await alerts.dispatch(engine, conditions, config.alerts, utcnow(), targets=names)
+    except Exception:
+        # Alerting must never stop provisioning; the failure itself is logged.
+        log.exception("alert check failed", targets=names)
 
 
 def target_facts(engine: Engine, name: str) -> alerts.TargetFacts:

@@ -32,6 +32,8 @@ class QuarantinePolicy(BaseModel):
     consecutive_failures: int = Field(default=20, ge=1)
     # Rounds in a row whose calls were refused as unauthenticated.
     auth_failures: int = Field(default=2, ge=1)
+    # Rounds in a row in which every call failed (a target that is down sends few calls per round).
+    failing_rounds: int = Field(default=3, ge=1)
     probe_interval: float = Field(default=60.0, gt=0)
     max_probe_interval: float = Field(default=3600.0, gt=0)
 
@@ -52,6 +54,7 @@ class TargetState(SQLModel, table=True):
     last_success_at: datetime | None = None
     last_error: str | None = None
     auth_failures: int = 0
+    failed_rounds: int = 0
     updated_at: datetime = Column(default_factory=utcnow)
 
 
@@ -124,7 +127,7 @@ def observe(
     changes: dict[str, object] = {"updated_at": now}
     transition = None
     if tally.succeeded:
-        changes.update(failing_since=None, last_success_at=now, auth_failures=0)
+        changes.update(failing_since=None, last_success_at=now, auth_failures=0, failed_rounds=0)
         if current.quarantined:
             changes.update(quarantined=False, quarantine_reason=None, probe_interval=0.0, next_probe_at=None)
             transition = "recovered"
@@ -133,8 +136,9 @@ def observe(
         if not tally.succeeded and current.failing_since is None:
             changes["failing_since"] = now
         auth_rounds = current.auth_failures + 1 if tally.auth_failed and not tally.succeeded else 0
-        changes["auth_failures"] = auth_rounds
-        reason = _reason(tally, policy, auth_rounds)
+        failed_rounds = current.failed_rounds + 1 if not tally.succeeded else 0
+        changes.update(auth_failures=auth_rounds, failed_rounds=failed_rounds)
+        reason = _reason(tally, policy, auth_rounds, failed_rounds)
         if current.quarantined and not tally.succeeded:
             interval = min(max(current.probe_interval, policy.probe_interval) * 2, policy.max_probe_interval)
             changes.update(probe_interval=interval, next_probe_at=now + timedelta(seconds=interval))
@@ -155,10 +159,12 @@ def set_paused(engine: Engine, target: str, paused: bool, note: str | None = Non
     _write(engine, target, {"paused": paused, "pause_note": note if paused else None, "updated_at": utcnow()})
 
 
-def _reason(tally: Tally, policy: QuarantinePolicy, auth_rounds: int) -> str | None:
+def _reason(tally: Tally, policy: QuarantinePolicy, auth_rounds: int, failed_rounds: int) -> str | None:
     total = tally.succeeded + tally.failed
     if auth_rounds >= policy.auth_failures:
         return f"authentication refused in {auth_rounds} rounds in a row"
+    if failed_rounds >= policy.failing_rounds:
+        return f"every call failed in {failed_rounds} rounds in a row"
     if tally.consecutive_failures >= policy.consecutive_failures:
         return f"{tally.consecutive_failures} calls in a row failed"
     if total >= policy.min_calls and tally.failed / total >= policy.failure_share:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -179,6 +180,9 @@ async def _send(
     executor = Executor(engine, name, target, session.client, endpoint=mapping.endpoint, match_attribute=mapping.match)
     if stop is not None:
         executor.stopping = stop
+    due = count_status(engine, name, "pending")
+    sent = 0
+    started = time.monotonic()
     try:
         # Page by page: an initial load of 100,000 accounts never sits in memory at once.
         while not executor.stopping.is_set():
@@ -186,6 +190,11 @@ async def _send(
             report.done.update(result.done)
             report.statuses.update(result.statuses)
             report.skipped += result.skipped
+            sent += len(result.finished)
+            if due > CLAIM_PAGE and result.finished:
+                rate = sent / max(time.monotonic() - started, 1e-6)
+                log.info("progress", target=name, sent=sent, due=due, per_second=round(rate, 1),
+                         eta_seconds=round(max(due - sent, 0) / rate) if rate else None)  # fmt: skip
             if not result.finished or result.skipped:
                 break  # nothing due, or the target stopped taking work (paused, quarantined, breaker)
     finally:
