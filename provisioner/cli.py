@@ -15,6 +15,9 @@ from typing import Any
 
 import orjson
 import structlog
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from provisioner import logs
 from provisioner.config import Config, load_config
@@ -516,9 +519,19 @@ def _cell(value: Any) -> str:
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A Rich table on a terminal; plain aligned columns, stable for scripts, when piped."""
+    if sys.stdout.isatty():
+        table = Table(*header, box=box.SIMPLE_HEAD, highlight=False)
+        for row in rows:
+            table.add_row(*row, style=_ROW_STYLES.get(row[header.index("status")]) if "status" in header else None)
+        Console().print(table)
+        return
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     for line in [header, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+_ROW_STYLES = {"failed": "red", "held": "yellow", "retry_wait": "yellow", "succeeded": "green"}
 
 
 def _json(value: Any) -> str:
