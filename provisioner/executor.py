@@ -67,6 +67,8 @@ class ExecutionReport:
     finished: set[int] = field(default_factory=set)
     # Claimed but not sent: stopped, paused, quarantined, or the breaker tripped. Still queued.
     skipped: int = 0
+    # The target could not be reached at all this round.
+    unreachable: bool = False
 
 
 class Executor:
@@ -118,9 +120,11 @@ class Executor:
                 try:
                     self.capabilities = await self._discover(clients[0])
                 except (TransientError, AuthError) as exc:
-                    # The target cannot even describe itself: send nothing, keep everything queued.
+                    # The target cannot even describe itself: send nothing; every operation waits
+                    # for a later round with the reason on its row, where operators look.
                     log.warning("target unreachable", target=self.target, error=str(exc))
                     tally.add(ok=False, unwell=True, auth=isinstance(exc, AuthError), error=str(exc))
+                    self._defer_all(operations, exc, report)
                     return report
             waves = _waves(by_key, links)
             if gate is Admission.PROBE:
@@ -141,6 +145,15 @@ class Executor:
             report.skipped = len(unstarted)
             self._observe(tally)
         return report
+
+    def _defer_all(self, operations: list[ClaimedOperation], exc: ScimError, report: ExecutionReport) -> None:
+        for op in operations:
+            outcome = _outcome(op, "failed" if give_up_if_too_old(op) else "retry_wait", exc)
+            outcome.attempt = op.attempts
+            record(self.engine, self.target, op.identity_key, outcome)
+            report.finished.add(op.id)
+            report.statuses[outcome.status] += 1
+        report.unreachable = True
 
     def _must_stop(self, tally: Tally) -> bool:
         return self.stopping.is_set() or tally.consecutive_failures >= self.config.quarantine.consecutive_failures

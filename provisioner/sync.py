@@ -20,6 +20,7 @@ from sqlalchemy import Engine, func, insert, select, update
 from provisioner.config import Config, TargetConfig
 from provisioner.errors import ConfigError, SafetyStop
 from provisioner.executor import Executor
+from provisioner.group_executor import sync_groups
 from provisioner.mapping import AttributeMapping, load_mapping
 from provisioner.payload import changed_paths, dumps
 from provisioner.planner import Kind, Plan, brake_trips, plan_target
@@ -123,6 +124,12 @@ async def sync_target(
     try:
         _plan_into_queue(engine, config, name, mapping, report)
         await _send(engine, config, name, mapping, report, stop)
+        if config.targets[name].groups is not None:
+            # After the users: a member's account exists before it is added to a group.
+            groups = await sync_groups(engine, config, name, mapping, report.run_id, stop=stop)
+            report.statuses.update(groups.statuses)
+            report.done.update(groups.done)
+            report.skipped += groups.skipped
     except SafetyStop:
         _finish_run(engine, report, status="refused")
         raise
@@ -195,7 +202,7 @@ async def _send(
                 rate = sent / max(time.monotonic() - started, 1e-6)
                 log.info("progress", target=name, sent=sent, due=due, per_second=round(rate, 1),
                          eta_seconds=round(max(due - sent, 0) / rate) if rate else None)  # fmt: skip
-            if not result.finished or result.skipped:
+            if not result.finished or result.skipped or result.unreachable:
                 break  # nothing due, or the target stopped taking work (paused, quarantined, breaker)
     finally:
         await session.aclose()

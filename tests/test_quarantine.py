@@ -127,10 +127,14 @@ def test_a_target_that_cannot_be_reached_is_quarantined_after_failing_rounds(tmp
     respx.get(f"{BASE}/ServiceProviderConfig").mock(side_effect=httpx.ConnectError("refused"))
     for _ in range(3):
         report = run(engine, target(failing_rounds=3))
-        assert report.skipped == 3
+        assert report.unreachable and report.statuses == {"retry_wait": 3}
+        with engine.begin() as conn:  # due again for the next round
+            conn.exec_driver_sql("UPDATE operation SET next_attempt_at = NULL, status = 'pending'")
     health = state(engine, "app")
     assert health is not None and health.quarantined and "3 rounds" in str(health.quarantine_reason)
     assert health.failing_since is not None
+    [row] = {op["last_error"] for op in list_operations(engine)}
+    assert "ConnectError" in row, "the reason is on every waiting operation"
 
 
 @respx.mock
