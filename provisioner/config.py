@@ -151,12 +151,33 @@ class TargetConfig(_Strict):
     rate_limit: str | None = None
     # http:// sends credentials in clear text: refused unless said here (a local test server).
     allow_insecure_http: bool = False
+    # Groups and memberships (mappings/groups.yaml); null: no groups are managed in this target.
+    groups: Path | None = None
+    # Member changes per PATCH /Groups/{id} (AWS IAM Identity Center accepts at most 100).
+    max_members_per_patch: int = Field(default=100, ge=1, le=10_000)
+    # How a member is removed: path members[value eq "ID"] (RFC 7644 §3.5.2.2), or path members with a value list.
+    group_member_removal: Literal["filter", "list"] = "filter"
+    remove_leavers_from_groups: bool = True
+    # A managed group no longer defined and left without members is deleted in the target.
+    delete_empty_groups: bool = False
+    # auto: PATCH when the target supports it, else GET + PUT of the whole member list.
+    group_update_method: Literal["auto", "patch", "put"] = "auto"
+    # Each linked group's members are read from the target at most this often and drift is corrected
+    # (a member removed by hand is added back); "0s": every cycle; null: never.
+    group_reconcile_every: str | None = "1d"
 
     @field_validator("rate_limit")
     @classmethod
     def _rate(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"\s*\d+(\.\d+)?\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", value):
             raise ValueError(f"not a rate like 10/s, 180/min or 3600/h: {value!r}")
+        return value
+
+    @field_validator("group_reconcile_every")
+    @classmethod
+    def _reconcile_every(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
         return value
 
     @field_validator("base_url")
@@ -290,7 +311,13 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 
     sources = {n: s.model_copy(update={"path": resolve(s.path)}) for n, s in config.sources.items()}
     targets = {
-        n: t.model_copy(update={"mapping": resolve(t.mapping), "ca_bundle": t.ca_bundle and resolve(t.ca_bundle)})
+        n: t.model_copy(
+            update={
+                "mapping": resolve(t.mapping),
+                "ca_bundle": t.ca_bundle and resolve(t.ca_bundle),
+                "groups": t.groups and resolve(t.groups),
+            }
+        )
         for n, t in config.targets.items()
     }
     state = config.state

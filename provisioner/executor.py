@@ -196,7 +196,7 @@ class Executor:
                 started = time.perf_counter()
                 client.history.clear()
                 outcome = await self._apply(client, op, links)
-                outcome.calls = [_call_record(x) for x in client.history]
+                outcome.calls = [call_record(x) for x in client.history]
                 outcome.attempt = op.attempts
                 if outcome.http_status is None and outcome.calls:
                     outcome.http_status = outcome.calls[-1].http_status
@@ -468,7 +468,8 @@ def _outcome(op: ClaimedOperation, status: str, exc: ScimError, *, drop_link: bo
     )
 
 
-def _call_record(exchange: Exchange) -> CallRecord:
+def call_record(exchange: Exchange) -> CallRecord:
+    """An HTTP round trip as the queue keeps it: bodies with secret attributes masked."""
     error = exchange.error
     return CallRecord(
         started_at=exchange.started_at,

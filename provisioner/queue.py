@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -31,6 +31,8 @@ STATUSES = (
 )  # fmt: skip
 # Leaver operations: the ones the deletion brake can hold.
 DEPROVISION = (Kind.DISABLE.value, Kind.DELETE.value)
+# The kinds of operation on accounts; group operations share the table and are claimed apart.
+ACCOUNT_KINDS = tuple(kind.value for kind in Kind)
 
 # Transient failures are retried across cycles on a growing schedule, then go to review.
 RETRY_SCHEDULE = (
@@ -171,7 +173,7 @@ def enqueue(
     with engine.begin() as conn:
         open_rows = conn.execute(
             select(OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.payload_hash, OP.c.status, OP.c.last_error).where(
-                OP.c.target == target, OP.c.status.in_(OPEN)
+                OP.c.target == target, OP.c.status.in_(OPEN), OP.c.kind.in_(ACCOUNT_KINDS)
             )
         ).all()
         open_by_key: dict[str, list[Any]] = {}
@@ -260,18 +262,23 @@ def _new_row(
     }
 
 
-def claim(
+def claim_rows(
     engine: Engine,
     target: str,
+    kinds: Sequence[str],
     *,
     now: datetime | None = None,
     lease: timedelta = LEASE,
     limit: int | None = None,
-) -> list[ClaimedOperation]:
-    """Take due operations of a target, oldest first: pending, retry_wait that is due, or running with an expired lease."""
+) -> list[dict[str, Any]]:
+    """Take due rows of some kinds, oldest first: pending, retry_wait that is due, or running with an expired lease.
+
+    Returns the rows as they were before the claim, ``attempts`` not yet counted.
+    """
     now = now or utcnow()
     due = and_(
         OP.c.target == target,
+        OP.c.kind.in_(kinds),
         or_(
             OP.c.status == "pending",
             and_(OP.c.status == "retry_wait", OP.c.next_attempt_at <= now),
@@ -280,15 +287,25 @@ def claim(
     )
     with engine.begin() as conn:
         rows = conn.execute(select(OP).where(due).order_by(OP.c.id).limit(limit)).mappings().all()
-        if not rows:
-            return []
-        ids = [row["id"] for row in rows]
-        for chunk in _chunks(ids, 500):
+        for chunk in _chunks([row["id"] for row in rows], 500):
             conn.execute(
                 update(OP)
                 .where(OP.c.id.in_(chunk))
                 .values(status="running", lease_until=now + lease, attempts=OP.c.attempts + 1, updated_at=now)
             )
+    return [dict(row) for row in rows]
+
+
+def claim(
+    engine: Engine,
+    target: str,
+    *,
+    now: datetime | None = None,
+    lease: timedelta = LEASE,
+    limit: int | None = None,
+) -> list[ClaimedOperation]:
+    """Take due account operations of a target, oldest first (see :func:`claim_rows`)."""
+    rows = claim_rows(engine, target, ACCOUNT_KINDS, now=now, lease=lease, limit=limit)
     return [
         ClaimedOperation(
             id=row["id"],
@@ -369,29 +386,47 @@ def _upsert_link(dialect: str) -> Any:
 _UPSERTS: dict[str, Any] = {}
 
 
+class Finished(Protocol):
+    """What any operation's outcome tells the queue (accounts' and groups' alike)."""
+
+    operation_id: int
+    status: str
+    note: str | None
+    error: str | None
+    http_status: int | None
+    scim_type: str | None
+    detail: str | None
+    calls: list[CallRecord]
+    attempt: int
+
+
+def finish(conn: Any, outcome: Finished, now: datetime) -> None:
+    """Write an operation's status and the calls made for it, inside the caller's transaction."""
+    waits = outcome.status == "retry_wait"
+    conn.execute(
+        _FINISH,
+        {
+            "op_id": outcome.operation_id,
+            "status": outcome.status,
+            "now": now,
+            "http_status": outcome.http_status,
+            "scim_type": outcome.scim_type,
+            "detail": cap(outcome.detail),
+            "error": cap(outcome.error),
+            "note": outcome.note,
+            "next_attempt_at": now + retry_delay(outcome.attempt) if waits else None,
+            "finished_at": now if outcome.status in ("succeeded", "failed") else None,
+        },
+    )
+    if outcome.calls:
+        conn.execute(_INSERT_CALL, [_call_row(outcome, call) for call in outcome.calls])
+
+
 def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> None:
     """Write an operation's outcome, its calls and the link it leaves, in one transaction."""
     now = utcnow()
-    finished = outcome.status in ("succeeded", "failed")
-    waits = outcome.status == "retry_wait"
     with engine.begin() as conn:
-        conn.execute(
-            _FINISH,
-            {
-                "op_id": outcome.operation_id,
-                "status": outcome.status,
-                "now": now,
-                "http_status": outcome.http_status,
-                "scim_type": outcome.scim_type,
-                "detail": _cap(outcome.detail),
-                "error": _cap(outcome.error),
-                "note": outcome.note,
-                "next_attempt_at": now + retry_delay(outcome.attempt) if waits else None,
-                "finished_at": now if finished else None,
-            },
-        )
-        if outcome.calls:
-            conn.execute(_INSERT_CALL, [_call_row(outcome, call) for call in outcome.calls])
+        finish(conn, outcome, now)
         if outcome.drop_link:
             conn.execute(_DROP_LINK, {"t": target, "k": identity_key})
         elif outcome.link is not None:
@@ -401,7 +436,7 @@ def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> 
             conn.execute(_UPSERTS[dialect], _link_row(target, identity_key, outcome.link, now))
 
 
-def _call_row(outcome: Outcome, call: CallRecord) -> dict[str, Any]:
+def _call_row(outcome: Finished, call: CallRecord) -> dict[str, Any]:
     return {
         "operation_id": outcome.operation_id,
         "number": outcome.attempt,
@@ -411,10 +446,10 @@ def _call_row(outcome: Outcome, call: CallRecord) -> dict[str, Any]:
         "url": call.url and redact(call.url),
         "http_status": call.http_status,
         "scim_type": call.scim_type,
-        "detail": _cap(call.detail),
-        "error": _cap(call.error),
-        "request_body": None if call.request_body is None else _cap(dumps(call.request_body)),
-        "response_body": _cap(call.response_body),
+        "detail": cap(call.detail),
+        "error": cap(call.error),
+        "request_body": None if call.request_body is None else cap(dumps(call.request_body)),
+        "response_body": cap(call.response_body),
     }
 
 
@@ -475,7 +510,8 @@ def get_operation(engine: Engine, operation_id: int) -> tuple[dict[str, Any], li
         return dict(row), [dict(call) for call in calls]
 
 
-def _cap(text: str | None) -> str | None:
+def cap(text: str | None) -> str | None:
+    """Text as stored in the queue: secrets masked, capped in size."""
     if text is None:
         return None
     text = redact(text)

@@ -40,6 +40,32 @@ class AccountLink(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+class GroupLink(SQLModel, table=True):
+    """A group of a target: which SCIM group a group definition's key is linked to."""
+
+    __tablename__ = "group_link"
+
+    target: str = Field(primary_key=True)
+    group_key: str = Field(primary_key=True)
+    scim_id: str
+    display_name: str
+    etag: str | None = None
+    # When the group's members were last read from the target (a full compare); None: never.
+    verified_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class GroupMemberState(SQLModel, table=True):
+    """One member of a group as we last applied it (or last read it from the target)."""
+
+    __tablename__ = "group_member_state"
+
+    target: str = Field(primary_key=True)
+    group_key: str = Field(primary_key=True)
+    member_id: str = Field(primary_key=True)
+    identity_key: str | None = None
+
+
 class Operation(SQLModel, table=True):
     """One change to send to a target: a row of the outbox, reviewed by operators.
 

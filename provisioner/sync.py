@@ -20,7 +20,7 @@ from sqlalchemy import Engine, func, insert, select, update
 from provisioner.config import Config, TargetConfig
 from provisioner.errors import ConfigError, SafetyStop
 from provisioner.executor import Executor
-from provisioner.group_executor import sync_groups
+from provisioner.group_executor import send_due_groups, sync_groups
 from provisioner.mapping import AttributeMapping, load_mapping
 from provisioner.payload import changed_paths, dumps
 from provisioner.planner import Kind, Plan, brake_trips, plan_target
@@ -147,6 +147,10 @@ async def send_due(
     """Send a target's due operations (retries, approved leavers) without planning anew."""
     report = TargetReport(name, new_run_id())
     await _send(engine, config, name, mapping, report, stop)
+    if config.targets[name].groups is not None:
+        groups = await send_due_groups(engine, config, name, stop=stop)
+        report.statuses.update(groups.statuses)
+        report.done.update(groups.done)
     return report
 
 

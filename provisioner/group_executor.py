@@ -1,0 +1,726 @@
+"""Sending group operations to a target, and the group state they leave behind.
+
+One group step of a cycle (:func:`sync_groups`), run after the users are sent:
+
+1. **Compare** (I/O): groups whose members were not read from the target for
+   ``group_reconcile_every`` are fetched (``GET /Groups/{id}``); their member
+   sets, restricted to the accounts we manage, replace what we had stored, so a
+   member removed by hand is seen as missing and added back.
+2. **Plan** (pure, :func:`provisioner.groups.plan_groups`): desired members vs stored members.
+3. **Queue**: group operations are rows of the operation table, claimed by their kinds.
+4. **Send**: per group, create or link it (by ``displayName``: never a duplicate),
+   then PATCH member changes in batches of ``max_members_per_patch`` (or GET +
+   PUT of the whole member list for targets without PATCH). A 412 refetches
+   the group and recomputes what is left against its fresh member list.
+
+Each outcome is written with the group link and member changes it made, in one
+transaction; a batch that succeeded before a later one failed is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import Engine, and_, delete, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from connectors import (
+    AuthError,
+    Capabilities,
+    Conflict,
+    NotFound,
+    PermanentError,
+    PreconditionFailed,
+    ScimClient,
+    ScimError,
+    TransientError,
+)
+from provisioner.config import Config, TargetConfig, parse_duration
+from provisioner.groups import (
+    GroupDecision,
+    GroupKind,
+    GroupLink,
+    GroupPlan,
+    batches,
+    desired_groups,
+    group_resource,
+    load_groups,
+    patch_operations,
+    plan_groups,
+    GROUP_KINDS,
+)
+from provisioner.mapping import AttributeMapping
+from provisioner.payload import dumps, loads
+from provisioner.quarantine import Admission, admission
+from provisioner.executor import call_record
+from provisioner.queue import OPEN, CallRecord, cap, claim_rows, finish, load_links, release
+from provisioner.redaction import redact
+from provisioner.sources import read_source
+from provisioner.store import GroupLink as GroupLinkTable
+from provisioner.store import GroupMemberState, Operation, utcnow
+from provisioner.store import Attempt
+from provisioner.targets import TargetSession
+
+log = structlog.get_logger("provisioner.groups")
+
+OP = Operation.__table__
+ATTEMPT = Attempt.__table__
+GLINK = GroupLinkTable.__table__
+GMEMBER = GroupMemberState.__table__
+ENDPOINT = "Groups"
+# 412 rounds per group operation before it goes to review.
+PRECONDITION_ROUNDS = 3
+CLAIM_PAGE = 1000
+BODY_CAP = 4_000
+ClientFactory = Callable[[], ScimClient]
+
+
+# ---------------------------------------------------------------- state
+
+
+def load_group_links(engine: Engine, target: str) -> dict[str, tuple[GroupLink, datetime | None]]:
+    """Every group link of a target with when its members were last read from the target."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(GLINK).where(GLINK.c.target == target)).mappings()
+        return {
+            r["group_key"]: (GroupLink(r["group_key"], r["scim_id"], r["display_name"], r["etag"]), _aware(r["verified_at"]))
+            for r in rows
+        }
+
+
+def load_member_state(engine: Engine, target: str) -> dict[str, set[str]]:
+    """Member ids per group, as last applied or read."""
+    state: dict[str, set[str]] = {}
+    with engine.connect() as conn:
+        for key, member in conn.execute(
+            select(GMEMBER.c.group_key, GMEMBER.c.member_id).where(GMEMBER.c.target == target)
+        ):
+            state.setdefault(key, set()).add(member)
+    return state
+
+
+def held_identities(engine: Engine, target: str) -> set[str]:
+    """Identities whose deprovisioning is held by the deletion brake: their memberships wait too."""
+    with engine.connect() as conn:
+        query = select(OP.c.identity_key).where(OP.c.target == target, OP.c.status == "held")
+        return {row[0] for row in conn.execute(query)}
+
+
+def enqueue_groups(engine: Engine, run_id: str, target: str, plan: GroupPlan, identities: dict[str, str]) -> int:
+    """Write a group plan to the queue; an identical open row is kept, an older different one superseded."""
+    now = utcnow()
+    rows: list[dict[str, Any]] = []
+    superseded: list[int] = []
+    with engine.begin() as conn:
+        open_by_key: dict[str, list[Any]] = {}
+        for row in conn.execute(
+            select(OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.payload_hash, OP.c.status).where(
+                OP.c.target == target, OP.c.status.in_(OPEN), OP.c.kind.in_(GROUP_KINDS)
+            )
+        ):
+            open_by_key.setdefault(row.identity_key, []).append(row)
+        for d in plan.decisions:
+            existing = open_by_key.get(d.group_key, [])
+            digest = d.payload_hash()
+            if any(r.status == "running" or (r.kind == d.kind.value and r.payload_hash == digest) for r in existing):
+                continue
+            superseded.extend(r.id for r in existing)
+            rows.append(_new_row(run_id, target, d, digest, identities, now))
+        for key in plan.settled:
+            superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
+        if superseded:
+            conn.execute(
+                update(OP)
+                .where(OP.c.id.in_(superseded))
+                .values(status="superseded", updated_at=now, finished_at=now, note="replaced by a newer plan")
+            )
+        if rows:
+            conn.execute(insert(OP), rows)
+    return len(rows)
+
+
+def _new_row(
+    run_id: str, target: str, d: GroupDecision, digest: str, identities: dict[str, str], now: datetime
+) -> dict[str, Any]:
+    return {
+        "run_id": run_id, "target": target, "identity_key": d.group_key, "kind": d.kind.value,
+        "reason": d.reason.value, "status": "pending", "payload": dumps(d.payload(identities)),
+        "payload_hash": digest, "attempts": 0, "next_attempt_at": None, "lease_until": None,
+        "last_http_status": None, "last_scim_type": None, "last_detail": None, "last_error": None,
+        "note": _summary(d), "created_at": now, "updated_at": now, "finished_at": None,
+    }  # fmt: skip
+
+
+def _summary(d: GroupDecision) -> str:
+    """What the row does, for ``queue list``: the group's name and its member changes."""
+    parts = [f"group {d.display_name!r}"]
+    if d.add:
+        parts.append(f"+{len(d.add)} members")
+    if d.remove:
+        parts.append(f"-{len(d.remove)} members")
+    return " ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupOperation:
+    """A claimed group operation."""
+
+    id: int
+    group_key: str
+    kind: GroupKind
+    reason: str
+    display_name: str
+    add: tuple[str, ...]
+    remove: tuple[str, ...]
+    identities: dict[str, str | None]
+    attempts: int
+    created_at: datetime
+
+
+def claim_groups(engine: Engine, target: str, *, now: datetime | None = None, limit: int | None = None) -> list[GroupOperation]:
+    """Take due group operations of a target (pending, due retries, expired leases), oldest first."""
+    rows = claim_rows(engine, target, GROUP_KINDS, now=now, limit=limit)
+    claimed = []
+    for row in rows:
+        payload = loads(row["payload"]) or {}
+        add = payload.get("add") or []
+        remove = payload.get("remove") or []
+        claimed.append(
+            GroupOperation(
+                id=row["id"],
+                group_key=row["identity_key"],
+                kind=GroupKind(row["kind"]),
+                reason=row["reason"],
+                display_name=payload.get("displayName") or row["identity_key"],
+                add=tuple(m["value"] for m in add),
+                remove=tuple(m["value"] for m in remove),
+                identities={m["value"]: m.get("identity") for m in [*add, *remove]},
+                attempts=row["attempts"] + 1,
+                created_at=_aware(row["created_at"]) or utcnow(),
+            )
+        )
+    return claimed
+
+
+@dataclass(slots=True)
+class GroupOutcome:
+    """How a group operation ended, and what it changed in the target (also when it failed half-way)."""
+
+    operation_id: int
+    status: str = "succeeded"
+    note: str | None = None
+    error: str | None = None
+    http_status: int | None = None
+    scim_type: str | None = None
+    detail: str | None = None
+    link: GroupLink | None = None
+    drop_link: bool = False
+    verified: bool = False
+    # Member ids known to be in the group now (a matched group, a fresh read): replaces the stored set.
+    reset: set[str] | None = None
+    added: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)
+    calls: list[CallRecord] = field(default_factory=list)
+    attempt: int = 1
+
+
+def record_group(engine: Engine, target: str, key: str, identities: dict[str, str | None], out: GroupOutcome) -> None:
+    """Write a group operation's outcome, its calls, the group link and member changes, in one transaction."""
+    now = utcnow()
+    with engine.begin() as conn:
+        finish(conn, out, now)
+        _write_group_state(conn, engine.dialect.name, target, key, identities, out, now)
+
+
+def _write_group_state(
+    conn: Any, dialect: str, target: str, key: str, identities: dict[str, str | None], out: GroupOutcome, now: datetime
+) -> None:
+    members = and_(GMEMBER.c.target == target, GMEMBER.c.group_key == key)
+    if out.drop_link:
+        conn.execute(delete(GLINK).where(GLINK.c.target == target, GLINK.c.group_key == key))
+        conn.execute(delete(GMEMBER).where(members))
+        return
+    if out.link is not None:
+        values = {"target": target, "group_key": key, "scim_id": out.link.scim_id,
+                  "display_name": out.link.display_name, "etag": out.link.etag, "updated_at": now}  # fmt: skip
+        changes = {"scim_id": out.link.scim_id, "display_name": out.link.display_name, "etag": out.link.etag,
+                   "updated_at": now}  # fmt: skip
+        if out.verified:
+            values["verified_at"] = changes["verified_at"] = now
+        module = postgresql if dialect == "postgresql" else sqlite
+        conn.execute(
+            module.insert(GLINK).values(**values).on_conflict_do_update(index_elements=[GLINK.c.target, GLINK.c.group_key], set_=changes)
+        )
+    if out.reset is not None:
+        conn.execute(delete(GMEMBER).where(members))
+        _insert_members(conn, dialect, target, key, out.reset, identities)
+    if out.removed:
+        removed = list(out.removed)
+        for start in range(0, len(removed), 500):
+            conn.execute(delete(GMEMBER).where(members, GMEMBER.c.member_id.in_(removed[start : start + 500])))
+    if out.added:
+        _insert_members(conn, dialect, target, key, out.added, identities)
+
+
+def _insert_members(conn: Any, dialect: str, target: str, key: str, ids: Iterable[str], identities: dict[str, str | None]) -> None:
+    rows = [{"target": target, "group_key": key, "member_id": m, "identity_key": identities.get(m)} for m in ids]
+    if rows:
+        module = postgresql if dialect == "postgresql" else sqlite
+        conn.execute(module.insert(GMEMBER).on_conflict_do_nothing(), rows)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+# ---------------------------------------------------------------- sending
+
+
+@dataclass(slots=True)
+class GroupReport:
+    """What the group step of a cycle did in one target."""
+
+    planned: dict[str, int] = field(default_factory=dict)
+    statuses: Counter[str] = field(default_factory=Counter)
+    done: Counter[str] = field(default_factory=Counter)
+    compared: int = 0
+    drifted: int = 0
+    skipped: int = 0
+    calls: int = 0
+
+
+class GroupExecutor:
+    """Compares and sends the groups of one target."""
+
+    def __init__(self, engine: Engine, target: str, config: TargetConfig, client_factory: ClientFactory) -> None:
+        self.engine = engine
+        self.target = target
+        self.config = config
+        self.client_factory = client_factory
+        self.capabilities: Capabilities | None = None
+        self.links: dict[str, GroupLink] = {}
+        self.state: dict[str, set[str]] = {}
+        # SCIM ids of the accounts we manage: the only members we ever add, remove or compare.
+        self.managed: set[str] = set()
+        self.stopping = asyncio.Event()
+        self.calls = 0
+
+    def load(self) -> dict[str, datetime | None]:
+        """Read group links, member state and managed accounts; return when each group was last compared."""
+        links = load_group_links(self.engine, self.target)
+        self.links = {key: link for key, (link, _) in links.items()}
+        self.state = load_member_state(self.engine, self.target)
+        self.managed = {link.scim_id for link in load_links(self.engine, self.target).values()}
+        for members in self.state.values():
+            self.managed |= members
+        return {key: verified for key, (_, verified) in links.items()}
+
+    async def _discover(self, client: ScimClient) -> Capabilities:
+        if self.capabilities is None:
+            capabilities = await client.capabilities()
+            overrides: dict[str, Any] = {}
+            if self.config.group_update_method != "auto":
+                overrides["patch"] = self.config.group_update_method == "patch"
+            if self.config.use_etags != "auto":
+                overrides["etag"] = self.config.use_etags == "always"
+            if overrides:
+                fields = {name: getattr(capabilities, name) for name in capabilities.__slots__}
+                capabilities = Capabilities(**{**fields, **overrides})
+            self.capabilities = capabilities
+        return self.capabilities
+
+    async def compare(self, keys: list[str]) -> set[str]:
+        """Read the members of these linked groups from the target; return the groups that drifted.
+
+        Only members that are accounts we manage count: members added in the
+        target by hand, for accounts we do not manage, are left alone.
+        """
+        drifted: set[str] = set()
+        if not keys:
+            return drifted
+        work = list(keys)
+
+        async def worker(client: ScimClient) -> None:
+            while work and not self.stopping.is_set():
+                key = work.pop()
+                link = self.links[key]
+                out = GroupOutcome(0, verified=True)
+                try:
+                    fresh = await client.get(ENDPOINT, link.scim_id)
+                except NotFound:
+                    log.warning("group missing in the target; it will be created again", target=self.target, group=key)
+                    out.drop_link = True
+                    self.links.pop(key, None)
+                    self.state.pop(key, None)
+                except ScimError as exc:
+                    log.warning("group compare failed", target=self.target, group=key, error=str(exc))
+                    continue
+                else:
+                    members = _member_ids(fresh.resource) & self.managed
+                    if members != self.state.get(key, set()):
+                        drifted.add(key)
+                        out.reset = members
+                        self.state[key] = members
+                    out.link = GroupLink(key, link.scim_id, _name(fresh.resource) or link.display_name, fresh.version)
+                    self.links[key] = out.link
+                finally:
+                    self.calls += len(client.history)
+                    client.history.clear()
+                with self.engine.begin() as conn:
+                    _write_group_state(conn, self.engine.dialect.name, self.target, key, {}, out, utcnow())
+
+        clients = [self.client_factory() for _ in range(min(self.config.max_concurrency, len(work)))]
+        try:
+            await asyncio.gather(*(worker(c) for c in clients))
+        finally:
+            await asyncio.gather(*(c.aclose() for c in clients))
+        return drifted
+
+    async def run(self, operations: list[GroupOperation]) -> GroupReport:
+        """Send every operation (different groups concurrently) and record each outcome."""
+        report = GroupReport()
+        if not operations:
+            return report
+        if admission(self.engine, self.target) is not Admission.SEND:
+            # Paused, or quarantined: the users' executor probes; groups wait until the target is well.
+            release(self.engine, [op.id for op in operations])
+            report.skipped = len(operations)
+            return report
+        finished: set[int] = set()
+        work = list(reversed(operations))
+        clients = [self.client_factory() for _ in range(min(self.config.max_concurrency, len(operations)))]
+        try:
+            try:
+                await self._discover(clients[0])
+            except (TransientError, AuthError) as exc:
+                log.warning("target unreachable", target=self.target, error=str(exc))
+                return report
+            finally:
+                self.calls += len(clients[0].history)
+                clients[0].history.clear()
+
+            async def worker(client: ScimClient) -> None:
+                while work and not self.stopping.is_set():
+                    op = work.pop()
+                    started = time.perf_counter()
+                    out = await self._apply(client, op)
+                    out.calls = [call_record(x) for x in client.history]
+                    self.calls += len(client.history)
+                    client.history.clear()
+                    out.attempt = op.attempts
+                    if out.http_status is None and out.calls:
+                        out.http_status = out.calls[-1].http_status
+                    record_group(self.engine, self.target, op.group_key, op.identities, out)
+                    self._remember(op.group_key, out)
+                    finished.add(op.id)
+                    report.statuses[out.status] += 1
+                    if out.status == "succeeded":
+                        report.done[op.kind.value] += 1
+                    event = log.info if out.status == "succeeded" else log.warning
+                    event("group operation", target=self.target, group=op.group_key, kind=op.kind.value,
+                          status=out.status, added=len(out.added), removed=len(out.removed), calls=len(out.calls),
+                          duration_ms=round((time.perf_counter() - started) * 1000, 1), error=out.error)  # fmt: skip
+
+            await asyncio.gather(*(worker(c) for c in clients))
+        finally:
+            await asyncio.gather(*(c.aclose() for c in clients))
+            unstarted = [op.id for op in operations if op.id not in finished]
+            release(self.engine, unstarted)
+            report.skipped = len(unstarted)
+        return report
+
+    def _remember(self, key: str, out: GroupOutcome) -> None:
+        if out.drop_link:
+            self.links.pop(key, None)
+            self.state.pop(key, None)
+            return
+        if out.link is not None:
+            self.links[key] = out.link
+        members = self.state.setdefault(key, set())
+        if out.reset is not None:
+            members.clear()
+            members |= out.reset
+        members -= out.removed
+        members |= out.added
+
+    async def _apply(self, client: ScimClient, op: GroupOperation) -> GroupOutcome:
+        out = GroupOutcome(op.id)
+        try:
+            await self._send(client, op, out)
+        except NotFound as exc:
+            if op.kind is GroupKind.DELETE:
+                out.drop_link = True
+                out.note = "group not found in the target"
+                return out
+            # The group vanished from the target: forget it; the next cycle creates it again.
+            _fail(out, "retry_wait", exc)
+            out.drop_link = True
+        except (TransientError, AuthError) as exc:
+            _fail(out, "failed" if utcnow() - op.created_at > timedelta(days=7) else "retry_wait", exc)
+        except PermanentError as exc:
+            _fail(out, "failed", exc)
+        return out
+
+    async def _send(self, client: ScimClient, op: GroupOperation, out: GroupOutcome) -> None:
+        link = self.links.get(op.group_key)
+        if op.kind is GroupKind.DELETE:
+            if link is not None:
+                await client.delete(ENDPOINT, link.scim_id, etag=self._etag(link.etag))
+            out.drop_link = True
+            return
+        base = set(self.state.get(op.group_key, set()))
+        if link is None:
+            link, found = await self._link_or_create(client, op, out)
+            if found is not None:
+                base = found
+                out.reset = set(found)
+            else:
+                base = set()
+                out.reset = set()
+        # Against what the group holds now: a retried operation never repeats what already happened.
+        add = [m for m in op.add if m not in base]
+        remove = [m for m in op.remove if m in base]
+        rename = op.display_name if link.display_name != op.display_name else None
+        if not add and not remove and rename is None:
+            out.link = link
+            return
+        if self._use_patch():
+            await self._patch(client, link, add, remove, rename, out)
+        else:
+            await self._put(client, link, add, remove, op.display_name, out)
+
+    async def _link_or_create(
+        self, client: ScimClient, op: GroupOperation, out: GroupOutcome
+    ) -> tuple[GroupLink, set[str] | None]:
+        """Link the target's group of that displayName, or POST a new one. Never a duplicate."""
+        found = await client.find(ENDPOINT, "displayName", op.display_name)
+        if len(found) > 1:
+            ids = ", ".join(str(g.get("id")) for g in found)
+            raise Conflict(f"displayName eq {op.display_name!r} matches {len(found)} groups in the target ({ids}); "
+                           "expected at most one to link")  # fmt: skip
+        if found:
+            existing = found[0]
+            scim_id = str(existing["id"])
+            owner = _group_owner(self.engine, self.target, scim_id)
+            if owner is not None and owner != op.group_key:
+                raise Conflict(f"group {scim_id} ({op.display_name!r}) is already linked to group {owner!r}")
+            version = (existing.get("meta") or {}).get("version")
+            out.link = GroupLink(op.group_key, scim_id, _name(existing) or op.display_name, version)
+            out.note = "linked an existing group of the same displayName"
+            members = _member_ids(existing) if "members" in existing else None
+            if members is None:
+                fresh = await client.get(ENDPOINT, scim_id)
+                members = _member_ids(fresh.resource)
+                out.link = GroupLink(op.group_key, scim_id, out.link.display_name, fresh.version or version)
+            out.verified = True
+            return out.link, members & self.managed
+        result = await client.create(ENDPOINT, group_resource(op.display_name))
+        out.link = GroupLink(op.group_key, result.id or "", op.display_name, result.version)
+        out.verified = True
+        return out.link, None
+
+    async def _patch(
+        self, client: ScimClient, link: GroupLink, add: list[str], remove: list[str], rename: str | None, out: GroupOutcome
+    ) -> None:
+        size = self.config.max_members_per_patch
+        pending = batches(add, remove, size) or [([], [])]
+        etag = self._etag(link.etag)
+        rounds = 0
+        index = 0
+        while index < len(pending):
+            batch_add, batch_remove = pending[index]
+            operations = patch_operations(
+                batch_add, batch_remove, removal=self.config.group_member_removal, rename=rename
+            )
+            if not operations:
+                index += 1
+                continue
+            try:
+                result = await client.patch(ENDPOINT, link.scim_id, operations, etag=etag)
+            except PreconditionFailed as exc:
+                rounds += 1
+                if rounds > PRECONDITION_ROUNDS:
+                    exc.message = f"{exc.message}; still stale after {PRECONDITION_ROUNDS} refetches"
+                    raise
+                # Someone changed the group: read it, and send only what is still missing or still there.
+                fresh = await client.get(ENDPOINT, link.scim_id)
+                members = _member_ids(fresh.resource)
+                rest_add = [m for a, _ in pending[index:] for m in a]
+                rest_remove = [m for _, r in pending[index:] for m in r]
+                out.added |= {m for m in rest_add if m in members}
+                out.removed |= {m for m in rest_remove if m not in members}
+                if rename is not None and _name(fresh.resource) == rename:
+                    rename = None
+                pending = pending[:index] + (
+                    batches([m for m in rest_add if m not in members], [m for m in rest_remove if m in members], size)
+                    or [([], [])]
+                )
+                etag = self._etag(fresh.version)
+                continue
+            out.added.update(batch_add)
+            out.removed.update(batch_remove)
+            if rename is not None:
+                link = GroupLink(link.group_key, link.scim_id, rename, link.etag)
+                rename = None
+            etag = self._etag(result.version)
+            link = GroupLink(link.group_key, link.scim_id, link.display_name, result.version or None)
+            out.link = link
+            index += 1
+        out.link = link
+
+    async def _put(
+        self, client: ScimClient, link: GroupLink, add: list[str], remove: list[str], name: str, out: GroupOutcome
+    ) -> None:
+        """GET the group, PUT it back with the member list changed; on 412, again from a fresh read."""
+        for round_ in range(PRECONDITION_ROUNDS + 1):
+            fresh = await client.get(ENDPOINT, link.scim_id)
+            resource = fresh.resource or {}
+            members = (_member_ids(resource) - set(remove)) | set(add)
+            body = {k: v for k, v in resource.items() if k not in ("id", "meta", "members", "displayName")}
+            body = {**group_resource(name, members), **{k: v for k, v in body.items() if k != "schemas"}}
+            try:
+                result = await client.replace(ENDPOINT, link.scim_id, body, etag=self._etag(fresh.version))
+            except PreconditionFailed as exc:
+                if round_ == PRECONDITION_ROUNDS:
+                    exc.message = f"{exc.message}; still stale after {PRECONDITION_ROUNDS} refetches"
+                    raise
+                continue
+            out.added.update(add)
+            out.removed.update(remove)
+            out.link = GroupLink(link.group_key, link.scim_id, name, result.version)
+            return
+
+    def _use_patch(self) -> bool:
+        return bool(self.capabilities and self.capabilities.patch)
+
+    def _etag(self, version: str | None) -> str | None:
+        return version if self.capabilities and self.capabilities.etag else None
+
+
+def _fail(out: GroupOutcome, status: str, exc: ScimError) -> None:
+    out.status = status
+    out.error = str(exc)
+    out.http_status = exc.status
+    out.scim_type = exc.scim_type
+    out.detail = exc.detail
+
+
+def _group_owner(engine: Engine, target: str, scim_id: str) -> str | None:
+    with engine.connect() as conn:
+        query = select(GLINK.c.group_key).where(GLINK.c.target == target, GLINK.c.scim_id == scim_id)
+        return conn.execute(query).scalar()
+
+
+def _member_ids(resource: dict[str, Any] | None) -> set[str]:
+    members = (resource or {}).get("members") or []
+    return {str(m["value"]) for m in members if isinstance(m, dict) and m.get("value")}
+
+
+def _name(resource: dict[str, Any] | None) -> str | None:
+    name = (resource or {}).get("displayName")
+    return str(name) if name else None
+
+
+# ---------------------------------------------------------------- the group step of a cycle
+
+
+def due_for_compare(verified: dict[str, datetime | None], every: str | None, *, full: bool = False,
+                    now: datetime | None = None) -> list[str]:  # fmt: skip
+    """Linked groups whose members should be read from the target now."""
+    if full:
+        return sorted(verified)
+    if every is None:
+        return []
+    now = now or utcnow()
+    interval = timedelta(seconds=parse_duration(every))
+    return sorted(key for key, at in verified.items() if at is None or now - at >= interval)
+
+
+async def _send_pages(engine: Engine, name: str, executor: GroupExecutor, report: GroupReport) -> None:
+    while not executor.stopping.is_set():
+        result = await executor.run(claim_groups(engine, name, limit=CLAIM_PAGE))
+        report.statuses.update(result.statuses)
+        report.done.update(result.done)
+        report.skipped += result.skipped
+        if not result.statuses or result.skipped:
+            break
+
+
+async def send_due_groups(engine: Engine, config: Config, name: str, *, stop: asyncio.Event | None = None) -> GroupReport:
+    """Send a target's due group operations (retries) without planning anew."""
+    session = TargetSession(config.targets[name])
+    executor = GroupExecutor(engine, name, config.targets[name], session.client)
+    if stop is not None:
+        executor.stopping = stop
+    report = GroupReport()
+    try:
+        executor.load()
+        await _send_pages(engine, name, executor, report)
+    finally:
+        await session.aclose()
+    return report
+
+
+async def sync_groups(
+    engine: Engine,
+    config: Config,
+    name: str,
+    mapping: AttributeMapping,
+    run_id: str,
+    *,
+    client_factory: ClientFactory | None = None,
+    stop: asyncio.Event | None = None,
+    full: bool = False,
+) -> GroupReport:
+    """The group step of one cycle for one target: compare, plan, queue, send. Run after the users are sent.
+
+    ``full`` reads every linked group's members from the target (otherwise only
+    those not compared for ``group_reconcile_every``).
+    """
+    target = config.targets[name]
+    assert target.groups is not None
+    definitions = load_groups(target.groups)
+    session = TargetSession(target) if client_factory is None else None
+    executor = GroupExecutor(engine, name, target, client_factory or session.client)  # type: ignore[union-attr]
+    if stop is not None:
+        executor.stopping = stop
+    report = GroupReport()
+    try:
+        verified = executor.load()
+        drifted: set[str] = set()
+        compare = due_for_compare(verified, target.group_reconcile_every, full=full)
+        if compare and admission(engine, name) is Admission.SEND:
+            drifted = await executor.compare(compare)
+            report.compared = len(compare)
+            report.drifted = len(drifted)
+        source = config.sources[target.source]
+        links = load_links(engine, name)
+        desired = desired_groups(
+            definitions,
+            mapping,
+            read_source(source),
+            links,
+            remove_leavers=target.remove_leavers_from_groups,
+            held=held_identities(engine, name),
+        )
+        plan = plan_groups(name, desired, executor.links, executor.state, drifted=drifted,
+                           delete_empty=target.delete_empty_groups)  # fmt: skip
+        report.planned = plan.counts()
+        enqueue_groups(engine, run_id, name, plan, desired.identities)
+        await _send_pages(engine, name, executor, report)
+    finally:
+        if session is not None:
+            await session.aclose()
+    report.calls = executor.calls
+    log.info("groups", target=name, run_id=run_id, planned=report.planned, outcomes=dict(report.statuses),
+             compared=report.compared, drifted=report.drifted, calls=report.calls)  # fmt: skip
+    return report
