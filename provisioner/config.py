@@ -218,6 +218,7 @@ def load_config(path: Path, *, secrets: bool = True) -> Config:
     _register_secrets(config)
     resolved = _resolve_paths(config, path.resolve().parent)
     for name, target in resolved.targets.items():
+        _refuse_clear_text(name, target, doc)
         if target.ca_bundle is not None and not target.ca_bundle.is_file():
             loc = ("targets", name, "ca_bundle")
             raise ConfigError(f"{doc.where(loc)}: {_dotted(loc)}: no such file: {target.ca_bundle}")
@@ -294,6 +295,18 @@ def _check_references(config: Config, doc: YamlDocument) -> None:
             known = ", ".join(sorted(config.sources)) or "none"
             loc = ("targets", name, "source")
             raise ConfigError(f"{doc.where(loc)}: {_dotted(loc)}: no source named '{target.source}' (known: {known})")
+
+
+def _refuse_clear_text(name: str, target: TargetConfig, doc: YamlDocument) -> None:
+    urls: list[tuple[Loc, str]] = [(("targets", name, "base_url"), target.base_url)]
+    if isinstance(target.auth, OAuth2Config):
+        urls.append((("targets", name, "auth", "token_url"), target.auth.token_url))
+    for loc, url in urls:
+        if url.lower().startswith("http://") and not target.allow_insecure_http:
+            raise ConfigError(
+                f"{doc.where(loc)}: {_dotted(loc)}: {url} is http://, so credentials would travel in clear "
+                "text; use https://, or set allow_insecure_http: true (a local test server only)"
+            )
 
 
 def _register_secrets(config: Config) -> None:

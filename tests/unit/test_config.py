@@ -1,0 +1,282 @@
+"""The config file: strict keys, secrets from the environment or files, paths relative to the file, errors at file:line."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from provisioner.config import BearerAuthConfig, load_config
+from provisioner.demo import PROJECT_ROOT
+from provisioner.errors import ConfigError
+from provisioner.redaction import redact
+
+TOKEN = "tok-9f8e7d6c5b4a"
+
+CONFIG = """\
+state: sqlite:///state.db
+sources:
+  hr:
+    type: csv
+    path: data/hr.csv
+    key: employee_id
+targets:
+  app:
+    base_url: https://scim.example.com/v2/
+    auth:
+      type: bearer
+      token: "${CONFIG_TEST_TOKEN}"
+    source: hr
+    mapping: mappings/users.yaml
+    leaver: delete
+"""
+
+
+def write(tmp_path: Path, text: str = CONFIG) -> Path:
+    folder = tmp_path / "conf"
+    folder.mkdir(exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def line_of(path: Path, needle: str) -> int:
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if needle in text:
+            return number
+    raise AssertionError(f"{needle!r} is not in {path}")
+
+
+@pytest.fixture(autouse=True)
+def _token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONFIG_TEST_TOKEN", TOKEN)
+
+
+def test_config_is_read_with_the_token_from_the_environment(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path))
+
+    target = config.targets["app"]
+    assert isinstance(target.auth, BearerAuthConfig)
+    assert target.auth.token.get_secret_value() == TOKEN
+    assert target.base_url == "https://scim.example.com/v2"
+    assert target.leaver == "delete"
+    assert config.sources["hr"].key == "employee_id"
+
+
+def test_the_token_is_never_in_the_configs_repr(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path))
+
+    assert TOKEN not in repr(config)
+    assert TOKEN not in str(config.model_dump())
+
+
+def test_the_token_is_masked_once_the_config_is_loaded(tmp_path: Path) -> None:
+    load_config(write(tmp_path))
+
+    assert TOKEN not in redact(f"GET /Users?access_token={TOKEN}")
+
+
+def test_relative_paths_are_resolved_against_the_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    config = load_config(path)
+
+    folder = path.parent.resolve()
+    assert config.sources["hr"].path == folder / "data" / "hr.csv"
+    assert config.targets["app"].mapping == folder / "mappings" / "users.yaml"
+    assert config.state == f"sqlite:///{folder / 'state.db'}"
+
+
+def test_relative_config_path_is_resolved_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    config = load_config(Path("conf/config.yaml"))
+
+    assert config.sources["hr"].path == (tmp_path / "conf" / "data" / "hr.csv").resolve()
+    assert config.sources["hr"].path.is_absolute()
+
+
+def test_absolute_paths_and_other_databases_are_kept(tmp_path: Path) -> None:
+    source = tmp_path / "abs.csv"
+    text = CONFIG.replace("path: data/hr.csv", f"path: {source}").replace(
+        "state: sqlite:///state.db", "state: postgresql://db.example.com/provisioner"
+    )
+
+    config = load_config(write(tmp_path, text))
+
+    assert config.sources["hr"].path == source
+    assert config.state == "postgresql://db.example.com/provisioner"
+
+
+def test_in_memory_sqlite_is_kept(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, CONFIG.replace("sqlite:///state.db", '"sqlite:///:memory:"')))
+
+    assert config.state == "sqlite:///:memory:"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "dotted"),
+    [
+        pytest.param("state:", "stat:", "stat:", "stat", id="top-level"),
+        pytest.param("    key: employee_id\n", "    key: employee_id\n    kye: id\n", "kye:", "sources.hr.kye", id="source"),
+        pytest.param("    leaver: delete\n", "    leavr: delete\n", "leavr:", "targets.app.leavr", id="target"),
+        pytest.param("      type: bearer\n", "      type: bearer\n      tokn: x\n", "tokn:", "targets.app.auth.tokn", id="auth"),
+    ],
+)  # fmt: skip
+def test_unknown_key_names_file_line_and_key(tmp_path: Path, old: str, new: str, key: str, dotted: str) -> None:
+    path = write(tmp_path, CONFIG.replace(old, new, 1))
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+
+    assert f"{path}:{line_of(path, key)}: {dotted}: unknown key" in str(raised.value)
+
+
+def test_missing_required_key_names_where_it_belongs(tmp_path: Path) -> None:
+    path = write(tmp_path, CONFIG.replace("    key: employee_id\n", ""))
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+
+    assert f"{path}:{line_of(path, 'hr:')}: sources.hr.key: required key is missing" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needle"),
+    [
+        pytest.param("    leaver: delete\n", "    leaver: archive\n", "leaver:", id="bad-choice"),
+        pytest.param("    leaver: delete\n", "    max_concurrency: 0\n", "max_concurrency:", id="out-of-range"),
+        pytest.param("https://scim.example.com/v2/", "ftp://scim.example.com", "base_url:", id="not-http"),
+        pytest.param("    type: csv\n", "    type: excel\n", "type: excel", id="source-type"),
+    ],
+)
+def test_invalid_value_names_its_line(tmp_path: Path, old: str, new: str, needle: str) -> None:
+    path = write(tmp_path, CONFIG.replace(old, new, 1))
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+
+    assert f"{path}:{line_of(path, needle)}:" in str(raised.value)
+
+
+def test_http_base_url_without_allow_insecure_http_is_a_config_error_naming_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, CONFIG.replace("https://scim.example.com/v2/", "http://scim.example.com/v2"))
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+
+    assert f"{path}:{line_of(path, 'base_url:')}:" in str(raised.value)
+    assert "base_url" in str(raised.value)
+
+
+def test_http_base_url_is_accepted_when_allowed_explicitly(tmp_path: Path) -> None:
+    text = CONFIG.replace("https://scim.example.com/v2/", "http://127.0.0.1:8081/v2").replace(
+        "    leaver: delete\n", "    leaver: delete\n    allow_insecure_http: true\n"
+    )
+
+    assert load_config(write(tmp_path, text)).targets["app"].base_url == "http://127.0.0.1:8081/v2"
+
+
+def test_missing_environment_variable_names_line_and_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONFIG_TEST_TOKEN")
+    path = write(tmp_path)
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+
+    message = str(raised.value)
+    assert message.startswith(f"{path}:{line_of(path, 'token:')}: targets.app.auth.token")
+    assert "CONFIG_TEST_TOKEN" in message and "not set" in message
+
+
+def test_missing_environment_variable_is_blank_when_secrets_are_not_needed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CONFIG_TEST_TOKEN")
+
+    config = load_config(write(tmp_path), secrets=False)
+
+    assert config.targets["app"].source == "hr"
+
+
+def test_file_reference_reads_the_secret_stripped(tmp_path: Path) -> None:
+    secret = tmp_path / "token.txt"
+    secret.write_text("from-a-file-123\n", encoding="utf-8")
+    path = write(tmp_path, CONFIG.replace("${CONFIG_TEST_TOKEN}", f"${{file:{secret}}}"))
+
+    config = load_config(path)
+
+    auth = config.targets["app"].auth
+    assert isinstance(auth, BearerAuthConfig)
+    assert auth.token.get_secret_value() == "from-a-file-123"
+
+
+def test_missing_secret_file_names_line_and_file(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-token"
+    path = write(tmp_path, CONFIG.replace("${CONFIG_TEST_TOKEN}", f"${{file:{missing}}}"))
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+
+    assert str(raised.value).startswith(f"{path}:{line_of(path, 'token:')}:")
+    assert str(missing) in str(raised.value)
+
+
+def test_interpolation_inside_a_longer_string(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCIM_HOST", "scim.example.org")
+    path = write(tmp_path, CONFIG.replace("https://scim.example.com/v2/", "https://${SCIM_HOST}/v2"))
+
+    assert load_config(path).targets["app"].base_url == "https://scim.example.org/v2"
+
+
+def test_reference_that_is_not_a_variable_name_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, CONFIG.replace("${CONFIG_TEST_TOKEN}", "${not a name}"))
+
+    with pytest.raises(ConfigError, match=rf"^{path}:{line_of(path, 'token:')}:"):
+        load_config(path)
+
+
+def test_target_referring_to_an_unknown_source_names_line_and_known_sources(tmp_path: Path) -> None:
+    path = write(tmp_path, CONFIG.replace("    source: hr\n", "    source: payroll\n"))
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+
+    message = str(raised.value)
+    assert message.startswith(f"{path}:{line_of(path, 'source: payroll')}: targets.app.source")
+    assert "'payroll'" in message and "hr" in message
+
+
+def test_config_that_is_not_a_mapping_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "- just\n- a list\n")
+
+    with pytest.raises(ConfigError, match=rf"^{path}:1:"):
+        load_config(path)
+
+
+def test_invalid_yaml_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, CONFIG.replace("    leaver: delete\n", "    leaver: [delete\n"))
+
+    with pytest.raises(ConfigError, match=rf"^{path}:\d+: invalid YAML"):
+        load_config(path)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_the_shipped_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEMO_APP_TOKEN", "example-token")
+
+    config = load_config(PROJECT_ROOT / "config.example.yaml")
+
+    assert config.targets
+    for target in config.targets.values():
+        assert target.source in config.sources
+        assert target.mapping.is_absolute()

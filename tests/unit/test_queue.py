@@ -1,0 +1,274 @@
+"""The operation queue (outbox) on a real SQLite file: enqueue, claim, record."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from provisioner.mapping import Ref
+from provisioner.planner import Decision, Kind, Link, Reason
+from provisioner.queue import (
+    CallRecord,
+    LinkState,
+    Outcome,
+    claim,
+    enqueue,
+    get_operation,
+    list_operations,
+    load_link_states,
+    load_links,
+    record,
+)
+from provisioner.redaction import register
+from provisioner.store import open_store
+
+CREATE = Decision("E1", Kind.CREATE, Reason.JOINER, {"userName": "ada@example.com"}, "h1")
+UPDATE = Decision("E1", Kind.UPDATE, Reason.MOVER, {"userName": "ada@example.com", "title": "T"}, "h2")
+DISABLE = Decision("E1", Kind.DISABLE, Reason.LEAVER)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state.db"
+
+
+@pytest.fixture
+def engine(db: Path) -> Iterator[Engine]:
+    engine = open_store(f"sqlite:///{db}")
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def rows(db: Path) -> list[dict[str, Any]]:
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(row) for row in conn.execute("SELECT * FROM operation ORDER BY id")]
+
+
+def statuses(db: Path) -> list[tuple[str, str, str]]:
+    return [(row["identity_key"], row["kind"], row["status"]) for row in rows(db)]
+
+
+# --- enqueue ----------------------------------------------------------------------------------------
+
+
+def test_enqueue_writes_pending_rows_with_their_payload(engine: Engine, db: Path) -> None:
+    added = enqueue(engine, "run-1", "app", [CREATE, Decision("E2", Kind.DISABLE, Reason.LEAVER)])
+
+    assert added == 2
+    assert statuses(db) == [("E1", "create", "pending"), ("E2", "disable", "pending")]
+    [first, _] = rows(db)
+    assert (first["run_id"], first["target"], first["reason"], first["payload_hash"]) == ("run-1", "app", "joiner", "h1")
+    assert first["attempts"] == 0
+
+
+def test_enqueue_keeps_unresolved_references_in_the_payload(engine: Engine) -> None:
+    payload = {"userName": "alan@example.com", "urn:x:User": {"manager": {"value": Ref("E1")}}}
+    enqueue(engine, "run-1", "app", [Decision("E2", Kind.CREATE, Reason.JOINER, payload, "h")])
+
+    [op] = claim(engine, "app")
+
+    assert op.payload == payload
+
+
+def test_enqueue_does_not_queue_an_identical_open_operation_twice(engine: Engine, db: Path) -> None:
+    enqueue(engine, "run-1", "app", [CREATE])
+
+    added = enqueue(engine, "run-2", "app", [CREATE])
+
+    assert added == 0
+    assert statuses(db) == [("E1", "create", "pending")]
+
+
+def test_enqueue_supersedes_an_older_pending_operation_for_the_same_account(engine: Engine, db: Path) -> None:
+    enqueue(engine, "run-1", "app", [CREATE])
+
+    added = enqueue(engine, "run-2", "app", [Decision("E1", Kind.CREATE, Reason.JOINER, UPDATE.payload, "h2")])
+
+    assert added == 1
+    assert statuses(db) == [("E1", "create", "superseded"), ("E1", "create", "pending")]
+    assert rows(db)[1]["payload_hash"] == "h2"
+
+
+def test_enqueue_supersedes_a_pending_operation_of_another_kind(engine: Engine, db: Path) -> None:
+    """A leaver queued last cycle and not sent yet is replaced when the person is back and changed."""
+    enqueue(engine, "run-1", "app", [DISABLE])
+
+    enqueue(engine, "run-2", "app", [UPDATE])
+
+    assert statuses(db) == [("E1", "disable", "superseded"), ("E1", "update", "pending")]
+
+
+def test_enqueue_leaves_other_accounts_alone(engine: Engine, db: Path) -> None:
+    enqueue(engine, "run-1", "app", [CREATE])
+
+    enqueue(engine, "run-2", "app", [Decision("E2", Kind.CREATE, Reason.JOINER, {"userName": "b"}, "hb")])
+
+    assert statuses(db) == [("E1", "create", "pending"), ("E2", "create", "pending")]
+
+
+def test_enqueue_is_per_target(engine: Engine, db: Path) -> None:
+    enqueue(engine, "run-1", "app", [CREATE])
+
+    assert enqueue(engine, "run-2", "other-app", [CREATE]) == 1
+    assert [row["target"] for row in rows(db)] == ["app", "other-app"]
+
+
+def test_enqueue_adds_nothing_beside_a_running_operation(engine: Engine, db: Path) -> None:
+    """Never two operations in flight for one account: the next plan decides again."""
+    enqueue(engine, "run-1", "app", [CREATE])
+    claim(engine, "app")
+
+    assert enqueue(engine, "run-2", "app", [UPDATE]) == 0
+    assert statuses(db) == [("E1", "create", "running")]
+
+
+def test_enqueue_supersedes_open_operations_of_settled_identities(engine: Engine, db: Path) -> None:
+    """A leaver back in the source before their disable was sent: the disable is stale."""
+    enqueue(engine, "run-1", "app", [DISABLE, Decision("E2", Kind.DISABLE, Reason.LEAVER)])
+
+    enqueue(engine, "run-2", "app", [], settled=["E1"])
+
+    assert statuses(db) == [("E1", "disable", "superseded"), ("E2", "disable", "pending")]
+
+
+def test_enqueue_leaves_a_running_operation_of_a_settled_identity_alone(engine: Engine, db: Path) -> None:
+    enqueue(engine, "run-1", "app", [DISABLE])
+    claim(engine, "app")
+
+    enqueue(engine, "run-2", "app", [], settled=["E1"])
+
+    assert statuses(db) == [("E1", "disable", "running")]
+
+
+def test_rejected_record_is_written_as_failed_with_its_reason(engine: Engine, db: Path) -> None:
+    enqueue(engine, "run-1", "app", [], [("E9", "hr.csv:4: users.yaml:3: attribute 'userName': boom", Kind.CREATE, Reason.JOINER)])
+
+    [row] = rows(db)
+    assert (row["identity_key"], row["kind"], row["reason"], row["status"]) == ("E9", "create", "joiner", "failed")
+    assert row["last_error"] == "hr.csv:4: users.yaml:3: attribute 'userName': boom"
+    assert row["finished_at"] is not None
+
+
+def test_the_same_rejection_is_not_recorded_every_cycle(engine: Engine, db: Path) -> None:
+    rejection = ("E9", "hr.csv:4: boom", Kind.CREATE, Reason.JOINER)
+    enqueue(engine, "run-1", "app", [], [rejection])
+
+    assert enqueue(engine, "run-2", "app", [], [rejection]) == 0
+    assert len(rows(db)) == 1
+
+
+def test_a_new_rejection_supersedes_the_old_one(engine: Engine, db: Path) -> None:
+    enqueue(engine, "run-1", "app", [], [("E9", "hr.csv:4: boom", Kind.CREATE, Reason.JOINER)])
+
+    enqueue(engine, "run-2", "app", [], [("E9", "hr.csv:5: other", Kind.CREATE, Reason.JOINER)])
+
+    assert [row["status"] for row in rows(db)] == ["superseded", "failed"]
+
+
+def test_a_fixed_record_supersedes_its_rejection(engine: Engine, db: Path) -> None:
+    enqueue(engine, "run-1", "app", [], [("E1", "hr.csv:2: boom", Kind.CREATE, Reason.JOINER)])
+
+    enqueue(engine, "run-2", "app", [CREATE])
+
+    assert statuses(db) == [("E1", "create", "superseded"), ("E1", "create", "pending")]
+
+
+# --- claim and record ------------------------------------------------------------------------------
+
+
+def test_claim_takes_pending_operations_once(engine: Engine, db: Path) -> None:
+    enqueue(engine, "run-1", "app", [CREATE, Decision("E2", Kind.DISABLE, Reason.LEAVER)])
+
+    first = claim(engine, "app")
+    second = claim(engine, "app")
+
+    assert [(op.identity_key, op.kind, op.attempts) for op in first] == [("E1", Kind.CREATE, 1), ("E2", Kind.DISABLE, 1)]
+    assert second == []
+    assert [row["status"] for row in rows(db)] == ["running", "running"]
+
+
+def test_claim_takes_back_a_running_operation_whose_lease_ran_out(engine: Engine) -> None:
+    enqueue(engine, "run-1", "app", [CREATE])
+    [op] = claim(engine, "app")
+
+    [again] = claim(engine, "app", now=datetime.now(UTC) + timedelta(hours=1))
+
+    assert again.id == op.id
+    assert again.attempts == 2
+
+
+def test_retry_wait_is_claimed_only_once_it_is_due(engine: Engine, db: Path) -> None:
+    enqueue(engine, "run-1", "app", [CREATE])
+    [op] = claim(engine, "app")
+    record(engine, "app", "E1", Outcome(op.id, "retry_wait", error="503", http_status=503))
+    [row] = rows(db)
+    assert row["status"] == "retry_wait"
+
+    assert claim(engine, "app") == []
+    [due] = claim(engine, "app", now=datetime.now(UTC) + timedelta(days=1))
+    assert due.id == op.id
+
+
+def test_record_writes_the_outcome_its_calls_and_the_link_together(engine: Engine, db: Path) -> None:
+    enqueue(engine, "run-1", "app", [CREATE])
+    [op] = claim(engine, "app")
+    call = CallRecord(datetime.now(UTC), 12.5, "POST", "https://scim.example.com/v2/Users", 201,
+                      request_body={"userName": "ada@example.com"}, response_body='{"id": "scim-1"}')  # fmt: skip
+    link = LinkState("scim-1", True, 'W/"1"', "https://scim.example.com/v2/Users/scim-1", "h1", CREATE.payload)
+
+    record(engine, "app", "E1", Outcome(op.id, "succeeded", http_status=201, link=link, calls=[call]))
+
+    [row] = rows(db)
+    assert (row["status"], row["last_http_status"]) == ("succeeded", 201)
+    assert load_links(engine, "app") == {"E1": Link("E1", "scim-1", "h1", True, 'W/"1"')}
+    assert load_link_states(engine, "app", ["E1"])["E1"] == link
+    found = get_operation(engine, op.id)
+    assert found is not None
+    [stored_call] = found[1]
+    assert (stored_call["method"], stored_call["http_status"], stored_call["number"]) == ("POST", 201, 1)
+
+
+def test_record_of_a_delete_drops_the_link(engine: Engine) -> None:
+    enqueue(engine, "run-1", "app", [CREATE])
+    [op] = claim(engine, "app")
+    record(engine, "app", "E1", Outcome(op.id, "succeeded", link=LinkState("scim-1", True, None, None, "h1", {})))
+    enqueue(engine, "run-2", "app", [Decision("E1", Kind.DELETE, Reason.LEAVER)])
+    [delete] = claim(engine, "app")
+
+    record(engine, "app", "E1", Outcome(delete.id, "succeeded", drop_link=True))
+
+    assert load_links(engine, "app") == {}
+
+
+def test_record_masks_secrets_in_what_it_stores(engine: Engine, db: Path) -> None:
+    register("queue-secret-7c1d2e")
+    enqueue(engine, "run-1", "app", [CREATE])
+    [op] = claim(engine, "app")
+    call = CallRecord(datetime.now(UTC), 1.0, "POST", "https://scim.example.com/v2/Users?key=queue-secret-7c1d2e", 401,
+                      response_body="Authorization: Bearer abcdefgh12345678 refused")  # fmt: skip
+
+    record(engine, "app", "E1", Outcome(op.id, "failed", error="token queue-secret-7c1d2e refused", calls=[call]))
+
+    with sqlite3.connect(db) as conn:
+        dump = "\n".join(conn.iterdump())
+    assert "queue-secret-7c1d2e" not in dump
+    assert "abcdefgh12345678" not in dump
+
+
+def test_list_operations_is_newest_first_and_filters(engine: Engine) -> None:
+    enqueue(engine, "run-1", "app", [CREATE, Decision("E2", Kind.DISABLE, Reason.LEAVER)])
+    enqueue(engine, "run-1", "other", [Decision("E3", Kind.DISABLE, Reason.LEAVER)])
+
+    assert [row["identity_key"] for row in list_operations(engine)] == ["E3", "E2", "E1"]
+    assert [row["identity_key"] for row in list_operations(engine, target="app")] == ["E2", "E1"]
+    assert [row["identity_key"] for row in list_operations(engine, identity="E1")] == ["E1"]
+    assert list_operations(engine, status="failed") == []

@@ -1,0 +1,80 @@
+"""Secrets are masked in anything the engine writes down: logs, queue rows, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import structlog
+
+from provisioner import logs
+from provisioner.redaction import MASK, redact, redact_value, register
+
+
+def test_a_registered_secret_is_masked_wherever_it_appears() -> None:
+    register("s3cr3t-redaction-aa11")
+
+    text = redact("url=https://x.example/?t=s3cr3t-redaction-aa11&again=s3cr3t-redaction-aa11")
+
+    assert "s3cr3t-redaction-aa11" not in text
+    assert text.count(MASK) == 2
+
+
+def test_a_secret_containing_regex_characters_is_masked_literally() -> None:
+    register("a.b*c+(d)-redaction")
+
+    assert redact("x a.b*c+(d)-redaction y") == f"x {MASK} y"
+    assert redact("x aXbbbc+(d)-redaction y") == "x aXbbbc+(d)-redaction y"
+
+
+def test_the_longer_of_two_overlapping_secrets_is_masked_whole() -> None:
+    register("overlap-redaction")
+    register("overlap-redaction-longer")
+
+    assert redact("[overlap-redaction-longer]") == f"[{MASK}]"
+
+
+def test_short_values_are_not_treated_as_secrets() -> None:
+    """Masking 'abc' everywhere would mangle ordinary text; such a token is no secret anyway."""
+    register("abc")
+
+    assert redact("abcdef") == "abcdef"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig", f"Authorization: Bearer {MASK}", id="jwt"),
+        pytest.param("bearer abcdefgh1234", f"bearer {MASK}", id="lower-case"),
+        pytest.param("Basic dXNlcjpwYXNzd29yZA==", f"Basic {MASK}", id="basic"),
+    ],
+)
+def test_bearer_and_basic_credentials_are_masked_even_when_never_registered(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+def test_ordinary_words_after_bearer_are_left_alone() -> None:
+    assert redact("the bearer of bad news") == "the bearer of bad news"
+
+
+def test_redact_value_masks_strings_in_nested_data_and_keeps_other_values() -> None:
+    register("nested-redaction-77")
+    value = {"a": ["x nested-redaction-77", 3, None], "b": {"c": "Bearer zzzzzzzzzz"}, "d": True}
+
+    assert redact_value(value) == {"a": [f"x {MASK}", 3, None], "b": {"c": f"Bearer {MASK}"}, "d": True}
+
+
+def test_log_lines_never_carry_a_registered_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    register("log-redaction-secret-42")
+    logs.configure("info", "json")
+    try:
+        structlog.get_logger("test").info("calling", url="https://x.example/?token=log-redaction-secret-42",
+                                          headers={"Authorization": "Bearer qwertyuiopasdf"})  # fmt: skip
+    finally:
+        structlog.reset_defaults()
+
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    event = json.loads(line)
+    assert "log-redaction-secret-42" not in line and "qwertyuiopasdf" not in line
+    assert event["url"] == f"https://x.example/?token={MASK}"
+    assert event["headers"] == {"Authorization": f"Bearer {MASK}"}

@@ -1,0 +1,196 @@
+"""Identity sources: CSV and JSON Lines streamed as records; unusable lines become BadRecords, not crashes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from provisioner.config import SourceConfig
+from provisioner.errors import SourceError
+from provisioner.sources import BadRecord, IdentityRecord, read_source, source_columns
+
+HEADER = "employee_id,first_name,email"
+
+
+def csv_source(tmp_path: Path, text: str, **options: str) -> SourceConfig:
+    path = tmp_path / "hr.csv"
+    path.write_text(text, encoding="utf-8")
+    return SourceConfig(type="csv", path=path, key="employee_id", **options)
+
+
+def jsonl_source(tmp_path: Path, text: str) -> SourceConfig:
+    path = tmp_path / "hr.jsonl"
+    path.write_text(text, encoding="utf-8")
+    return SourceConfig(type="jsonl", path=path, key="employee_id")
+
+
+# --- CSV ------------------------------------------------------------------------------------------
+
+
+def test_csv_rows_become_records_with_their_line(tmp_path: Path) -> None:
+    source = csv_source(tmp_path, f"{HEADER}\nE1,Ada,ada@example.com\nE2,Alan,alan@example.com\n")
+
+    records = list(read_source(source))
+
+    assert records == [
+        IdentityRecord("E1", {"employee_id": "E1", "first_name": "Ada", "email": "ada@example.com"}, f"{source.path}:2"),
+        IdentityRecord("E2", {"employee_id": "E2", "first_name": "Alan", "email": "alan@example.com"}, f"{source.path}:3"),
+    ]
+
+
+def test_csv_header_names_and_keys_are_stripped(tmp_path: Path) -> None:
+    source = csv_source(tmp_path, " employee_id , first_name\n E1 ,Ada\n")
+
+    [record] = read_source(source)
+
+    assert isinstance(record, IdentityRecord)
+    assert record.key == "E1"
+    assert record.attributes["first_name"] == "Ada"
+
+
+def test_csv_with_a_byte_order_mark_reads_the_key_column(tmp_path: Path) -> None:
+    path = tmp_path / "hr.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{HEADER}\nE1,Ada,ada@example.com\n".encode())
+
+    [record] = read_source(SourceConfig(type="csv", path=path, key="employee_id"))
+
+    assert isinstance(record, IdentityRecord) and record.key == "E1"
+
+
+def test_csv_with_another_delimiter(tmp_path: Path) -> None:
+    source = csv_source(tmp_path, "employee_id;name\nE1;Lovelace, Ada\n", delimiter=";")
+
+    [record] = read_source(source)
+
+    assert isinstance(record, IdentityRecord) and record.attributes["name"] == "Lovelace, Ada"
+
+
+def test_csv_row_with_too_many_fields_is_a_bad_record(tmp_path: Path) -> None:
+    source = csv_source(tmp_path, f"{HEADER}\nE1,Ada,ada@example.com\nE2,Alan,alan@example.com,extra\nE3,Grace,g@x\n")
+
+    records = list(read_source(source))
+
+    assert records[1] == BadRecord("E2", "more fields than the header has", f"{source.path}:3")
+    assert [r.key for r in records] == ["E1", "E2", "E3"]
+    assert isinstance(records[2], IdentityRecord)
+
+
+def test_csv_row_with_too_few_fields_is_a_bad_record(tmp_path: Path) -> None:
+    source = csv_source(tmp_path, f"{HEADER}\nE1,Ada,ada@example.com\nE2,Alan\n")
+
+    records = list(read_source(source))
+
+    assert isinstance(records[1], BadRecord)
+    assert (records[1].key, records[1].origin) == ("E2", f"{source.path}:3")
+    assert "fewer fields" in records[1].reason
+
+
+@pytest.mark.parametrize("key", [pytest.param("", id="empty"), pytest.param("   ", id="blank")])
+def test_csv_row_with_an_empty_key_is_a_bad_record(tmp_path: Path, key: str) -> None:
+    source = csv_source(tmp_path, f"{HEADER}\n{key},Ada,ada@example.com\n")
+
+    [record] = read_source(source)
+
+    assert record == BadRecord("", "the key 'employee_id' is empty", f"{source.path}:2")
+
+
+def test_csv_without_the_key_column_is_a_source_error(tmp_path: Path) -> None:
+    source = csv_source(tmp_path, "id,first_name\nE1,Ada\n")
+
+    with pytest.raises(SourceError) as raised:
+        list(read_source(source))
+
+    assert str(raised.value).startswith(f"{source.path}:1:")
+    assert "'employee_id'" in str(raised.value)
+
+
+def test_missing_source_file_is_a_source_error(tmp_path: Path) -> None:
+    source = SourceConfig(type="csv", path=tmp_path / "absent.csv", key="employee_id")
+
+    with pytest.raises(SourceError, match="not found"):
+        list(read_source(source))
+
+
+def test_csv_that_is_not_the_configured_encoding_is_a_source_error(tmp_path: Path) -> None:
+    path = tmp_path / "hr.csv"
+    path.write_bytes(f"{HEADER}\nE1,Zo\xe9,z@example.com\n".encode("latin-1"))
+
+    with pytest.raises(SourceError, match=rf"^{path}:\d+: cannot parse"):
+        list(read_source(SourceConfig(type="csv", path=path, key="employee_id")))
+
+
+def test_jsonl_that_is_not_the_configured_encoding_is_a_source_error(tmp_path: Path) -> None:
+    path = tmp_path / "hr.jsonl"
+    path.write_bytes('{"employee_id": "E1", "first_name": "Zo\xe9"}\n'.encode("latin-1"))
+
+    with pytest.raises(SourceError, match=rf"^{path}"):
+        list(read_source(SourceConfig(type="jsonl", path=path, key="employee_id")))
+
+
+@pytest.mark.parametrize("text", [pytest.param("", id="zero-bytes"), pytest.param(f"{HEADER}\n", id="header-only")])
+def test_empty_csv_yields_no_records(tmp_path: Path, text: str) -> None:
+    assert list(read_source(csv_source(tmp_path, text))) == []
+
+
+def test_source_columns_are_the_header(tmp_path: Path) -> None:
+    assert source_columns(csv_source(tmp_path, f" {HEADER} \nE1,Ada,a@x\n")) == {"employee_id", "first_name", "email"}
+
+
+def test_records_are_streamed_and_a_broken_line_far_down_is_a_source_error_naming_it(tmp_path: Path) -> None:
+    """The first record is read before the end of the file is; undecodable bytes there name their line."""
+    path = tmp_path / "hr.csv"
+    rows = "".join(f"E{i},Person{i},p{i}@example.com\n" for i in range(20_000))
+    path.write_bytes(f"{HEADER}\n{rows}".encode() + b"E-bad,\xff\xfe,x\n")
+    records = iter(read_source(SourceConfig(type="csv", path=path, key="employee_id")))
+
+    first = next(records)
+
+    assert isinstance(first, IdentityRecord) and first.key == "E0"
+    with pytest.raises(SourceError, match=rf"^{path}:\d+: cannot parse"):
+        list(records)
+
+
+# --- JSON Lines ------------------------------------------------------------------------------------
+
+
+def test_jsonl_lines_become_records_with_their_line(tmp_path: Path) -> None:
+    source = jsonl_source(tmp_path, '{"employee_id": "E1", "tags": ["a"]}\n\n{"employee_id": 42, "email": null}\n')
+
+    records = list(read_source(source))
+
+    assert records == [
+        IdentityRecord("E1", {"employee_id": "E1", "tags": ["a"]}, f"{source.path}:1"),
+        IdentityRecord("42", {"employee_id": 42, "email": None}, f"{source.path}:3"),
+    ]
+
+
+def test_jsonl_invalid_line_is_a_bad_record_and_the_rest_go_on(tmp_path: Path) -> None:
+    source = jsonl_source(tmp_path, '{"employee_id": "E1"}\n{"employee_id": "E2",\n{"employee_id": "E3"}\n')
+
+    records = list(read_source(source))
+
+    assert isinstance(records[1], BadRecord)
+    assert records[1].origin == f"{source.path}:2"
+    assert records[1].reason.startswith("not valid JSON")
+    assert [r.key for r in records if isinstance(r, IdentityRecord)] == ["E1", "E3"]
+
+
+def test_jsonl_line_that_is_not_an_object_is_a_bad_record(tmp_path: Path) -> None:
+    source = jsonl_source(tmp_path, '["E1"]\n')
+
+    assert list(read_source(source)) == [BadRecord("", "a line must hold a JSON object", f"{source.path}:1")]
+
+
+@pytest.mark.parametrize(
+    "line", [pytest.param('{"first_name": "Ada"}', id="missing"), pytest.param('{"employee_id": null}', id="null"),
+             pytest.param('{"employee_id": ""}', id="empty")],
+)  # fmt: skip
+def test_jsonl_record_without_a_key_is_a_bad_record(tmp_path: Path, line: str) -> None:
+    source = jsonl_source(tmp_path, line + "\n")
+
+    assert list(read_source(source)) == [BadRecord("", "the key 'employee_id' is empty", f"{source.path}:1")]
+
+
+def test_jsonl_has_no_header_columns(tmp_path: Path) -> None:
+    assert source_columns(jsonl_source(tmp_path, '{"employee_id": "E1"}\n')) is None
