@@ -55,7 +55,7 @@ log = structlog.get_logger("provisioner.alerts")
 
 Severity = Literal["warning", "critical"]
 Status = Literal["firing", "changed", "reminder", "resolved"]
-Rule = Literal["failed_operations", "failing_target", "auth_failure", "held_cycle", "quarantined"]
+Rule = Literal["failed_operations", "failing_target", "auth_failure", "held_cycle", "quarantined", "refused_cycle"]
 
 # The webhook's own retry: 3 attempts, waiting these many seconds between them.
 WEBHOOK_BACKOFF = (1.0, 4.0)
@@ -151,6 +151,8 @@ class AlertRules(_Strict):
     auth_failure: bool = True
     held_cycle: bool = True
     quarantined_target: bool = True
+    # A cycle refused before planning (an empty or truncated source).
+    refused_cycle: bool = True
 
 
 class AlertsConfig(_Strict):
@@ -197,6 +199,8 @@ class TargetFacts:
     quarantine_reason: str | None = None
     # The last failed call in a few words ("HTTP 503", "connect timeout"); quoted in messages, redacted.
     last_error: str | None = None
+    # Why the target's last cycle was refused before planning (an empty or truncated source); None if it was not.
+    refused: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +335,22 @@ def _quarantined(facts: TargetFacts, rules: AlertRules, now: datetime) -> Condit
     )
 
 
+def _refused_cycle(facts: TargetFacts, rules: AlertRules, now: datetime) -> Condition | None:
+    if not rules.refused_cycle or not facts.refused:
+        return None
+    return Condition(
+        key=_key("refused_cycle", facts.target),
+        rule="refused_cycle",
+        target=facts.target,
+        severity="critical",
+        message=f"{facts.target}: cycle refused, nothing planned or sent: {_short(facts.refused)}",
+        fingerprint="refused:" + (_short(facts.refused) or ""),
+        details={"reason": _short(facts.refused)},
+    )
+
+
 _RULES: tuple[Callable[[TargetFacts, AlertRules, datetime], Condition | None], ...] = (
+    _refused_cycle,
     _auth_failure,
     _quarantined,
     _failing_target,
@@ -476,6 +495,7 @@ _CLEARED: dict[str, str] = {
     "auth_failure": "authentication works again",
     "held_cycle": "no deprovisioning operation is held any more",
     "quarantined": "out of quarantine",
+    "refused_cycle": "cycles run again",
 }
 
 

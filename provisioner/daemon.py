@@ -30,7 +30,7 @@ from provisioner.errors import UserError
 from provisioner.mapping import AttributeMapping
 from provisioner.queue import STATUSES, count_status, list_operations, recover_orphans, status_by_target
 from provisioner.store import utcnow
-from provisioner.sync import TargetReport, load_target_mapping, send_due, sync_target
+from provisioner.sync import TargetReport, last_runs, load_target_mapping, send_due, sync_target
 
 log = structlog.get_logger("provisioner.daemon")
 
@@ -177,6 +177,7 @@ def target_facts(engine: Engine, name: str) -> alerts.TargetFacts:
     """What the alert rules need to know of a target, read from the queue and its health record."""
     health = quarantine.state(engine, name)
     held_runs = sorted({str(row["run_id"]) for row in list_operations(engine, status="held", target=name, limit=10_000)})
+    last = last_runs(engine).get(name) or {}
     return alerts.TargetFacts(
         target=name,
         failed_count=count_status(engine, name, "failed"),
@@ -188,6 +189,7 @@ def target_facts(engine: Engine, name: str) -> alerts.TargetFacts:
         quarantine_reason=(health.quarantine_reason or (f"paused: {health.pause_note or 'by an operator'}"
                            if health.paused else None)) if health else None,  # fmt: skip
         last_error=health.last_error if health else None,
+        refused=str(last["error"]) if last.get("status") == "refused" else None,
     )
 
 

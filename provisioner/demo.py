@@ -23,6 +23,7 @@ from provisioner.errors import UserError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_SOURCE = PROJECT_ROOT / "examples" / "hr.csv"
 DEMO_MAPPING = PROJECT_ROOT / "mappings" / "users.yaml"
+DEMO_GROUPS = PROJECT_ROOT / "mappings" / "groups.yaml"
 TOKEN_VARIABLE = "PROVISIONER_DEMO_TOKEN"
 
 
@@ -113,6 +114,7 @@ targets:
     auth: {{type: bearer, token: "${{{TOKEN_VARIABLE}}}"}}
     source: hr
     mapping: {DEMO_MAPPING}
+    groups: {DEMO_GROUPS}
     leaver: disable
 """,
         encoding="utf-8",

@@ -133,6 +133,8 @@ class Run(SQLModel, table=True):
     finished_at: datetime | None = None
     status: str = "running"
     counts: str | None = None
+    # Why a refused or crashed run stopped.
+    error: str | None = None
 
 
 class SchemaInfo(SQLModel, table=True):

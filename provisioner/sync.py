@@ -21,6 +21,7 @@ from provisioner.config import Config, TargetConfig
 from provisioner.errors import ConfigError, SafetyStop
 from provisioner.executor import Executor
 from provisioner.group_executor import send_due_groups, sync_groups
+from provisioner.groups import load_groups
 from provisioner.mapping import AttributeMapping, load_mapping
 from provisioner.payload import changed_paths, dumps
 from provisioner.planner import Kind, Plan, brake_trips, plan_target
@@ -71,6 +72,8 @@ class TargetReport:
             "failed": self.failed,
             "deferred": self.deferred,
             "held": self.held,
+            "groups_created": self.done["group_create"],
+            "group_updates": self.done["group_members"] + self.done["group_delete"],
         }
 
 
@@ -90,9 +93,14 @@ def selected_targets(config: Config, names: list[str] | None) -> list[str]:
 
 
 def load_target_mapping(config: Config, name: str) -> AttributeMapping:
-    """Compile a target's mapping and check it reads only columns the source has."""
+    """Compile a target's mapping (and check its groups file) before anything is sent.
+
+    Also checks that the mapping reads only columns the source has.
+    """
     target = config.targets[name]
     mapping = load_mapping(target.mapping)
+    if target.groups is not None:
+        load_groups(target.groups)
     columns = source_columns(config.sources[target.source])
     # An empty file has no header to check; the planner refuses it as an empty source.
     if columns:
@@ -130,8 +138,8 @@ async def sync_target(
             report.statuses.update(groups.statuses)
             report.done.update(groups.done)
             report.skipped += groups.skipped
-    except SafetyStop:
-        _finish_run(engine, report, status="refused")
+    except SafetyStop as exc:
+        _finish_run(engine, report, status="refused", error=str(exc))
         raise
     except BaseException:
         _finish_run(engine, report, status="error")
@@ -217,14 +225,14 @@ def _start_run(engine: Engine, run_id: str, target: str, started: datetime) -> N
         conn.execute(insert(Run.__table__).values(id=run_id, target=target, started_at=started, status="running"))
 
 
-def _finish_run(engine: Engine, report: TargetReport, status: str | None = None) -> None:
+def _finish_run(engine: Engine, report: TargetReport, status: str | None = None, error: str | None = None) -> None:
     if status is None:
         status = "held" if report.held else "failed" if report.failed else "deferred" if report.deferred else "succeeded"
     with engine.begin() as conn:
         conn.execute(
             update(Run.__table__)
             .where(Run.__table__.c.id == report.run_id)
-            .values(finished_at=utcnow(), status=status, counts=dumps(report.summary()))
+            .values(finished_at=utcnow(), status=status, counts=dumps(report.summary()), error=error)
         )
 
 

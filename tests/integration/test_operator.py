@@ -1,0 +1,173 @@
+"""An operator's week in two minutes: the daemon against a real SCIM server, the source changing under it.
+
+Alerts go to a real local webhook receiver; what arrives there is what an
+operator's chat channel would show.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from provisioner.demo import DEMO_MAPPING, ScimServer, free_port, start_scim_server
+
+FIELDS = ["employee_id", "first_name", "last_name", "email", "phone", "title", "department",
+          "cost_center", "division", "manager_id", "status"]  # fmt: skip
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 that keeps every JSON body it is sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, object]] = []
+        received = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                length = int(self.headers.get("Content-Length", 0))
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def texts(self) -> list[str]:
+        return [str(body.get("text")) for body in self.bodies]
+
+
+@pytest.fixture
+def server() -> Iterator[ScimServer]:
+    with start_scim_server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    hook = Receiver()
+    yield hook
+    hook.server.shutdown()
+
+
+def people(count: int, **overrides: dict[str, str]) -> list[dict[str, str]]:
+    rows = []
+    for n in range(count):
+        row = {**dict.fromkeys(FIELDS, ""), "employee_id": f"E{n:03d}", "first_name": f"First{n}",
+               "last_name": f"Last{n}", "email": f"person{n}@example.com", "title": "Engineer",
+               "department": "Engineering", "status": "active"}  # fmt: skip
+        row.update(overrides.get(row["employee_id"], {}))
+        rows.append(row)
+    return rows
+
+
+def write(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"waited {timeout:.0f} s for: {what}")
+
+
+def test_the_daemon_over_changing_sources_with_alerts_metrics_and_a_clean_stop(
+    tmp_path: Path, server: ScimServer, receiver: Receiver
+) -> None:
+    metrics_port = free_port()
+    (tmp_path / "config.yaml").write_text(
+        f"""state: sqlite:///state.db
+sources:
+  hr: {{type: csv, path: hr.csv, key: employee_id, schedule: {{every: 2s}}}}
+targets:
+  app:
+    base_url: {server.base_url}
+    allow_insecure_http: true
+    auth: {{type: bearer, token: "${{APP_TOKEN}}"}}
+    source: hr
+    mapping: {DEMO_MAPPING}
+daemon: {{listen: "127.0.0.1:{metrics_port}", retry_interval: 1}}
+alerts:
+  rules: {{failed_operations: 0}}
+  webhook: {{url: "{receiver.url}", format: slack}}
+"""
+    )
+    source = tmp_path / "hr.csv"
+    # E004 has E003's e-mail: the target refuses a second account with that userName (409), and
+    # the one it has belongs to E003: a failed operation for review.
+    write(source, people(20, E004={"email": "person3@example.com"}))
+    env = {**os.environ, "APP_TOKEN": server.token}
+    log = (tmp_path / "daemon.log").open("ab")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "provisioner", "--log-format", "json", "run", "--config", "config.yaml"],
+        cwd=tmp_path, env=env, stdout=log, stderr=log,
+    )  # fmt: skip
+    http = httpx.Client(base_url=server.base_url + "/", headers={"Authorization": f"Bearer {server.token}"})
+
+    def users() -> dict[str, dict[str, object]]:
+        body = http.get("Users", params={"count": 500}).json()
+        return {str(u["userName"]): u for u in body.get("Resources", [])}
+
+    def status() -> dict[str, object]:
+        out = subprocess.run([sys.executable, "-m", "provisioner", "status", "--json", "--config", "config.yaml"],
+                             cwd=tmp_path, capture_output=True, check=True)  # fmt: skip
+        return json.loads(out.stdout)[0]
+
+    try:
+        wait_for("the first cycle", lambda: len(users()) == 19)
+        wait_for("the failed-operation alert", lambda: any("1 failed operations" in t for t in receiver.texts()))
+
+        # A mover and a leaver.
+        write(source, [r for r in people(20, E001={"department": "Sales"}, E004={"email": "person3@example.com"})
+                       if r["employee_id"] != "E002"])  # fmt: skip
+        wait_for("the leaver disabled", lambda: users()["person2@example.com"]["active"] is False)
+        enterprise = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+        assert users()["person1@example.com"][enterprise]["department"] == "Sales"
+
+        # The HR export comes out empty: nobody is disabled, and the operator hears of it.
+        write(source, [])
+        wait_for("the refused-cycle alert", lambda: any("cycle refused" in t for t in receiver.texts()))
+        time.sleep(2.5)  # another cycle or two against the empty file
+        assert sum(1 for u in users().values() if u["active"]) == 18
+
+        write(source, [r for r in people(20, E001={"department": "Sales"}, E004={"email": "person3@example.com"})
+                       if r["employee_id"] != "E002"])  # fmt: skip
+        wait_for("the refusal resolved", lambda: any("resolved" in t and "cycles run again" in t
+                                                     for t in receiver.texts()))  # fmt: skip
+
+        current = status()
+        assert current["operations"]["failed"] == 1 and current["last_run_status"] in ("failed", "succeeded")
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert 'provisioner_operations_total{kind="create",outcome="succeeded",target="app"} 19.0' in metrics
+        assert httpx.get(f"http://127.0.0.1:{metrics_port}/healthz").json()["status"] == "ok"
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(timeout=30)
+        http.close()
+        print("\nalerts as they arrived:\n  " + "\n  ".join(receiver.texts()))
+    assert code == 0
+    assert server.token not in (tmp_path / "daemon.log").read_text()
