@@ -22,13 +22,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine, and_, delete, insert, or_, select, update
+from sqlalchemy import Engine, and_, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from connectors import (
@@ -60,8 +60,7 @@ from provisioner.mapping import AttributeMapping
 from provisioner.payload import dumps, loads
 from provisioner.quarantine import Admission, admission
 from provisioner.executor import call_record
-from provisioner.queue import OPEN, CallRecord, cap, claim_rows, finish, load_links, release
-from provisioner.redaction import redact
+from provisioner.queue import OPEN, CallRecord, claim_rows, finish, load_links, release, write_plan
 from provisioner.sources import read_source
 from provisioner.store import GroupLink as GroupLinkTable
 from provisioner.store import GroupMemberState, Operation, utcnow
@@ -135,14 +134,7 @@ def enqueue_groups(engine: Engine, run_id: str, target: str, plan: GroupPlan, id
             rows.append(_new_row(run_id, target, d, digest, identities, now))
         for key in plan.settled:
             superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
-        if superseded:
-            conn.execute(
-                update(OP)
-                .where(OP.c.id.in_(superseded))
-                .values(status="superseded", updated_at=now, finished_at=now, note="replaced by a newer plan")
-            )
-        if rows:
-            conn.execute(insert(OP), rows)
+        write_plan(conn, rows, superseded, now)
     return len(rows)
 
 

@@ -199,15 +199,20 @@ def enqueue(
         if brake is not None and leavers and brake(len(leavers)):
             for row in leavers:
                 row["status"] = "held"
-        if superseded:
-            conn.execute(
-                update(OP)
-                .where(OP.c.id.in_(superseded))
-                .values(status="superseded", updated_at=now, finished_at=now, note="replaced by a newer plan")
-            )
-        if rows:
-            conn.execute(insert(OP), rows)
+        write_plan(conn, rows, superseded, now)
     return len(rows)
+
+
+def write_plan(conn: Any, rows: list[dict[str, Any]], superseded: list[int], now: datetime) -> None:
+    """Insert a plan's new rows and mark the open rows they replace, inside the caller's transaction."""
+    for chunk in _chunks(superseded, 500):
+        conn.execute(
+            update(OP)
+            .where(OP.c.id.in_(chunk))
+            .values(status="superseded", updated_at=now, finished_at=now, note="replaced by a newer plan")
+        )
+    if rows:
+        conn.execute(insert(OP), rows)
 
 
 def count_status(engine: Engine, target: str, status: str) -> int:
