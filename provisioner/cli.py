@@ -22,6 +22,7 @@ from rich.table import Table
 from provisioner import logs
 from provisioner.config import Config, load_config
 from provisioner.daemon import Daemon, check_alerts
+from provisioner.group_executor import plan_groups_once
 from provisioner.demo import start_scim_server, write_demo_config
 from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
 from provisioner.planner import Reason
@@ -31,12 +32,15 @@ from provisioner.queue import (
     close,
     get_operation,
     list_operations,
+    load_links,
     recover_orphans,
     release_held,
     retry_now,
     status_by_target,
 )
 from provisioner.lock import StateLock
+from provisioner.planner import preview_record
+from provisioner.sources import BadRecord, read_source
 from provisioner.quarantine import all_states, set_paused
 from provisioner.store import open_store
 from provisioner.sync import (
@@ -141,6 +145,12 @@ def _parser() -> argparse.ArgumentParser:
     reject.add_argument("run_id")
     reject.add_argument("--config", type=Path, default=Path("config.yaml"))
     reject.set_defaults(handler=_release, approve=False)
+
+    preview = commands.add_parser("preview", help="what records become through a target's mapping; sends nothing")
+    preview.add_argument("keys", nargs="+", metavar="KEY", help="identity keys in the source")
+    preview.add_argument("--config", type=Path, default=Path("config.yaml"))
+    preview.add_argument("--target", help="the target whose mapping to use (default: the first configured)")
+    preview.set_defaults(handler=_preview)
 
     check = commands.add_parser("check", help="validate the config and every mapping it uses")
     check.add_argument("--config", type=Path, default=Path("config.yaml"))
@@ -304,7 +314,9 @@ def _plan(args: argparse.Namespace) -> int:
     for name in selected_targets(config, args.target):
         mapping = load_target_mapping(config, name)
         plan, active = plan_once(engine, config, name, mapping)
-        plans.append(describe_plan(engine, plan, active, config.targets[name]))
+        # Groups are planned against the accounts that exist now (a cycle sends users first, then groups).
+        groups = plan_groups_once(engine, config, name, mapping) if config.targets[name].groups else None
+        plans.append(describe_plan(engine, plan, active, config.targets[name], groups))
     if args.json:
         print(orjson.dumps(plans, option=orjson.OPT_INDENT_2).decode())
         return EXIT_OK
@@ -320,7 +332,32 @@ def _plan(args: argparse.Namespace) -> int:
             print(f"  {op['kind']:<8} {op['reason']:<7} {op['identity_key']}{who}{changes}")
         for rejected in plan["rejected"]:  # type: ignore[attr-defined]
             print(f"  rejected {rejected['identity_key']}: {rejected['reason']}")
+        groups = plan["groups"]
+        if isinstance(groups, dict):
+            print("  groups: " + "  ".join(f"{k} {v}" for k, v in groups["counts"].items()))
+            for op in groups["operations"]:
+                print(f"  {op['kind']:<13} {op['reason']:<10} {op['group']}  +{op['add']} -{op['remove']}")
     return EXIT_OK
+
+
+def _preview(args: argparse.Namespace) -> int:
+    config = load_config(args.config, secrets=False)
+    names = selected_targets(config, [args.target] if args.target else None)
+    if not names:
+        raise ConfigError(f"{args.config}: no enabled target to preview with (name one with --target)")
+    name = names[0]
+    mapping = load_target_mapping(config, name)
+    links = load_links(open_store(config.state), name)
+    wanted = set(args.keys)
+    found: dict[str, dict[str, Any]] = {}
+    for record in read_source(config.sources[config.targets[name].source]):
+        if isinstance(record, BadRecord) or record.key not in wanted or record.key in found:
+            continue
+        found[record.key] = preview_record(mapping, record, links)
+    results = [{"identity_key": key, **found.get(key, {"error": "not in the source"})} for key in args.keys]
+    for result in results:
+        print(_json(result))
+    return EXIT_CONFIG if any("error" in result for result in results) else EXIT_OK
 
 
 def _held(args: argparse.Namespace) -> int:

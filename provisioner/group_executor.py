@@ -637,6 +637,27 @@ def due_for_compare(verified: dict[str, datetime | None], every: str | None, *, 
     return sorted(key for key, at in verified.items() if at is None or now - at >= interval)
 
 
+def plan_groups_once(engine: Engine, config: Config, name: str, mapping: AttributeMapping) -> GroupPlan:
+    """What the group step of a cycle would do, from the state we hold; reads the target for nothing, writes nothing."""
+    target = config.targets[name]
+    assert target.groups is not None
+    executor = GroupExecutor(engine, name, target, _no_client)
+    executor.load()
+    desired = desired_groups(
+        load_groups(target.groups),
+        mapping,
+        read_source(config.sources[target.source]),
+        load_links(engine, name),
+        remove_leavers=target.remove_leavers_from_groups,
+        held=held_identities(engine, name),
+    )
+    return plan_groups(name, desired, executor.links, executor.state, delete_empty=target.delete_empty_groups)
+
+
+def _no_client() -> ScimClient:
+    raise AssertionError("planning sends nothing")
+
+
 async def _send_pages(engine: Engine, name: str, executor: GroupExecutor, report: GroupReport) -> None:
     while not executor.stopping.is_set():
         result = await executor.run(claim_groups(engine, name, limit=CLAIM_PAGE))

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from provisioner.errors import SafetyStop
-from provisioner.mapping import AttributeMapping, MappingError
+from provisioner.mapping import AttributeMapping, MappingError, Ref
 from provisioner.payload import payload_hash, refs_in, resolve_refs
 from provisioner.sources import BadRecord, IdentityRecord
 
@@ -210,6 +210,36 @@ def brake_trips(leavers: int, active_accounts: int, max_count: int | None, max_s
     if max_count is not None and leavers > max_count:
         return True
     return max_share is not None and leavers > max(1, math.ceil(max_share * active_accounts))
+
+
+def preview_record(mapping: AttributeMapping, record: IdentityRecord, links: Mapping[str, Link]) -> dict[str, Any]:
+    """What one record becomes, for a config author: the payload, or why there is none."""
+    try:
+        rendered = mapping.render(record.attributes)
+    except MappingError as exc:
+        return {"origin": record.origin, "error": str(exc)}
+    if not rendered.payload:
+        why = "out of scope" if not rendered.in_scope else "a leaver (leaver_when)"
+        return {"origin": record.origin, "account": f"none: {why}"}
+    payload, unresolved = resolve_refs(rendered.payload, lambda key: links[key].scim_id if key in links else None,
+                                       keep_unresolved=True)  # fmt: skip
+    link = links.get(record.key)
+    return {
+        "origin": record.origin,
+        "account": f"linked to {link.scim_id}" if link else "not in the target yet: would be created",
+        "unresolved_references": unresolved,
+        "payload": _show_refs(payload),
+    }
+
+
+def _show_refs(value: Any) -> Any:
+    if isinstance(value, Ref):
+        return f"ref({value.key}): not in the target yet"
+    if isinstance(value, dict):
+        return {k: _show_refs(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_show_refs(v) for v in value]
+    return value
 
 
 def _desired(record: IdentityRecord, mapping: AttributeMapping, links: Mapping[str, Link], plan: Plan) -> Desired:

@@ -21,7 +21,7 @@ from provisioner.config import Config, TargetConfig
 from provisioner.errors import ConfigError, SafetyStop
 from provisioner.executor import Executor
 from provisioner.group_executor import send_due_groups, sync_groups
-from provisioner.groups import load_groups
+from provisioner.groups import GroupPlan, load_groups
 from provisioner.mapping import AttributeMapping, load_mapping
 from provisioner.payload import changed_paths, dumps
 from provisioner.planner import Kind, Plan, brake_trips, plan_target
@@ -245,7 +245,20 @@ def last_runs(engine: Engine) -> dict[str, dict[str, object]]:
         return {row["target"]: dict(row) for row in conn.execute(query).mappings()}
 
 
-def describe_plan(engine: Engine, plan: Plan, active: int, target: TargetConfig) -> dict[str, object]:
+def _describe_groups(plan: GroupPlan) -> dict[str, object]:
+    return {
+        "counts": plan.counts(),
+        "operations": [
+            {"group": d.display_name, "kind": d.kind.value, "reason": d.reason.value,
+             "add": len(d.add), "remove": len(d.remove)}  # fmt: skip
+            for d in plan.decisions
+        ],
+    }
+
+
+def describe_plan(
+    engine: Engine, plan: Plan, active: int, target: TargetConfig, group_plan: GroupPlan | None = None
+) -> dict[str, object]:
     """A plan as an operator reads it: counts, each operation with the attributes it changes."""
     updates = [d.identity_key for d in plan.decisions if d.kind in (Kind.UPDATE, Kind.ENABLE)]
     states = load_link_states(engine, plan.target, updates) if updates else {}
@@ -268,5 +281,6 @@ def describe_plan(engine: Engine, plan: Plan, active: int, target: TargetConfig)
         "counts": plan.counts(),
         "would_hold_leavers": brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share),
         "operations": operations,
+        "groups": _describe_groups(group_plan) if group_plan is not None else None,
         "rejected": [{"identity_key": key, "reason": reason} for key, reason, _kind, _why in plan.rejected],
     }
