@@ -73,7 +73,9 @@ class GroupReason(StrEnum):
 class _Definition:
     where: str
     name: jinja2.Template | str | None
-    key: str | None
+    # A stable identity for the group(s): a literal for a literal name, a template for a template name.
+    # When the name changes and the key does not, the group is renamed, not replaced.
+    key: jinja2.Template | str | None
     column: str | None
     separator: str
     members: jinja2.Template | None
@@ -89,7 +91,7 @@ class GroupDefinitions:
 
     def static_groups(self) -> dict[str, str]:
         """Groups named by a literal: key -> display name. They exist even without members."""
-        return {d.key or d.name: d.name for d in self.definitions if isinstance(d.name, str)}
+        return {_literal(d.key) or d.name: d.name for d in self.definitions if isinstance(d.name, str)}
 
     def groups_of(self, record: Mapping[str, Any]) -> dict[str, str]:
         """The groups (key -> display name) a record belongs to by the rules, before nesting."""
@@ -107,18 +109,19 @@ class GroupDefinitions:
                             out[name.strip()] = name.strip()
                     continue
                 name = d.name if isinstance(d.name, str) else (d.name.render(record) if d.name else "")
+                key = d.key.render(record).strip() if isinstance(d.key, jinja2.Template) else d.key
             except jinja2.UndefinedError as exc:
                 raise MappingError(f"{d.where}: {exc.message}") from None
             except jinja2.TemplateError as exc:
                 raise MappingError(f"{d.where}: {type(exc).__name__}: {exc}") from None
             name = name.strip()
             if name:
-                out[d.key or name] = name
+                out[key or name] = name
         return out
 
     def nesting(self) -> dict[str, tuple[str, ...]]:
         """Groups that include other groups' members: key -> included keys."""
-        return {(d.key or d.name): d.include for d in self.definitions if d.include and isinstance(d.name, str)}
+        return {(_literal(d.key) or d.name): d.include for d in self.definitions if d.include and isinstance(d.name, str)}
 
 
 def _truthy(text: str) -> bool:
@@ -154,9 +157,18 @@ def load_groups(path: Path) -> GroupDefinitions:
             if not isinstance(raw, str) or not raw.strip():
                 raise ConfigError(f"{doc.where((*loc, 'name'))}: 'name' must be a non-empty string")
             name = _compile(env, raw, doc.where((*loc, "name"))) if "{" in raw else raw.strip()
-        key = item.get("key")
-        if key is not None and not isinstance(name, str):
-            raise ConfigError(f"{doc.where((*loc, 'key'))}: 'key' is for groups with a literal name")
+        key: jinja2.Template | str | None = None
+        if item.get("key") is not None:
+            raw_key = str(item["key"]).strip()
+            key_where = doc.where((*loc, "key"))
+            if isinstance(name, str) or name is None:
+                key = raw_key
+            elif "{" not in raw_key:
+                # One literal key for every group a template makes would merge them all into one.
+                raise ConfigError(f"{key_where}: a group named by a template needs a template key too, "
+                                  "e.g. key: \"department:{{ department }}\"")  # fmt: skip
+            else:
+                key = _compile(env, raw_key, key_where)
         include = item.get("include") or []
         if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
             raise ConfigError(f"{doc.where((*loc, 'include'))}: 'include' is a list of group names")
@@ -171,7 +183,7 @@ def load_groups(path: Path) -> GroupDefinitions:
             _Definition(
                 where=where,
                 name=name,
-                key=str(key) if key is not None else None,
+                key=key,
                 column=item.get("from_column"),
                 separator=str(item.get("separator", ";")),
                 members=members_template,
@@ -179,6 +191,10 @@ def load_groups(path: Path) -> GroupDefinitions:
             )
         )
     return GroupDefinitions(path, tuple(definitions))
+
+
+def _literal(key: jinja2.Template | str | None) -> str | None:
+    return key if isinstance(key, str) else None
 
 
 def _compile(env: ImmutableSandboxedEnvironment, source: str, where: str) -> jinja2.Template:

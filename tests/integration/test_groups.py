@@ -18,6 +18,7 @@ import pytest
 
 from provisioner.config import load_config
 from provisioner.demo import DEMO_MAPPING, ScimServer, start_scim_server
+from provisioner.errors import ConfigError
 from provisioner.mapping import load_mapping
 from provisioner.queue import get_operation, list_operations
 from provisioner.store import open_store
@@ -273,3 +274,32 @@ def test_a_leaver_is_removed_from_every_group_unless_configured_otherwise(
     assert report.failed == 0
     assert world.members("all-staff") == {"e1@example.com"}
     assert world.members("dept-engineering") == {"e1@example.com"}
+
+
+def test_a_renamed_rule_renames_its_groups_in_place_when_they_have_a_key(
+    tmp_path: Path, server: ScimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keyed = 'groups:\n  - name: "dept-{{ department | lower }}"\n    key: "department:{{ department }}"\n'
+    world = World(tmp_path, server, monkeypatch, groups=keyed)
+    world.write([person("E1"), person("E2", "Sales")])
+    world.sync()
+    before = {name: group["id"] for name, [group] in world.groups().items()}
+
+    (tmp_path / "groups.yaml").write_text(keyed.replace('"dept-{{', '"team-{{'))
+    report = world.sync()
+
+    assert report.failed == 0 and report.done["group_create"] == 0
+    after = {name: group["id"] for name, [group] in world.groups().items()}
+    assert after == {"team-engineering": before["dept-engineering"], "team-sales": before["dept-sales"]}
+    assert world.members("team-sales") == {"e2@example.com"}
+
+
+def test_a_template_name_with_a_literal_key_is_refused_naming_its_line(
+    tmp_path: Path, server: ScimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = World(tmp_path, server, monkeypatch,
+                  groups='groups:\n  - name: "dept-{{ department }}"\n    key: departments\n')  # fmt: skip
+    world.write([person("E1")])
+
+    with pytest.raises(ConfigError, match=r"groups.yaml:3: a group named by a template needs a template key"):
+        world.sync()
