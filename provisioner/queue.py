@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 
 from provisioner.payload import dumps, loads
 from provisioner.planner import Decision, Kind, Link, Reason
@@ -428,17 +429,32 @@ def finish(conn: Any, outcome: Finished, now: datetime) -> None:
 
 
 def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> None:
-    """Write an operation's outcome, its calls and the link it leaves, in one transaction."""
+    """Write an operation's outcome, its calls and the link it leaves, in one transaction.
+
+    If the account is linked to another identity meanwhile (two identities with
+    one userName, adopting the same account at once), the operation goes to
+    review instead, without the link.
+    """
     now = utcnow()
-    with engine.begin() as conn:
-        finish(conn, outcome, now)
-        if outcome.drop_link:
-            conn.execute(_DROP_LINK, {"t": target, "k": identity_key})
-        elif outcome.link is not None:
-            dialect = engine.dialect.name
-            if dialect not in _UPSERTS:
-                _UPSERTS[dialect] = _upsert_link(dialect)
-            conn.execute(_UPSERTS[dialect], _link_row(target, identity_key, outcome.link, now))
+    try:
+        with engine.begin() as conn:
+            finish(conn, outcome, now)
+            if outcome.drop_link:
+                conn.execute(_DROP_LINK, {"t": target, "k": identity_key})
+            elif outcome.link is not None:
+                dialect = engine.dialect.name
+                if dialect not in _UPSERTS:
+                    _UPSERTS[dialect] = _upsert_link(dialect)
+                conn.execute(_UPSERTS[dialect], _link_row(target, identity_key, outcome.link, now))
+    except IntegrityError:
+        if outcome.link is None:
+            raise
+        scim_id = outcome.link.scim_id
+        owner = linked_identity(engine, target, scim_id)
+        outcome.status, outcome.link = "failed", None
+        outcome.error = f"account {scim_id} is already linked to identity {owner}; not linked twice"
+        with engine.begin() as conn:
+            finish(conn, outcome, now)
 
 
 def _call_row(outcome: Finished, call: CallRecord) -> dict[str, Any]:

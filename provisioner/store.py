@@ -26,7 +26,8 @@ class AccountLink(SQLModel, table=True):
     """An identity's account in a target, as we last applied it."""
 
     __tablename__ = "account_link"
-    __table_args__ = (Index("ix_account_link_scim_id", "target", "scim_id"),)
+    # One account belongs to one identity: two identities racing to adopt it cannot both link it.
+    __table_args__ = (Index("ux_account_link_scim_id", "target", "scim_id", unique=True),)
 
     target: str = Field(primary_key=True)
     identity_key: str = Field(primary_key=True)

@@ -272,3 +272,21 @@ def test_list_operations_is_newest_first_and_filters(engine: Engine) -> None:
     assert [row["identity_key"] for row in list_operations(engine, target="app")] == ["E2", "E1"]
     assert [row["identity_key"] for row in list_operations(engine, identity="E1")] == ["E1"]
     assert list_operations(engine, status="failed") == []
+
+
+def test_an_account_already_linked_to_another_identity_is_not_linked_twice(tmp_path: Path) -> None:
+    """Two identities adopting one account at once: the second outcome goes to review, without the link."""
+    engine = open_store(f"sqlite:///{tmp_path / 'race.db'}")
+    payload = {"userName": "sam@example.com"}
+    enqueue(engine, "r1", "app", [Decision("E4", Kind.CREATE, Reason.JOINER, payload, "h"),
+                                  Decision("E5", Kind.CREATE, Reason.JOINER, payload, "h")])  # fmt: skip
+    first, second = claim(engine, "app")
+    record(engine, "app", "E4", Outcome(first.id, "succeeded", link=LinkState("acct-1", True, None, None, "h", payload)))
+
+    record(engine, "app", "E5", Outcome(second.id, "succeeded", link=LinkState("acct-1", True, None, None, "h", payload)))
+
+    rows = {row["identity_key"]: row for row in list_operations(engine)}
+    assert rows["E4"]["status"] == "succeeded"
+    assert rows["E5"]["status"] == "failed"
+    assert "acct-1 is already linked to identity E4" in rows["E5"]["last_error"]
+    assert set(load_links(engine, "app")) == {"E4"}
