@@ -25,6 +25,7 @@ from provisioner.daemon import Daemon, check_alerts
 from provisioner.group_executor import plan_groups_once
 from provisioner.demo import start_scim_server, write_demo_config
 from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
+from provisioner.payload import loads, readable
 from provisioner.planner import Reason
 from provisioner.queue import (
     STATUSES,
@@ -430,6 +431,9 @@ def _queue_show(args: argparse.Namespace) -> int:
         print(f"error: no operation {args.id}", file=sys.stderr)
         return EXIT_CONFIG
     row, calls = found
+    if row["payload"] is not None:
+        # As planned: references to accounts not yet created then show as ref(KEY); the calls show what was sent.
+        row["payload"] = orjson.dumps(readable(loads(row["payload"]))).decode()
     if args.json:
         print(_json({**row, "calls": calls}))
         return EXIT_OK

@@ -54,6 +54,17 @@ def _decode_refs(value: Any) -> Any:
     return value
 
 
+def readable(value: Any, note: str = "resolved when sent") -> Any:
+    """A payload for people: each unresolved reference shown as ``ref(KEY): note``."""
+    if isinstance(value, Ref):
+        return f"ref({value.key}): {note}"
+    if isinstance(value, dict):
+        return {k: readable(v, note) for k, v in value.items()}
+    if isinstance(value, list):
+        return [readable(v, note) for v in value]
+    return value
+
+
 def refs_in(value: Any) -> set[str]:
     """The identity keys that a payload still refers to by reference."""
     if isinstance(value, Ref):

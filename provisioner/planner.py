@@ -13,8 +13,8 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from provisioner.errors import SafetyStop
-from provisioner.mapping import AttributeMapping, MappingError, Ref
-from provisioner.payload import payload_hash, refs_in, resolve_refs
+from provisioner.mapping import AttributeMapping, MappingError
+from provisioner.payload import payload_hash, readable, refs_in, resolve_refs
 from provisioner.sources import BadRecord, IdentityRecord
 
 
@@ -228,18 +228,8 @@ def preview_record(mapping: AttributeMapping, record: IdentityRecord, links: Map
         "origin": record.origin,
         "account": f"linked to {link.scim_id}" if link else "not in the target yet: would be created",
         "unresolved_references": unresolved,
-        "payload": _show_refs(payload),
+        "payload": readable(payload, "not in the target yet"),
     }
-
-
-def _show_refs(value: Any) -> Any:
-    if isinstance(value, Ref):
-        return f"ref({value.key}): not in the target yet"
-    if isinstance(value, dict):
-        return {k: _show_refs(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_show_refs(v) for v in value]
-    return value
 
 
 def _desired(record: IdentityRecord, mapping: AttributeMapping, links: Mapping[str, Link], plan: Plan) -> Desired:
