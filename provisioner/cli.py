@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from provisioner import logs
-from provisioner.config import Config, load_config
+from provisioner.config import Config, load_config, parse_duration
 from provisioner.daemon import Daemon, check_alerts
 from provisioner.group_executor import plan_groups_once
 from provisioner.demo import start_scim_server, write_demo_config
@@ -34,6 +34,7 @@ from provisioner.queue import (
     get_operation,
     list_operations,
     load_links,
+    prune,
     recover_orphans,
     release_held,
     retry_now,
@@ -194,6 +195,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--since", type=_since)
     export.add_argument("--limit", type=int, default=100_000)
     export.set_defaults(handler=_queue_export)
+    prune_parser = queue_commands.add_parser("prune", help="delete finished operations older than an age")
+    prune_parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    prune_parser.add_argument("--older-than", required=True, type=_age, help="an age like 90d or 12h")
+    prune_parser.set_defaults(handler=_queue_prune)
 
     target = commands.add_parser("target", help="pause or resume a target by hand (maintenance)")
     target_commands = target.add_subparsers(dest="target_command", required=True, metavar="ACTION")
@@ -219,6 +224,13 @@ def _selection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=Path("config.yaml"))
     parser.add_argument("--status", choices=STATUSES, help="every operation in this status (with or without IDs)")
     parser.add_argument("--target")
+
+
+def _age(text: str) -> datetime:
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _since(text: str) -> datetime:
@@ -475,6 +487,14 @@ _EXPORT_COLUMNS = (
     "id", "run_id", "target", "identity_key", "kind", "reason", "status", "attempts", "last_http_status",
     "last_scim_type", "last_detail", "last_error", "note", "created_at", "updated_at", "finished_at",
 )  # fmt: skip
+
+
+def _queue_prune(args: argparse.Namespace) -> int:
+    engine = open_store(load_config(args.config, secrets=False).state)
+    removed = prune(engine, args.older_than)
+    print(f"{removed} finished operations deleted (succeeded, superseded, cancelled, resolved); "
+          "failed and waiting ones are kept")  # fmt: skip
+    return EXIT_OK
 
 
 def _queue_export(args: argparse.Namespace) -> int:

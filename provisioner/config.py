@@ -97,6 +97,16 @@ class DaemonConfig(_Strict):
     listen: str | None = "127.0.0.1:9464"
     shutdown_grace: float = Field(default=30.0, ge=0, le=3600)
     retry_interval: float = Field(default=60.0, ge=1)
+    # Finished operations (succeeded, superseded, cancelled, resolved) older than this are
+    # deleted once a day; failed and waiting ones are kept until handled. null: keep everything.
+    retention: str | None = "90d"
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
 
 
 def parse_duration(text: str) -> float:

@@ -15,7 +15,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -25,10 +25,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine
 
 from provisioner import alerts, metrics, quarantine
-from provisioner.config import Config, ScheduleConfig
+from provisioner.config import Config, ScheduleConfig, parse_duration
 from provisioner.errors import UserError
 from provisioner.mapping import AttributeMapping
-from provisioner.queue import STATUSES, count_status, list_operations, recover_orphans, status_by_target
+from provisioner.queue import STATUSES, count_status, list_operations, prune, recover_orphans, status_by_target
 from provisioner.store import utcnow
 from provisioner.sync import TargetReport, last_runs, load_target_mapping, send_due, sync_target
 
@@ -84,7 +84,16 @@ class Daemon:
                 )
         retry = IntervalTrigger(seconds=self.config.daemon.retry_interval)
         scheduler.add_job(self._job, retry, args=[self.send_due, self.targets], id="retry", **options)
+        if self.config.daemon.retention:
+            scheduler.add_job(self._prune, IntervalTrigger(days=1), id="prune", **options)
         return scheduler
+
+    async def _prune(self) -> None:
+        retention = self.config.daemon.retention
+        assert retention is not None
+        removed = prune(self.engine, utcnow() - timedelta(seconds=parse_duration(retention)))
+        if removed:
+            log.info("pruned finished operations", count=removed, older_than=retention)
 
     async def _job(self, work: Callable[[str], Awaitable[None]], targets: list[str]) -> None:
         task = asyncio.current_task()

@@ -609,3 +609,18 @@ def status_by_target(engine: Engine) -> dict[str, dict[str, int]]:
         for target, status, count in conn.execute(query):
             counts.setdefault(target, {})[status] = int(count)
     return counts
+
+
+# Finished operations an operator no longer needs: what retention deletes.
+PRUNABLE = ("succeeded", "superseded", "cancelled", "resolved")
+
+
+def prune(engine: Engine, older_than: datetime) -> int:
+    """Delete finished operations (and their calls) last updated before a time; return how many."""
+    old = and_(OP.c.status.in_(PRUNABLE), OP.c.updated_at < older_than)
+    with engine.begin() as conn:
+        ids = [row[0] for row in conn.execute(select(OP.c.id).where(old))]
+        for chunk in _chunks(ids, 500):
+            conn.execute(delete(ATTEMPT).where(ATTEMPT.c.operation_id.in_(chunk)))
+            conn.execute(delete(OP).where(OP.c.id.in_(chunk)))
+    return len(ids)

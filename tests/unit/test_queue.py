@@ -23,6 +23,7 @@ from provisioner.queue import (
     list_operations,
     load_link_states,
     load_links,
+    prune,
     record,
 )
 from provisioner.redaction import register
@@ -290,3 +291,23 @@ def test_an_account_already_linked_to_another_identity_is_not_linked_twice(tmp_p
     assert rows["E5"]["status"] == "failed"
     assert "acct-1 is already linked to identity E4" in rows["E5"]["last_error"]
     assert set(load_links(engine, "app")) == {"E4"}
+
+
+def test_prune_deletes_old_finished_operations_and_their_calls_but_keeps_failed_ones(tmp_path: Path) -> None:
+    engine = open_store(f"sqlite:///{tmp_path / 'prune.db'}")
+    payload = {"userName": "a@example.com"}
+    enqueue(engine, "r1", "app", [Decision(f"E{n}", Kind.CREATE, Reason.JOINER, payload, f"h{n}") for n in range(3)])
+    done, failed, waiting = claim(engine, "app")
+    call = CallRecord(datetime.now(UTC), 1.0, "POST", "https://x/Users", 201)
+    record(engine, "app", "E0", Outcome(done.id, "succeeded", calls=[call],
+                                        link=LinkState("a0", True, None, None, "h0", payload)))  # fmt: skip
+    record(engine, "app", "E1", Outcome(failed.id, "failed", error="400", calls=[call]))
+    record(engine, "app", "E2", Outcome(waiting.id, "retry_wait", error="503"))
+
+    assert prune(engine, datetime.now(UTC) - timedelta(days=1)) == 0
+    assert prune(engine, datetime.now(UTC) + timedelta(seconds=1)) == 1
+
+    assert {row["identity_key"] for row in list_operations(engine)} == {"E1", "E2"}
+    assert get_operation(engine, done.id) is None
+    assert len(get_operation(engine, failed.id)[1]) == 1  # type: ignore[index]
+    assert set(load_links(engine, "app")) == {"E0"}, "pruning the history never touches account links"
