@@ -18,7 +18,7 @@ import structlog
 from sqlalchemy import Engine, func, insert, select, update
 
 from provisioner.config import Config, TargetConfig
-from provisioner.errors import ConfigError, SafetyStop
+from provisioner.errors import ConfigError, UserError
 from provisioner.executor import Executor
 from provisioner.group_executor import send_due_groups, sync_groups
 from provisioner.groups import GroupPlan, load_groups
@@ -138,7 +138,8 @@ async def sync_target(
             report.statuses.update(groups.statuses)
             report.done.update(groups.done)
             report.skipped += groups.skipped
-    except SafetyStop as exc:
+    except UserError as exc:
+        # A safety stop, or a source that cannot be read: nothing was planned; alerts say why.
         _finish_run(engine, report, status="refused", error=str(exc))
         raise
     except BaseException:
