@@ -538,7 +538,12 @@ class GroupExecutor:
                 continue
             try:
                 result = await client.patch(ENDPOINT, link.scim_id, operations, etag=etag)
-            except PreconditionFailed as exc:
+            except PermanentError as exc:
+                # 412: someone changed the group. 400 noTarget: a member we remove is gone already
+                # (servers differ on whether that is an error). Both: read the group and recompute.
+                stale = isinstance(exc, PreconditionFailed) or (exc.scim_type == "noTarget" and bool(batch_remove))
+                if not stale:
+                    raise
                 rounds += 1
                 if rounds > PRECONDITION_ROUNDS:
                     exc.message = f"{exc.message}; still stale after {PRECONDITION_ROUNDS} refetches"

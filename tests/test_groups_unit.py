@@ -261,6 +261,44 @@ def test_a_target_without_patch_gets_a_put_of_the_whole_member_list(tmp_path: Pa
 
 
 @respx.mock
+def test_a_400_no_target_on_removing_a_member_already_gone_reads_the_group_and_finishes(tmp_path: Path) -> None:
+    """Some servers refuse to remove a member who is not there (400 noTarget): read the group, send what is left."""
+    decision = GroupDecision("eng", GroupKind.MEMBERS, GroupReason.MEMBERSHIP, "dept-eng", add=("u3",), remove=("u1",))
+    engine = linked_group(tmp_path, {"u1", "u2"}, decision)
+    respx.get(f"{BASE}/ServiceProviderConfig").respond(200, json=SPC)
+    # u1 was removed by hand in the target meanwhile.
+    fresh = {"id": "g1", "displayName": "dept-eng", "members": [{"value": "u2"}], "meta": {"version": 'W/"2"'}}
+    respx.get(f"{BASE}/Groups/g1").respond(200, json=fresh)
+    no_target = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"], "status": "400", "scimType": "noTarget"}
+    patch = respx.patch(f"{BASE}/Groups/g1").mock(
+        side_effect=[httpx.Response(400, json=no_target), httpx.Response(204, headers={"ETag": 'W/"3"'})]
+    )
+
+    send(engine, target_config())
+
+    assert patch.call_count == 2
+    assert body(patch.calls[1])["Operations"] == [{"op": "add", "path": "members", "value": [{"value": "u3"}]}]
+    row, _calls = get_operation(engine, 2)
+    assert row["status"] == "succeeded"
+    assert load_member_state(engine, "app")["eng"] == {"u2", "u3"}
+
+
+@respx.mock
+def test_a_400_that_is_not_about_a_missing_member_goes_to_review(tmp_path: Path) -> None:
+    decision = GroupDecision("eng", GroupKind.MEMBERS, GroupReason.MEMBERSHIP, "dept-eng", add=("u3",))
+    engine = linked_group(tmp_path, {"u1"}, decision)
+    respx.get(f"{BASE}/ServiceProviderConfig").respond(200, json=SPC)
+    invalid = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"], "status": "400", "scimType": "invalidValue"}
+    patch = respx.patch(f"{BASE}/Groups/g1").respond(400, json=invalid)
+
+    send(engine, target_config())
+
+    assert patch.call_count == 1
+    row, _calls = get_operation(engine, 2)
+    assert row["status"] == "failed" and row["last_scim_type"] == "invalidValue"
+
+
+@respx.mock
 def test_a_put_that_meets_a_412_reads_the_group_again(tmp_path: Path) -> None:
     decision = GroupDecision("eng", GroupKind.MEMBERS, GroupReason.MEMBERSHIP, "dept-eng", add=("u3",))
     engine = linked_group(tmp_path, {"u2"}, decision)
