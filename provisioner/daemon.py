@@ -28,6 +28,7 @@ from provisioner import alerts, metrics, quarantine
 from provisioner.config import Config, ScheduleConfig, parse_duration
 from provisioner.errors import UserError
 from provisioner.mapping import AttributeMapping
+from provisioner.planner import RenderMemo
 from provisioner.queue import STATUSES, count_status, list_operations, prune, recover_orphans, status_by_target
 from provisioner.store import utcnow
 from provisioner.sync import TargetReport, last_runs, load_target_mapping, send_due, sync_target
@@ -47,6 +48,8 @@ class Daemon:
         self.targets = [name for name, target in config.targets.items() if target.enabled]
         self.mappings: dict[str, AttributeMapping] = {name: load_target_mapping(config, name) for name in self.targets}
         self.locks = {name: asyncio.Lock() for name in self.targets}
+        # Renders of earlier cycles: a record unchanged since is not rendered again (the mappings are fixed).
+        self.memos = {name: RenderMemo() for name in self.targets}
         self.stopping = asyncio.Event()
         self.inflight: set[asyncio.Task[Any]] = set()
         self.last_cycle: dict[str, dict[str, Any]] = {}
@@ -124,7 +127,9 @@ class Daemon:
 
     async def cycle(self, name: str) -> None:
         """One sync cycle of one target."""
-        report = await sync_target(self.engine, self.config, name, self.mappings[name], stop=self.stopping)
+        report = await sync_target(
+            self.engine, self.config, name, self.mappings[name], stop=self.stopping, memo=self.memos[name]
+        )
         self._remember(name, report)
 
     async def send_due(self, name: str) -> None:

@@ -6,11 +6,14 @@ as a ladder of early returns over (desired state, account link).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
+
+import orjson
 
 from provisioner.errors import SafetyStop
 from provisioner.mapping import AttributeMapping, MappingError
@@ -126,11 +129,14 @@ def plan_target(
     links: Mapping[str, Link],
     leaver: LeaverAction = "disable",
     min_records: int = 1,
+    memo: RenderMemo | None = None,
 ) -> Plan:
     """Decide every operation for one target from the whole source and the current links.
 
     A record that cannot be rendered is rejected, never mistaken for a leaver;
     an identity linked in the target but absent from the source is a leaver.
+    ``memo`` (kept by a long-running process) skips rendering records unchanged
+    since a render whose result the target already has.
     """
     plan = Plan(target)
     seen: set[str] = set()
@@ -148,12 +154,17 @@ def plan_target(
         seen.add(record.key)
         plan.source_records += 1
         link = links.get(record.key)
+        if memo is not None and memo.settled(record, link, links):
+            _add(plan, record.key, None)
+            continue
         try:
-            desired = _desired(record, mapping, links, plan)
+            desired, refs = _desired(record, mapping, links, plan)
         except MappingError as exc:
             plan.rejected.append((record.key, f"{record.origin}: {exc}", *_would_be(link)))
             continue
         _add(plan, record.key, decide(desired, link, leaver))
+        if memo is not None:
+            memo.remember(record, desired.payload_hash, refs, links)
     active = sum(link.active for link in links.values())
     if plan.source_records == 0 and active:
         raise SafetyStop(
@@ -232,10 +243,50 @@ def preview_record(mapping: AttributeMapping, record: IdentityRecord, links: Map
     }
 
 
-def _desired(record: IdentityRecord, mapping: AttributeMapping, links: Mapping[str, Link], plan: Plan) -> Desired:
+@dataclass(slots=True)
+class RenderMemo:
+    """What the last render of each identity gave, so that an unchanged record is not rendered again.
+
+    An entry holds a digest of the record, the SCIM ids its references resolved
+    to, and the payload hash. A record whose digest and references are the same,
+    and whose account already has that payload applied, needs no render: nothing
+    changed. Valid for one compiled mapping: a long-running process keeps one per
+    target for as long as it keeps the mapping.
+    """
+
+    entries: dict[str, tuple[bytes, tuple[tuple[str, str | None], ...], str | None]] = field(default_factory=dict)
+
+    def settled(self, record: IdentityRecord, link: Link | None, links: Mapping[str, Link]) -> bool:
+        """Whether the record is unchanged and its account already holds what it renders to."""
+        entry = self.entries.get(record.key)
+        if entry is None or link is None or not link.active or link.applied_hash is None:
+            return False
+        digest, refs, desired_hash = entry
+        if desired_hash != link.applied_hash or digest != _digest(record):
+            return False
+        return all((links[k].scim_id if k in links else None) == scim_id for k, scim_id in refs)
+
+    def remember(
+        self, record: IdentityRecord, desired_hash: str | None, refs: set[str], links: Mapping[str, Link]
+    ) -> None:
+        """Keep what this record rendered to: its payload hash, and the ids its references had then."""
+        resolved = tuple((k, links[k].scim_id if k in links else None) for k in sorted(refs))
+        self.entries[record.key] = (_digest(record), resolved, desired_hash)
+
+
+def _digest(record: IdentityRecord) -> bytes:
+    return hashlib.blake2b(orjson.dumps(record.attributes, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+
+
+def _desired(
+    record: IdentityRecord, mapping: AttributeMapping, links: Mapping[str, Link], plan: Plan
+) -> tuple[Desired, set[str]]:
+    """The desired state of one record, and the identities its payload refers to."""
     rendered = mapping.render(record.attributes)
     if not rendered.payload:
-        return Desired(record.key, None)
+        return Desired(record.key, None), set()
+    if not mapping.uses_refs:
+        return Desired(record.key, rendered.payload, payload_hash(rendered.payload)), set()
 
     def scim_id(key: str) -> str | None:
         link = links.get(key)
@@ -243,12 +294,10 @@ def _desired(record: IdentityRecord, mapping: AttributeMapping, links: Mapping[s
 
     # The hash is of what would be sent now; the payload keeps unresolved references so that
     # the executor can resolve them once the accounts they name are created in this cycle.
-    if not mapping.uses_refs:
-        return Desired(record.key, rendered.payload, payload_hash(rendered.payload))
     payload, unresolved = resolve_refs(rendered.payload, scim_id, keep_unresolved=True)
     plan.unresolved_refs += unresolved
     sendable = resolve_refs(payload, scim_id)[0] if unresolved else payload
-    return Desired(record.key, payload, payload_hash(sendable))
+    return Desired(record.key, payload, payload_hash(sendable)), refs_in(rendered.payload)
 
 
 def _add(plan: Plan, key: str, decision: Decision | None) -> None:

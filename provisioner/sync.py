@@ -24,7 +24,7 @@ from provisioner.group_executor import send_due_groups, sync_groups
 from provisioner.groups import GroupPlan, load_groups
 from provisioner.mapping import AttributeMapping, load_mapping
 from provisioner.payload import changed_paths, dumps
-from provisioner.planner import Kind, Plan, brake_trips, plan_target
+from provisioner.planner import Kind, Plan, RenderMemo, brake_trips, plan_target
 from provisioner.queue import claim, count_status, enqueue, load_link_states, load_links
 from provisioner.sources import read_source, source_columns
 from provisioner.store import Run, utcnow
@@ -114,23 +114,34 @@ def load_target_mapping(config: Config, name: str) -> AttributeMapping:
     return mapping
 
 
-def plan_once(engine: Engine, config: Config, name: str, mapping: AttributeMapping) -> tuple[Plan, int]:
+def plan_once(
+    engine: Engine, config: Config, name: str, mapping: AttributeMapping, memo: RenderMemo | None = None
+) -> tuple[Plan, int]:
     """Plan one target against the current links; writes nothing. Also returns the active account count."""
     target = config.targets[name]
     source = config.sources[target.source]
     links = load_links(engine, name)
-    plan = plan_target(name, mapping, read_source(source), links, target.leaver, source.min_records)
+    plan = plan_target(name, mapping, read_source(source), links, target.leaver, source.min_records, memo)
     return plan, sum(link.active for link in links.values())
 
 
 async def sync_target(
-    engine: Engine, config: Config, name: str, mapping: AttributeMapping, *, stop: asyncio.Event | None = None
+    engine: Engine,
+    config: Config,
+    name: str,
+    mapping: AttributeMapping,
+    *,
+    stop: asyncio.Event | None = None,
+    memo: RenderMemo | None = None,
 ) -> TargetReport:
-    """Run one cycle for one target and return what it did; ``stop`` ends it early, losing nothing."""
+    """Run one cycle for one target and return what it did; ``stop`` ends it early, losing nothing.
+
+    ``memo``: what earlier cycles rendered, kept by a long-running caller (see RenderMemo).
+    """
     report = TargetReport(name, new_run_id())
     _start_run(engine, report.run_id, name, utcnow())
     try:
-        _plan_into_queue(engine, config, name, mapping, report)
+        _plan_into_queue(engine, config, name, mapping, report, memo)
         await _send(engine, config, name, mapping, report, stop)
         if config.targets[name].groups is not None:
             # After the users: a member's account exists before it is added to a group.
@@ -163,9 +174,16 @@ async def send_due(
     return report
 
 
-def _plan_into_queue(engine: Engine, config: Config, name: str, mapping: AttributeMapping, report: TargetReport) -> None:
+def _plan_into_queue(
+    engine: Engine,
+    config: Config,
+    name: str,
+    mapping: AttributeMapping,
+    report: TargetReport,
+    memo: RenderMemo | None,
+) -> None:
     target = config.targets[name]
-    plan, active = plan_once(engine, config, name, mapping)
+    plan, active = plan_once(engine, config, name, mapping, memo)
     report.planned = plan.counts()
     report.rejected = len(plan.rejected)
     report.unchanged = plan.unchanged

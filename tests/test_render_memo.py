@@ -1,0 +1,82 @@
+"""A long-running daemon does not render records again that have not changed since their account got them."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from provisioner.demo import DEMO_MAPPING, DEMO_SOURCE
+from provisioner.mapping import AttributeMapping, load_mapping
+from provisioner.payload import payload_hash, resolve_refs
+from provisioner.planner import Kind, Link, Plan, RenderMemo, plan_target
+from provisioner.sources import IdentityRecord
+
+
+class CountingMapping:
+    """The real mapping, counting how often a record is rendered."""
+
+    def __init__(self, mapping: AttributeMapping) -> None:
+        self.mapping = mapping
+        self.uses_refs = mapping.uses_refs
+        self.renders = 0
+
+    def render(self, record: dict[str, Any]) -> Any:
+        self.renders += 1
+        return self.mapping.render(record)
+
+
+def records(changes: dict[str, dict[str, str]] | None = None) -> list[IdentityRecord]:
+    rows = list(csv.DictReader(DEMO_SOURCE.open()))
+    return [
+        IdentityRecord(row["employee_id"], {**row, **(changes or {}).get(row["employee_id"], {})}, f"hr.csv:{n}")
+        for n, row in enumerate(rows, start=2)
+    ]
+
+
+def applied(plan: Plan, links: dict[str, Link], ids: dict[str, str]) -> dict[str, Link]:
+    """The links as the executor leaves them: every decision applied, references resolved to ids."""
+    out = dict(links)
+    for d in plan.decisions:
+        if d.payload is not None:
+            sent, _ = resolve_refs(d.payload, ids.get)
+            out[d.identity_key] = Link(d.identity_key, ids[d.identity_key], payload_hash(sent), True)
+    return out
+
+
+def test_unchanged_records_are_not_rendered_again_and_a_changed_one_is() -> None:
+    mapping = CountingMapping(load_mapping(DEMO_MAPPING))
+    memo = RenderMemo()
+    ids = {r.key: f"id-{r.key}" for r in records()}
+    first = plan_target("app", mapping, records(), {}, memo=memo)  # type: ignore[arg-type]
+    links = applied(first, {}, ids)
+    # The planner saw the managers unlinked; the executor resolved them at send time.
+    # The planner saw the managers unlinked while the executor resolved them at send time: their
+    # reports render once more, find what was applied, and are remembered with it.
+    assert plan_target("app", mapping, records(), links, memo=memo).decisions == []  # type: ignore[arg-type]
+    before = mapping.renders
+
+    assert plan_target("app", mapping, records(), links, memo=memo).decisions == []  # type: ignore[arg-type]
+    # Nothing changed: only the two terminated records (no account, nothing to remember) render.
+    assert mapping.renders - before == 2
+
+    before = mapping.renders
+    third = plan_target("app", mapping, records({"E1010": {"title": "CTO"}}), links, memo=memo)  # type: ignore[arg-type]
+
+    assert [(d.identity_key, d.kind) for d in third.decisions] == [("E1010", Kind.UPDATE)]
+    assert mapping.renders - before == 1 + 2
+
+
+def test_a_manager_whose_account_changed_id_makes_the_reports_render_again() -> None:
+    mapping = CountingMapping(load_mapping(DEMO_MAPPING))
+    memo = RenderMemo()
+    ids = {r.key: f"id-{r.key}" for r in records()}
+    links = applied(plan_target("app", mapping, records(), {}, memo=memo), {}, ids)  # type: ignore[arg-type]
+    plan_target("app", mapping, records(), links, memo=memo)  # type: ignore[arg-type]
+    reports_of_e1001 = {r.key for r in records() if r.attributes["manager_id"] == "E1001"}
+
+    links["E1001"] = Link("E1001", "id-recreated", links["E1001"].applied_hash, True)
+    plan = plan_target("app", mapping, records(), links, memo=memo)  # type: ignore[arg-type]
+
+    assert {d.identity_key for d in plan.decisions} == reports_of_e1001
+    assert all(d.kind is Kind.UPDATE for d in plan.decisions)
