@@ -59,11 +59,10 @@ _SECRET_ATTRIBUTES = {"password"}
 
 @dataclass(slots=True)
 class ExecutionReport:
-    """What one execution round did: outcomes by status, and accounts created."""
+    """What one execution round did: outcomes by status, and operations done by kind."""
 
     statuses: Counter[str] = field(default_factory=Counter)
     done: Counter[str] = field(default_factory=Counter)
-    created: int = 0
     finished: set[int] = field(default_factory=set)
     # Claimed but not sent: stopped, paused, quarantined, or the breaker tripped. Still queued.
     skipped: int = 0
@@ -216,7 +215,6 @@ class Executor:
                 report.statuses[outcome.status] += 1
                 if outcome.status == "succeeded":
                     report.done[op.kind.value] += 1
-                    report.created += op.kind is Kind.CREATE
                 self._log(op, outcome, started)
 
     async def _apply(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:

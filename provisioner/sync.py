@@ -184,6 +184,9 @@ def _plan_into_queue(
 ) -> None:
     target = config.targets[name]
     plan, active = plan_once(engine, config, name, mapping, memo)
+    if plan.unresolved_refs:
+        # Usually managers created in this same cycle (sent first); otherwise a reference to nobody.
+        log.info("references to accounts not in the target yet", target=name, count=plan.unresolved_refs)
     report.planned = plan.counts()
     report.rejected = len(plan.rejected)
     report.unchanged = plan.unchanged
