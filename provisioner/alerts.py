@@ -34,7 +34,7 @@ import smtplib
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -49,7 +49,7 @@ from sqlmodel import SQLModel
 
 from connectors import parse_retry_after
 from provisioner import redaction
-from provisioner.store import utcnow
+from provisioner.store import as_utc, utcnow
 
 log = structlog.get_logger("provisioner.alerts")
 
@@ -227,7 +227,7 @@ def evaluate(facts: Iterable[TargetFacts], config: AlertsConfig, *, now: datetim
 
     ``now`` (default: the current UTC time) measures how long a target has been failing.
     """
-    at = _aware(now or utcnow())
+    at = as_utc(now or utcnow())
     conditions: list[Condition] = []
     for target_facts in facts:
         for rule in _RULES:
@@ -262,7 +262,7 @@ def _failed_operations(facts: TargetFacts, rules: AlertRules, now: datetime) -> 
 def _failing_target(facts: TargetFacts, rules: AlertRules, now: datetime) -> Condition | None:
     if rules.failing_target_minutes is None or facts.failing_since is None:
         return None
-    since = _aware(facts.failing_since)
+    since = as_utc(facts.failing_since)
     minutes = int((now - since).total_seconds() // 60)
     if minutes < rules.failing_target_minutes:
         return None
@@ -375,9 +375,6 @@ def _last_error(facts: TargetFacts) -> str:
     return f"; last error: {_short(facts.last_error)}" if facts.last_error else ""
 
 
-def _aware(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; every timestamp we store is UTC.
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 # --- state and dispatch ----------------------------------------------------------------------
@@ -443,7 +440,7 @@ def decide(
     ``targets`` limits recovery to the targets whose facts were evaluated
     (None: every target), so that checking one target never resolves another's alerts.
     """
-    now = _aware(now)
+    now = as_utc(now)
     current = {c.key: c for c in conditions}
     notifications: list[Notification] = []
     for key, condition in current.items():
@@ -451,7 +448,7 @@ def decide(
         status = _status(state, condition, now, renotify_after)
         if status is None:
             continue
-        since = now if status == "firing" else _aware(state["first_fired_at"])  # type: ignore[index]
+        since = now if status == "firing" else as_utc(state["first_fired_at"])  # type: ignore[index]
         text = condition.message
         if status == "reminder":
             text = f"still: {text} (alerting since {since:%Y-%m-%d %H:%M} UTC)"
@@ -481,7 +478,7 @@ def decide(
                 severity=state["severity"],
                 status="resolved",
                 text=_resolved_text(state["rule"], state["target"], state["message"]),
-                since=_aware(state["first_fired_at"]),
+                since=as_utc(state["first_fired_at"]),
                 at=now,
             )
         )
@@ -511,7 +508,7 @@ def _status(
         return "firing"
     if condition.fingerprint != state["fingerprint"] and condition.level >= state["level"]:
         return "changed"
-    if now - _aware(state["last_sent_at"]) >= renotify_after:
+    if now - as_utc(state["last_sent_at"]) >= renotify_after:
         return "reminder"
     return None
 

@@ -117,6 +117,14 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
+def parse_rate(text: str) -> tuple[float, float]:
+    """``10/s``, ``180/min``, ``3600/h`` as (requests, per seconds); raise ValueError otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", text)
+    if not match:
+        raise ValueError(f"not a rate like 10/s, 180/min or 3600/h: {text!r}")
+    return float(match.group(1)), {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)[0]]
+
+
 class SourceConfig(_Strict):
     """Where identity records come from."""
 
@@ -179,8 +187,8 @@ class TargetConfig(_Strict):
     @field_validator("rate_limit")
     @classmethod
     def _rate(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"\s*\d+(\.\d+)?\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", value):
-            raise ValueError(f"not a rate like 10/s, 180/min or 3600/h: {value!r}")
+        if value is not None:
+            parse_rate(value)
         return value
 
     @field_validator("group_reconcile_every")

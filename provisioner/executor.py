@@ -33,6 +33,7 @@ from connectors import (
 from provisioner import metrics
 from provisioner.config import TargetConfig
 from provisioner.quarantine import Admission, Tally, admission, observe, state
+from provisioner.targets import discover
 from provisioner.payload import patch_operations, payload_hash, refs_in, resolve_refs
 from provisioner.planner import Kind
 from provisioner.queue import (
@@ -117,7 +118,7 @@ class Executor:
         try:
             if self.capabilities is None:
                 try:
-                    self.capabilities = await self._discover(clients[0])
+                    self.capabilities = await discover(clients[0], self.config, update_method=self.config.update_method)
                 except (TransientError, AuthError) as exc:
                     # The target cannot even describe itself: send nothing; every operation waits
                     # for a later round with the reason on its row, where operators look.
@@ -167,19 +168,6 @@ class Executor:
         current = state(self.engine, self.target)
         unwell = current is not None and (current.quarantined or current.paused)
         metrics.QUARANTINED.labels(self.target).set(1 if unwell else 0)
-
-    async def _discover(self, client: ScimClient) -> Capabilities:
-        capabilities = await client.capabilities()
-        client.history.clear()
-        overrides: dict[str, Any] = {}
-        if self.config.update_method != "auto":
-            overrides["patch"] = self.config.update_method == "patch"
-        if self.config.use_etags != "auto":
-            overrides["etag"] = self.config.use_etags == "always"
-        if overrides:
-            capabilities = Capabilities(**{**_as_dict(capabilities), **overrides})
-        log.debug("capabilities", target=self.target, **_as_dict(capabilities))
-        return capabilities
 
     async def _worker(
         self,
@@ -489,8 +477,3 @@ def _mask(body: Any) -> Any:
     if isinstance(body, list):
         return [_mask(v) for v in body]
     return redact_value(body)
-
-
-def _as_dict(capabilities: Capabilities) -> dict[str, Any]:
-    return {name: getattr(capabilities, name) for name in capabilities.__slots__}
-

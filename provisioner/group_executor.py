@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -60,12 +60,12 @@ from provisioner.mapping import AttributeMapping
 from provisioner.payload import dumps, loads
 from provisioner.quarantine import Admission, admission
 from provisioner.executor import call_record
-from provisioner.queue import OPEN, CallRecord, claim_rows, finish, load_links, release, write_plan
+from provisioner.queue import CallRecord, claim_rows, finish, load_links, open_rows, release, replaced_by, write_plan
 from provisioner.sources import read_source
 from provisioner.store import GroupLink as GroupLinkTable
-from provisioner.store import GroupMemberState, Operation, utcnow
+from provisioner.store import GroupMemberState, Operation, as_utc, utcnow
 from provisioner.store import Attempt
-from provisioner.targets import TargetSession
+from provisioner.targets import TargetSession, discover
 
 log = structlog.get_logger("provisioner.groups")
 
@@ -89,7 +89,7 @@ def load_group_links(engine: Engine, target: str) -> dict[str, tuple[GroupLink, 
     with engine.connect() as conn:
         rows = conn.execute(select(GLINK).where(GLINK.c.target == target)).mappings()
         return {
-            r["group_key"]: (GroupLink(r["group_key"], r["scim_id"], r["display_name"], r["etag"]), _aware(r["verified_at"]))
+            r["group_key"]: (GroupLink(r["group_key"], r["scim_id"], r["display_name"], r["etag"]), as_utc(r["verified_at"]) if r["verified_at"] else None)
             for r in rows
         }
 
@@ -118,19 +118,13 @@ def enqueue_groups(engine: Engine, run_id: str, target: str, plan: GroupPlan, id
     rows: list[dict[str, Any]] = []
     superseded: list[int] = []
     with engine.begin() as conn:
-        open_by_key: dict[str, list[Any]] = {}
-        for row in conn.execute(
-            select(OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.payload_hash, OP.c.status).where(
-                OP.c.target == target, OP.c.status.in_(OPEN), OP.c.kind.in_(GROUP_KINDS)
-            )
-        ):
-            open_by_key.setdefault(row.identity_key, []).append(row)
+        open_by_key = open_rows(conn, target, GROUP_KINDS)
         for d in plan.decisions:
-            existing = open_by_key.get(d.group_key, [])
             digest = d.payload_hash()
-            if any(r.status == "running" or (r.kind == d.kind.value and r.payload_hash == digest) for r in existing):
+            replaced = replaced_by(open_by_key.get(d.group_key, []), d.kind.value, digest)
+            if replaced is None:
                 continue
-            superseded.extend(r.id for r in existing)
+            superseded.extend(replaced)
             rows.append(_new_row(run_id, target, d, digest, identities, now))
         for key in plan.settled:
             superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
@@ -195,7 +189,7 @@ def claim_groups(engine: Engine, target: str, *, now: datetime | None = None, li
                 remove=tuple(m["value"] for m in remove),
                 identities={m["value"]: m.get("identity") for m in [*add, *remove]},
                 attempts=row["attempts"] + 1,
-                created_at=_aware(row["created_at"]) or utcnow(),
+                created_at=as_utc(row["created_at"]),
             )
         )
     return claimed
@@ -268,12 +262,6 @@ def _insert_members(conn: Any, dialect: str, target: str, key: str, ids: Iterabl
         conn.execute(module.insert(GMEMBER).on_conflict_do_nothing(), rows)
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 # ---------------------------------------------------------------- sending
 
 
@@ -318,16 +306,7 @@ class GroupExecutor:
 
     async def _discover(self, client: ScimClient) -> Capabilities:
         if self.capabilities is None:
-            capabilities = await client.capabilities()
-            overrides: dict[str, Any] = {}
-            if self.config.group_update_method != "auto":
-                overrides["patch"] = self.config.group_update_method == "patch"
-            if self.config.use_etags != "auto":
-                overrides["etag"] = self.config.use_etags == "always"
-            if overrides:
-                fields = {name: getattr(capabilities, name) for name in capabilities.__slots__}
-                capabilities = Capabilities(**{**fields, **overrides})
-            self.capabilities = capabilities
+            self.capabilities = await discover(client, self.config, update_method=self.config.group_update_method)
         return self.capabilities
 
     async def compare(self, keys: list[str]) -> set[str]:

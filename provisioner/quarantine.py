@@ -8,7 +8,7 @@ ends the quarantine. A paused target is sent nothing until resumed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,7 +16,7 @@ from sqlalchemy import Engine, insert, select, update
 from sqlmodel import Field as Column
 from sqlmodel import SQLModel
 
-from provisioner.store import utcnow
+from provisioner.store import as_utc, utcnow
 
 
 class QuarantinePolicy(BaseModel):
@@ -114,7 +114,7 @@ def admission(engine: Engine, target: str, now: datetime | None = None) -> Admis
     if not current.quarantined:
         return Admission.SEND
     now = now or utcnow()
-    due = current.next_probe_at is None or _aware(current.next_probe_at) <= now
+    due = current.next_probe_at is None or as_utc(current.next_probe_at) <= now
     return Admission.PROBE if due else Admission.SKIP
 
 
@@ -178,6 +178,3 @@ def _write(engine: Engine, target: str, changes: dict[str, object]) -> None:
             conn.execute(insert(TABLE).values(target=target, **changes))
 
 
-def _aware(moment: datetime) -> datetime:
-    # Every timestamp we store is UTC; a driver that hands back naive ones means UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -172,19 +172,12 @@ def enqueue(
     rows: list[dict[str, Any]] = []
     superseded: list[int] = []
     with engine.begin() as conn:
-        open_rows = conn.execute(
-            select(OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.payload_hash, OP.c.status, OP.c.last_error).where(
-                OP.c.target == target, OP.c.status.in_(OPEN), OP.c.kind.in_(ACCOUNT_KINDS)
-            )
-        ).all()
-        open_by_key: dict[str, list[Any]] = {}
-        for row in open_rows:
-            open_by_key.setdefault(row.identity_key, []).append(row)
+        open_by_key = open_rows(conn, target, ACCOUNT_KINDS)
         for d in decisions:
-            existing = open_by_key.get(d.identity_key, [])
-            if any(r.status == "running" or (r.kind == d.kind and r.payload_hash == d.payload_hash) for r in existing):
+            replaced = replaced_by(open_by_key.get(d.identity_key, []), d.kind.value, d.payload_hash)
+            if replaced is None:
                 continue
-            superseded.extend(r.id for r in existing)
+            superseded.extend(replaced)
             rows.append(_new_row(run_id, target, d.identity_key, d.kind, d.reason, now, d.payload, d.payload_hash))
         for key, message, kind, reason in rejected:
             existing = open_by_key.get(key, [])
@@ -202,6 +195,24 @@ def enqueue(
                 row["status"] = "held"
         write_plan(conn, rows, superseded, now)
     return len(rows)
+
+
+def open_rows(conn: Any, target: str, kinds: Sequence[str]) -> dict[str, list[Any]]:
+    """A target's open operations of some kinds, by identity (or group) key."""
+    query = select(OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.payload_hash, OP.c.status, OP.c.last_error).where(
+        OP.c.target == target, OP.c.status.in_(OPEN), OP.c.kind.in_(kinds)
+    )
+    by_key: dict[str, list[Any]] = {}
+    for row in conn.execute(query):
+        by_key.setdefault(row.identity_key, []).append(row)
+    return by_key
+
+
+def replaced_by(existing: list[Any], kind: str, payload_hash: str | None) -> list[int] | None:
+    """The open rows a new operation replaces, or None when it is queued already (or one is running)."""
+    if any(r.status == "running" or (r.kind == kind and r.payload_hash == payload_hash) for r in existing):
+        return None
+    return [r.id for r in existing]
 
 
 def write_plan(conn: Any, rows: list[dict[str, Any]], superseded: list[int], now: datetime) -> None:

@@ -22,6 +22,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """A stored timestamp, aware: a driver that hands back a naive one means UTC (all we store is)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 class AccountLink(SQLModel, table=True):
     """An identity's account in a target, as we last applied it."""
 

@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
-import re
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
+import structlog
 
 from connectors import (
     BearerAuth,
+    Capabilities,
     OAuth2ClientCredentials,
     RateLimit,
     RetryPolicy,
     ScimClient,
     TargetLimiter,
 )
-from provisioner.config import BearerAuthConfig, OAuth2Config, TargetConfig
+from provisioner.config import BearerAuthConfig, OAuth2Config, TargetConfig, parse_rate
+
+log = structlog.get_logger("provisioner.targets")
 
 
-def parse_rate_limit(text: str) -> RateLimit:
-    """``10/s``, ``180/min``, ``3600/h`` as a token bucket; raise ValueError otherwise."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*", text)
-    if not match:
-        raise ValueError(f"not a rate like 10/s, 180/min or 3600/h: {text!r}")
-    per = {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)[0]]
-    return RateLimit(float(match.group(1)), per=per)
+async def discover(client: ScimClient, config: TargetConfig, *, update_method: str) -> Capabilities:
+    """What the target says it supports, overridden where the config says so (many targets report wrongly)."""
+    capabilities = await client.capabilities()
+    client.history.clear()  # the discovery call is not any operation's
+    overrides: dict[str, bool] = {}
+    if update_method != "auto":
+        overrides["patch"] = update_method == "patch"
+    if config.use_etags != "auto":
+        overrides["etag"] = config.use_etags == "always"
+    capabilities = replace(capabilities, **overrides)
+    log.debug("capabilities", target=config.base_url, patch=capabilities.patch, etag=capabilities.etag)
+    return capabilities
 
 
 @dataclass(slots=True)
@@ -41,7 +49,7 @@ class TargetSession:
     def __post_init__(self) -> None:
         config = self.config
         self.verify = _tls(config)
-        rate = parse_rate_limit(config.rate_limit) if config.rate_limit else None
+        rate = RateLimit(*parse_rate(config.rate_limit)) if config.rate_limit else None
         # Every request to the target counts, token requests and retries included.
         self.limiter = TargetLimiter(max_concurrency=config.max_concurrency, rate_limit=rate)
         self.retry = RetryPolicy(
