@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 from typing import Any
 
 from provisioner.demo import DEMO_MAPPING, DEMO_SOURCE

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import sqlite3
@@ -17,11 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import hr_row, write_csv
 from provisioner.demo import DEMO_MAPPING, ScimServer, free_port, start_scim_server
 
 USERS = 300
-FIELDS = ["employee_id", "first_name", "last_name", "email", "phone", "title", "department",
-          "cost_center", "division", "manager_id", "status"]  # fmt: skip
 
 
 @pytest.fixture
@@ -31,14 +29,12 @@ def server() -> Iterator[ScimServer]:
 
 
 def write_source(path: Path, count: int) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
-        for n in range(count):
-            manager = f"E{(n // 10) * 10:05d}" if n % 10 else ""
-            writer.writerow({**dict.fromkeys(FIELDS, ""), "employee_id": f"E{n:05d}", "first_name": f"First{n}",
-                             "last_name": f"Last{n}", "email": f"user{n}@example.com", "title": "Engineer",
-                             "department": f"Dept{n % 7}", "manager_id": manager, "status": "active"})  # fmt: skip
+    """``count`` people in seven departments, every tenth one the manager of the next nine."""
+    write_csv(path, [
+        hr_row(f"E{n:05d}", f"First{n}", f"Last{n}", email=f"user{n}@example.com", department=f"Dept{n % 7}",
+               manager_id=f"E{(n // 10) * 10:05d}" if n % 10 else "")
+        for n in range(count)
+    ])  # fmt: skip
 
 
 def write_config(folder: Path, server: ScimServer) -> Path:

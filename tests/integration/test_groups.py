@@ -7,7 +7,6 @@ operation's attempt rows and by wrapping ``httpx.AsyncClient.send``.
 from __future__ import annotations
 
 import asyncio
-import csv
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from provisioner.config import load_config
+from tests.conftest import hr_row, write_csv
 from provisioner.demo import DEMO_MAPPING, ScimServer, start_scim_server
 from provisioner.errors import ConfigError
 from provisioner.mapping import load_mapping
@@ -24,8 +24,6 @@ from provisioner.queue import get_operation, list_operations
 from provisioner.store import open_store
 from provisioner.sync import TargetReport, sync_target
 
-FIELDS = ["employee_id", "first_name", "last_name", "email", "phone", "title", "department",
-          "cost_center", "division", "manager_id", "status"]  # fmt: skip
 GROUPS = """groups:
   - name: "dept-{{ department | lower }}"
   - name: all-staff
@@ -39,11 +37,7 @@ def server() -> Iterator[ScimServer]:
 
 
 def person(eid: str, department: str = "Engineering", **extra: str) -> dict[str, str]:
-    row = dict.fromkeys(FIELDS, "")
-    row.update(employee_id=eid, first_name="P", last_name=eid, email=f"{eid.lower()}@example.com",
-               title="Engineer", department=department, status="active")  # fmt: skip
-    row.update(extra)
-    return row
+    return hr_row(eid, "P", eid, email=f"{eid.lower()}@example.com", department=department, **extra)
 
 
 class CountingTransport:
@@ -98,10 +92,7 @@ targets:
         )
 
     def write(self, rows: list[dict[str, str]]) -> None:
-        with self.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(self.csv, rows)
 
     def sync(self) -> TargetReport:
         config = load_config(self.tmp / "config.yaml")

@@ -6,7 +6,6 @@ operator's chat channel would show.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -21,10 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import hr_row, write_csv
 from provisioner.demo import DEMO_MAPPING, ScimServer, free_port, start_scim_server
 
-FIELDS = ["employee_id", "first_name", "last_name", "email", "phone", "title", "department",
-          "cost_center", "division", "manager_id", "status"]  # fmt: skip
 
 
 class Receiver:
@@ -69,21 +67,13 @@ def receiver() -> Iterator[Receiver]:
 
 
 def people(count: int, **overrides: dict[str, str]) -> list[dict[str, str]]:
-    rows = []
-    for n in range(count):
-        row = {**dict.fromkeys(FIELDS, ""), "employee_id": f"E{n:03d}", "first_name": f"First{n}",
-               "last_name": f"Last{n}", "email": f"person{n}@example.com", "title": "Engineer",
-               "department": "Engineering", "status": "active"}  # fmt: skip
-        row.update(overrides.get(row["employee_id"], {}))
-        rows.append(row)
-    return rows
+    return [
+        hr_row(f"E{n:03d}", f"First{n}", f"Last{n}", **{"email": f"person{n}@example.com", **overrides.get(f"E{n:03d}", {})})
+        for n in range(count)
+    ]  # fmt: skip
 
 
-def write(path: Path, rows: list[dict[str, str]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+write = write_csv
 
 
 def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import csv
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,14 +10,13 @@ import httpx
 import pytest
 
 from provisioner.config import load_config
+from tests.conftest import hr_row, write_csv
 from provisioner.demo import DEMO_MAPPING, ScimServer, start_scim_server
 from provisioner.mapping import load_mapping
 from provisioner.queue import list_operations
 from provisioner.store import open_store
 from provisioner.sync import TargetReport, sync_target
 
-FIELDS = ["employee_id", "first_name", "last_name", "email", "phone", "title", "department",
-          "cost_center", "division", "manager_id", "status"]  # fmt: skip
 
 
 @pytest.fixture
@@ -27,12 +25,7 @@ def server() -> Iterator[ScimServer]:
         yield srv
 
 
-def person(eid: str, first: str, last: str, **extra: str) -> dict[str, str]:
-    row = dict.fromkeys(FIELDS, "")
-    row.update(employee_id=eid, first_name=first, last_name=last, email=f"{first}.{last}@example.com".lower(),
-               title="Engineer", department="Engineering", status="active")  # fmt: skip
-    row.update(extra)
-    return row
+person = hr_row
 
 
 class World:
@@ -59,10 +52,7 @@ targets:
         self.config_path = tmp / "config.yaml"
 
     def write(self, rows: list[dict[str, str]]) -> None:
-        with self.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(self.csv, rows)
 
     def sync(self) -> TargetReport:
         config = load_config(self.config_path)
