@@ -122,7 +122,7 @@ def _filter_path(value: str) -> str:
 
 @dataclass
 class DeviantServer:
-    """A running deviant server: ``base_url``, ``token``, ``requests``; ``dump()``, ``clear()``, ``stop()``."""
+    """A running deviant server: ``base_url``, ``token``, ``requests``; ``dump()``, ``request_count()``, ``clear()``, ``stop()``."""
 
     deviations: frozenset[str]
     token: str
@@ -162,6 +162,11 @@ class DeviantServer:
         """Forget the recorded requests (to count those of one step)."""
         with self._lock:
             self.requests.clear()
+
+    def request_count(self) -> int:
+        """How many requests the server received since it started or was last cleared."""
+        with self._lock:
+            return len(self.requests)
 
     def record(self, method: str, path: str, query: str) -> None:
         with self._lock:
