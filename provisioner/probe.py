@@ -146,7 +146,6 @@ class Probe:
         self.put = True
         self.users_exist = False
         self.etag_announced: bool | None = None
-        self.looked_up = False
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -276,7 +275,6 @@ class Probe:
 
     async def exact_lookup(self, user: dict[str, Any]) -> None:
         report = self.report
-        self.looked_up = True
         found = await self.lookup("Users", "userName", str(user["userName"]))
         if isinstance(found, ScimError):
             report.observe("filter.users_match", DEVIATES, f"filter refused: {_failure(found)}", filter="client")
