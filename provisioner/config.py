@@ -63,6 +63,9 @@ class RetryConfig(_Strict):
     backoff_base: float = Field(default=0.5, gt=0)
     backoff_cap: float = Field(default=30.0, gt=0)
     max_retry_after: float = Field(default=120.0, ge=0)
+    # A Retry-After up to this many seconds is waited by the worker; a longer one puts the
+    # operation back in the queue, due when the target said, and the cycle goes on.
+    wait_in_place: float = Field(default=5.0, ge=0)
 
 
 class ScheduleConfig(_Strict):

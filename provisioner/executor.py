@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from datetime import datetime
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,8 @@ from provisioner import metrics
 from provisioner.config import TargetConfig
 from provisioner.quarantine import Admission, Tally, admission, observe, state
 from provisioner.targets import discover
-from provisioner.payload import patch_operations, payload_hash, refs_in, resolve_refs
+from provisioner.payload import flatten, patch_operations, payload_hash, refs_in, resolve_refs
+from provisioner.rebase import rebase_operations
 from provisioner.planner import Kind
 from provisioner.queue import (
     CallRecord,
@@ -128,7 +130,9 @@ class Executor:
                     return report
             waves = _waves(by_key, links)
             if gate is Admission.PROBE:
-                probe = waves[0][0]
+                if not await target_answers(clients[0], tally):
+                    return report
+                probe = min(waves[0], key=lambda key: _tried(by_key[key]))
                 waves = [[probe], *([key for key in wave if key != probe] for wave in waves)]
             for number, wave in enumerate(waves):
                 if self._must_stop(tally) or (gate is Admission.PROBE and number > 0 and not tally.succeeded):
@@ -137,6 +141,8 @@ class Executor:
                 for key in wave:
                     work.put_nowait(by_key[key])
                 await asyncio.gather(*(self._worker(client, work, links, report, tally) for client in clients))
+            if tally.only_repeated:
+                await target_answers(clients[0], tally)
         finally:
             await asyncio.gather(*(client.aclose() for client in clients))
             # Whatever was claimed but not started (a stop, a breaker, a probe) goes back as it was.
@@ -159,15 +165,7 @@ class Executor:
         return self.stopping.is_set() or tally.consecutive_failures >= self.config.quarantine.consecutive_failures
 
     def _observe(self, tally: Tally) -> None:
-        transition = observe(self.engine, self.target, tally, self.config.quarantine)
-        if transition == "quarantined":
-            log.error("target quarantined", target=self.target, failed=tally.failed, succeeded=tally.succeeded,
-                      last_error=tally.last_error)  # fmt: skip
-        elif transition == "recovered":
-            log.info("target recovered from quarantine", target=self.target)
-        current = state(self.engine, self.target)
-        unwell = current is not None and (current.quarantined or current.paused)
-        metrics.QUARANTINED.labels(self.target).set(1 if unwell else 0)
+        judge(self.engine, self.target, self.config, tally)
 
     async def _worker(
         self,
@@ -191,9 +189,11 @@ class Executor:
                 report.finished.add(op.id)
                 tally.add(
                     ok=outcome.status == "succeeded",
-                    unwell=outcome.status == "retry_wait" or outcome.http_status == 401,
+                    # Put off because the target asked us to wait: a busy target, not a failing one.
+                    unwell=(outcome.status == "retry_wait" and outcome.retry_after is None) or outcome.http_status == 401,
                     auth=outcome.http_status == 401,
                     error=outcome.error,
+                    repeated=op.failed_before,
                 )
                 self._measure(op, outcome)
                 if outcome.drop_link:
@@ -215,7 +215,10 @@ class Executor:
             return _outcome(op, "failed", exc)
         except (TransientError, AuthError) as exc:
             status = "failed" if give_up_if_too_old(op) else "retry_wait"
-            return _outcome(op, status, exc)
+            outcome = _outcome(op, status, exc)
+            if status == "retry_wait" and client.retry.defers(exc):
+                outcome.retry_after = put_off(client, exc)
+            return outcome
         except PermanentError as exc:
             return _outcome(op, "failed", exc)
 
@@ -327,16 +330,19 @@ class Executor:
             if enable and not any(o.get("path") == "active" for o in operations):
                 operations.append({"op": "replace", "path": "active", "value": True})
             if operations:
+                # The account is to be active (a mover's, a rehire's) unless the mapping says otherwise.
+                desired = {"active": True, **payload} if enable or link.active else payload
                 return await self._fresh(
-                    client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag)
+                    client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag), desired
                 )
         return await self._fresh(client, link, lambda etag: client.replace(self.endpoint, link.scim_id, payload, etag=etag))
 
     async def _set_active(self, client: ScimClient, link: LinkState, *, active: bool) -> ScimResult:
         if self._use_patch():
             operations = [{"op": "replace", "path": "active", "value": active}]
+            desired = {**(link.applied or {}), "active": active}
             return await self._fresh(
-                client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag)
+                client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag), desired
             )
         current = link.applied
         if current is None:
@@ -347,9 +353,22 @@ class Executor:
         )
 
     async def _fresh(
-        self, client: ScimClient, link: LinkState, send: Callable[[str | None], Awaitable[ScimResult]]
+        self,
+        client: ScimClient,
+        link: LinkState,
+        send: Callable[[str | None], Awaitable[ScimResult]],
+        desired: dict[str, Any] | None = None,
     ) -> ScimResult:
-        """Send with If-Match; on 412, refetch the resource's version and send the change again on top of it."""
+        """Send with If-Match; on 412, read the resource again and send what it still lacks.
+
+        ``desired``: the state a PATCH is to leave (payload and ``active``). After a
+        412 someone else changed the resource: the PATCH sent on the fresh version is
+        the whole difference between ``desired`` and the fresh resource on the
+        attributes the mapping owns (:func:`provisioner.rebase.rebase_operations`),
+        not our own small change again, so that recording ``desired`` as applied is
+        true. Without ``desired`` (a PUT of the whole resource, a DELETE) the same
+        request is sent with the fresh version.
+        """
         etag = self._if_match(link)
         versions = [etag]
         for _ in range(PRECONDITION_ROUNDS):
@@ -359,6 +378,12 @@ class Executor:
                 fresh = await client.get(self.endpoint, link.scim_id)
                 etag = fresh.version
                 versions.append(etag)
+                if desired is not None:
+                    owned = flatten(link.applied or {}).keys()
+                    operations = rebase_operations(desired, fresh.resource or {}, owned)
+                    if not operations:
+                        return fresh  # the target holds the desired state already
+                    send = _patch_sender(client, self.endpoint, link.scim_id, operations)
         try:
             return await send(etag)
         except PreconditionFailed as exc:
@@ -391,6 +416,60 @@ class Executor:
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
             error=outcome.error,
         )
+
+
+def judge(engine: Engine, target: str, config: TargetConfig, tally: Tally) -> None:
+    """Record a round's calls in the target's health; log and measure a quarantine that starts or ends."""
+    transition = observe(engine, target, tally, config.quarantine)
+    if transition == "quarantined":
+        log.error("target quarantined", target=target, failed=tally.failed, succeeded=tally.succeeded,
+                  last_error=tally.last_error)  # fmt: skip
+    elif transition == "recovered":
+        log.info("target recovered from quarantine", target=target)
+    current = state(engine, target)
+    unwell = current is not None and (current.quarantined or current.paused)
+    metrics.QUARANTINED.labels(target).set(1 if unwell else 0)
+
+
+def _patch_sender(
+    client: ScimClient, endpoint: str, scim_id: str, operations: list[dict[str, Any]]
+) -> Callable[[str | None], Awaitable[ScimResult]]:
+    return lambda etag: client.patch(endpoint, scim_id, operations, etag=etag)
+
+
+async def target_answers(client: ScimClient, tally: Tally) -> bool:
+    """Whether the target answers a read of ``/ServiceProviderConfig``: the health of the target, not of an operation.
+
+    A failure to answer is counted in the round's ``tally`` like a failed operation.
+    """
+    try:
+        await client.capabilities()
+    except (TransientError, AuthError) as exc:
+        tally.answered = False
+        tally.add(ok=False, unwell=True, auth=isinstance(exc, AuthError), error=str(exc))
+        return False
+    finally:
+        client.history.clear()  # the read is the target's, not any operation's
+    tally.answered = True
+    return True
+
+
+def _tried(ops: list[ClaimedOperation]) -> tuple[bool, int, datetime]:
+    """How an account's operations rank as a probe: never failed first, then fewest tries, then longest waiting."""
+    return (any(op.failed_before for op in ops), max(op.attempts for op in ops), min(op.created_at for op in ops))
+
+
+def put_off(client: ScimClient, exc: ScimError) -> float:
+    """Seconds an operation waits in the queue because the target asked (Retry-After, RFC 9110 §10.2.3).
+
+    The other workers are slowed down for as long as they would wait in place
+    (RFC 6585 §4: 429 means the target as a whole is loaded), not for the whole
+    wait: the cycle goes on with the other operations.
+    """
+    assert exc.retry_after is not None
+    if exc.status == 429:
+        client.limiter.slow_down(client.retry.wait_in_place)
+    return exc.retry_after
 
 
 def _keys_needed(by_key: dict[str, list[ClaimedOperation]]) -> list[str]:

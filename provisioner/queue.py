@@ -45,6 +45,8 @@ RETRY_SCHEDULE = (
     timedelta(hours=12),
 )
 MAX_RETRY_AGE = timedelta(days=7)
+# A Retry-After is honoured up to this long; a target asking for more is asked again then.
+MAX_RETRY_AFTER = timedelta(days=1)
 LEASE = timedelta(minutes=10)
 # Bodies stored with attempts are capped: a queue row is for reading, not archiving.
 BODY_CAP = 4_000
@@ -67,6 +69,9 @@ class ClaimedOperation:
     payload_hash: str | None
     attempts: int
     created_at: datetime
+    # It failed before (a transient failure waiting, or one an operator sent again): a failure
+    # now may be this operation's own, not a sign that the target is unwell.
+    failed_before: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +119,9 @@ class Outcome:
     calls: list[CallRecord] = field(default_factory=list)
     # Which try of the operation this was (from its claim): numbers the calls, sets the retry delay.
     attempt: int = 1
+    # Seconds the target asked us to wait (a Retry-After too long to wait in place): the row is due
+    # then, instead of at the retry schedule's next step.
+    retry_after: float | None = None
 
 
 def load_links(engine: Engine, target: str) -> dict[str, Link]:
@@ -288,8 +296,12 @@ def claim_rows(
     lease: timedelta = LEASE,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Take due rows of some kinds, oldest first: pending, retry_wait that is due, or running with an expired lease.
+    """Take due rows of some kinds in the order they became due: pending, retry_wait that is due, or
+    running with an expired lease.
 
+    A row becomes due when it is created, when its retry time comes, or when it is
+    given back unsent (:func:`release` stamps that time): a row given back waits its
+    turn behind those already due, instead of going first again and again.
     Returns the rows as they were before the claim, ``attempts`` not yet counted.
     """
     now = now or utcnow()
@@ -303,7 +315,8 @@ def claim_rows(
         ),
     )
     with engine.begin() as conn:
-        rows = conn.execute(select(OP).where(due).order_by(OP.c.id).limit(limit)).mappings().all()
+        order = (func.coalesce(OP.c.next_attempt_at, OP.c.created_at), OP.c.id)
+        rows = conn.execute(select(OP).where(due).order_by(*order).limit(limit)).mappings().all()
         for chunk in _chunks([row["id"] for row in rows], 500):
             conn.execute(
                 update(OP)
@@ -333,21 +346,28 @@ def claim(
             payload_hash=row["payload_hash"],
             attempts=row["attempts"] + 1,
             created_at=row["created_at"],
+            failed_before=row["last_error"] is not None,
         )
         for row in rows
     ]
 
 
 def release(engine: Engine, operation_ids: Sequence[int]) -> None:
-    """Give claimed operations that were never started back to the queue, as they were."""
+    """Give claimed operations that were never started back to the queue, at the end of the line.
+
+    Their attempt is not counted; they are due again from now, so :func:`claim_rows`
+    takes the rows that were already waiting first.
+    """
     if not operation_ids:
         return
+    now = utcnow()
     with engine.begin() as conn:
         for chunk in _chunks(list(operation_ids), 500):
             conn.execute(
                 update(OP)
                 .where(OP.c.id.in_(chunk), OP.c.status == "running")
-                .values(status="pending", lease_until=None, attempts=OP.c.attempts - 1, updated_at=utcnow())
+                .values(status="pending", lease_until=None, attempts=OP.c.attempts - 1, updated_at=now,
+                        next_attempt_at=now)  # fmt: skip
             )
 
 
@@ -415,6 +435,14 @@ class Finished(Protocol):
     detail: str | None
     calls: list[CallRecord]
     attempt: int
+    retry_after: float | None
+
+
+def next_attempt(outcome: Finished, now: datetime) -> datetime:
+    """When a waiting operation is due again: when the target asked (Retry-After), else the retry schedule."""
+    if outcome.retry_after is not None:
+        return now + timedelta(seconds=min(max(outcome.retry_after, 0.0), MAX_RETRY_AFTER.total_seconds()))
+    return now + retry_delay(outcome.attempt)
 
 
 def finish(conn: Any, outcome: Finished, now: datetime) -> None:
@@ -431,7 +459,7 @@ def finish(conn: Any, outcome: Finished, now: datetime) -> None:
             "detail": cap(outcome.detail),
             "error": cap(outcome.error),
             "note": outcome.note,
-            "next_attempt_at": now + retry_delay(outcome.attempt) if waits else None,
+            "next_attempt_at": next_attempt(outcome, now) if waits else None,
             "finished_at": now if outcome.status in ("succeeded", "failed") else None,
         },
     )
