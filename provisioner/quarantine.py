@@ -4,7 +4,9 @@ A quarantined target is sent nothing but one probe per backoff interval
 (doubling to a cap): a read of ``/ServiceProviderConfig``, then, if it answers,
 one operation, the one tried least (so a probe is not the same failing
 operation each time); its operations stay queued. The first success ends the
-quarantine. A paused target is sent nothing until resumed.
+quarantine. A probe operation that fails again while the target answers the
+read does not double the interval: the next probe is another operation's (a
+group operation's too). A paused target is sent nothing until resumed.
 
 The target is judged, not one operation: when the only failures of a round are
 operations that had failed before (one bad record whose writes always fail),
@@ -165,7 +167,11 @@ def observe(
         failed_rounds = current.failed_rounds + 1 if not tally.succeeded else 0
         changes.update(auth_failures=auth_rounds, failed_rounds=failed_rounds)
         reason = _reason(tally, policy, auth_rounds, failed_rounds)
-        if current.quarantined and not tally.succeeded:
+        if current.quarantined and not tally.succeeded and tally.answered and tally.only_repeated:
+            # The target answers; the probe failed as it failed before, on its own. The next
+            # probe stays due, for another operation (its own retry schedule keeps this one away).
+            pass
+        elif current.quarantined and not tally.succeeded:
             interval = min(max(current.probe_interval, policy.probe_interval) * 2, policy.max_probe_interval)
             changes.update(probe_interval=interval, next_probe_at=now + timedelta(seconds=interval))
         elif reason and not current.quarantined:
