@@ -133,3 +133,89 @@ def quarantine(engine: Any) -> None:
             "UPDATE target_state SET quarantined = 1, quarantine_reason = 'outage', probe_interval = 60, "
             "next_probe_at = '2000-01-01 00:00:00.000000'"
         )
+
+
+class EditFirst:
+    """An answer hook that edits a resource in the server just before the engine's first write to it arrives.
+
+    The engine's request then carries a stale ``If-Match`` and the real server answers 412.
+    """
+
+    def __init__(self, server: ScimServer, prefix: str, edit: Any) -> None:
+        self.http = httpx.Client(base_url=server.base_url + "/", headers={"Authorization": f"Bearer {server.token}"})
+        self.prefix = prefix
+        self.edit = edit
+        self.armed = False
+        self.done = False
+
+    def __call__(self, method: str, path: str, body: bytes | None) -> int | None:
+        if self.armed and not self.done and method in ("PATCH", "PUT") and self.prefix in path:
+            self.done = True
+            resource_path = path.split("/v2/", 1)[1]
+            self.edit(self.http, resource_path)
+        return None
+
+
+def rename_by_hand(http: httpx.Client, path: str) -> None:
+    user = http.get(path).json()
+    assert http.put(path, json={**user, "displayName": "Someone Else"}).status_code == 200
+
+
+def test_after_a_412_the_whole_difference_is_sent_and_what_is_applied_is_true(
+    workspace: Workspace, scim_server: ScimServer, scim: ScimReader, fault_proxy: Any
+) -> None:
+    """A leaver's disable meets a displayName changed by someone else: both are set right, in the same operation."""
+    hook = EditFirst(scim_server, "/Users/", rename_by_hand)
+    proxy = fault_proxy(scim_server.base_url, answer=hook)
+    behind(workspace, proxy.base_url, scim_server.token)
+    workspace.write_source([GOOD1])
+    workspace.sync_now()
+    workspace.write_source([{**GOOD1, "status": "terminated"}])
+    hook.armed = True
+
+    report = workspace.sync_now()
+
+    assert hook.done and report.done["disable"] == 1
+    user = scim.user("good1@example.com")
+    assert user["active"] is False and user["displayName"] == "Good One"
+    [disable] = [row for row in workspace.operations() if row["kind"] == "disable"]
+    methods = workspace.query("SELECT method, http_status, request_body FROM attempt WHERE operation_id = ?", disable["id"])
+    assert [(m, s) for m, s, _ in methods] == [("PATCH", 412), ("GET", 200), ("PATCH", 204)]
+    assert '"displayName"' in methods[2][2] and '"active"' in methods[2][2]
+    # What is recorded as applied is what the target holds: the next cycle has nothing to send.
+    again = workspace.sync_now()
+    assert again.planned.get("update", 0) == 0 and again.planned.get("disable", 0) == 0
+    writes = [(e.method, e.status) for e in proxy.events if e.method != "GET"]
+    assert writes == [("POST", 201), ("PATCH", 412), ("PATCH", 204)]
+
+
+def test_a_member_removed_by_someone_else_during_a_group_update_comes_back_in_the_same_cycle(
+    workspace: Workspace, scim_server: ScimServer, scim: ScimReader, fault_proxy: Any
+) -> None:
+    people = [GOOD1, GOOD2]
+    first_id: dict[str, str] = {}
+
+    def remove_good1(http: httpx.Client, path: str) -> None:
+        patch = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                 "Operations": [{"op": "remove", "path": f'members[value eq "{first_id["id"]}"]'}]}  # fmt: skip
+        assert http.patch(path, json=patch).status_code in (200, 204)
+
+    hook = EditFirst(scim_server, "/Groups/", remove_good1)
+    proxy = fault_proxy(scim_server.base_url, answer=hook)
+    (workspace.root / "groups.yaml").write_text('groups:\n  - name: Eng\n    members: "department == \'Engineering\'"\n')
+    behind(workspace, proxy.base_url, scim_server.token, groups="groups.yaml")
+    workspace.write_source(people)
+    workspace.sync_now()
+    first_id["id"] = scim.user("good1@example.com")["id"]
+    workspace.write_source([*people, hr_row("E4", "Good", "Three", email="good3@example.com")])
+    hook.armed = True
+
+    workspace.sync_now()
+
+    assert hook.done
+    assert [e.status for e in proxy.events if e.method == "PATCH" and "/Groups/" in e.path][-2:] == [412, 204]
+    [eng] = groups(scim)
+    expected = {scim.user(f"good{n}@example.com")["id"] for n in (1, 2, 3)}
+    assert {m["value"] for m in eng["members"]} == expected
+    stored = {row[0] for row in workspace.query("SELECT member_id FROM group_member_state WHERE group_key = 'Eng'")}
+    assert stored == expected
