@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from datetime import datetime
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -190,7 +190,8 @@ class Executor:
                 tally.add(
                     ok=outcome.status == "succeeded",
                     # Put off because the target asked us to wait: a busy target, not a failing one.
-                    unwell=(outcome.status == "retry_wait" and outcome.retry_after is None) or outcome.http_status == 401,
+                    unwell=(outcome.status == "retry_wait" and outcome.retry_after is None)
+                    or outcome.http_status == 401,
                     auth=outcome.http_status == 401,
                     error=outcome.error,
                     repeated=op.failed_before,

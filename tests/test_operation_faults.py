@@ -15,7 +15,14 @@ from sqlalchemy import Engine
 from connectors import RetryPolicy, ScimClient, TargetLimiter
 from provisioner.config import TargetConfig
 from provisioner.executor import Executor
-from provisioner.group_executor import GroupExecutor, GroupOutcome, claim_groups, enqueue_groups, load_group_links
+from provisioner.group_executor import (
+    GroupExecutor,
+    GroupOutcome,
+    claim_groups,
+    enqueue_groups,
+    load_group_links,
+    record_group,
+)
 from provisioner.groups import GroupDecision, GroupKind, GroupLink, GroupPlan, GroupReason
 from provisioner.planner import Decision, Kind, Reason
 from provisioner.quarantine import state
@@ -173,8 +180,6 @@ def group_queued(tmp_path: Path, owner: tuple[str, str] | None = None) -> Engine
         key, scim_id = owner
         enqueue_groups(engine, "r0", "app", GroupPlan("app", [GroupDecision(key, GroupKind.CREATE, GroupReason.NEW, key)]), {})
         [op] = claim_groups(engine, "app")
-        from provisioner.group_executor import record_group
-
         record_group(engine, "app", key, {}, GroupOutcome(op.id, link=GroupLink(key, scim_id, key, None), reset=set()))
     decision = GroupDecision("eng", GroupKind.CREATE, GroupReason.NEW, "Eng")
     enqueue_groups(engine, "r1", "app", GroupPlan("app", [decision]), {})
