@@ -248,3 +248,23 @@ def test_a_409_on_a_group_another_of_ours_owns_goes_to_review(tmp_path: Path) ->
     assert row["status"] == "failed" and "already linked to group 'platform'" in row["last_error"]
     _, calls = get_operation(engine, row["id"])  # type: ignore[misc]
     assert [c["method"] for c in calls] == ["GET", "POST", "GET"]
+
+
+@respx.mock
+def test_group_operations_failing_count_toward_quarantine(tmp_path: Path) -> None:
+    engine = store(tmp_path)
+    decisions = [GroupDecision(f"g{n}", GroupKind.CREATE, GroupReason.NEW, f"Group {n}") for n in range(6)]
+    enqueue_groups(engine, "r1", "app", GroupPlan("app", decisions), {})
+    respx.get(f"{BASE}/ServiceProviderConfig").respond(200, json=SPC)
+    respx.get(f"{BASE}/Groups").respond(200, json={"totalResults": 0, "Resources": []})
+    respx.post(f"{BASE}/Groups").respond(503)
+    executor = GroupExecutor(
+        engine, "app", target(quarantine={"min_calls": 5, "failure_share": 0.8}),
+        lambda: ScimClient(BASE, retry=RetryPolicy(max_attempts=1)),
+    )  # fmt: skip
+    executor.load()
+
+    asyncio.run(executor.run(claim_groups(engine, "app")))
+
+    health = state(engine, "app")
+    assert health is not None and health.quarantined and "6 of 6 calls failed" in str(health.quarantine_reason)
