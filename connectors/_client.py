@@ -34,6 +34,7 @@ from connectors._errors import (
     TransientError,
     Unsupported,
 )
+from connectors._discovery import ResourceType, Schema, discovery_items, parse_resource_types, parse_schemas
 from connectors._http import DEFAULT_TIMEOUT, Verify, require_secure_url, same_origin, tls_verify
 from connectors._limiter import TargetLimiter
 from connectors._protocol import (
@@ -522,6 +523,39 @@ class ScimClient:
                 request=ScimRequest("GET", "ServiceProviderConfig").info(self.base_url),
             )
         return Capabilities.from_service_provider_config(body)
+
+
+    async def resource_types(self) -> dict[str, ResourceType]:
+        """The target's resource types by endpoint (``"Users"``), from ``/ResourceTypes`` (RFC 7643 §6).
+
+        Each names its core schema and its schema extensions (``(urn, required)``): an
+        extension the target does not list is one it may refuse or drop. ``{}`` means
+        unknown: the target has no such endpoint (404, 405, 501). A ListResponse, a bare
+        array and a single object are all read; anything else is :class:`InvalidResponse`.
+        """
+        items = await self._discovery("ResourceTypes")
+        return {} if items is None else parse_resource_types(items)
+
+    async def schemas(self) -> dict[str, Schema]:
+        """The target's schemas by URN, from ``/Schemas`` (RFC 7643 §7), with each attribute's
+        ``mutability``, ``returned``, ``caseExact`` and ``uniqueness``.
+
+        ``{}`` means unknown (no such endpoint: 404, 405, 501); shapes as :meth:`resource_types`.
+        """
+        items = await self._discovery("Schemas")
+        return {} if items is None else parse_schemas(items)
+
+    async def _discovery(self, endpoint: str) -> list[dict[str, Any]] | None:
+        try:
+            result = await self.send(ScimRequest("GET", endpoint, accept_array=True))
+        except (NotFound, Unsupported):
+            return None
+        try:
+            return discovery_items(result.resource, endpoint)
+        except InvalidResponse as exc:
+            exc.status = result.status
+            exc.request = ScimRequest("GET", endpoint).info(self.base_url)
+            raise
 
 
 _SERVICE_PROVIDER_CONFIG_SECTIONS = ("patch", "bulk", "filter", "changePassword", "sort", "etag")

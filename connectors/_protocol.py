@@ -40,6 +40,9 @@ class ScimRequest:
     if_match: str | None = None
     # Whether the caller needs the resource back (create must learn the new id).
     needs_resource: bool = False
+    # Whether a JSON array is a valid answer (discovery endpoints of some targets): it is
+    # handed on as ``{"Resources": [...]}``.
+    accept_array: bool = False
     # The id the answer must carry (a GET by id): another resource's answer is not data.
     resource_id: str | None = None
     # Whether to resend after a failure that may have come after the server applied the
@@ -220,6 +223,8 @@ def _success(
                 request=request.info(base_url),
                 response_body=content.decode("utf-8", "replace"),
             ) from exc
+        if isinstance(decoded, list) and request.accept_array:
+            decoded = {"Resources": decoded}
         if not isinstance(decoded, dict):
             raise InvalidResponse(
                 f"{request.method} {request.info(base_url).url} answered {status} with JSON that is not an object",
