@@ -35,7 +35,14 @@ from connectors._errors import (
     Unsupported,
 )
 from connectors._discovery import ResourceType, Schema, discovery_items, parse_resource_types, parse_schemas
-from connectors._http import DEFAULT_TIMEOUT, Verify, require_secure_url, same_origin, tls_verify
+from connectors._http import (
+    DEFAULT_TIMEOUT,
+    Verify,
+    require_secure_url,
+    round_trip_deadline,
+    same_origin,
+    tls_verify,
+)
 from connectors._limiter import TargetLimiter
 from connectors._protocol import (
     CONTENT_TYPE,
@@ -152,7 +159,7 @@ class ScimClient:
         # A body larger than this is not read on: a 50 MB answer to a lookup is not data.
         self.max_response_bytes = max_response_bytes
         # Seconds one round trip may take in all (default: the longest part of ``timeout``).
-        self.deadline = deadline if deadline is not None else _deadline(timeout)
+        self.deadline = deadline if deadline is not None else round_trip_deadline(timeout)
         # A token source is asked before each attempt (outside the limiter's slot, so that its own
         # token request can take one); a plain httpx auth flow signs requests inside httpx.
         self._tokens = auth if isinstance(auth, TokenSource) else None
@@ -588,14 +595,6 @@ async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, boo
             return b"".join(chunks)[:BODY_CAP], False
         chunks.append(chunk)
     return b"".join(chunks), True
-
-
-def _deadline(timeout: httpx.Timeout | float | None) -> float | None:
-    """The longest of a timeout's parts: what one whole round trip may take."""
-    if not isinstance(timeout, httpx.Timeout):
-        return timeout
-    parts = [t for t in (timeout.connect, timeout.read, timeout.write, timeout.pool) if t is not None]
-    return max(parts) if parts else None
 
 
 def _unseen(page: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
