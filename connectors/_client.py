@@ -333,7 +333,8 @@ class ScimClient:
 
     async def get(self, endpoint: str, resource_id: str) -> ScimResult:
         """GET one resource by id (RFC 7644 §3.4.1)."""
-        request = ScimRequest("GET", resource_path(endpoint, resource_id), needs_resource=True, resource_id=str(resource_id))
+        path = resource_path(endpoint, resource_id)
+        request = ScimRequest("GET", path, needs_resource=True, resource_id=str(resource_id))
         return await self.send(request)
 
     async def replace(
@@ -431,8 +432,8 @@ class ScimClient:
           skipped; items missed at the start (a target counting from 0) are read again
           with ``startIndex=0`` (which RFC 7644 reads as 1) before giving up;
         - a page holding only items already seen (the target ignores ``startIndex``) ends the listing;
-        - ``totalResults`` missing: paging goes on until an empty page, or a short one when
-          ``count`` was sent;
+        - ``totalResults`` missing: paging goes on until an empty or repeated page (a short
+          page proves nothing: targets cap ``count`` at their own maximum);
         - a listing that ends with fewer resources than ``totalResults`` said, an answer that
           is not a ListResponse with ``Resources`` (when ``totalResults`` is not 0), an item
           without ``id``, or more than ``max_pages`` pages: :class:`InvalidResponse`, never
@@ -446,7 +447,7 @@ class ScimClient:
         total: int | None = None
         start = 1
         for _ in range(self.max_pages):
-            page, page_total, counted = await self._page(endpoint, start, filter, fields, page_size)
+            page, page_total = await self._page(endpoint, start, filter, fields, page_size)
             total = page_total if page_total is not None else total
             fresh = _unseen(page, seen)
             received += len(page) if fresh else 0
@@ -457,8 +458,7 @@ class ScimClient:
             if not fresh:
                 # An empty page, or only resources already seen: nothing more will come from paging on.
                 break
-            if total is None and counted and len(page) < page_size:
-                return
+            # A short page proves nothing: a target may return fewer than count (RFC 7644 §3.4.2.4).
             start += len(page)
         else:
             raise InvalidResponse(
@@ -470,7 +470,7 @@ class ScimClient:
             return
         # Fewer than announced: maybe the target counts startIndex from 0 and skipped the first ones.
         try:
-            page, _, _ = await self._page(endpoint, 0, filter, fields, page_size)
+            page, _ = await self._page(endpoint, 0, filter, fields, page_size)
         except ScimError:
             page = []
         fresh = _unseen(page, seen)
@@ -485,8 +485,8 @@ class ScimClient:
 
     async def _page(
         self, endpoint: str, start: int, filter: str | None, attributes: str | None, page_size: int
-    ) -> tuple[list[dict[str, Any]], int | None, bool]:
-        """One page: its resources, its totalResults (None when absent), and whether ``count`` was sent."""
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """One page: its resources and its totalResults (None when absent)."""
         params: dict[str, str | int] = {"startIndex": start}
         if filter is not None:
             params["filter"] = filter
@@ -494,15 +494,14 @@ class ScimClient:
             params["attributes"] = attributes
         counted = self.quirks.page_count
         try:
-            result = await self.send(ScimRequest("GET", endpoint, params={**params, "count": page_size} if counted else params))
+            result = await self.send(ScimRequest("GET", endpoint, params={**params, "count": page_size} if counted
+                                                 else params))  # fmt: skip
         except ScimError as exc:
             if not counted or exc.status not in (400, 500) or exc.scim_type == "invalidFilter":
                 raise
             result = await self.send(ScimRequest("GET", endpoint, params=params))
             self.quirks.learn("page_count", False, f"GET /{endpoint} answered {exc.status} with count=, 200 without")
-            counted = False
-        page, total = read_list_response(result, ScimRequest("GET", endpoint, params=params).info(self.base_url))
-        return page, total, counted
+        return read_list_response(result, ScimRequest("GET", endpoint, params=params).info(self.base_url))
 
     async def capabilities(self) -> Capabilities:
         """Read ``/ServiceProviderConfig`` (RFC 7643 §5); a target without one gets safe defaults.

@@ -282,7 +282,8 @@ def read_list_response(result: ScimResult, info: RequestInfo) -> tuple[list[dict
     if resources is None:
         if total == 0:
             return [], 0
-        raise invalid("a list answer without 'Resources'" + ("" if total is None else f" though totalResults is {total}"))
+        said = "" if total is None else f" though totalResults is {total}"
+        raise invalid(f"a list answer without 'Resources'{said}")
     if not isinstance(resources, list):
         raise invalid("'Resources' that is not a list")
     for item in resources:
