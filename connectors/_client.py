@@ -586,14 +586,12 @@ async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, boo
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         return b"", False
-    chunks: list[bytes] = []
-    size = 0
+    body = bytearray()
     async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > limit:
-            return b"".join(chunks)[:BODY_CAP], False
-        chunks.append(chunk)
-    return b"".join(chunks), True
+        if len(body) + len(chunk) > limit:
+            return bytes(body[:BODY_CAP]), False
+        body += chunk
+    return bytes(body), True
 
 
 def _unseen(page: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
