@@ -154,6 +154,8 @@ class ScimClient:
         self.quirks = quirks if quirks is not None else Quirks()
         # A listing longer than this many pages is a target that pages forever (1M resources at 100 a page).
         self.max_pages = max_pages
+        # Whether this client saw a page asked with count answered (then a 500 is not count's fault).
+        self._count_answered = False
         if max_response_bytes < 1:
             raise ValueError(f"max_response_bytes must be at least 1, not {max_response_bytes}")
         # A body larger than this is not read on: a 50 MB answer to a lookup is not data.
@@ -426,8 +428,9 @@ class ScimClient:
         (RFC 7644 §3.4.2.5; ``id`` always comes back). The target's paging is checked,
         not believed:
 
-        - ``count`` answered 400 or 500: the page is asked again without ``count``; when
-          that works, ``quirks.page_count`` is learned as False and no ``count`` is sent again;
+        - ``count`` answered 400, or 500 before any page with ``count`` was answered: the page
+          is asked again without ``count``; when that works, ``quirks.page_count`` is learned
+          as False and no ``count`` is sent again;
         - pages that overlap (``startIndex`` counted differently): items already seen are
           skipped; items missed at the start (a target counting from 0) are read again
           with ``startIndex=0`` (which RFC 7644 reads as 1) before giving up;
@@ -497,10 +500,14 @@ class ScimClient:
             result = await self.send(ScimRequest("GET", endpoint, params={**params, "count": page_size} if counted
                                                  else params))  # fmt: skip
         except ScimError as exc:
-            if not counted or exc.status not in (400, 500) or exc.scim_type == "invalidFilter":
+            # Once a page with count was answered, a 500 is the target's trouble, not count's.
+            blamed = (400, 500) if not self._count_answered else (400,)
+            if not counted or exc.status not in blamed or exc.scim_type == "invalidFilter":
                 raise
             result = await self.send(ScimRequest("GET", endpoint, params=params))
             self.quirks.learn("page_count", False, f"GET /{endpoint} answered {exc.status} with count=, 200 without")
+        else:
+            self._count_answered = self._count_answered or counted
         return read_list_response(result, ScimRequest("GET", endpoint, params=params).info(self.base_url))
 
     async def capabilities(self) -> Capabilities:

@@ -540,3 +540,16 @@ async def test_no_service_provider_config_endpoint_means_defaults(
     respx_mock.get("/ServiceProviderConfig").mock(return_value=httpx.Response(status))
 
     assert await single_try.capabilities() == Capabilities()
+
+
+@respx.mock(base_url=BASE)
+async def test_a_500_after_count_was_answered_is_an_outage_not_a_quirk(
+    respx_mock: respx.MockRouter, single_try: ScimClient
+) -> None:
+    respx_mock.get("/Users").mock(side_effect=[listing(USERS, len(USERS), 1), httpx.Response(500)])
+
+    assert len([user async for user in single_try.iter_resources("Users")]) == len(USERS)
+    with pytest.raises(TransientError):
+        [user async for user in single_try.iter_resources("Users")]
+
+    assert single_try.quirks.page_count is True
