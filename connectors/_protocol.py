@@ -247,7 +247,7 @@ def _success(
         if resource is not None and not _usable_id(resource.get("id")):
             why = "a body without a resource id"
         elif result.id is None:
-            why = "no body and no Location: without a resource id"
+            why = "neither a body nor a Location: without a resource id"
         elif request.resource_id is not None and result.id.casefold() != request.resource_id.casefold():
             why = f"another resource (id {result.id!r}, not {request.resource_id!r})"
         if why is not None:
