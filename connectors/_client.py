@@ -285,9 +285,8 @@ class ScimClient:
             error = TransientError(f"{info.method} {info.url}: {type(exc).__name__}: {exc}", request=info)
             raise error from exc
         except TimeoutError as exc:
-            error = TransientError(
-                f"{info.method} {info.url}: no complete answer within {self.deadline:g}s", status=status, request=info
-            )
+            # No status, as for any timeout: retried like one, and ambiguous (it may have been applied).
+            error = TransientError(f"{info.method} {info.url}: no complete answer within {self.deadline:g}s", request=info)
             raise error from exc
         finally:
             self.history.append(

@@ -111,7 +111,8 @@ async def test_a_target_dripping_its_answer_is_cut_off_by_the_deadline(
         with pytest.raises(TransientError, match="no complete answer within 0.3s") as raised:
             await scim.get("Users", "u1")
 
-    assert raised.value.status == 200
+    # Like any timeout: retried (the policy allows one attempt here), and perhaps applied.
+    assert raised.value.status is None and raised.value.ambiguous
     assert server.sent < 1000
 
 
