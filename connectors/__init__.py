@@ -5,6 +5,7 @@ This package never imports from ``provisioner``.
 
 from connectors._auth import BearerAuth, OAuth2ClientCredentials, TokenSource
 from connectors._client import Capabilities, Exchange, ScimClient
+from connectors._discovery import AttributeInfo, ResourceType, Schema
 from connectors._errors import (
     AuthError,
     Conflict,
@@ -15,6 +16,7 @@ from connectors._errors import (
     RequestInfo,
     ScimError,
     TransientError,
+    Unsupported,
 )
 from connectors._http import DEFAULT_TIMEOUT
 from connectors._limiter import RateLimit, TargetLimiter
@@ -26,9 +28,11 @@ from connectors._protocol import (
     parse_retry_after,
     quote_filter_value,
 )
+from connectors._quirks import Quirks
 from connectors._retry import RetryPolicy
 
 __all__ = [
+    "AttributeInfo",
     "AuthError",
     "BearerAuth",
     "Capabilities",
@@ -40,9 +44,12 @@ __all__ = [
     "OAuth2ClientCredentials",
     "PermanentError",
     "PreconditionFailed",
+    "Quirks",
     "RateLimit",
     "RequestInfo",
+    "ResourceType",
     "RetryPolicy",
+    "Schema",
     "SCHEMA_PATCH_OP",
     "ScimClient",
     "ScimError",
@@ -51,6 +58,7 @@ __all__ = [
     "TargetLimiter",
     "TokenSource",
     "TransientError",
+    "Unsupported",
     "equals_filter",
     "parse_retry_after",
     "quote_filter_value",

@@ -9,9 +9,11 @@ trip, retries and redirect hops included, is appended to ``history``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,12 +27,22 @@ from connectors._errors import (
     BODY_CAP,
     AuthError,
     InvalidResponse,
+    NotFound,
     PermanentError,
     RequestInfo,
     ScimError,
     TransientError,
+    Unsupported,
 )
-from connectors._http import DEFAULT_TIMEOUT, Verify, require_secure_url, same_origin, tls_verify
+from connectors._discovery import ResourceType, Schema, discovery_items, parse_resource_types, parse_schemas
+from connectors._http import (
+    DEFAULT_TIMEOUT,
+    Verify,
+    require_secure_url,
+    round_trip_deadline,
+    same_origin,
+    tls_verify,
+)
 from connectors._limiter import TargetLimiter
 from connectors._protocol import (
     CONTENT_TYPE,
@@ -39,11 +51,17 @@ from connectors._protocol import (
     check_response,
     equals_filter,
     patch_body,
+    read_list_response,
+    resource_matches,
     resource_path,
 )
+from connectors._quirks import Quirks
 from connectors._retry import RetryPolicy
 
 log = logging.getLogger("connectors")
+
+# Bodies past this size are refused (16 MiB: a page of 100 large groups fits many times over).
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 # RFC 9110 §15.4: the redirects that name a new location. 303 turns the request into a GET
 # (the operation was done; the result is elsewhere); the others keep the method and body.
@@ -104,8 +122,8 @@ class ScimClient:
     """Async SCIM 2.0 client over httpx for one target (one instance per worker).
 
     What belongs to the target rather than the worker is passed in, shared:
-    the ``retry`` policy, the ``limiter`` and, for OAuth 2.0, the ``auth``
-    token source.
+    the ``retry`` policy, the ``limiter``, the ``quirks`` and, for OAuth 2.0,
+    the ``auth`` token source.
     """
 
     def __init__(
@@ -121,6 +139,10 @@ class ScimClient:
         limiter: TargetLimiter | None = None,
         allow_insecure_http: bool = False,
         max_redirects: int = 5,
+        quirks: Quirks | None = None,
+        max_pages: int = 10_000,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        deadline: float | None = None,
     ) -> None:
         require_secure_url(base_url, allow_insecure_http=allow_insecure_http, what="SCIM base URL")
         self.base_url = base_url.rstrip("/")
@@ -128,6 +150,18 @@ class ScimClient:
         # Without a shared limiter, this client is polite on its own.
         self.limiter = limiter if limiter is not None else TargetLimiter(max_concurrency=max_connections)
         self.max_redirects = max_redirects
+        # The target's deviations: shared by its clients, like the limiter, so that one learns for all.
+        self.quirks = quirks if quirks is not None else Quirks()
+        # A listing longer than this many pages is a target that pages forever (1M resources at 100 a page).
+        self.max_pages = max_pages
+        # Whether this client saw a page asked with count answered (then a 500 is not count's fault).
+        self._count_answered = False
+        if max_response_bytes < 1:
+            raise ValueError(f"max_response_bytes must be at least 1, not {max_response_bytes}")
+        # A body larger than this is not read on: a 50 MB answer to a lookup is not data.
+        self.max_response_bytes = max_response_bytes
+        # Seconds one round trip may take in all (default: the longest part of ``timeout``).
+        self.deadline = deadline if deadline is not None else round_trip_deadline(timeout)
         # A token source is asked before each attempt (outside the limiter's slot, so that its own
         # token request can take one); a plain httpx auth flow signs requests inside httpx.
         self._tokens = auth if isinstance(auth, TokenSource) else None
@@ -221,11 +255,25 @@ class ScimClient:
         error: ScimError | None = None
         info = RequestInfo(outgoing.method, str(outgoing.url.copy_with(query=None)), body)
         try:
-            response = await self._http.send(outgoing)
-            status, content = response.status_code, response.content
+            # httpx's timeouts bound each read: a target sending a byte every few seconds would
+            # never trip them. The deadline bounds the whole round trip, body included.
+            async with asyncio.timeout(self.deadline):
+                response = await self._http.send(outgoing, stream=True)
+                try:
+                    status = response.status_code
+                    content, whole = await _read_capped(response, self.max_response_bytes)
+                finally:
+                    await response.aclose()
             headers = _lower_headers(response.headers)
+            if not whole and 200 <= status < 300:
+                raise InvalidResponse(
+                    f"{info.method} {info.url} answered {status} with a body over {self.max_response_bytes} bytes",
+                    status=status,
+                    request=info,
+                )
             if status in _REDIRECTS and "location" in headers:
                 return self._follow(outgoing, body, status, headers["location"], info, hops_left)
+            # An error answer over the cap is judged by its status; its body was cut.
             return check_response(request, self.base_url, status, headers, content, now=self.retry.now())
         except ScimError as exc:
             error = exc
@@ -235,6 +283,10 @@ class ScimClient:
             raise error from exc
         except httpx.TransportError as exc:
             error = TransientError(f"{info.method} {info.url}: {type(exc).__name__}: {exc}", request=info)
+            raise error from exc
+        except TimeoutError as exc:
+            # No status, as for any timeout: retried like one, and ambiguous (it may have been applied).
+            error = TransientError(f"{info.method} {info.url}: no complete answer within {self.deadline:g}s", request=info)
             raise error from exc
         finally:
             self.history.append(
@@ -282,7 +334,9 @@ class ScimClient:
 
     async def get(self, endpoint: str, resource_id: str) -> ScimResult:
         """GET one resource by id (RFC 7644 §3.4.1)."""
-        return await self.send(ScimRequest("GET", resource_path(endpoint, resource_id), needs_resource=True))
+        path = resource_path(endpoint, resource_id)
+        request = ScimRequest("GET", path, needs_resource=True, resource_id=str(resource_id))
+        return await self.send(request)
 
     async def replace(
         self, endpoint: str, resource_id: str, resource: dict[str, Any], *, etag: str | None = None
@@ -302,45 +356,259 @@ class ScimClient:
         """DELETE a resource (RFC 7644 §3.6)."""
         return await self.send(ScimRequest("DELETE", resource_path(endpoint, resource_id), if_match=etag))
 
-    async def find(self, endpoint: str, attribute: str, value: str) -> list[dict[str, Any]]:
-        """Resources whose ``attribute`` equals ``value`` (the filter value is escaped)."""
-        return [r async for r in self.iter_resources(endpoint, filter=equals_filter(attribute, value))]
+    async def find(
+        self, endpoint: str, attribute: str, value: str, *, case_exact: bool = True
+    ) -> list[dict[str, Any]]:
+        """The resources whose ``attribute`` really equals ``value``, de-duplicated by ``id``.
+
+        ``attribute`` is a path as in :func:`~connectors._protocol.attribute_values` (``userName``,
+        ``name.familyName``, ``urn:…:enterprise:2.0:User:employeeNumber``); a multi-valued
+        attribute matches when any value does. ``case_exact=False`` compares as RFC 7643
+        §2.1 says for ``caseExact: false`` attributes such as ``userName`` (§4.1.1).
+
+        The target's answer to ``filter=attribute eq "value"`` (RFC 7644 §3.4.2.2, the value
+        escaped) is a claim: every result is checked. A result that does not match even
+        case-insensitively means the target ignores or mangles filters: ``quirks.filter`` is
+        learned as ``"client"`` and the endpoint is paged through and matched here, as it is
+        from then on. A filter refused as ``invalidFilter`` or 501 is matched here for this
+        call. Raises what :meth:`iter_resources` raises; never returns a resource that does
+        not match.
+        """
+        if self.quirks.filter == "server":
+            try:
+                found = await self._find_filtered(endpoint, attribute, value, case_exact=case_exact)
+            except PermanentError as exc:
+                if not (isinstance(exc, Unsupported) or exc.scim_type == "invalidFilter"):
+                    raise
+                log.info("GET %s/%s refused the filter on %s (%s); matching client-side", self.base_url, endpoint,
+                         attribute, exc.status)  # fmt: skip
+                found = None
+            if found is not None:
+                return found
+        return [
+            resource
+            async for resource in self.iter_resources(endpoint)
+            if resource_matches(resource, attribute, value, case_exact=case_exact)
+        ]
+
+    async def _find_filtered(
+        self, endpoint: str, attribute: str, value: str, *, case_exact: bool
+    ) -> list[dict[str, Any]] | None:
+        """The matching results of a server-side filter, or None once a result shows it was ignored."""
+        found: list[dict[str, Any]] = []
+        async with aclosing(self.iter_resources(endpoint, filter=equals_filter(attribute, value))) as results:
+            async for resource in results:
+                if resource_matches(resource, attribute, value, case_exact=case_exact):
+                    found.append(resource)
+                elif not resource_matches(resource, attribute, value, case_exact=False):
+                    # The reason names the attribute, never the value: it is personal data.
+                    self.quirks.learn(
+                        "filter",
+                        "client",
+                        f"GET /{endpoint} answered filter '{attribute} eq …' with a resource whose "
+                        f"{attribute} does not match",
+                    )
+                    return None
+                # Else the target compared without case where it should not have: dropped, not a sign
+                # that it ignores filters.
+        return found
 
     async def iter_resources(
-        self, endpoint: str, *, filter: str | None = None, page_size: int = 100
+        self,
+        endpoint: str,
+        *,
+        filter: str | None = None,
+        attributes: Sequence[str] | str | None = None,
+        page_size: int = 100,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Every resource of an endpoint, page by page (RFC 7644 §3.4.2.4)."""
+        """Every resource of an endpoint (or of a ``filter``), page by page (RFC 7644 §3.4.2.4).
+
+        Each resource is yielded once, by ``id``. ``attributes`` asks only for those
+        (RFC 7644 §3.4.2.5; ``id`` always comes back). The target's paging is checked,
+        not believed:
+
+        - ``count`` answered 400, or 500 before any page with ``count`` was answered: the page
+          is asked again without ``count``; when that works, ``quirks.page_count`` is learned
+          as False and no ``count`` is sent again;
+        - pages that overlap (``startIndex`` counted differently): items already seen are
+          skipped; items missed at the start (a target counting from 0) are read again
+          with ``startIndex=0`` (which RFC 7644 reads as 1) before giving up;
+        - a page holding only items already seen (the target ignores ``startIndex``) ends the listing;
+        - ``totalResults`` missing: paging goes on until an empty or repeated page (a short
+          page proves nothing: targets cap ``count`` at their own maximum);
+        - a listing that ends with fewer resources than ``totalResults`` said, an answer that
+          is not a ListResponse with ``Resources`` (when ``totalResults`` is not 0), an item
+          without ``id``, or more than ``max_pages`` pages: :class:`InvalidResponse`, never
+          a short listing that would read as "absent".
+        """
+        fields = attributes if isinstance(attributes, str) or attributes is None else ",".join(attributes)
+        seen: set[str] = set()
+        # Items of the pages that brought something new: a target may list one resource twice
+        # in a page and count it twice in totalResults.
+        received = 0
+        total: int | None = None
         start = 1
-        while True:
-            params: dict[str, str | int] = {"startIndex": start, "count": page_size}
-            if filter is not None:
-                params["filter"] = filter
-            result = await self.send(ScimRequest("GET", endpoint, params=params))
-            body = result.resource or {}
-            page = body.get("Resources") or []
-            if not isinstance(page, list):
-                raise InvalidResponse(
-                    f"GET {self.base_url}/{endpoint}: 'Resources' is not a list", status=result.status
-                )
-            for item in page:
-                yield item
-            total = body.get("totalResults")
-            start += len(page)
-            # Servers that ignore paging send everything at once; stop on an empty page too.
-            if not page or not isinstance(total, int) or start > total:
+        for _ in range(self.max_pages):
+            page, page_total = await self._page(endpoint, start, filter, fields, page_size)
+            total = page_total if page_total is not None else total
+            fresh = _unseen(page, seen)
+            received += len(page) if fresh else 0
+            for resource in fresh:
+                yield resource
+            if total is not None and len(seen) >= total:
                 return
+            if not fresh:
+                # An empty page, or only resources already seen: nothing more will come from paging on.
+                break
+            # A short page proves nothing: a target may return fewer than count (RFC 7644 §3.4.2.4).
+            start += len(page)
+        else:
+            raise InvalidResponse(
+                f"GET {self.base_url}/{endpoint}: still paging after {self.max_pages} pages; "
+                "the target's paging does not end",
+                request=ScimRequest("GET", endpoint).info(self.base_url),
+            )
+        if total is None or received >= total:
+            return
+        # Fewer than announced: maybe the target counts startIndex from 0 and skipped the first ones.
+        try:
+            page, _ = await self._page(endpoint, 0, filter, fields, page_size)
+        except ScimError:
+            page = []
+        fresh = _unseen(page, seen)
+        for resource in fresh:
+            yield resource
+        if received + len(fresh) < total:
+            raise InvalidResponse(
+                f"GET {self.base_url}/{endpoint}: paging ended after {len(seen)} of the {total} resources "
+                "that totalResults announced",
+                request=ScimRequest("GET", endpoint).info(self.base_url),
+            )
+
+    async def _page(
+        self, endpoint: str, start: int, filter: str | None, attributes: str | None, page_size: int
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """One page: its resources and its totalResults (None when absent)."""
+        params: dict[str, str | int] = {"startIndex": start}
+        if filter is not None:
+            params["filter"] = filter
+        if attributes:
+            params["attributes"] = attributes
+        counted = self.quirks.page_count
+        try:
+            result = await self.send(ScimRequest("GET", endpoint, params={**params, "count": page_size} if counted
+                                                 else params))  # fmt: skip
+        except ScimError as exc:
+            # Once a page with count was answered, a 500 is the target's trouble, not count's.
+            blamed = (400, 500) if not self._count_answered else (400,)
+            if not counted or exc.status not in blamed or exc.scim_type == "invalidFilter":
+                raise
+            result = await self.send(ScimRequest("GET", endpoint, params=params))
+            self.quirks.learn("page_count", False, f"GET /{endpoint} answered {exc.status} with count=, 200 without")
+        else:
+            self._count_answered = self._count_answered or counted
+        return read_list_response(result, ScimRequest("GET", endpoint, params=params).info(self.base_url))
 
     async def capabilities(self) -> Capabilities:
-        """Read ``/ServiceProviderConfig``; a target without one gets safe defaults.
+        """Read ``/ServiceProviderConfig`` (RFC 7643 §5); a target without one gets safe defaults.
 
-        A target that is down or refuses our credentials raises: guessing "no PATCH,
-        no ETags" from an outage would silently change how every update is sent.
+        Only "no such endpoint" (404, or 405/501: :class:`Unsupported`) means defaults; another
+        4xx also does, with a warning. A target that is down or refuses our credentials raises,
+        and so does an answer that is not a ServiceProviderConfig (:class:`InvalidResponse`):
+        guessing "no PATCH, no ETags" from an outage or from garbage would silently change
+        how every update is sent (PUT, without If-Match).
         """
         try:
             result = await self.send(ScimRequest("GET", "ServiceProviderConfig"))
-        except PermanentError:
+        except (NotFound, Unsupported):
             return Capabilities()
-        return Capabilities.from_service_provider_config(result.resource or {})
+        except PermanentError as exc:
+            log.warning("GET %s/ServiceProviderConfig answered %s; assuming no PATCH and no ETags", self.base_url,
+                        exc.status)  # fmt: skip
+            return Capabilities()
+        body = result.resource
+        if not _is_service_provider_config(body):
+            raise InvalidResponse(
+                f"GET {self.base_url}/ServiceProviderConfig answered {result.status} with something that is "
+                "not a ServiceProviderConfig",
+                status=result.status,
+                request=ScimRequest("GET", "ServiceProviderConfig").info(self.base_url),
+            )
+        return Capabilities.from_service_provider_config(body)
+
+
+    async def resource_types(self) -> dict[str, ResourceType]:
+        """The target's resource types by endpoint (``"Users"``), from ``/ResourceTypes`` (RFC 7643 §6).
+
+        Each names its core schema and its schema extensions (``(urn, required)``): an
+        extension the target does not list is one it may refuse or drop. ``{}`` means
+        unknown: the target has no such endpoint (404, 405, 501). A ListResponse, a bare
+        array and a single object are all read; anything else is :class:`InvalidResponse`.
+        """
+        items = await self._discovery("ResourceTypes")
+        return {} if items is None else parse_resource_types(items)
+
+    async def schemas(self) -> dict[str, Schema]:
+        """The target's schemas by URN, from ``/Schemas`` (RFC 7643 §7), with each attribute's
+        ``mutability``, ``returned``, ``caseExact`` and ``uniqueness``.
+
+        ``{}`` means unknown (no such endpoint: 404, 405, 501); shapes as :meth:`resource_types`.
+        """
+        items = await self._discovery("Schemas")
+        return {} if items is None else parse_schemas(items)
+
+    async def _discovery(self, endpoint: str) -> list[dict[str, Any]] | None:
+        try:
+            result = await self.send(ScimRequest("GET", endpoint, accept_array=True))
+        except (NotFound, Unsupported):
+            return None
+        try:
+            return discovery_items(result.resource, endpoint)
+        except InvalidResponse as exc:
+            exc.status = result.status
+            exc.request = ScimRequest("GET", endpoint).info(self.base_url)
+            raise
+
+
+_SERVICE_PROVIDER_CONFIG_SECTIONS = ("patch", "bulk", "filter", "changePassword", "sort", "etag")
+
+
+def _is_service_provider_config(body: dict[str, Any] | None) -> bool:
+    """An object naming its ``schemas``, or at least holding one of RFC 7643 §5's sections as an object."""
+    if not isinstance(body, dict):
+        return False
+    schemas = body.get("schemas")
+    if isinstance(schemas, list) and any(isinstance(s, str) and "ServiceProviderConfig" in s for s in schemas):
+        return True
+    return any(isinstance(body.get(name), dict) for name in _SERVICE_PROVIDER_CONFIG_SECTIONS)
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """The body, decoded, and whether it is whole: reading stops past ``limit`` bytes.
+
+    Past the limit only the first ``BODY_CAP`` bytes are kept (for the record), so an
+    answer of any size costs at most ``limit`` bytes of memory.
+    """
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return b"", False
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        if len(body) + len(chunk) > limit:
+            return bytes(body[:BODY_CAP]), False
+        body += chunk
+    return bytes(body), True
+
+
+def _unseen(page: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
+    """The resources of ``page`` whose id is not in ``seen``, once each; ``seen`` takes their ids."""
+    fresh = []
+    for resource in page:
+        resource_id = str(resource["id"])
+        if resource_id not in seen:
+            seen.add(resource_id)
+            fresh.append(resource)
+    return fresh
 
 
 def _lower_headers(headers: httpx.Headers) -> dict[str, str]:

@@ -40,6 +40,11 @@ class ScimRequest:
     if_match: str | None = None
     # Whether the caller needs the resource back (create must learn the new id).
     needs_resource: bool = False
+    # Whether a JSON array is a valid answer (discovery endpoints of some targets): it is
+    # handed on as ``{"Resources": [...]}``.
+    accept_array: bool = False
+    # The id the answer must carry (a GET by id): another resource's answer is not data.
+    resource_id: str | None = None
     # Whether to resend after a failure that may have come after the server applied the
     # request (no answer, a garbled answer). False for creates: the caller looks first.
     retry_ambiguous: bool = True
@@ -87,6 +92,73 @@ def equals_filter(attribute: str, value: str) -> str:
     if not attribute.replace(".", "").replace(":", "").replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"not a SCIM attribute path: {attribute!r}")
     return f"{attribute} eq {quote_filter_value(value)}"
+
+
+# RFC 7643 §3.3: the core schemas' attributes sit at the top level of a resource, even when
+# a filter names them by their full URN (``urn:ietf:params:scim:schemas:core:2.0:User:userName``).
+_CORE_SCHEMA_PREFIX = "urn:ietf:params:scim:schemas:core:"
+
+
+def attribute_values(resource: dict[str, Any], attribute: str) -> list[Any]:
+    """Every value that ``attribute`` (an RFC 7644 §3.10 attribute path) has in ``resource``.
+
+    ``attribute`` is ``name``, ``name.sub`` or ``urn:…:name[.sub]`` (an extension's
+    attributes live under its URN). Names compare case-insensitively (RFC 7643 §2.1).
+    A multi-valued attribute contributes each of its values; a complex value named
+    without a sub-attribute contributes its ``value`` sub-attribute (RFC 7644 §3.4.2.2).
+    An absent attribute has no values: ``[]``.
+    """
+    node: Any = resource
+    path = attribute
+    if attribute.lower().startswith("urn:"):
+        urn, _, path = attribute.rpartition(":")
+        extension = _member(resource, urn)
+        if extension is not None:
+            node = extension
+        elif not urn.lower().startswith(_CORE_SCHEMA_PREFIX):
+            return []
+    nodes = [node]
+    for name in path.split("."):
+        found: list[Any] = []
+        for current in nodes:
+            for item in current if isinstance(current, list) else [current]:
+                if isinstance(item, dict):
+                    value = _member(item, name)
+                    if value is not None:
+                        found.extend(value if isinstance(value, list) else [value])
+        nodes = found
+    return [_member(v, "value") if isinstance(v, dict) else v for v in nodes]
+
+
+def value_matches(found: Any, wanted: str, *, case_exact: bool) -> bool:
+    """Whether one attribute value equals ``wanted`` the way the target must compare it.
+
+    ``case_exact=False`` compares case-insensitively (RFC 7643 §2.1, e.g. ``userName``
+    whose ``caseExact`` is false, §4.1.1). Booleans and numbers compare by their JSON text.
+    """
+    if isinstance(found, bool):
+        text = "true" if found else "false"
+    elif isinstance(found, int | float | str):
+        text = str(found)
+    else:
+        return False
+    return text == wanted if case_exact else text.casefold() == wanted.casefold()
+
+
+def resource_matches(resource: dict[str, Any], attribute: str, value: str, *, case_exact: bool) -> bool:
+    """Whether ``attribute`` of ``resource`` equals ``value``: for a multi-valued attribute, any of its values."""
+    return any(value_matches(v, value, case_exact=case_exact) for v in attribute_values(resource, attribute))
+
+
+def _member(node: dict[str, Any], name: str) -> Any:
+    """``node[name]``, the name compared case-insensitively (RFC 7643 §2.1)."""
+    if name in node:
+        return node[name]
+    folded = name.casefold()
+    for key, value in node.items():
+        if key.casefold() == folded:
+            return value
+    return None
 
 
 def resource_path(endpoint: str, resource_id: str | None = None) -> str:
@@ -151,6 +223,8 @@ def _success(
                 request=request.info(base_url),
                 response_body=content.decode("utf-8", "replace"),
             ) from exc
+        if isinstance(decoded, list) and request.accept_array:
+            decoded = {"Resources": decoded}
         if not isinstance(decoded, dict):
             raise InvalidResponse(
                 f"{request.method} {request.info(base_url).url} answered {status} with JSON that is not an object",
@@ -166,14 +240,60 @@ def _success(
         location=headers.get("location") or headers.get("content-location"),
         headers=headers,
     )
-    if request.needs_resource and result.id is None:
-        raise InvalidResponse(
-            f"{request.method} {request.info(base_url).url} answered {status} without a resource id",
-            status=status,
-            request=request.info(base_url),
-            response_body=content.decode("utf-8", "replace"),
-        )
+    if request.needs_resource:
+        # A body is the resource (RFC 7644 §3.3, §3.4.1) and must carry its id; only an
+        # empty body may name the new resource by its Location alone.
+        why = None
+        if resource is not None and not _usable_id(resource.get("id")):
+            why = "a body without a resource id"
+        elif result.id is None:
+            why = "neither a body nor a Location: without a resource id"
+        elif request.resource_id is not None and result.id.casefold() != request.resource_id.casefold():
+            why = f"another resource (id {result.id!r}, not {request.resource_id!r})"
+        if why is not None:
+            raise InvalidResponse(
+                f"{request.method} {request.info(base_url).url} answered {status} with {why}",
+                status=status,
+                request=request.info(base_url),
+                response_body=content.decode("utf-8", "replace"),
+            )
     return result
+
+
+def read_list_response(result: ScimResult, info: RequestInfo) -> tuple[list[dict[str, Any]], int | None]:
+    """The ``Resources`` and ``totalResults`` of a ListResponse (RFC 7644 §3.4.2), checked for shape.
+
+    ``totalResults`` is None when absent or not a count. ``Resources`` may be left out
+    only when ``totalResults`` is 0. Raises :class:`InvalidResponse` for anything else
+    that is not a list of objects each carrying an ``id``: such an answer is never data.
+    """
+    body = result.resource
+
+    def invalid(why: str) -> InvalidResponse:
+        return InvalidResponse(f"{info.method} {info.url} answered {result.status} with {why}", status=result.status,
+                               request=info)  # fmt: skip
+
+    if body is None:
+        raise invalid("no body where a ListResponse was expected")
+    total = body.get("totalResults")
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        total = None
+    resources = _member(body, "Resources")
+    if resources is None:
+        if total == 0:
+            return [], 0
+        said = "" if total is None else f" though totalResults is {total}"
+        raise invalid(f"a list answer without 'Resources'{said}")
+    if not isinstance(resources, list):
+        raise invalid("'Resources' that is not a list")
+    for item in resources:
+        if not isinstance(item, dict) or not _usable_id(item.get("id")):
+            raise invalid("a listed resource that is not an object with an 'id'")
+    return resources, total
+
+
+def _usable_id(value: Any) -> bool:
+    return (isinstance(value, str) and value.strip() != "") or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _decode(content: bytes) -> Any:

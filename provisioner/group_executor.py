@@ -555,7 +555,8 @@ class GroupExecutor:
         (checked by the caller).
         """
         name = op.display_name
-        results = await client.find(ENDPOINT, "displayName", name)
+        results = await client.find(ENDPOINT, "displayName", name, case_exact=True)
+        # find() checks its results already; checked again here because linking the wrong group is worse than none.
         exact = list({str(g["id"]): g for g in results if g.get("id") and g.get("displayName") == name}.values())
         if len(exact) == 1:
             return exact

@@ -12,6 +12,7 @@ from connectors import (
     BearerAuth,
     Capabilities,
     OAuth2ClientCredentials,
+    Quirks,
     RateLimit,
     RetryPolicy,
     ScimClient,
@@ -41,6 +42,8 @@ class TargetSession:
     """What the clients of one target share during a round of sending; create it inside the event loop."""
 
     config: TargetConfig
+    # The target's deviations, declared or learned; every client of the session shares them.
+    quirks: Quirks = field(default_factory=Quirks)
     limiter: TargetLimiter = field(init=False)
     retry: RetryPolicy = field(init=False)
     auth: httpx.Auth | OAuth2ClientCredentials | None = field(init=False)
@@ -73,6 +76,8 @@ class TargetSession:
             retry=self.retry,
             limiter=self.limiter,
             allow_insecure_http=config.allow_insecure_http,
+            quirks=self.quirks,
+            max_response_bytes=config.max_response_bytes,
         )
 
     async def aclose(self) -> None:
