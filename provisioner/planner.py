@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -98,14 +98,30 @@ def decide(desired: Desired, link: Link | None, leaver: LeaverAction = "disable"
     return Decision(key, Kind.UPDATE, Reason.MOVER, desired.payload, desired.payload_hash)
 
 
+class Rejection(NamedTuple):
+    """A record held for review instead of planned: ``message`` is ``file:line: why``."""
+
+    identity_key: str
+    message: str
+    kind: Kind
+    reason: Reason
+
+
+# RFC 7643 §2.2: string attributes compare without case unless the schema says caseExact;
+# of the User attributes a mapping can match on, externalId (§3.1) is the case-exact one.
+CASE_EXACT = frozenset({"externalId"})
+
+
 @dataclass(slots=True)
 class Plan:
     """Everything one planning pass decided for one target."""
 
     target: str
     decisions: list[Decision] = field(default_factory=list)
-    # Records that could not be rendered: (identity key, reason, what kind it would have been).
-    rejected: list[tuple[str, str, Kind, Reason]] = field(default_factory=list)
+    # Records held for review: (identity key, file:line: why, what kind it would have been).
+    rejected: list[Rejection] = field(default_factory=list)
+    # A digest of each rejected record as read: a resolved rejection stays silent until it changes.
+    record_hashes: dict[str, str] = field(default_factory=dict)
     unchanged: int = 0
     unresolved_refs: int = 0
     source_records: int = 0
@@ -140,31 +156,45 @@ def plan_target(
     """
     plan = Plan(target)
     seen: set[str] = set()
+    # Rendered records, decided once every record's match value is known.
+    planned: list[tuple[IdentityRecord, Link | None, Desired | None, str | None]] = []
     for record in records:
         if isinstance(record, BadRecord):
             key = record.key or f"<{record.origin}>"
-            plan.rejected.append((key, f"{record.origin}: {record.reason}", *_would_be(links.get(record.key))))
+            digest = _text_digest(record.text or record.reason)
+            _reject(plan, key, f"{record.origin}: {record.reason}", links.get(record.key), digest)
             seen.add(record.key)
             continue
         if record.key in seen:
-            plan.rejected.append(
-                (record.key, f"{record.origin}: duplicate identity key '{record.key}'", *_would_be(links.get(record.key)))
-            )
+            _reject(plan, record.key, f"{record.origin}: duplicate identity key '{record.key}'", links.get(record.key),
+                    _digest(record))  # fmt: skip
             continue
         seen.add(record.key)
         plan.source_records += 1
         link = links.get(record.key)
         if memo is not None and memo.settled(record, link, links):
-            _add(plan, record.key, None)
+            planned.append((record, link, None, memo.match_of(record.key)))
             continue
         try:
             desired, refs = _desired(record, mapping, links, plan)
         except MappingError as exc:
-            plan.rejected.append((record.key, f"{record.origin}: {exc}", *_would_be(link)))
+            _reject(plan, record.key, f"{record.origin}: {exc}", link, _digest(record))
             continue
-        _add(plan, record.key, decide(desired, link, leaver))
+        match = _match_value(desired.payload, mapping.match)
+        planned.append((record, link, desired, match))
         if memo is not None:
-            memo.remember(record, desired.payload_hash, refs, links)
+            memo.remember(record, desired.payload_hash, refs, links, match)
+    shared = shared_match_values(((r.key, m) for r, _l, _d, m in planned), mapping.match)
+    for record, link, desired, match in planned:
+        if record.key in shared:
+            # Before any write: two accounts for one person, or two people fighting over one account.
+            others = ", ".join(shared[record.key])
+            why = f"{mapping.match} {match} is also rendered for identit{'ies' if ',' in others else 'y'} {others}"
+            _reject(plan, record.key, f"{record.origin}: {why}", link, _digest(record))
+        elif desired is None:
+            _add(plan, record.key, None)  # settled: unchanged since its account got it
+        else:
+            _add(plan, record.key, decide(desired, link, leaver))
     active = sum(link.active for link in links.values())
     if plan.source_records == 0 and active:
         raise SafetyStop(
@@ -180,6 +210,24 @@ def plan_target(
             _add(plan, key, decide(Desired(key, None), link, leaver))
     plan.decisions = order_by_references(plan.decisions)
     return plan
+
+
+def shared_match_values(values: Iterable[tuple[str, str | None]], attribute: str) -> dict[str, list[str]]:
+    """Identities whose match value another identity of the snapshot also has: key -> the others' keys.
+
+    Values are compared the way the target compares them (RFC 7643 §2.2
+    ``caseExact``): ``ana@x`` and ``Ana@X `` are one userName, two externalIds.
+    """
+    by_value: dict[str, list[str]] = {}
+    for key, value in values:
+        if value is not None:
+            by_value.setdefault(value if attribute in CASE_EXACT else value.strip().casefold(), []).append(key)
+    shared: dict[str, list[str]] = {}
+    for keys in by_value.values():
+        if len(keys) > 1:
+            for key in keys:
+                shared[key] = sorted(k for k in keys if k != key)
+    return shared
 
 
 def order_by_references(decisions: list[Decision]) -> list[Decision]:
@@ -254,28 +302,61 @@ class RenderMemo:
     target for as long as it keeps the mapping.
     """
 
-    entries: dict[str, tuple[bytes, tuple[tuple[str, str | None], ...], str | None]] = field(default_factory=dict)
+    entries: dict[str, tuple[bytes, tuple[tuple[str, str | None], ...], str | None, str | None]] = field(
+        default_factory=dict
+    )
 
     def settled(self, record: IdentityRecord, link: Link | None, links: Mapping[str, Link]) -> bool:
         """Whether the record is unchanged and its account already holds what it renders to."""
         entry = self.entries.get(record.key)
         if entry is None or link is None or not link.active or link.applied_hash is None:
             return False
-        digest, refs, desired_hash = entry
-        if desired_hash != link.applied_hash or digest != _digest(record):
+        digest, refs, desired_hash, _match = entry
+        if desired_hash != link.applied_hash or digest != _digest_bytes(record):
             return False
         return all((links[k].scim_id if k in links else None) == scim_id for k, scim_id in refs)
 
     def remember(
-        self, record: IdentityRecord, desired_hash: str | None, refs: set[str], links: Mapping[str, Link]
+        self,
+        record: IdentityRecord,
+        desired_hash: str | None,
+        refs: set[str],
+        links: Mapping[str, Link],
+        match: str | None = None,
     ) -> None:
-        """Keep what this record rendered to: its payload hash, and the ids its references had then."""
+        """Keep what this record rendered to: its payload hash, match value, and the ids its references had then."""
         resolved = tuple((k, links[k].scim_id if k in links else None) for k in sorted(refs))
-        self.entries[record.key] = (_digest(record), resolved, desired_hash)
+        self.entries[record.key] = (_digest_bytes(record), resolved, desired_hash, match)
+
+    def match_of(self, key: str) -> str | None:
+        """The match value (userName) the identity's last render gave: duplicates are found without rendering."""
+        entry = self.entries.get(key)
+        return entry[3] if entry is not None else None
 
 
-def _digest(record: IdentityRecord) -> bytes:
+def _digest_bytes(record: IdentityRecord) -> bytes:
     return hashlib.blake2b(orjson.dumps(record.attributes, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+
+
+def _digest(record: IdentityRecord) -> str:
+    return _digest_bytes(record).hex()
+
+
+def _match_value(payload: dict[str, Any] | None, attribute: str) -> str | None:
+    """The payload's match value as text, or None when the identity gets no account or has no such value."""
+    if not payload:
+        return None
+    value = payload.get(attribute)
+    return value if isinstance(value, str) else None
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _reject(plan: Plan, key: str, message: str, link: Link | None, digest: str) -> None:
+    plan.rejected.append(Rejection(key, message, *_would_be(link)))
+    plan.record_hashes[key] = digest
 
 
 def _desired(

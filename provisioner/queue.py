@@ -7,7 +7,8 @@ cannot happen.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -124,6 +125,31 @@ class Outcome:
     retry_after: float | None = None
 
 
+@dataclass(slots=True)
+class Rejections:
+    """What :func:`enqueue` did with a plan's rejected records.
+
+    ``new``: (identity key, message) of each rejection recorded now, a failed row;
+    ``open``: rejections already recorded by an earlier cycle and still open;
+    ``silenced``: rejections an operator resolved or cancelled for the very same record.
+    """
+
+    new: list[tuple[str, str]] = field(default_factory=list)
+    open: int = 0
+    silenced: int = 0
+
+
+# A rejected record's row keeps the digest of the record in payload_hash (it has no payload), marked so.
+RECORD_HASH_PREFIX = "record:"
+# "hr.csv:12: why": the origin moves when rows above it come and go; the cause is what is compared.
+_ORIGIN = re.compile(r"^.+?:\d+: ")
+
+
+def rejection_cause(message: str | None) -> str | None:
+    """A rejection's message without its leading ``file:line:``."""
+    return None if message is None else _ORIGIN.sub("", message, count=1)
+
+
 def load_links(engine: Engine, target: str) -> dict[str, Link]:
     """Every account link of a target, without payloads: one query per planning pass."""
     columns = (LINK.c.identity_key, LINK.c.scim_id, LINK.c.applied_hash, LINK.c.active, LINK.c.etag)
@@ -166,6 +192,8 @@ def enqueue(
     *,
     brake: Callable[[int], bool] | None = None,
     settled: Iterable[str] = (),
+    record_hashes: Mapping[str, str] | None = None,
+    rejections: Rejections | None = None,
 ) -> int:
     """Write a plan's operations in one transaction; return how many were added.
 
@@ -175,10 +203,19 @@ def enqueue(
     they are written as ``held`` and wait for an operator's approval. Open
     operations of ``settled`` identities (already as they should be: a leaver
     back in the source before their disable was sent) are superseded.
+
+    A rejected record is one failed row per identity and cause (its message
+    without ``file:line``): the next cycle does not open another. Its
+    ``record_hashes`` digest is kept on the row; once an operator resolves or
+    cancels it, the same rejection of the same record stays silent until the
+    record changes. ``rejections``, when given, is filled with what happened.
     """
     now = utcnow()
     rows: list[dict[str, Any]] = []
     superseded: list[int] = []
+    rejected = list(rejected)
+    hashes = record_hashes or {}
+    tally = rejections if rejections is not None else Rejections()
     with engine.begin() as conn:
         open_by_key = open_rows(conn, target, ACCOUNT_KINDS)
         for d in decisions:
@@ -187,14 +224,22 @@ def enqueue(
                 continue
             superseded.extend(replaced)
             rows.append(_new_row(run_id, target, d.identity_key, d.kind, d.reason, now, d.payload, d.payload_hash))
+        silenced = _silenced_rejections(conn, target, [hashes[key] for key, *_ in rejected if key in hashes])
         for key, message, kind, reason in rejected:
+            cause = rejection_cause(message)
             existing = open_by_key.get(key, [])
-            if any(r.status == "failed" and r.last_error == message for r in existing):
+            if any(r.status == "failed" and rejection_cause(r.last_error) == cause for r in existing):
+                tally.open += 1
+                continue
+            digest = RECORD_HASH_PREFIX + hashes[key] if key in hashes else None
+            if digest is not None and (key, digest, cause) in silenced:
+                tally.silenced += 1
                 continue
             superseded.extend(r.id for r in existing if r.status != "running")
-            row = _new_row(run_id, target, key, kind, reason, now)
+            row = _new_row(run_id, target, key, kind, reason, now, payload_hash=digest)
             row.update(status="failed", last_error=message, finished_at=now)
             rows.append(row)
+            tally.new.append((key, message))
         for key in settled:
             superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
         leavers = [row for row in rows if row["kind"] in DEPROVISION and row["status"] == "pending"]
@@ -203,6 +248,17 @@ def enqueue(
                 row["status"] = "held"
         write_plan(conn, rows, superseded, now)
     return len(rows)
+
+
+def _silenced_rejections(conn: Any, target: str, digests: list[str]) -> set[tuple[str, str, str | None]]:
+    """(identity key, record digest, cause) of the rejections an operator resolved or cancelled."""
+    found: set[tuple[str, str, str | None]] = set()
+    for chunk in _chunks(sorted({RECORD_HASH_PREFIX + d for d in digests}), 500):
+        query = select(OP.c.identity_key, OP.c.payload_hash, OP.c.last_error).where(
+            OP.c.target == target, OP.c.status.in_(("resolved", "cancelled")), OP.c.payload_hash.in_(chunk)
+        )
+        found.update((row[0], row[1], rejection_cause(row[2])) for row in conn.execute(query))
+    return found
 
 
 def open_rows(conn: Any, target: str, kinds: Sequence[str]) -> dict[str, list[Any]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,14 @@ class IdentityRecord:
 class BadRecord:
     """A line of the source that is not a usable record; it goes to review, the rest go on.
 
-    ``key`` is empty when the line's key could not be read.
+    ``key`` is empty when the line's key could not be read. ``text`` is what
+    was read of the line(s), for telling whether a rejected line has changed.
     """
 
     key: str
     reason: str
     origin: str
+    text: str | None = field(default=None, compare=False, repr=False)
 
 
 def read_source(config: SourceConfig) -> Iterator[IdentityRecord | BadRecord]:
@@ -111,7 +113,7 @@ def _csv_records(config: SourceConfig, lines: _Lines, reader: Any) -> Iterator[I
             start, prefix = lines.finish_bad_record(config.delimiter)
             key = _key_of_prefix(prefix, key_index, config.delimiter)
             reason = str(exc) if isinstance(exc, _Oversized) else f"cannot parse as CSV: {exc}"
-            yield BadRecord(key, reason, f"{config.path}:{start}")
+            yield BadRecord(key, reason, f"{config.path}:{start}", prefix[:_CSV_PREFIX_CHARS])
             continue
         if row is None:
             return
@@ -120,10 +122,10 @@ def _csv_records(config: SourceConfig, lines: _Lines, reader: Any) -> Iterator[I
         origin = f"{config.path}:{lines.number}"
         key = row[key_index].strip() if key_index < len(row) else ""
         if len(row) > len(names):
-            yield BadRecord(key, "more fields than the header has", origin)
+            yield BadRecord(key, "more fields than the header has", origin, "\x1f".join(row))
         elif len(row) < len(names):
             # A row cut short (a truncated export): missing columns must not read as empty values.
-            yield BadRecord(key, "fewer fields than the header has", origin)
+            yield BadRecord(key, "fewer fields than the header has", origin, "\x1f".join(row))
         else:
             yield _checked(config.key, dict(zip(names, row)), origin)
 
@@ -274,10 +276,10 @@ def _jsonl_records(config: SourceConfig, handle: Any) -> Iterator[IdentityRecord
         try:
             data = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            yield BadRecord("", f"not valid JSON: {exc}", origin)
+            yield BadRecord("", f"not valid JSON: {exc}", origin, line)
             continue
         if not isinstance(data, dict):
-            yield BadRecord("", "a line must hold a JSON object", origin)
+            yield BadRecord("", "a line must hold a JSON object", origin, line)
             continue
         yield _checked(config.key, data, origin)
 
@@ -286,13 +288,16 @@ def _checked(key_name: str, attributes: dict[str, Any], origin: str) -> Identity
     """A record, or a BadRecord when its key is missing or a cell is over MAX_CELL_CHARS."""
     key = attributes.get(key_name)
     if isinstance(key, (dict, list)):
-        return BadRecord("", f"the key '{key_name}' is not a single value", origin)
+        return BadRecord("", f"the key '{key_name}' is not a single value", origin, _text(attributes))
     if key is None or str(key).strip() == "":
-        return BadRecord("", f"the key '{key_name}' is empty", origin)
+        return BadRecord("", f"the key '{key_name}' is empty", origin, _text(attributes))
     key = str(key).strip()
     for column, value in attributes.items():
         if isinstance(value, str) and len(value) > MAX_CELL_CHARS:
-            return BadRecord(
-                key, f"column '{column}' holds {len(value)} characters, more than a cell may ({MAX_CELL_CHARS})", origin
-            )
+            reason = f"column '{column}' holds {len(value)} characters, more than a cell may ({MAX_CELL_CHARS})"
+            return BadRecord(key, reason, origin, _text(attributes))
     return IdentityRecord(key, attributes, origin)
+
+
+def _text(attributes: dict[str, Any]) -> str:
+    return orjson.dumps(attributes, option=orjson.OPT_SORT_KEYS).decode()
