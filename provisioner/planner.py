@@ -122,6 +122,9 @@ class Plan:
     rejected: list[Rejection] = field(default_factory=list)
     # A digest of each rejected record as read: a resolved rejection stays silent until it changes.
     record_hashes: dict[str, str] = field(default_factory=dict)
+    # Every identity key the source had (``<file:line>`` for a line without one): a rejection of
+    # an identity no longer there has nothing left to review.
+    present: set[str] = field(default_factory=set)
     unchanged: int = 0
     unresolved_refs: int = 0
     source_records: int = 0
@@ -164,6 +167,7 @@ def plan_target(
             digest = _text_digest(record.text or record.reason)
             _reject(plan, key, f"{record.origin}: {record.reason}", links.get(record.key), digest)
             seen.add(record.key)
+            plan.present.add(key)
             continue
         if record.key in seen:
             _reject(plan, record.key, f"{record.origin}: duplicate identity key '{record.key}'", links.get(record.key),
@@ -184,6 +188,7 @@ def plan_target(
         planned.append((record, link, desired, match))
         if memo is not None:
             memo.remember(record, desired.payload_hash, refs, links, match)
+    plan.present.update(seen)
     shared = shared_match_values(((r.key, m) for r, _l, _d, m in planned), mapping.match)
     for record, link, desired, match in planned:
         if record.key in shared:

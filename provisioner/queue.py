@@ -8,7 +8,7 @@ cannot happen.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -194,6 +194,7 @@ def enqueue(
     settled: Iterable[str] = (),
     record_hashes: Mapping[str, str] | None = None,
     rejections: Rejections | None = None,
+    present: Collection[str] | None = None,
 ) -> int:
     """Write a plan's operations in one transaction; return how many were added.
 
@@ -209,6 +210,8 @@ def enqueue(
     ``record_hashes`` digest is kept on the row; once an operator resolves or
     cancels it, the same rejection of the same record stays silent until the
     record changes. ``rejections``, when given, is filled with what happened.
+    With ``present`` (every identity key of the source), open rejections of
+    identities no longer in the source are superseded: nothing is left to review.
     """
     now = utcnow()
     rows: list[dict[str, Any]] = []
@@ -242,12 +245,20 @@ def enqueue(
             tally.new.append((key, message))
         for key in settled:
             superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
+        if present is not None:
+            for key, existing in open_by_key.items():
+                if key not in present:
+                    superseded.extend(r.id for r in existing if _is_rejection(r))
         leavers = [row for row in rows if row["kind"] in DEPROVISION and row["status"] == "pending"]
         if brake is not None and leavers and brake(len(leavers)):
             for row in leavers:
                 row["status"] = "held"
         write_plan(conn, rows, superseded, now)
     return len(rows)
+
+
+def _is_rejection(row: Any) -> bool:
+    return row.status == "failed" and (row.payload_hash or "").startswith(RECORD_HASH_PREFIX)
 
 
 def _silenced_rejections(conn: Any, target: str, digests: list[str]) -> set[tuple[str, str, str | None]]:

@@ -195,7 +195,7 @@ def _plan_into_queue(
 
     rejections = Rejections()
     enqueue(engine, report.run_id, name, plan.decisions, plan.rejected, brake=brake, settled=plan.settled,
-            record_hashes=plan.record_hashes, rejections=rejections)  # fmt: skip
+            record_hashes=plan.record_hashes, rejections=rejections, present=plan.present)  # fmt: skip
     for key, message in rejections.new:
         log.warning("record rejected", target=name, run_id=report.run_id, identity=key, reason=message)
     # Counted once per record and cause; one an operator resolved stays out until the record changes.
