@@ -10,6 +10,7 @@ ones have none and a failed row naming them and why, opened once.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -316,3 +317,42 @@ def test_check_refuses_tags_and_alias_bombs_with_exit_3(
     assert result.returncode == 3, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert f"{path.name}:{line}:" in result.stderr and needle in result.stderr
+
+
+def test_the_daemon_rejects_runaway_expressions_and_still_stops_on_sigterm(workspace: Workspace, scim: ScimReader) -> None:
+    """Nested range() loops end on the range budget; loops over a record's own text end on the time limit."""
+    import os
+    import signal
+    import sys
+
+    loops = ("{% if nick == 'ranges' %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+             "{% endfor %}{% elif nick == 'text' %}{% for a in notes %}{% for b in notes %}{% for c in notes %}"
+             "{% endfor %}{% endfor %}{% endfor %}{% endif %}{{ nick }}")  # fmt: skip
+    workspace.write_config(source_type="jsonl")
+    replace_in_mapping(workspace, "  title: title\n", f'  nickName: "{loops}"\n')
+    with workspace.config_path.open("a", encoding="utf-8") as handle:
+        handle.write(f'daemon: {{listen: "127.0.0.1:{free_port()}", retry_interval: 1}}\n')
+    workspace.write_source([{**ADA, "nick": "ok", "notes": ""}, {**GRACE, "nick": "ranges", "notes": ""},
+                            {**ALAN, "nick": "text", "notes": "n" * 3000}])  # fmt: skip
+    env = {**os.environ, "PROVISIONER_TEST_TOKEN": workspace.server.token}
+    log = (workspace.root / "daemon.log").open("ab")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "provisioner", "--log-format", "json", "run", "--config", str(workspace.config_path)],
+        cwd=workspace.root, env=env, stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        for _ in range(1200):
+            try:
+                if len(failed_rows(workspace)) == 2 and scim.all():
+                    break
+            except sqlite3.OperationalError:
+                pass  # the daemon is still creating its tables
+            time.sleep(0.05)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+
+    reasons = {op["identity_key"]: str(op["last_error"]) for op in failed_rows(workspace)}
+    assert "range() calls of one record" in reasons["E1002"]
+    assert "ran longer than 2 s on this record" in reasons["E1003"]
+    assert [user["userName"] for user in scim.all()] == ["ada.lovelace@example.com"]
