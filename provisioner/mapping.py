@@ -39,8 +39,7 @@ import math
 import re
 import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,10 +181,23 @@ class _Batch:
         self._where = where
 
     def evaluate(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """Every slot's value for one record; MappingError when the record takes too long."""
+        """Every slot's value for one record; MappingError when the record takes too long.
+
+        The time limit needs SIGALRM, so it holds in the main thread (where
+        the planner runs) and only when nobody else owns that signal; elsewhere
+        the range budget and the size caps are what bound a record.
+        """
+        if not _alarm_usable():
+            return self._evaluate(record)
         try:
-            with _time_limit(TIME_LIMIT):
+            _Alarm.armed = True
+            signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT)
+            try:
                 return self._evaluate(record)
+            finally:
+                # Disarmed before the timer is stopped: a signal that arrives in between is ignored.
+                _Alarm.armed = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
         except _Timeout:
             raise MappingError(
                 f"{self._where}: the expressions ran longer than {TIME_LIMIT:g} s on this record; stopped"
@@ -283,41 +295,28 @@ class _Timeout(BaseException):
 
 
 class _Alarm:
-    """One SIGALRM timer for record evaluations; armed only around one, ignored otherwise."""
+    """Whether a record's evaluation is under way: the SIGALRM timer is ignored otherwise."""
 
     armed = False
 
-    @classmethod
-    def handler(cls, signum: int, frame: Any) -> None:
-        if cls.armed:
-            cls.armed = False
-            raise _Timeout
 
-
-@contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    """Raise _Timeout in the block after ``seconds`` of wall time.
-
-    Only in the main thread and when nobody else owns SIGALRM; elsewhere the
-    range budget and size caps are what bound a record.
-    """
-    usable = (
-        seconds > 0
-        and threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, _Alarm.handler)
-    )
-    if not usable:
-        yield
-        return
-    signal.signal(signal.SIGALRM, _Alarm.handler)
-    _Alarm.armed = True
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        # Disarmed before the timer is stopped: a signal that arrives in between is ignored.
+def _on_alarm(signum: int, frame: Any) -> None:
+    if _Alarm.armed:
         _Alarm.armed = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        raise _Timeout
+
+
+def _alarm_usable() -> bool:
+    """Whether SIGALRM can bound this evaluation: main thread, and the signal is ours or unclaimed."""
+    if TIME_LIMIT <= 0 or threading.get_ident() != threading.main_thread().ident:
+        return False
+    current = signal.getsignal(signal.SIGALRM)
+    if current is _on_alarm:
+        return True
+    if current == signal.SIG_DFL:
+        signal.signal(signal.SIGALRM, _on_alarm)
+        return True
+    return False
 
 
 def load_mapping(path: Path) -> AttributeMapping:
@@ -503,7 +502,7 @@ def _render(node: Any, record: Mapping[str, Any], slots: dict[str, Any]) -> Any:
         value = _value(node, record, slots)
         if value == "" or value is None:
             return None
-        if node.constant is not None:
+        if node.constant is not None or (type(value) is str and len(value) <= MAX_VALUE_CHARS):
             return value
         try:
             return _json_value(value, [MAX_VALUE_CHARS])

@@ -159,8 +159,9 @@ def plan_target(
     """
     plan = Plan(target)
     seen: set[str] = set()
-    # Rendered records, decided once every record's match value is known.
-    planned: list[tuple[IdentityRecord, Link | None, Desired | None, str | None]] = []
+    # (key, match value, origin, payload hash) of each record that gets an account: duplicates are
+    # found once every record is read, and taken out of the plan before anything is written.
+    matched: list[tuple[str, str, str, str | None]] = []
     for record in records:
         if isinstance(record, BadRecord):
             key = record.key or f"<{record.origin}>"
@@ -177,7 +178,10 @@ def plan_target(
         plan.source_records += 1
         link = links.get(record.key)
         if memo is not None and memo.settled(record, link, links):
-            planned.append((record, link, None, memo.match_of(record.key)))
+            match = memo.match_of(record.key)
+            if match is not None:
+                matched.append((record.key, match, record.origin, link.applied_hash if link else None))
+            _add(plan, record.key, None)
             continue
         try:
             desired, refs = _desired(record, mapping, links, plan)
@@ -185,21 +189,13 @@ def plan_target(
             _reject(plan, record.key, f"{record.origin}: {exc}", link, _digest(record))
             continue
         match = _match_value(desired.payload, mapping.match)
-        planned.append((record, link, desired, match))
+        if match is not None:
+            matched.append((record.key, match, record.origin, desired.payload_hash))
+        _add(plan, record.key, decide(desired, link, leaver))
         if memo is not None:
             memo.remember(record, desired.payload_hash, refs, links, match)
     plan.present.update(seen)
-    shared = shared_match_values(((r.key, m) for r, _l, _d, m in planned), mapping.match)
-    for record, link, desired, match in planned:
-        if record.key in shared:
-            # Before any write: two accounts for one person, or two people fighting over one account.
-            others = ", ".join(shared[record.key])
-            why = f"{mapping.match} {match} is also rendered for identit{'ies' if ',' in others else 'y'} {others}"
-            _reject(plan, record.key, f"{record.origin}: {why}", link, _digest(record))
-        elif desired is None:
-            _add(plan, record.key, None)  # settled: unchanged since its account got it
-        else:
-            _add(plan, record.key, decide(desired, link, leaver))
+    _hold_shared_match_values(plan, matched, mapping.match, links)
     active = sum(link.active for link in links.values())
     if plan.source_records == 0 and active:
         raise SafetyStop(
@@ -215,6 +211,30 @@ def plan_target(
             _add(plan, key, decide(Desired(key, None), link, leaver))
     plan.decisions = order_by_references(plan.decisions)
     return plan
+
+
+def _hold_shared_match_values(
+    plan: Plan, matched: list[tuple[str, str, str, str | None]], attribute: str, links: Mapping[str, Link]
+) -> None:
+    """Take identities whose match value another one has out of the plan, as rejections.
+
+    Before any write: otherwise two accounts for one person on a target that
+    does not enforce uniqueness, or whichever record came first winning the
+    account, a different one each cycle. The digest kept is the payload hash:
+    the rejection stays silenced (once resolved) until what the record renders to changes.
+    """
+    shared = shared_match_values(((key, match) for key, match, _o, _h in matched), attribute)
+    if not shared:
+        return
+    settled = set(plan.settled) & shared.keys()
+    plan.unchanged -= len(settled)
+    plan.settled = [key for key in plan.settled if key not in shared]
+    plan.decisions = [d for d in plan.decisions if d.identity_key not in shared]
+    for key, match, origin, payload_hash in matched:
+        if key in shared:
+            others = ", ".join(shared[key])
+            why = f"{attribute} {match} is also rendered for identit{'ies' if ',' in others else 'y'} {others}"
+            _reject(plan, key, f"{origin}: {why}", links.get(key), payload_hash or _text_digest(match))
 
 
 def shared_match_values(values: Iterable[tuple[str, str | None]], attribute: str) -> dict[str, list[str]]:
