@@ -308,7 +308,7 @@ def _on_alarm(signum: int, frame: Any) -> None:
 
 def _alarm_usable() -> bool:
     """Whether SIGALRM can bound this evaluation: main thread, and the signal is ours or unclaimed."""
-    if TIME_LIMIT <= 0 or threading.get_ident() != threading.main_thread().ident:
+    if TIME_LIMIT <= 0 or not hasattr(signal, "setitimer") or threading.get_ident() != threading.main_thread().ident:
         return False
     current = signal.getsignal(signal.SIGALRM)
     if current is _on_alarm:
