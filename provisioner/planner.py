@@ -29,6 +29,8 @@ class Kind(StrEnum):
     DISABLE = "disable"
     ENABLE = "enable"
     DELETE = "delete"
+    # Adopt the account the match attribute finds (reconciliation's reaction to an unlinked account).
+    LINK = "link"
 
 
 class Reason(StrEnum):
@@ -38,6 +40,8 @@ class Reason(StrEnum):
     MOVER = "mover"
     LEAVER = "leaver"
     REHIRE = "rehire"
+    # What reading the target back found (provisioner.reconcile), not a change in the source.
+    RECONCILE = "reconcile"
 
 
 @dataclass(frozen=True, slots=True)
