@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 from typing import Any
 
@@ -268,4 +269,38 @@ def test_the_daemon_reconciles_when_due_publishes_gauges_and_alerts(
     assert [c.rule for c in conditions] == ["unmatched_accounts"]
     assert "3 accounts that no identity owns" in conditions[0].message
     assert evaluate([facts], AlertsConfig()) == []  # the default threshold, 10, is not crossed
+    engine.dispose()
+
+
+def test_csv_lists_every_account_with_its_situation(
+    workspace: Workspace, changed: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = workspace.root / "accounts.csv"
+    assert main(["reconcile", "--config", str(workspace.config_path), "--csv", str(path)]) == 0
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = {row["userName"].lower(): row for row in csv.DictReader(handle)}
+    assert len(rows) == 9
+    assert rows["cy.moved@example.com"]["situation"] == "linked"
+    assert rows["cy.moved@example.com"]["drift"] == f"{ENTERPRISE}:department"
+    assert rows["nobody@example.com"]["situation"] == "unmatched"
+    assert rows["nobody@example.com"]["identity"] == ""
+
+
+def test_a_misspelt_reaction_exits_3_naming_file_line_and_key(
+    workspace: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workspace.write_config(reconcile="{unmatched: purge}")
+    assert main(["reconcile", "--config", str(workspace.config_path)]) == 3
+    err = capsys.readouterr().err
+    assert f"{workspace.config_path}:" in err and "targets.app.reconcile.unmatched" in err
+    assert "Traceback" not in err
+
+
+def test_reconcile_every_0_turns_the_daemons_reconciliation_off(workspace: Workspace) -> None:
+    workspace.write_source(PEOPLE)
+    workspace.write_config(reconcile_every='"0"')
+    config = load_config(workspace.config_path)
+    engine = open_store(config.state)
+    assert asyncio.run(Daemon(config, engine).reconcile_if_due("app")) is False
+    assert workspace.count("reconcile_run") == 0
     engine.dispose()
