@@ -39,7 +39,7 @@ from provisioner import metrics
 from provisioner.config import Config, ReconcileConfig, parse_duration
 from provisioner.errors import SafetyStop
 from provisioner.mapping import AttributeMapping, MappingError
-from provisioner.payload import dumps, flatten, payload_hash, refs_in, resolve_refs
+from provisioner.payload import dumps, flatten, loads, payload_hash, refs_in, resolve_refs
 from provisioner.planner import Decision, Kind, Link, Reason, brake_trips
 from provisioner.queue import enqueue, load_links
 from provisioner.sources import BadRecord, IdentityRecord, read_source
@@ -70,17 +70,38 @@ class Situation(StrEnum):
 class Identity:
     """What the source says of one identity in a target.
 
-    ``payload``: the desired SCIM payload (references resolved where their
-    accounts are linked, else kept as ``Ref``); None when the identity must not
-    have an active account (a leaver, out of scope, gone from the source).
-    ``known`` is False for a record that could not be read or rendered: its
-    desired state is unknown, so nothing is compared or repaired for it.
+    ``desired``: the desired SCIM payload as compact JSON (references resolved
+    where their accounts are linked, else kept as ``Ref``; 100,000 payloads as
+    objects would cost ~300 MB); None when the identity must not have an active
+    account (a leaver, out of scope, gone from the source). ``known`` is False
+    for a record that could not be read or rendered: its desired state is
+    unknown, so nothing is compared or repaired for it. Build with :meth:`of`.
     """
 
     key: str
-    payload: dict[str, Any] | None
+    desired: str | None
     link: Link | None = None
     known: bool = True
+    # The payload's value of the mapping's match attribute, and its userName.
+    match_value: str | None = None
+    user_name: str | None = None
+
+    @classmethod
+    def of(
+        cls, key: str, payload: dict[str, Any] | None, link: Link | None = None, *, known: bool = True,
+        match: str = "userName",
+    ) -> Identity:
+        """An identity from its desired payload (None: no active account)."""
+        if payload is None:
+            return cls(key, None, link, known)
+        value, user_name = payload.get(match), payload.get("userName")
+        return cls(key, dumps(payload), link, known, value if isinstance(value, str) and value else None,
+                   user_name if isinstance(user_name, str) else None)  # fmt: skip
+
+    @property
+    def payload(self) -> dict[str, Any] | None:
+        """The desired payload, decoded anew on each access."""
+        return loads(self.desired)
 
 
 @dataclass(slots=True)
@@ -217,9 +238,8 @@ class Classifier:
             self.identities[identity.key] = identity
             if identity.link is not None:
                 self.by_id[identity.link.scim_id] = identity.key
-            value = identity.payload.get(match_attribute) if identity.payload else None
-            if isinstance(value, str) and value:
-                self.by_match.setdefault(self._norm(value), []).append(identity.key)
+            if identity.match_value is not None:
+                self.by_match.setdefault(self._norm(identity.match_value), []).append(identity.key)
         self.findings: list[Finding] = []
         self.seen_links: set[str] = set()
         self.seen_ids: set[str] = set()
@@ -261,8 +281,9 @@ class Classifier:
         finding = Finding(Situation.LINKED, identity.key, scim_id, user_name, active=active)
         if not identity.known:
             return finding
-        if identity.payload is not None:
-            finding.observed = drift(identity.payload, resource)
+        payload = identity.payload
+        if payload is not None:
+            finding.observed = drift(payload, resource)
         elif active is not False and identity.link is not None and not identity.link.active:
             # Disabled by us as a leaver, active again in the target.
             finding.observed = {"active": active}
@@ -277,10 +298,9 @@ class Classifier:
     def gone(self, key: str) -> None:
         """The target answered 404 for this identity's linked account."""
         identity = self.identities[key]
-        user_name = identity.payload.get("userName") if identity.payload else None
         assert identity.link is not None
         self.seen_links.add(key)
-        self.findings.append(Finding(Situation.DELETED, key, identity.link.scim_id, user_name))
+        self.findings.append(Finding(Situation.DELETED, key, identity.link.scim_id, identity.user_name))
 
     def finish(self) -> list[Finding]:
         """Every finding; an identity's extra accounts become ``disputed``."""
@@ -295,7 +315,7 @@ class Classifier:
         """Identities in scope with no account at all: the next cycle creates them."""
         claimed = {f.identity for f in self.findings if f.situation in (Situation.LINKED, Situation.UNLINKED)}
         return sum(
-            1 for i in self.identities.values() if i.payload is not None and i.link is None and i.key not in claimed
+            1 for i in self.identities.values() if i.desired is not None and i.link is None and i.key not in claimed
         )
 
 
@@ -361,26 +381,29 @@ def plan_repairs(
         if identity is not None and identity.key in disputed:
             continue
         if f.situation is Situation.LINKED and f.drift and policy.linked == "update" and identity is not None:
-            if identity.payload is None:
+            desired = identity.payload
+            if desired is None:
                 repairs.decisions.append(Decision(identity.key, Kind.DISABLE, Reason.RECONCILE))
                 continue
-            payload, sendable = _sendable(identity.payload, lookup)
+            payload, sendable = _sendable(desired, lookup)
             applied = orjson.loads(orjson.dumps(sendable))
             for path, value in f.observed.items():
                 _set_path(applied, path, value)
             repairs.observed[identity.key] = applied
             repairs.decisions.append(Decision(identity.key, Kind.UPDATE, Reason.RECONCILE, payload, payload_hash(sendable)))
         elif f.situation is Situation.DELETED and policy.deleted == "recreate" and identity is not None:
-            if identity.payload is None or identity.key in adopted:
+            desired = identity.payload
+            if desired is None or identity.key in adopted:
                 continue  # a leaver needs no account; an identity adopting another account gets that one
-            payload, sendable = _sendable(identity.payload, lookup)
+            payload, sendable = _sendable(desired, lookup)
             repairs.drop.append(identity.key)
             repairs.decisions.append(Decision(identity.key, Kind.CREATE, Reason.RECONCILE, payload, payload_hash(sendable)))
         elif f.situation is Situation.UNLINKED and policy.unlinked == "link" and identity is not None:
-            assert identity.payload is not None
+            desired = identity.payload
+            assert desired is not None
             if identity.link is not None:
                 repairs.drop.append(identity.key)  # its linked account is gone (deleted): adopt this one
-            payload, sendable = _sendable(identity.payload, lookup)
+            payload, sendable = _sendable(desired, lookup)
             repairs.decisions.append(Decision(identity.key, Kind.LINK, Reason.RECONCILE, payload, payload_hash(sendable)))
         elif f.situation is Situation.UNMATCHED and policy.unmatched != "report" and f.id:
             orphan = {"id": f.id, "userName": f.user_name}
@@ -475,20 +498,20 @@ def desired_states(
         if isinstance(record, BadRecord) or record.key in identities:
             unreadable += 1
             if record.key:
-                identities[record.key] = Identity(record.key, None, links.get(record.key), known=False)
+                identities[record.key] = Identity.of(record.key, None, links.get(record.key), known=False)
             continue
         usable += 1
         try:
             rendered = mapping.render(record.attributes)
         except MappingError:
             unreadable += 1
-            identities[record.key] = Identity(record.key, None, links.get(record.key), known=False)
+            identities[record.key] = Identity.of(record.key, None, links.get(record.key), known=False)
             continue
         payload = None
         if rendered.payload:
             payload = resolve_refs(rendered.payload, lookup.get, keep_unresolved=True)[0]
             paths.update(flatten(payload))
-        identities[record.key] = Identity(record.key, payload, links.get(record.key))
+        identities[record.key] = Identity.of(record.key, payload, links.get(record.key), match=mapping.match)
     if usable < max(min_records, 1):
         raise SafetyStop(
             f"the source has {usable} usable records (min_records {min_records}); "
@@ -496,7 +519,7 @@ def desired_states(
         )
     for key, link in links.items():
         if key not in identities:
-            identities[key] = Identity(key, None, link)
+            identities[key] = Identity.of(key, None, link)
     return identities, unreadable, sorted(paths)
 
 

@@ -56,7 +56,7 @@ def test_drift_compares_only_what_the_mapping_sets_as_scim_means_it(
 
 def _identity(key: str, user_name: str, scim_id: str | None = None, *, active: bool = True) -> Identity:
     link = Link(key, scim_id, "h", active) if scim_id else None
-    return Identity(key, {"userName": user_name, "active": True}, link)
+    return Identity.of(key, {"userName": user_name, "active": True}, link)
 
 
 def test_an_account_missing_from_the_pages_is_deleted_only_when_the_target_says_404() -> None:
