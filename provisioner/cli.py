@@ -19,6 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from connectors import ScimError
 from provisioner import logs
 from provisioner.config import Config, load_config, parse_duration
 from provisioner.daemon import Daemon, check_alerts
@@ -371,9 +372,19 @@ def _reconcile(args: argparse.Namespace) -> int:
     targets = selected_targets(config, args.target)
     mappings = {name: load_target_mapping(config, name) for name in targets}
 
+    unreadable: list[str] = []
+
     def run(engine: Any) -> list[Any]:
         async def each() -> list[Any]:
-            return [await reconcile_target(engine, config, n, mappings[n], repair=args.repair) for n in targets]
+            reports = []
+            for name in targets:
+                try:
+                    reports.append(await reconcile_target(engine, config, name, mappings[name], repair=args.repair))
+                except ScimError as exc:
+                    # Nothing is concluded from a read that failed: no situation, no reaction.
+                    print(f"error: {name}: could not read the target's accounts: {exc}", file=sys.stderr)
+                    unreadable.append(name)
+            return reports
 
         return asyncio.run(each())
 
@@ -400,7 +411,7 @@ def _reconcile(args: argparse.Namespace) -> int:
             _print_reconcile(report)
     if any(r.held for r in reports):
         return EXIT_SAFETY_STOP
-    failed = any(r.statuses.get("failed") or r.statuses.get("retry_wait") for r in reports)
+    failed = unreadable or any(r.statuses.get("failed") or r.statuses.get("retry_wait") for r in reports)
     return EXIT_FAILED_OPERATIONS if failed else EXIT_OK
 
 

@@ -243,10 +243,13 @@ class TargetConfig(_Strict):
             parse_duration(value)
         return value
 
-    @field_validator("reconcile_every")
+    @field_validator("reconcile_every", mode="before")
     @classmethod
-    def _reconcile_interval(cls, value: str | None) -> str | None:
-        parse_interval(value)
+    def _reconcile_interval(cls, value: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)  # `reconcile_every: 0` in YAML is a number
+        if isinstance(value, str):
+            parse_interval(value)
         return value
 
     @field_validator("base_url")

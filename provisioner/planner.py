@@ -118,9 +118,10 @@ class Plan:
 
     def counts(self) -> dict[str, int]:
         """How many operations of each kind, plus unchanged and rejected."""
-        counts = {kind.value: 0 for kind in Kind}
+        # LINK is reconciliation's, never a cycle's: a plan does not list it.
+        counts = {kind.value: 0 for kind in Kind if kind is not Kind.LINK}
         for decision in self.decisions:
-            counts[decision.kind.value] += 1
+            counts[decision.kind.value] = counts.get(decision.kind.value, 0) + 1
         counts["unchanged"] = self.unchanged
         counts["rejected"] = len(self.rejected)
         return counts

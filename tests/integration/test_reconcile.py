@@ -13,6 +13,7 @@ import pytest
 from provisioner.cli import main
 from provisioner.config import load_config
 from provisioner.daemon import Daemon, target_facts
+from provisioner.demo import free_port
 from provisioner.metrics import RECONCILE_ACCOUNTS, RECONCILE_DRIFTED
 from provisioner.alerts import AlertsConfig, evaluate
 from provisioner.store import open_store
@@ -298,9 +299,24 @@ def test_a_misspelt_reaction_exits_3_naming_file_line_and_key(
 
 def test_reconcile_every_0_turns_the_daemons_reconciliation_off(workspace: Workspace) -> None:
     workspace.write_source(PEOPLE)
-    workspace.write_config(reconcile_every='"0"')
+    workspace.write_config(reconcile_every=0)
     config = load_config(workspace.config_path)
     engine = open_store(config.state)
     assert asyncio.run(Daemon(config, engine).reconcile_if_due("app")) is False
     assert workspace.count("reconcile_run") == 0
     engine.dispose()
+
+
+def test_a_target_that_cannot_be_read_exits_4_with_one_line_and_concludes_nothing(
+    workspace: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workspace.write_source(PEOPLE)
+    workspace.config_path.write_text(
+        workspace.config_path.read_text().replace(workspace.server.base_url, f"http://127.0.0.1:{free_port()}/v2")
+        + "    retry: {max_attempts: 1}\n"
+    )
+    assert main(["reconcile", "--config", str(workspace.config_path), "--repair", "--json"]) == 4
+    captured = capsys.readouterr()
+    assert "error: app: could not read the target's accounts" in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert workspace.count("operation") == 0 and workspace.count("reconcile_run") == 0
