@@ -257,6 +257,7 @@ class Classifier:
             return  # a page repeated an account: it counts once
         self.seen_ids.add(scim_id)
         user_name = _get(resource, "userName")
+        user_name = user_name if isinstance(user_name, str) else None
         active = _get(resource, "active")
         active = active if isinstance(active, bool) else None
         key = self.by_id.get(scim_id)
@@ -276,7 +277,7 @@ class Classifier:
             self.candidates.setdefault(owners[0], []).append(finding)
 
     def _linked(
-        self, identity: Identity, scim_id: str, user_name: Any, active: bool | None, resource: Mapping[str, Any]
+        self, identity: Identity, scim_id: str, user_name: str | None, active: bool | None, resource: Mapping[str, Any]
     ) -> Finding:
         finding = Finding(Situation.LINKED, identity.key, scim_id, user_name, active=active)
         if not identity.known:
@@ -284,7 +285,7 @@ class Classifier:
         payload = identity.payload
         if payload is not None:
             finding.observed = drift(payload, resource)
-        elif active is not False and identity.link is not None and not identity.link.active:
+        elif active is True and identity.link is not None and not identity.link.active:
             # Disabled by us as a leaver, active again in the target.
             finding.observed = {"active": active}
         finding.drift = list(finding.observed)
@@ -292,8 +293,7 @@ class Classifier:
 
     def unseen_links(self) -> list[tuple[str, str]]:
         """(identity key, SCIM id) of every linked account the pages did not contain."""
-        return [(key, self.identities[key].link.scim_id) for key in self.by_id.values()  # type: ignore[union-attr]
-                if key not in self.seen_links]  # fmt: skip
+        return [(key, scim_id) for scim_id, key in self.by_id.items() if key not in self.seen_links]
 
     def gone(self, key: str) -> None:
         """The target answered 404 for this identity's linked account."""

@@ -152,3 +152,16 @@ def test_a_linked_account_a_short_page_left_out_is_looked_up_by_id(
     assert {f.id: f.situation.value for f in report.findings}["u2"] == situation
     assert report.requests == 2
     engine.dispose()
+
+
+def test_a_leaver_enabled_again_by_hand_drifts_on_active_and_is_disabled_again() -> None:
+    leaver = Identity.of("E1", None, Link("E1", "u1", "h", False))
+    classifier = Classifier([leaver])
+    classifier.observe({"id": "u1", "userName": "a@x", "active": True})
+    findings = classifier.finish()
+    assert [(f.situation, f.drift) for f in findings] == [(Situation.LINKED, ["active"])]
+    repairs = plan_repairs(findings, {"E1": leaver}, ReconcileConfig(), first_seen={}, now=utcnow(), lookup={})
+    assert [(d.identity_key, d.kind) for d in repairs.decisions] == [("E1", Kind.DISABLE)]
+    quiet = Classifier([leaver])
+    quiet.observe({"id": "u1", "userName": "a@x"})  # the target does not say: no drift is made up
+    assert quiet.finish()[0].drift == []
