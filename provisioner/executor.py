@@ -306,7 +306,10 @@ class Executor:
             if required:
                 raise Conflict(f"the target reports a conflict, and '{self.match_attribute}' has no value to look it up by")
             return None
-        found = await client.find(self.endpoint, self.match_attribute, value)
+        # userName is caseExact false (RFC 7643 §4.1.1): an account made as "Ada@X" is Ada's.
+        found = await client.find(
+            self.endpoint, self.match_attribute, value, case_exact=self.match_attribute.lower() != "username"
+        )
         if len(found) == 1 and found[0].get("id"):
             return found[0]
         if not found and not required:

@@ -238,6 +238,12 @@ def test_onboarding_preview_before_the_first_cycle(
     assert "identities with no account yet: 2" in out
     assert "nothing was written" in out
     assert workspace.count("operation") == 0
+    # Repaired, the three are adopted (userName matched case-insensitively), the stranger left alone.
+    ids = {u["userName"].lower(): u["id"] for u in scim.all()}
+    assert main(["reconcile", "--config", str(workspace.config_path), "--repair"]) == 0
+    links = dict(workspace.query("SELECT identity_key, scim_id FROM account_link"))
+    assert links == {row["employee_id"]: ids[row["email"]] for row in PEOPLE[:3]}
+    assert len(scim.all()) == 4
 
 
 def test_the_daemon_reconciles_when_due_publishes_gauges_and_alerts(
