@@ -33,7 +33,7 @@ from provisioner.mapping import AttributeMapping
 from provisioner.planner import RenderMemo
 from provisioner.quarantine import Admission, admission
 from provisioner.queue import STATUSES, count_status, list_operations, prune, recover_orphans, status_by_target
-from provisioner.reconcile import last_reconciled, publish, reconcile_target
+from provisioner.reconcile import last_reconciled, publish, publish_last, reconcile_target
 from provisioner.store import as_utc, utcnow
 from provisioner.sync import TargetReport, last_runs, load_target_mapping, send_due, sync_target
 
@@ -67,6 +67,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        for name in self.targets:
+            publish_last(self.engine, name)  # the gauges say what the last reconciliation found, until the next
         server = metrics.serve(self.config.daemon.listen, self.health) if self.config.daemon.listen else None
         scheduler = self._scheduler()
         scheduler.start()
@@ -159,7 +161,7 @@ class Daemon:
             # The next cycle tries again: nothing was concluded from a read that failed.
             log.warning("reconciliation failed", target=name, error=str(exc))
             return False
-        publish(report)
+        publish(name, report.counts(), report.drifted)
         return True
 
     async def send_due(self, name: str) -> None:

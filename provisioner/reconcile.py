@@ -671,8 +671,15 @@ def last_reconciled(engine: Engine, name: str) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-def publish(report: ReconcileReport) -> None:
-    """Set the Prometheus gauges of a target's reconciliation."""
-    for situation, count in report.counts().items():
-        metrics.RECONCILE_ACCOUNTS.labels(report.target, situation).set(count)
-    metrics.RECONCILE_DRIFTED.labels(report.target).set(report.drifted)
+def publish(target: str, counts: Mapping[str, int], drifted: int) -> None:
+    """Set the Prometheus gauges of a target's reconciliation: accounts by situation, drifted accounts."""
+    for situation in Situation:
+        metrics.RECONCILE_ACCOUNTS.labels(target, situation.value).set(counts.get(situation.value, 0))
+    metrics.RECONCILE_DRIFTED.labels(target).set(drifted)
+
+
+def publish_last(engine: Engine, target: str) -> None:
+    """Publish the gauges of a target's last recorded reconciliation, if any (a restarted daemon)."""
+    last = last_reconciled(engine, target)
+    if last is not None and last["counts"]:
+        publish(target, orjson.loads(last["counts"]), int(last["drifted"]))

@@ -16,6 +16,7 @@ from provisioner.daemon import Daemon, target_facts
 from provisioner.demo import free_port
 from provisioner.metrics import RECONCILE_ACCOUNTS, RECONCILE_DRIFTED
 from provisioner.alerts import AlertsConfig, evaluate
+from provisioner.reconcile import publish_last
 from provisioner.store import open_store
 from tests.conftest import ENTERPRISE, ScimReader, Workspace, hr_row
 
@@ -326,3 +327,19 @@ def test_a_target_that_cannot_be_read_exits_4_with_one_line_and_concludes_nothin
     assert "error: app: could not read the target's accounts" in captured.err
     assert "Traceback" not in captured.err and captured.out == ""
     assert workspace.count("operation") == 0 and workspace.count("reconcile_run") == 0
+
+
+def test_a_restarted_daemon_publishes_the_last_reconciliation_until_the_next(
+    workspace: Workspace, scim: ScimReader, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workspace.write_source(PEOPLE)
+    workspace.sync_now()
+    Hand(workspace).create("orphan@example.com")
+    assert reconcile(workspace, capsys, "--repair")[0] == 0
+    RECONCILE_ACCOUNTS.labels("app", "unmatched").set(0)
+    config = load_config(workspace.config_path)
+    engine = open_store(config.state)
+    publish_last(engine, "app")
+    assert RECONCILE_ACCOUNTS.labels("app", "unmatched")._value.get() == 1
+    assert RECONCILE_ACCOUNTS.labels("app", "linked")._value.get() == 5
+    engine.dispose()
