@@ -256,6 +256,10 @@ class Executor:
 
     async def _deprovision_unowned(self, client: ScimClient, op: ClaimedOperation, scim_id: str) -> Outcome:
         """Disable or delete an account no identity owns, by its id (a reconciliation's reaction); no link."""
+        owner = linked_identity(self.engine, self.target, scim_id)
+        if owner is not None:
+            # Adopted since the reconciliation found it unowned: it is someone's account now.
+            return Outcome(op.id, "succeeded", note=f"account is now linked to identity {owner}; left as it is")
         found = LinkState(scim_id, True, None, None, None, None)
         if op.kind is Kind.DELETE:
             await self._fresh(client, found, lambda etag: client.delete(self.endpoint, scim_id, etag=etag))

@@ -343,3 +343,27 @@ def test_a_restarted_daemon_publishes_the_last_reconciliation_until_the_next(
     assert RECONCILE_ACCOUNTS.labels("app", "unmatched")._value.get() == 1
     assert RECONCILE_ACCOUNTS.labels("app", "linked")._value.get() == 5
     engine.dispose()
+
+
+def test_an_orphan_adopted_before_its_disable_is_sent_is_left_alone(
+    workspace: Workspace, scim: ScimReader, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Verify, never assume: an unmatched account is disabled only if it is still nobody's when sent."""
+    workspace.write_source(PEOPLE[:2])
+    workspace.sync_now()
+    Hand(workspace).create(PEOPLE[2]["email"])
+    workspace.write_config(reconcile="{unmatched: disable}", max_deprovision=0)
+    code, result = reconcile(workspace, capsys, "--repair")
+    assert (code, result["counts"]["unmatched"]) == (5, 1)
+    # While the disable waits for approval, the person joins the source and a cycle adopts the account.
+    workspace.write_source(PEOPLE[:3])
+    workspace.sync_now()
+    held = [op for op in workspace.operations() if op["kind"] == "disable"]
+    assert [op["status"] for op in held] == ["held"]
+    assert main(["approve", held[0]["run_id"], "--config", str(workspace.config_path)]) == 0
+    workspace.sync_now()
+    assert scim.user(PEOPLE[2]["email"])["active"] is True
+    disable = [op for op in workspace.operations() if op["kind"] == "disable"]
+    assert [(op["status"], op["note"]) for op in disable] == [
+        ("succeeded", "account is now linked to identity E3; left as it is")
+    ]
