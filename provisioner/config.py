@@ -142,6 +142,42 @@ class SourceConfig(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
 
 
+class ReconcileConfig(_Strict):
+    """A target's ``reconcile:`` block: the reaction to each situation reconciliation finds.
+
+    Situations are midPoint's (linked, unlinked, unmatched, deleted, disputed);
+    every reaction is a queue operation, sent only with ``--repair`` or by the daemon.
+    """
+
+    # A linked account whose attributes drifted from what the source says: update it, or only report it.
+    linked: Literal["update", "report"] = "update"
+    # A linked account the target no longer has (GET answers 404): create it again, or only report it.
+    deleted: Literal["recreate", "report"] = "recreate"
+    # An account the match attribute gives to an identity that has none linked: adopt it, or only report it.
+    unlinked: Literal["link", "report"] = "link"
+    # An account no identity in scope owns: report it, disable it, or delete it once seen for `delete_after`.
+    unmatched: Literal["report", "disable", "delete"] = "report"
+    delete_after: str = "7d"
+    # Two accounts for one identity, or one account claimed by two: always reported, never touched.
+    disputed: Literal["report"] = "report"
+    # Accounts per page read from the target.
+    page_size: int = Field(default=100, ge=1, le=10_000)
+
+    @field_validator("delete_after")
+    @classmethod
+    def _grace(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+def parse_interval(text: str | None) -> float | None:
+    """Seconds in an interval that may be off: ``0`` or null (None), else as :func:`parse_duration`."""
+    if text is None or text.strip() == "0":
+        return None
+    seconds = parse_duration(text)
+    return seconds or None
+
+
 class TargetConfig(_Strict):
     """One SCIM 2.0 target and how identities reach it."""
 
@@ -189,6 +225,9 @@ class TargetConfig(_Strict):
     # Each linked group's members are read from the target at most this often and drift is corrected
     # (a member removed by hand is added back); "0s": every cycle; null: never.
     group_reconcile_every: str | None = "1d"
+    # The daemon reads every account back and reacts per `reconcile:` this often; "0" or null: never.
+    reconcile_every: str | None = "1d"
+    reconcile: ReconcileConfig = ReconcileConfig()
 
     @field_validator("rate_limit")
     @classmethod
@@ -202,6 +241,15 @@ class TargetConfig(_Strict):
     def _reconcile_every(cls, value: str | None) -> str | None:
         if value is not None:
             parse_duration(value)
+        return value
+
+    @field_validator("reconcile_every", mode="before")
+    @classmethod
+    def _reconcile_interval(cls, value: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)  # `reconcile_every: 0` in YAML is a number
+        if isinstance(value, str):
+            parse_interval(value)
         return value
 
     @field_validator("base_url")

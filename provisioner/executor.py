@@ -225,6 +225,8 @@ class Executor:
 
     async def _send(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
         link = links.get(op.identity_key)
+        if link is None and op.kind in (Kind.DISABLE, Kind.DELETE) and (op.payload or {}).get("id"):
+            return await self._deprovision_unowned(client, op, str(op.payload["id"]))  # type: ignore[index]
         if op.kind is Kind.DELETE:
             if link is None:
                 return Outcome(op.id, "succeeded", note="no account linked; nothing to delete")
@@ -251,6 +253,19 @@ class Executor:
             return outcome
         state = _linked(link, result, active=True, applied=payload, applied_hash=applied_hash)
         return Outcome(op.id, "succeeded", link=state)
+
+    async def _deprovision_unowned(self, client: ScimClient, op: ClaimedOperation, scim_id: str) -> Outcome:
+        """Disable or delete an account no identity owns, by its id (a reconciliation's reaction); no link."""
+        owner = linked_identity(self.engine, self.target, scim_id)
+        if owner is not None:
+            # Adopted since the reconciliation found it unowned: it is someone's account now.
+            return Outcome(op.id, "succeeded", note=f"account is now linked to identity {owner}; left as it is")
+        found = LinkState(scim_id, True, None, None, None, None)
+        if op.kind is Kind.DELETE:
+            await self._fresh(client, found, lambda etag: client.delete(self.endpoint, scim_id, etag=etag))
+            return Outcome(op.id, "succeeded", note="unmatched account deleted")
+        await self._set_active(client, found, active=False)
+        return Outcome(op.id, "succeeded", note="unmatched account disabled")
 
     async def _create(self, client: ScimClient, op: ClaimedOperation, payload: dict[str, Any], applied_hash: str) -> Outcome:
         """POST the account; adopt an existing one when the target already has it."""
@@ -284,6 +299,8 @@ class Executor:
 
     def _match_first(self, op: ClaimedOperation) -> bool:
         # A retried create may have succeeded the first time with its answer lost.
+        if op.kind is Kind.LINK:
+            return True  # adopting the account the match attribute finds is the point
         policy = self.config.match_before_create
         return policy == "always" or (policy == "retries" and op.attempts > 1)
 
@@ -293,7 +310,10 @@ class Executor:
             if required:
                 raise Conflict(f"the target reports a conflict, and '{self.match_attribute}' has no value to look it up by")
             return None
-        found = await client.find(self.endpoint, self.match_attribute, value)
+        # userName is caseExact false (RFC 7643 §4.1.1): an account made as "Ada@X" is Ada's.
+        found = await client.find(
+            self.endpoint, self.match_attribute, value, case_exact=self.match_attribute.lower() != "username"
+        )
         if len(found) == 1 and found[0].get("id"):
             return found[0]
         if not found and not required:

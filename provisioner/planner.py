@@ -29,6 +29,8 @@ class Kind(StrEnum):
     DISABLE = "disable"
     ENABLE = "enable"
     DELETE = "delete"
+    # Adopt the account the match attribute finds (reconciliation's reaction to an unlinked account).
+    LINK = "link"
 
 
 class Reason(StrEnum):
@@ -38,6 +40,8 @@ class Reason(StrEnum):
     MOVER = "mover"
     LEAVER = "leaver"
     REHIRE = "rehire"
+    # What reading the target back found (provisioner.reconcile), not a change in the source.
+    RECONCILE = "reconcile"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +137,10 @@ class Plan:
 
     def counts(self) -> dict[str, int]:
         """How many operations of each kind, plus unchanged and rejected."""
-        counts = {kind.value: 0 for kind in Kind}
+        # LINK is reconciliation's, never a cycle's: a plan does not list it.
+        counts = {kind.value: 0 for kind in Kind if kind is not Kind.LINK}
         for decision in self.decisions:
-            counts[decision.kind.value] += 1
+            counts[decision.kind.value] = counts.get(decision.kind.value, 0) + 1
         counts["unchanged"] = self.unchanged
         counts["rejected"] = len(self.rejected)
         return counts
