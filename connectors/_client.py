@@ -9,6 +9,7 @@ trip, retries and redirect hops included, is appended to ``history``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -26,13 +27,22 @@ from connectors._errors import (
     BODY_CAP,
     AuthError,
     InvalidResponse,
+    NotFound,
     PermanentError,
     RequestInfo,
     ScimError,
     TransientError,
     Unsupported,
 )
-from connectors._http import DEFAULT_TIMEOUT, Verify, require_secure_url, same_origin, tls_verify
+from connectors._discovery import ResourceType, Schema, discovery_items, parse_resource_types, parse_schemas
+from connectors._http import (
+    DEFAULT_TIMEOUT,
+    Verify,
+    require_secure_url,
+    round_trip_deadline,
+    same_origin,
+    tls_verify,
+)
 from connectors._limiter import TargetLimiter
 from connectors._protocol import (
     CONTENT_TYPE,
@@ -49,6 +59,9 @@ from connectors._quirks import Quirks
 from connectors._retry import RetryPolicy
 
 log = logging.getLogger("connectors")
+
+# Bodies past this size are refused (16 MiB: a page of 100 large groups fits many times over).
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 # RFC 9110 §15.4: the redirects that name a new location. 303 turns the request into a GET
 # (the operation was done; the result is elsewhere); the others keep the method and body.
@@ -128,6 +141,8 @@ class ScimClient:
         max_redirects: int = 5,
         quirks: Quirks | None = None,
         max_pages: int = 10_000,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        deadline: float | None = None,
     ) -> None:
         require_secure_url(base_url, allow_insecure_http=allow_insecure_http, what="SCIM base URL")
         self.base_url = base_url.rstrip("/")
@@ -139,6 +154,14 @@ class ScimClient:
         self.quirks = quirks if quirks is not None else Quirks()
         # A listing longer than this many pages is a target that pages forever (1M resources at 100 a page).
         self.max_pages = max_pages
+        # Whether this client saw a page asked with count answered (then a 500 is not count's fault).
+        self._count_answered = False
+        if max_response_bytes < 1:
+            raise ValueError(f"max_response_bytes must be at least 1, not {max_response_bytes}")
+        # A body larger than this is not read on: a 50 MB answer to a lookup is not data.
+        self.max_response_bytes = max_response_bytes
+        # Seconds one round trip may take in all (default: the longest part of ``timeout``).
+        self.deadline = deadline if deadline is not None else round_trip_deadline(timeout)
         # A token source is asked before each attempt (outside the limiter's slot, so that its own
         # token request can take one); a plain httpx auth flow signs requests inside httpx.
         self._tokens = auth if isinstance(auth, TokenSource) else None
@@ -232,11 +255,25 @@ class ScimClient:
         error: ScimError | None = None
         info = RequestInfo(outgoing.method, str(outgoing.url.copy_with(query=None)), body)
         try:
-            response = await self._http.send(outgoing)
-            status, content = response.status_code, response.content
+            # httpx's timeouts bound each read: a target sending a byte every few seconds would
+            # never trip them. The deadline bounds the whole round trip, body included.
+            async with asyncio.timeout(self.deadline):
+                response = await self._http.send(outgoing, stream=True)
+                try:
+                    status = response.status_code
+                    content, whole = await _read_capped(response, self.max_response_bytes)
+                finally:
+                    await response.aclose()
             headers = _lower_headers(response.headers)
+            if not whole and 200 <= status < 300:
+                raise InvalidResponse(
+                    f"{info.method} {info.url} answered {status} with a body over {self.max_response_bytes} bytes",
+                    status=status,
+                    request=info,
+                )
             if status in _REDIRECTS and "location" in headers:
                 return self._follow(outgoing, body, status, headers["location"], info, hops_left)
+            # An error answer over the cap is judged by its status; its body was cut.
             return check_response(request, self.base_url, status, headers, content, now=self.retry.now())
         except ScimError as exc:
             error = exc
@@ -246,6 +283,11 @@ class ScimClient:
             raise error from exc
         except httpx.TransportError as exc:
             error = TransientError(f"{info.method} {info.url}: {type(exc).__name__}: {exc}", request=info)
+            raise error from exc
+        except TimeoutError as exc:
+            # No status, as for any timeout: retried like one, and ambiguous (it may have been applied).
+            message = f"{info.method} {info.url}: no complete answer within {self.deadline:g}s"
+            error = TransientError(message, request=info)
             raise error from exc
         finally:
             self.history.append(
@@ -293,7 +335,9 @@ class ScimClient:
 
     async def get(self, endpoint: str, resource_id: str) -> ScimResult:
         """GET one resource by id (RFC 7644 §3.4.1)."""
-        return await self.send(ScimRequest("GET", resource_path(endpoint, resource_id), needs_resource=True))
+        path = resource_path(endpoint, resource_id)
+        request = ScimRequest("GET", path, needs_resource=True, resource_id=str(resource_id))
+        return await self.send(request)
 
     async def replace(
         self, endpoint: str, resource_id: str, resource: dict[str, Any], *, etag: str | None = None
@@ -384,14 +428,15 @@ class ScimClient:
         (RFC 7644 §3.4.2.5; ``id`` always comes back). The target's paging is checked,
         not believed:
 
-        - ``count`` answered 400 or 500: the page is asked again without ``count``; when
-          that works, ``quirks.page_count`` is learned as False and no ``count`` is sent again;
+        - ``count`` answered 400, or 500 before any page with ``count`` was answered: the page
+          is asked again without ``count``; when that works, ``quirks.page_count`` is learned
+          as False and no ``count`` is sent again;
         - pages that overlap (``startIndex`` counted differently): items already seen are
           skipped; items missed at the start (a target counting from 0) are read again
           with ``startIndex=0`` (which RFC 7644 reads as 1) before giving up;
         - a page holding only items already seen (the target ignores ``startIndex``) ends the listing;
-        - ``totalResults`` missing: paging goes on until an empty page, or a short one when
-          ``count`` was sent;
+        - ``totalResults`` missing: paging goes on until an empty or repeated page (a short
+          page proves nothing: targets cap ``count`` at their own maximum);
         - a listing that ends with fewer resources than ``totalResults`` said, an answer that
           is not a ListResponse with ``Resources`` (when ``totalResults`` is not 0), an item
           without ``id``, or more than ``max_pages`` pages: :class:`InvalidResponse`, never
@@ -405,7 +450,7 @@ class ScimClient:
         total: int | None = None
         start = 1
         for _ in range(self.max_pages):
-            page, page_total, counted = await self._page(endpoint, start, filter, fields, page_size)
+            page, page_total = await self._page(endpoint, start, filter, fields, page_size)
             total = page_total if page_total is not None else total
             fresh = _unseen(page, seen)
             received += len(page) if fresh else 0
@@ -416,8 +461,7 @@ class ScimClient:
             if not fresh:
                 # An empty page, or only resources already seen: nothing more will come from paging on.
                 break
-            if total is None and counted and len(page) < page_size:
-                return
+            # A short page proves nothing: a target may return fewer than count (RFC 7644 §3.4.2.4).
             start += len(page)
         else:
             raise InvalidResponse(
@@ -429,7 +473,7 @@ class ScimClient:
             return
         # Fewer than announced: maybe the target counts startIndex from 0 and skipped the first ones.
         try:
-            page, _, _ = await self._page(endpoint, 0, filter, fields, page_size)
+            page, _ = await self._page(endpoint, 0, filter, fields, page_size)
         except ScimError:
             page = []
         fresh = _unseen(page, seen)
@@ -444,8 +488,8 @@ class ScimClient:
 
     async def _page(
         self, endpoint: str, start: int, filter: str | None, attributes: str | None, page_size: int
-    ) -> tuple[list[dict[str, Any]], int | None, bool]:
-        """One page: its resources, its totalResults (None when absent), and whether ``count`` was sent."""
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """One page: its resources and its totalResults (None when absent)."""
         params: dict[str, str | int] = {"startIndex": start}
         if filter is not None:
             params["filter"] = filter
@@ -453,27 +497,108 @@ class ScimClient:
             params["attributes"] = attributes
         counted = self.quirks.page_count
         try:
-            result = await self.send(ScimRequest("GET", endpoint, params={**params, "count": page_size} if counted else params))
+            result = await self.send(ScimRequest("GET", endpoint, params={**params, "count": page_size} if counted
+                                                 else params))  # fmt: skip
         except ScimError as exc:
-            if not counted or exc.status not in (400, 500) or exc.scim_type == "invalidFilter":
+            # Once a page with count was answered, a 500 is the target's trouble, not count's.
+            blamed = (400, 500) if not self._count_answered else (400,)
+            if not counted or exc.status not in blamed or exc.scim_type == "invalidFilter":
                 raise
             result = await self.send(ScimRequest("GET", endpoint, params=params))
             self.quirks.learn("page_count", False, f"GET /{endpoint} answered {exc.status} with count=, 200 without")
-            counted = False
-        page, total = read_list_response(result, ScimRequest("GET", endpoint, params=params).info(self.base_url))
-        return page, total, counted
+        else:
+            self._count_answered = self._count_answered or counted
+        return read_list_response(result, ScimRequest("GET", endpoint, params=params).info(self.base_url))
 
     async def capabilities(self) -> Capabilities:
-        """Read ``/ServiceProviderConfig``; a target without one gets safe defaults.
+        """Read ``/ServiceProviderConfig`` (RFC 7643 §5); a target without one gets safe defaults.
 
-        A target that is down or refuses our credentials raises: guessing "no PATCH,
-        no ETags" from an outage would silently change how every update is sent.
+        Only "no such endpoint" (404, or 405/501: :class:`Unsupported`) means defaults; another
+        4xx also does, with a warning. A target that is down or refuses our credentials raises,
+        and so does an answer that is not a ServiceProviderConfig (:class:`InvalidResponse`):
+        guessing "no PATCH, no ETags" from an outage or from garbage would silently change
+        how every update is sent (PUT, without If-Match).
         """
         try:
             result = await self.send(ScimRequest("GET", "ServiceProviderConfig"))
-        except PermanentError:
+        except (NotFound, Unsupported):
             return Capabilities()
-        return Capabilities.from_service_provider_config(result.resource or {})
+        except PermanentError as exc:
+            log.warning("GET %s/ServiceProviderConfig answered %s; assuming no PATCH and no ETags", self.base_url,
+                        exc.status)  # fmt: skip
+            return Capabilities()
+        body = result.resource
+        if not _is_service_provider_config(body):
+            raise InvalidResponse(
+                f"GET {self.base_url}/ServiceProviderConfig answered {result.status} with something that is "
+                "not a ServiceProviderConfig",
+                status=result.status,
+                request=ScimRequest("GET", "ServiceProviderConfig").info(self.base_url),
+            )
+        return Capabilities.from_service_provider_config(body)
+
+
+    async def resource_types(self) -> dict[str, ResourceType]:
+        """The target's resource types by endpoint (``"Users"``), from ``/ResourceTypes`` (RFC 7643 §6).
+
+        Each names its core schema and its schema extensions (``(urn, required)``): an
+        extension the target does not list is one it may refuse or drop. ``{}`` means
+        unknown: the target has no such endpoint (404, 405, 501). A ListResponse, a bare
+        array and a single object are all read; anything else is :class:`InvalidResponse`.
+        """
+        items = await self._discovery("ResourceTypes")
+        return {} if items is None else parse_resource_types(items)
+
+    async def schemas(self) -> dict[str, Schema]:
+        """The target's schemas by URN, from ``/Schemas`` (RFC 7643 §7), with each attribute's
+        ``mutability``, ``returned``, ``caseExact`` and ``uniqueness``.
+
+        ``{}`` means unknown (no such endpoint: 404, 405, 501); shapes as :meth:`resource_types`.
+        """
+        items = await self._discovery("Schemas")
+        return {} if items is None else parse_schemas(items)
+
+    async def _discovery(self, endpoint: str) -> list[dict[str, Any]] | None:
+        try:
+            result = await self.send(ScimRequest("GET", endpoint, accept_array=True))
+        except (NotFound, Unsupported):
+            return None
+        try:
+            return discovery_items(result.resource, endpoint)
+        except InvalidResponse as exc:
+            exc.status = result.status
+            exc.request = ScimRequest("GET", endpoint).info(self.base_url)
+            raise
+
+
+_SERVICE_PROVIDER_CONFIG_SECTIONS = ("patch", "bulk", "filter", "changePassword", "sort", "etag")
+
+
+def _is_service_provider_config(body: dict[str, Any] | None) -> bool:
+    """An object naming its ``schemas``, or at least holding one of RFC 7643 §5's sections as an object."""
+    if not isinstance(body, dict):
+        return False
+    schemas = body.get("schemas")
+    if isinstance(schemas, list) and any(isinstance(s, str) and "ServiceProviderConfig" in s for s in schemas):
+        return True
+    return any(isinstance(body.get(name), dict) for name in _SERVICE_PROVIDER_CONFIG_SECTIONS)
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """The body, decoded, and whether it is whole: reading stops past ``limit`` bytes.
+
+    Past the limit only the first ``BODY_CAP`` bytes are kept (for the record), so an
+    answer of any size costs at most ``limit`` bytes of memory.
+    """
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return b"", False
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        if len(body) + len(chunk) > limit:
+            return bytes(body[:BODY_CAP]), False
+        body += chunk
+    return bytes(body), True
 
 
 def _unseen(page: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:

@@ -55,7 +55,10 @@ log = structlog.get_logger("provisioner.alerts")
 
 Severity = Literal["warning", "critical"]
 Status = Literal["firing", "changed", "reminder", "resolved"]
-Rule = Literal["failed_operations", "failing_target", "auth_failure", "held_cycle", "quarantined", "refused_cycle"]
+Rule = Literal[
+    "failed_operations", "failing_target", "auth_failure", "held_cycle", "quarantined", "refused_cycle",
+    "unmatched_accounts", "drifted_accounts",
+]  # fmt: skip
 
 # The webhook's own retry: 3 attempts, waiting these many seconds between them.
 WEBHOOK_BACKOFF = (1.0, 4.0)
@@ -153,6 +156,10 @@ class AlertRules(_Strict):
     quarantined_target: bool = True
     # A cycle refused before planning (an empty or truncated source).
     refused_cycle: bool = True
+    # The last reconciliation found more accounts than this that no identity owns (orphans).
+    unmatched_accounts: int | None = Field(default=10, ge=0)
+    # The last reconciliation found more linked accounts than this whose attributes drifted.
+    drifted_accounts: int | None = Field(default=10, ge=0)
 
 
 class AlertsConfig(_Strict):
@@ -201,6 +208,10 @@ class TargetFacts:
     last_error: str | None = None
     # Why the target's last cycle was refused before planning (an empty or truncated source); None if it was not.
     refused: str | None = None
+    # What the target's last reconciliation found: unmatched accounts, linked accounts that drifted.
+    # None: the target has not been reconciled.
+    unmatched_accounts: int | None = None
+    drifted_accounts: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +360,31 @@ def _refused_cycle(facts: TargetFacts, rules: AlertRules, now: datetime) -> Cond
     )
 
 
+def _reconciled(rule: Literal["unmatched_accounts", "drifted_accounts"], what: str, hint: str) -> Callable[
+    [TargetFacts, AlertRules, datetime], Condition | None
+]:
+    """A threshold rule over a count the last reconciliation found."""
+
+    def check(facts: TargetFacts, rules: AlertRules, now: datetime) -> Condition | None:
+        threshold = getattr(rules, rule)
+        count = getattr(facts, rule)
+        if threshold is None or count is None or count <= threshold:
+            return None
+        bracket = (count // max(threshold, 1)).bit_length() - 1
+        return Condition(
+            key=_key(rule, facts.target),
+            rule=rule,
+            target=facts.target,
+            severity="warning",
+            message=f"{facts.target}: reconciliation found {count} {what} (alert above {threshold})",
+            fingerprint=f"bracket={bracket}",
+            level=bracket,
+            details={"count": count, "threshold": threshold, "hint": f"{hint} --target {facts.target}"},
+        )
+
+    return check
+
+
 _RULES: tuple[Callable[[TargetFacts, AlertRules, datetime], Condition | None], ...] = (
     _refused_cycle,
     _auth_failure,
@@ -356,6 +392,8 @@ _RULES: tuple[Callable[[TargetFacts, AlertRules, datetime], Condition | None], .
     _failing_target,
     _failed_operations,
     _held_cycle,
+    _reconciled("unmatched_accounts", "accounts that no identity owns", "provisioner reconcile"),
+    _reconciled("drifted_accounts", "linked accounts whose attributes drifted", "provisioner reconcile"),
 )
 
 

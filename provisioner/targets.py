@@ -60,6 +60,7 @@ class TargetSession:
             base=config.retry.backoff_base,
             cap=config.retry.backoff_cap,
             max_retry_after=config.retry.max_retry_after,
+            wait_in_place=config.retry.wait_in_place,
         )
         self.auth = _auth(config, self.limiter, self.verify)
 
@@ -76,6 +77,7 @@ class TargetSession:
             limiter=self.limiter,
             allow_insecure_http=config.allow_insecure_http,
             quirks=self.quirks,
+            max_response_bytes=config.max_response_bytes,
         )
 
     async def aclose(self) -> None:
