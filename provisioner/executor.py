@@ -25,6 +25,7 @@ from connectors import (
     NotFound,
     PermanentError,
     PreconditionFailed,
+    Quirks,
     ScimClient,
     ScimError,
     ScimResult,
@@ -33,6 +34,7 @@ from connectors import (
 from provisioner import metrics
 from provisioner.config import TargetConfig
 from provisioner.quarantine import Admission, Tally, admission, observe, state
+from provisioner.quirks import DROPPED_NOTE, load_quirks
 from provisioner.targets import discover
 from provisioner.payload import patch_operations, payload_hash, refs_in, resolve_refs
 from provisioner.planner import Kind
@@ -46,6 +48,16 @@ from provisioner.queue import (
     load_link_states,
     record,
     release,
+)
+from provisioner.reactions import (
+    USERNAME_IMMUTABLE,
+    Step,
+    dropped,
+    matches,
+    on_user_error,
+    replace_all,
+    user_write_method,
+    without_username,
 )
 from provisioner.redaction import redact_value
 
@@ -83,8 +95,11 @@ class Executor:
         *,
         endpoint: str = "Users",
         match_attribute: str = "userName",
+        quirks: Quirks | None = None,
     ) -> None:
         self.engine = engine
+        # The target's deviations, declared and learned (shared with its clients when they come from one session).
+        self.quirks = quirks if quirks is not None else load_quirks(engine, target, config)
         self.target = target
         self.config = config
         self.endpoint = endpoint
@@ -213,6 +228,9 @@ class Executor:
                 # Nothing left to deprovision: the account is already gone from the target.
                 return _outcome(op, "succeeded", exc, drop_link=True, note="account not found in the target")
             return _outcome(op, "failed", exc)
+        except UsernameImmutable as exc:
+            # The rest of the change was applied; the rename never will be: review, no retries.
+            return _outcome(op, "failed", exc)
         except (TransientError, AuthError) as exc:
             status = "failed" if give_up_if_too_old(op) else "retry_wait"
             return _outcome(op, status, exc)
@@ -246,7 +264,7 @@ class Executor:
             outcome.note = "account was missing in the target; created again"
             return outcome
         state = _linked(link, result, active=True, applied=payload, applied_hash=applied_hash)
-        return Outcome(op.id, "succeeded", link=state)
+        return await self._verify(client, link.scim_id, payload, result, Outcome(op.id, "succeeded", link=state))
 
     async def _create(self, client: ScimClient, op: ClaimedOperation, payload: dict[str, Any], applied_hash: str) -> Outcome:
         """POST the account; adopt an existing one when the target already has it."""
@@ -264,7 +282,7 @@ class Executor:
             note = "the create's answer was lost; adopted the account it made"
             return await self._adopt(client, op, result, payload, applied_hash, note)
         state = LinkState(result.id or "", True, result.version, result.location, applied_hash, payload)
-        return Outcome(op.id, "succeeded", link=state)
+        return await self._verify(client, state.scim_id, payload, result, Outcome(op.id, "succeeded", link=state))
 
     async def _post(self, client: ScimClient, payload: dict[str, Any]) -> ScimResult | dict[str, Any]:
         try:
@@ -289,7 +307,7 @@ class Executor:
             if required:
                 raise Conflict(f"the target reports a conflict, and '{self.match_attribute}' has no value to look it up by")
             return None
-        found = await client.find(self.endpoint, self.match_attribute, value)
+        found = await self._verified_find(client, value)
         if len(found) == 1 and found[0].get("id"):
             return found[0]
         if not found and not required:
@@ -298,6 +316,18 @@ class Executor:
             f"{self.match_attribute} eq {value!r} matches {len(found)} accounts in the target; "
             "expected exactly one to adopt"
         )
+
+    async def _verified_find(self, client: ScimClient, value: str) -> list[dict[str, Any]]:
+        """Accounts whose match attribute really equals ``value``, once each: a lookup result is a claim.
+
+        userName compares case-insensitively (RFC 7643 §4.1.1), other attributes exactly.
+        """
+        case_exact = self.match_attribute.casefold() != "username"
+        unique: dict[str, dict[str, Any]] = {}
+        for resource in await client.find(self.endpoint, self.match_attribute, value, case_exact=case_exact):
+            if matches(resource, self.match_attribute, value, case_exact=case_exact):
+                unique.setdefault(str(resource.get("id")), resource)
+        return list(unique.values())
 
     async def _adopt(
         self,
@@ -314,26 +344,86 @@ class Executor:
             raise Conflict(f"account {scim_id} ({self.match_attribute}) is already linked to identity {owner}")
         version = (existing.get("meta") or {}).get("version")
         found = LinkState(scim_id, bool(existing.get("active", True)), version, None, None, None)
-        result = await self._fresh(
-            client, found, lambda etag: client.replace(self.endpoint, scim_id, payload, etag=etag)
-        )
-        return Outcome(op.id, "succeeded", note=note, link=_linked(found, result, active=True, applied=payload, applied_hash=applied_hash))
+        result = await self._write(client, found, payload, None, adopting=True)
+        outcome = Outcome(op.id, "succeeded", note=note, link=_linked(found, result, active=True, applied=payload, applied_hash=applied_hash))
+        return await self._verify(client, found.scim_id, payload, result, outcome)
 
     async def _update(
         self, client: ScimClient, link: LinkState, payload: dict[str, Any], *, enable: bool
     ) -> ScimResult:
-        if self._use_patch() and link.applied is not None:
+        operations = None
+        if link.applied is not None and (self._use_patch() or not self.quirks.put):
             operations = patch_operations(link.applied, payload)
             if enable and not any(o.get("path") == "active" for o in operations):
                 operations.append({"op": "replace", "path": "active", "value": True})
-            if operations:
-                return await self._fresh(
-                    client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag)
-                )
-        return await self._fresh(client, link, lambda etag: client.replace(self.endpoint, link.scim_id, payload, etag=etag))
+            if not operations:
+                operations = None
+        return await self._write(client, link, payload, operations, adopting=False)
+
+    async def _write(
+        self,
+        client: ScimClient,
+        link: LinkState,
+        payload: dict[str, Any],
+        operations: list[dict[str, Any]] | None,
+        *,
+        adopting: bool,
+    ) -> ScimResult:
+        """Write the desired state (``operations``: only what changed) as the target takes it.
+
+        PUT where the target has it, else PATCH (``replace`` of each attribute when
+        the change is not known); a PUT answered 405/501 is learned (``put: false``)
+        and sent as PATCH. A userName the target will not change (scimType
+        ``mutability``) fails the operation at once, after the rest was applied.
+        """
+        method = user_write_method(put=self.quirks.put, patch=self._use_patch() or operations is not None,
+                                   knows_applied=operations is not None, adopting=adopting)  # fmt: skip
+        renames = _renames_username(link.applied, payload)
+        try:
+            return await self._send_write(client, link, method, payload, operations)
+        except (NotFound, PermanentError, TransientError) as exc:
+            step = on_user_error(method, exc.status, exc.scim_type, adopting=adopting, renames_username=renames)
+            if step is Step.USE_PATCH:
+                self.quirks.learn("put", False, f"PUT /{self.endpoint}/{{id}} answered {exc.status}")
+                return await self._write(client, link, payload, operations, adopting=adopting)
+            if step is Step.DROP_USERNAME:
+                kept_ops, kept = without_username(operations, payload, (link.applied or {}).get("userName"))
+                if kept_ops != []:
+                    await self._send_write(client, link, method, kept, kept_ops)
+                raise UsernameImmutable(USERNAME_IMMUTABLE, status=exc.status, scim_type=exc.scim_type,
+                                        detail=exc.detail, request=exc.request) from exc  # fmt: skip
+            raise
+
+    async def _send_write(
+        self, client: ScimClient, link: LinkState, method: str, payload: dict[str, Any], operations: list[dict[str, Any]] | None
+    ) -> ScimResult:
+        if method == "put":
+            return await self._fresh(client, link, lambda etag: client.replace(self.endpoint, link.scim_id, payload, etag=etag))
+        ops = operations if operations is not None else replace_all(payload)
+        return await self._fresh(client, link, lambda etag: client.patch(self.endpoint, link.scim_id, ops, etag=etag))
+
+    async def _verify(
+        self, client: ScimClient, scim_id: str, payload: dict[str, Any], result: ScimResult, outcome: Outcome
+    ) -> Outcome:
+        """Compare what the target answered (or, when its answers cannot be trusted, holds) with what was sent.
+
+        An attribute sent but not stored marks the operation ("target dropped title")
+        and is counted: never a silent success.
+        """
+        stored = result.resource if isinstance(result.resource, dict) and result.resource else None
+        if self.quirks.verify_writes:
+            stored = (await client.get(self.endpoint, scim_id)).resource
+        lost = dropped(payload, stored)
+        if lost:
+            for name in lost:
+                metrics.UNSTORED.labels(self.target, name).inc()
+            text = f"{DROPPED_NOTE} {', '.join(lost)}"
+            outcome.note = f"{outcome.note}; {text}" if outcome.note else text
+            log.warning("target did not store attributes", target=self.target, scim_id=scim_id, attributes=lost)
+        return outcome
 
     async def _set_active(self, client: ScimClient, link: LinkState, *, active: bool) -> ScimResult:
-        if self._use_patch():
+        if self._use_patch() or not self.quirks.put:
             operations = [{"op": "replace", "path": "active", "value": active}]
             return await self._fresh(
                 client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag)
@@ -391,6 +481,17 @@ class Executor:
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
             error=outcome.error,
         )
+
+
+class UsernameImmutable(PermanentError):
+    """The target refuses to change userName (scimType ``mutability``, RFC 7644 §3.12); retrying cannot help."""
+
+
+def _renames_username(applied: dict[str, Any] | None, payload: dict[str, Any]) -> bool:
+    """Whether the write changes userName (unknown applied state: it may)."""
+    if "userName" not in payload:
+        return False
+    return applied is None or applied.get("userName") != payload["userName"]
 
 
 def _keys_needed(by_key: dict[str, list[ClaimedOperation]]) -> list[str]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import Engine, and_, delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.dialects import postgresql, sqlite
 
 from connectors import (
@@ -38,6 +39,7 @@ from connectors import (
     NotFound,
     PermanentError,
     PreconditionFailed,
+    Quirks,
     ScimClient,
     ScimError,
     TransientError,
@@ -59,6 +61,7 @@ from provisioner.groups import (
 from provisioner.mapping import AttributeMapping
 from provisioner.payload import dumps, loads
 from provisioner.quarantine import Admission, admission
+from provisioner.quirks import load_quirks
 from provisioner.executor import call_record
 from provisioner.queue import CallRecord, claim_rows, finish, load_links, open_rows, release, replaced_by, write_plan
 from provisioner.sources import read_source
@@ -220,9 +223,23 @@ class GroupOutcome:
 def record_group(engine: Engine, target: str, key: str, identities: dict[str, str | None], out: GroupOutcome) -> None:
     """Write a group operation's outcome, its calls, the group link and member changes, in one transaction."""
     now = utcnow()
-    with engine.begin() as conn:
-        finish(conn, out, now)
-        _write_group_state(conn, engine.dialect.name, target, key, identities, out, now)
+    try:
+        with engine.begin() as conn:
+            finish(conn, out, now)
+            _write_group_state(conn, engine.dialect.name, target, key, identities, out, now)
+    except IntegrityError:
+        if out.link is None:
+            raise
+        # Another group rule linked this SCIM group meanwhile (two rules resolving to one
+        # existing group, sent at once): one group, one rule; this one goes to review.
+        scim_id = out.link.scim_id
+        owner = _group_owner(engine, target, scim_id)
+        out.status, out.link, out.reset, out.verified = "failed", None, None, False
+        out.added, out.removed = set(), set()
+        out.error = (f"group {scim_id} is already linked to group rule {owner!r}; "
+                     f"two rules resolve to one SCIM group, not linked twice")  # fmt: skip
+        with engine.begin() as conn:
+            finish(conn, out, now)
 
 
 def _write_group_state(
@@ -281,11 +298,15 @@ class GroupReport:
 class GroupExecutor:
     """Compares and sends the groups of one target."""
 
-    def __init__(self, engine: Engine, target: str, config: TargetConfig, client_factory: ClientFactory) -> None:
+    def __init__(
+        self, engine: Engine, target: str, config: TargetConfig, client_factory: ClientFactory, *, quirks: Quirks | None = None
+    ) -> None:
         self.engine = engine
         self.target = target
         self.config = config
         self.client_factory = client_factory
+        # The target's deviations, declared and learned (shared with its clients when they come from one session).
+        self.quirks = quirks if quirks is not None else load_quirks(engine, target, config)
         self.capabilities: Capabilities | None = None
         self.links: dict[str, GroupLink] = {}
         self.state: dict[str, set[str]] = {}
@@ -654,8 +675,8 @@ async def _send_pages(engine: Engine, name: str, executor: GroupExecutor, report
 
 async def send_due_groups(engine: Engine, config: Config, name: str, *, stop: asyncio.Event | None = None) -> GroupReport:
     """Send a target's due group operations (retries) without planning anew."""
-    session = TargetSession(config.targets[name])
-    executor = GroupExecutor(engine, name, config.targets[name], session.client)
+    session = TargetSession(config.targets[name], quirks=load_quirks(engine, name, config.targets[name]))
+    executor = GroupExecutor(engine, name, config.targets[name], session.client, quirks=session.quirks)
     if stop is not None:
         executor.stopping = stop
     report = GroupReport()
@@ -686,8 +707,9 @@ async def sync_groups(
     target = config.targets[name]
     assert target.groups is not None
     definitions = load_groups(target.groups)
-    session = TargetSession(target) if client_factory is None else None
-    executor = GroupExecutor(engine, name, target, client_factory or session.client)  # type: ignore[union-attr]
+    quirks = load_quirks(engine, name, target)
+    session = TargetSession(target, quirks=quirks) if client_factory is None else None
+    executor = GroupExecutor(engine, name, target, client_factory or session.client, quirks=quirks)  # type: ignore[union-attr]
     if stop is not None:
         executor.stopping = stop
     report = GroupReport()

@@ -12,6 +12,7 @@ from connectors import (
     BearerAuth,
     Capabilities,
     OAuth2ClientCredentials,
+    Quirks,
     RateLimit,
     RetryPolicy,
     ScimClient,
@@ -41,6 +42,8 @@ class TargetSession:
     """What the clients of one target share during a round of sending; create it inside the event loop."""
 
     config: TargetConfig
+    # How the target deviates (declared and learned), shared by every client of the round.
+    quirks: Quirks = field(default_factory=Quirks)
     limiter: TargetLimiter = field(init=False)
     retry: RetryPolicy = field(init=False)
     auth: httpx.Auth | OAuth2ClientCredentials | None = field(init=False)
@@ -72,6 +75,7 @@ class TargetSession:
             retry=self.retry,
             limiter=self.limiter,
             allow_insecure_http=config.allow_insecure_http,
+            quirks=self.quirks,
         )
 
     async def aclose(self) -> None:
