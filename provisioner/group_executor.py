@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import quote
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,7 +43,10 @@ from connectors import (
     Quirks,
     ScimClient,
     ScimError,
+    ScimRequest,
+    ScimResult,
     TransientError,
+    Unsupported,
 )
 from provisioner.config import Config, TargetConfig, parse_duration
 from provisioner.groups import (
@@ -60,6 +64,7 @@ from provisioner.groups import (
 )
 from provisioner.mapping import AttributeMapping
 from provisioner.payload import dumps, loads
+from provisioner.reactions import MembersRead, Step, group_members, matches, next_removal_form, on_member_removal
 from provisioner.quarantine import Admission, admission
 from provisioner.quirks import load_quirks
 from provisioner.executor import call_record
@@ -348,6 +353,7 @@ class GroupExecutor:
                 out = GroupOutcome(0, verified=True)
                 try:
                     fresh = await client.get(ENDPOINT, link.scim_id)
+                    read, fresh_read = await self._members(client, link, fresh)
                 except NotFound:
                     log.warning("group missing in the target; it will be created again", target=self.target, group=key)
                     out.drop_link = True
@@ -357,8 +363,16 @@ class GroupExecutor:
                     log.warning("group compare failed", target=self.target, group=key, error=str(exc))
                     continue
                 else:
-                    members = _member_ids(fresh.resource) & self.managed
-                    if members != self.state.get(key, set()):
+                    if fresh_read is None:
+                        # Members not reported: nothing to compare; never read as "empty".
+                        out.verified = False
+                    members = read & self.managed
+                    stored = self.state.get(key, set())
+                    if fresh_read is not None and members - stored and stored and not self.quirks.verify_writes:
+                        # Members we never added or had removed are back: the target's 200s cannot be trusted.
+                        self.quirks.learn("verify_writes", True,
+                                          f"group {link.scim_id} read back holds members the engine had removed")  # fmt: skip
+                    if members != stored:
                         drifted.add(key)
                         out.reset = members
                         self.state[key] = members
@@ -485,7 +499,7 @@ class GroupExecutor:
         if not add and not remove and rename is None:
             out.link = link
             return
-        if self._use_patch():
+        if self._use_patch() and not (remove and self.quirks.member_removal == "put"):
             await self._patch(client, link, add, remove, rename, out)
         else:
             await self._put(client, link, add, remove, op.display_name, out)
@@ -494,7 +508,7 @@ class GroupExecutor:
         self, client: ScimClient, op: GroupOperation, out: GroupOutcome
     ) -> tuple[GroupLink, set[str] | None]:
         """Link the target's group of that displayName, or POST a new one. Never a duplicate."""
-        found = await client.find(ENDPOINT, "displayName", op.display_name)
+        found = await self._find_group(client, op.display_name)
         if len(found) > 1:
             ids = ", ".join(str(g.get("id")) for g in found)
             raise Conflict(f"displayName eq {op.display_name!r} matches {len(found)} groups in the target ({ids}); "
@@ -502,7 +516,8 @@ class GroupExecutor:
         if found:
             existing = found[0]
             scim_id = str(existing["id"])
-            owner = _group_owner(self.engine, self.target, scim_id)
+            # Claimed before anything is sent to it: two rules resolving to this group never both write it.
+            owner = _claim_group(self.engine, self.target, op.group_key, scim_id, _name(existing) or op.display_name)
             if owner is not None and owner != op.group_key:
                 raise Conflict(f"group {scim_id} ({op.display_name!r}) is already linked to group {owner!r}")
             version = (existing.get("meta") or {}).get("version")
@@ -520,6 +535,50 @@ class GroupExecutor:
         out.verified = True
         return out.link, None
 
+    async def _find_group(self, client: ScimClient, display_name: str) -> list[dict[str, Any]]:
+        """Groups whose displayName is exactly ``display_name``, once each: a lookup result is a claim.
+
+        A target that ignores the filter answers with other groups; linking one of
+        them would rename it and hand its access to our members.
+        """
+        unique: dict[str, dict[str, Any]] = {}
+        for group in await client.find(ENDPOINT, "displayName", display_name):
+            if matches(group, "displayName", display_name):
+                unique.setdefault(str(group.get("id")), group)
+        return list(unique.values())
+
+    async def _members(self, client: ScimClient, link: GroupLink, fresh: ScimResult | None = None) -> tuple[set[str], ScimResult | None]:
+        """The group's member ids in the target, and the read that said so (None: the stored state, trusted).
+
+        A read without ``members`` is "not reported", never "empty" (RFC 7643 §4.2):
+        the members are asked for (``attributes=members``), then the stored state
+        is kept with a warning and ``group_members_returned: false`` is learned when
+        we know the group has members.
+        """
+        stored = self.state.get(link.group_key, set())
+        asked: tuple[str, ...] = ()
+        if fresh is None and self.quirks.group_members_returned:
+            fresh = await client.get(ENDPOINT, link.scim_id)
+        while True:
+            how = group_members(fresh.resource if fresh is not None else None, asked)
+            if how is MembersRead.REPORTED:
+                assert fresh is not None
+                return _member_ids(fresh.resource), fresh
+            if how is MembersRead.ASK_ATTRIBUTES:
+                asked += ("attributes",)
+                fresh = await client.send(ScimRequest("GET", f"{ENDPOINT}/{quote(link.scim_id, safe='')}",
+                                                      params={"attributes": "members"}, needs_resource=True))  # fmt: skip
+                continue
+            if not stored:
+                # Nothing of ours is in it as far as we know, and the target reports no members: empty.
+                return set(), fresh
+            if self.quirks.group_members_returned:
+                self.quirks.learn("group_members_returned", False,
+                                  f"GET /Groups/{{id}} omits members, also with attributes=members")  # fmt: skip
+            log.warning("group members not reported by the target; trusting the stored state",
+                        target=self.target, group=link.group_key)  # fmt: skip
+            return set(stored), None
+
     async def _patch(
         self, client: ScimClient, link: GroupLink, add: list[str], remove: list[str], rename: str | None, out: GroupOutcome
     ) -> None:
@@ -530,15 +589,26 @@ class GroupExecutor:
         index = 0
         while index < len(pending):
             batch_add, batch_remove = pending[index]
-            operations = patch_operations(
-                batch_add, batch_remove, removal=self.config.group_member_removal, rename=rename
-            )
+            form = self.quirks.member_removal
+            operations = patch_operations(batch_add, batch_remove, removal="list" if form == "put" else form, rename=rename)
             if not operations:
                 index += 1
                 continue
             try:
                 result = await client.patch(ENDPOINT, link.scim_id, operations, etag=etag)
             except PermanentError as exc:
+                if batch_remove and on_member_removal(form, exc.status, exc.scim_type, False) is Step.NEXT_FORM:
+                    # This form of removal is not supported here. PATCH is atomic (RFC 7644 §3.5.2):
+                    # nothing of the batch was applied, adds included; all of it goes again in the next form.
+                    following = next_removal_form(form)
+                    self.quirks.learn("member_removal", following,
+                                      f"PATCH removing members by {form} answered {exc.status}")  # fmt: skip
+                    if following == "put":
+                        rest_add = [m for a, _ in pending[index:] for m in a]
+                        rest_remove = [m for _, r in pending[index:] for m in r]
+                        await self._put(client, link, rest_add, rest_remove, rename or link.display_name, out)
+                        return
+                    continue
                 # 412: someone changed the group. 400 noTarget: a member we remove is gone already
                 # (servers differ on whether that is an error). Both: read the group and recompute.
                 stale = isinstance(exc, PreconditionFailed) or (exc.scim_type == "noTarget" and bool(batch_remove))
@@ -550,7 +620,7 @@ class GroupExecutor:
                     raise
                 # Someone changed the group: read it, and send only what is still missing or still there.
                 fresh = await client.get(ENDPOINT, link.scim_id)
-                members = _member_ids(fresh.resource)
+                members, _ = await self._members(client, link, fresh)
                 rest_add = [m for a, _ in pending[index:] for m in a]
                 rest_remove = [m for _, r in pending[index:] for m in r]
                 out.added |= {m for m in rest_add if m in members}
@@ -565,6 +635,8 @@ class GroupExecutor:
                 continue
             out.added.update(batch_add)
             out.removed.update(batch_remove)
+            if batch_remove:
+                await self._verify_removal(client, link, batch_remove, result, out)
             if rename is not None:
                 link = GroupLink(link.group_key, link.scim_id, rename, link.etag)
                 rename = None
@@ -581,7 +653,8 @@ class GroupExecutor:
         for round_ in range(PRECONDITION_ROUNDS + 1):
             fresh = await client.get(ENDPOINT, link.scim_id)
             resource = fresh.resource or {}
-            members = (_member_ids(resource) - set(remove)) | set(add)
+            current, _ = await self._members(client, link, fresh)
+            members = (current - set(remove)) | set(add)
             body = {k: v for k, v in resource.items() if k not in ("id", "meta", "members", "displayName")}
             body = {**group_resource(name, members), **{k: v for k, v in body.items() if k != "schemas"}}
             try:
@@ -595,6 +668,47 @@ class GroupExecutor:
             out.removed.update(remove)
             out.link = GroupLink(link.group_key, link.scim_id, name, result.version)
             return
+
+    async def _verify_removal(
+        self, client: ScimClient, link: GroupLink, removed: list[str], answer: ScimResult, out: GroupOutcome
+    ) -> None:
+        """Check that members answered as removed are gone; if not, the next removal forms, then fail.
+
+        The write's answer is read when it lists members (free); otherwise the
+        group is read back when the target's answers cannot be trusted
+        (``verify_writes``: declared, or learned when a read-back found a member we
+        had removed). A 200 that removed nothing teaches the next form (value
+        list, then GET + PUT); when none is left the operation fails.
+        """
+        body = answer.resource if isinstance(answer.resource, dict) else None
+        if body is not None and "members" in body:
+            present: set[str] | None = _member_ids(body)
+        elif self.quirks.verify_writes:
+            members, read = await self._members(client, link)
+            present = members if read is not None else None
+        else:
+            return
+        if present is None:
+            return
+        still = [m for m in removed if m in present]
+        while still:
+            form = self.quirks.member_removal
+            if on_member_removal(form, None, None, True) is Step.GIVE_UP:
+                out.removed -= set(still)
+                raise PermanentError(f"target did not remove member {', '.join(sorted(still))} "
+                                     f"(answered success to every removal form)")  # fmt: skip
+            self.quirks.learn("verify_writes", True, f"a member removal by {form} was answered success but not applied")
+            following = next_removal_form(form)
+            assert following is not None
+            self.quirks.learn("member_removal", following, f"a member removal by {form} was answered success but not applied")
+            if following == "put":
+                await self._put(client, link, [], still, link.display_name, out)
+            else:
+                await client.patch(ENDPOINT, link.scim_id, patch_operations([], still, removal=following))
+            members, read = await self._members(client, link)
+            if read is None:
+                return
+            still = [m for m in still if m in members]
 
     def _use_patch(self) -> bool:
         return bool(self.capabilities and self.capabilities.patch)
@@ -615,6 +729,18 @@ def _group_owner(engine: Engine, target: str, scim_id: str) -> str | None:
     with engine.connect() as conn:
         query = select(GLINK.c.group_key).where(GLINK.c.target == target, GLINK.c.scim_id == scim_id)
         return conn.execute(query).scalar()
+
+
+def _claim_group(engine: Engine, target: str, key: str, scim_id: str, display_name: str) -> str | None:
+    """Link an existing SCIM group to a group rule unless another rule has it; return the rule that has it."""
+    module = postgresql if engine.dialect.name == "postgresql" else sqlite
+    row = {"target": target, "group_key": key, "scim_id": scim_id, "display_name": display_name, "updated_at": utcnow()}
+    try:
+        with engine.begin() as conn:
+            conn.execute(module.insert(GLINK).values(**row).on_conflict_do_nothing(index_elements=[GLINK.c.target, GLINK.c.group_key]))
+    except IntegrityError:
+        pass  # the unique (target, scim_id): another rule has it
+    return _group_owner(engine, target, scim_id)
 
 
 def _member_ids(resource: dict[str, Any] | None) -> set[str]:
