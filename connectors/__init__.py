@@ -15,6 +15,7 @@ from connectors._errors import (
     RequestInfo,
     ScimError,
     TransientError,
+    Unsupported,
 )
 from connectors._http import DEFAULT_TIMEOUT
 from connectors._limiter import RateLimit, TargetLimiter
@@ -26,6 +27,7 @@ from connectors._protocol import (
     parse_retry_after,
     quote_filter_value,
 )
+from connectors._quirks import Quirks
 from connectors._retry import RetryPolicy
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "OAuth2ClientCredentials",
     "PermanentError",
     "PreconditionFailed",
+    "Quirks",
     "RateLimit",
     "RequestInfo",
     "RetryPolicy",
@@ -51,6 +54,7 @@ __all__ = [
     "TargetLimiter",
     "TokenSource",
     "TransientError",
+    "Unsupported",
     "equals_filter",
     "parse_retry_after",
     "quote_filter_value",

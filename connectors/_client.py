@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +30,7 @@ from connectors._errors import (
     RequestInfo,
     ScimError,
     TransientError,
+    Unsupported,
 )
 from connectors._http import DEFAULT_TIMEOUT, Verify, require_secure_url, same_origin, tls_verify
 from connectors._limiter import TargetLimiter
@@ -39,8 +41,11 @@ from connectors._protocol import (
     check_response,
     equals_filter,
     patch_body,
+    read_list_response,
+    resource_matches,
     resource_path,
 )
+from connectors._quirks import Quirks
 from connectors._retry import RetryPolicy
 
 log = logging.getLogger("connectors")
@@ -104,8 +109,8 @@ class ScimClient:
     """Async SCIM 2.0 client over httpx for one target (one instance per worker).
 
     What belongs to the target rather than the worker is passed in, shared:
-    the ``retry`` policy, the ``limiter`` and, for OAuth 2.0, the ``auth``
-    token source.
+    the ``retry`` policy, the ``limiter``, the ``quirks`` and, for OAuth 2.0,
+    the ``auth`` token source.
     """
 
     def __init__(
@@ -121,6 +126,8 @@ class ScimClient:
         limiter: TargetLimiter | None = None,
         allow_insecure_http: bool = False,
         max_redirects: int = 5,
+        quirks: Quirks | None = None,
+        max_pages: int = 10_000,
     ) -> None:
         require_secure_url(base_url, allow_insecure_http=allow_insecure_http, what="SCIM base URL")
         self.base_url = base_url.rstrip("/")
@@ -128,6 +135,10 @@ class ScimClient:
         # Without a shared limiter, this client is polite on its own.
         self.limiter = limiter if limiter is not None else TargetLimiter(max_concurrency=max_connections)
         self.max_redirects = max_redirects
+        # The target's deviations: shared by its clients, like the limiter, so that one learns for all.
+        self.quirks = quirks if quirks is not None else Quirks()
+        # A listing longer than this many pages is a target that pages forever (1M resources at 100 a page).
+        self.max_pages = max_pages
         # A token source is asked before each attempt (outside the limiter's slot, so that its own
         # token request can take one); a plain httpx auth flow signs requests inside httpx.
         self._tokens = auth if isinstance(auth, TokenSource) else None
@@ -302,33 +313,155 @@ class ScimClient:
         """DELETE a resource (RFC 7644 §3.6)."""
         return await self.send(ScimRequest("DELETE", resource_path(endpoint, resource_id), if_match=etag))
 
-    async def find(self, endpoint: str, attribute: str, value: str) -> list[dict[str, Any]]:
-        """Resources whose ``attribute`` equals ``value`` (the filter value is escaped)."""
-        return [r async for r in self.iter_resources(endpoint, filter=equals_filter(attribute, value))]
+    async def find(
+        self, endpoint: str, attribute: str, value: str, *, case_exact: bool = True
+    ) -> list[dict[str, Any]]:
+        """The resources whose ``attribute`` really equals ``value``, de-duplicated by ``id``.
+
+        ``attribute`` is a path as in :func:`~connectors._protocol.attribute_values` (``userName``,
+        ``name.familyName``, ``urn:…:enterprise:2.0:User:employeeNumber``); a multi-valued
+        attribute matches when any value does. ``case_exact=False`` compares as RFC 7643
+        §2.1 says for ``caseExact: false`` attributes such as ``userName`` (§4.1.1).
+
+        The target's answer to ``filter=attribute eq "value"`` (RFC 7644 §3.4.2.2, the value
+        escaped) is a claim: every result is checked. A result that does not match even
+        case-insensitively means the target ignores or mangles filters: ``quirks.filter`` is
+        learned as ``"client"`` and the endpoint is paged through and matched here, as it is
+        from then on. A filter refused as ``invalidFilter`` or 501 is matched here for this
+        call. Raises what :meth:`iter_resources` raises; never returns a resource that does
+        not match.
+        """
+        if self.quirks.filter == "server":
+            try:
+                found = await self._find_filtered(endpoint, attribute, value, case_exact=case_exact)
+            except PermanentError as exc:
+                if not (isinstance(exc, Unsupported) or exc.scim_type == "invalidFilter"):
+                    raise
+                log.info("GET %s/%s refused the filter on %s (%s); matching client-side", self.base_url, endpoint,
+                         attribute, exc.status)  # fmt: skip
+                found = None
+            if found is not None:
+                return found
+        return [
+            resource
+            async for resource in self.iter_resources(endpoint)
+            if resource_matches(resource, attribute, value, case_exact=case_exact)
+        ]
+
+    async def _find_filtered(
+        self, endpoint: str, attribute: str, value: str, *, case_exact: bool
+    ) -> list[dict[str, Any]] | None:
+        """The matching results of a server-side filter, or None once a result shows it was ignored."""
+        found: list[dict[str, Any]] = []
+        async with aclosing(self.iter_resources(endpoint, filter=equals_filter(attribute, value))) as results:
+            async for resource in results:
+                if resource_matches(resource, attribute, value, case_exact=case_exact):
+                    found.append(resource)
+                elif not resource_matches(resource, attribute, value, case_exact=False):
+                    # The reason names the attribute, never the value: it is personal data.
+                    self.quirks.learn(
+                        "filter",
+                        "client",
+                        f"GET /{endpoint} answered filter '{attribute} eq …' with a resource whose "
+                        f"{attribute} does not match",
+                    )
+                    return None
+                # Else the target compared without case where it should not have: dropped, not a sign
+                # that it ignores filters.
+        return found
 
     async def iter_resources(
-        self, endpoint: str, *, filter: str | None = None, page_size: int = 100
+        self,
+        endpoint: str,
+        *,
+        filter: str | None = None,
+        attributes: Sequence[str] | str | None = None,
+        page_size: int = 100,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Every resource of an endpoint, page by page (RFC 7644 §3.4.2.4)."""
+        """Every resource of an endpoint (or of a ``filter``), page by page (RFC 7644 §3.4.2.4).
+
+        Each resource is yielded once, by ``id``. ``attributes`` asks only for those
+        (RFC 7644 §3.4.2.5; ``id`` always comes back). The target's paging is checked,
+        not believed:
+
+        - ``count`` answered 400 or 500: the page is asked again without ``count``; when
+          that works, ``quirks.page_count`` is learned as False and no ``count`` is sent again;
+        - pages that overlap (``startIndex`` counted differently): items already seen are
+          skipped; items missed at the start (a target counting from 0) are read again
+          with ``startIndex=0`` (which RFC 7644 reads as 1) before giving up;
+        - a page holding only items already seen (the target ignores ``startIndex``) ends the listing;
+        - ``totalResults`` missing: paging goes on until an empty page, or a short one when
+          ``count`` was sent;
+        - a listing that ends with fewer resources than ``totalResults`` said, an answer that
+          is not a ListResponse with ``Resources`` (when ``totalResults`` is not 0), an item
+          without ``id``, or more than ``max_pages`` pages: :class:`InvalidResponse`, never
+          a short listing that would read as "absent".
+        """
+        fields = attributes if isinstance(attributes, str) or attributes is None else ",".join(attributes)
+        seen: set[str] = set()
+        # Items of the pages that brought something new: a target may list one resource twice
+        # in a page and count it twice in totalResults.
+        received = 0
+        total: int | None = None
         start = 1
-        while True:
-            params: dict[str, str | int] = {"startIndex": start, "count": page_size}
-            if filter is not None:
-                params["filter"] = filter
-            result = await self.send(ScimRequest("GET", endpoint, params=params))
-            body = result.resource or {}
-            page = body.get("Resources") or []
-            if not isinstance(page, list):
-                raise InvalidResponse(
-                    f"GET {self.base_url}/{endpoint}: 'Resources' is not a list", status=result.status
-                )
-            for item in page:
-                yield item
-            total = body.get("totalResults")
-            start += len(page)
-            # Servers that ignore paging send everything at once; stop on an empty page too.
-            if not page or not isinstance(total, int) or start > total:
+        for _ in range(self.max_pages):
+            page, page_total, counted = await self._page(endpoint, start, filter, fields, page_size)
+            total = page_total if page_total is not None else total
+            fresh = _unseen(page, seen)
+            received += len(page) if fresh else 0
+            for resource in fresh:
+                yield resource
+            if total is not None and len(seen) >= total:
                 return
+            if not fresh:
+                # An empty page, or only resources already seen: nothing more will come from paging on.
+                break
+            if total is None and counted and len(page) < page_size:
+                return
+            start += len(page)
+        else:
+            raise InvalidResponse(
+                f"GET {self.base_url}/{endpoint}: still paging after {self.max_pages} pages; "
+                "the target's paging does not end",
+                request=ScimRequest("GET", endpoint).info(self.base_url),
+            )
+        if total is None or received >= total:
+            return
+        # Fewer than announced: maybe the target counts startIndex from 0 and skipped the first ones.
+        try:
+            page, _, _ = await self._page(endpoint, 0, filter, fields, page_size)
+        except ScimError:
+            page = []
+        fresh = _unseen(page, seen)
+        for resource in fresh:
+            yield resource
+        if received + len(fresh) < total:
+            raise InvalidResponse(
+                f"GET {self.base_url}/{endpoint}: paging ended after {len(seen)} of the {total} resources "
+                "that totalResults announced",
+                request=ScimRequest("GET", endpoint).info(self.base_url),
+            )
+
+    async def _page(
+        self, endpoint: str, start: int, filter: str | None, attributes: str | None, page_size: int
+    ) -> tuple[list[dict[str, Any]], int | None, bool]:
+        """One page: its resources, its totalResults (None when absent), and whether ``count`` was sent."""
+        params: dict[str, str | int] = {"startIndex": start}
+        if filter is not None:
+            params["filter"] = filter
+        if attributes:
+            params["attributes"] = attributes
+        counted = self.quirks.page_count
+        try:
+            result = await self.send(ScimRequest("GET", endpoint, params={**params, "count": page_size} if counted else params))
+        except ScimError as exc:
+            if not counted or exc.status not in (400, 500) or exc.scim_type == "invalidFilter":
+                raise
+            result = await self.send(ScimRequest("GET", endpoint, params=params))
+            self.quirks.learn("page_count", False, f"GET /{endpoint} answered {exc.status} with count=, 200 without")
+            counted = False
+        page, total = read_list_response(result, ScimRequest("GET", endpoint, params=params).info(self.base_url))
+        return page, total, counted
 
     async def capabilities(self) -> Capabilities:
         """Read ``/ServiceProviderConfig``; a target without one gets safe defaults.
@@ -341,6 +474,17 @@ class ScimClient:
         except PermanentError:
             return Capabilities()
         return Capabilities.from_service_provider_config(result.resource or {})
+
+
+def _unseen(page: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
+    """The resources of ``page`` whose id is not in ``seen``, once each; ``seen`` takes their ids."""
+    fresh = []
+    for resource in page:
+        resource_id = str(resource["id"])
+        if resource_id not in seen:
+            seen.add(resource_id)
+            fresh.append(resource)
+    return fresh
 
 
 def _lower_headers(headers: httpx.Headers) -> dict[str, str]:

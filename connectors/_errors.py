@@ -7,12 +7,17 @@ ScimError                  base: status, scim_type, detail, the request that cau
 └── PermanentError         other 4xx, a redirect off the target's origin: retries are useless, to review
     ├── NotFound           404: the resource is not (or no longer) in the target
     ├── Conflict           409: uniqueness clash, e.g. the userName already exists
-    └── PreconditionFailed 412: the ETag sent in If-Match is stale
+    ├── PreconditionFailed 412: the ETag sent in If-Match is stale
+    └── Unsupported        501, 405: the target does not support this form of request; use another
 
 ``ScimClient.send`` raises a TransientError only once its RetryPolicy gives up
 (``attempts`` says after how many tries), or at once for a 5xx that retrying
-does not help (501, 505…). A 401 is retried once after a token refresh, never
-more: no storm. A redirect is followed only to the same scheme, host and port.
+does not help (505…). A 501 Not Implemented or 405 Method Not Allowed (RFC 9110
+§15.6.2, §15.5.6) is an Unsupported error, never retried: the same request will
+be refused the same way until the caller sends another form (PATCH instead of
+PUT, a member value list instead of a ``members[value eq …]`` path). A 401 is
+retried once after a token refresh, never more: no storm. A redirect is
+followed only to the same scheme, host and port.
 
 The original exception (httpx's, Authlib's, or a JSON decode error) is kept as
 ``__cause__``. No error carries a header, a token or a client secret.
@@ -97,12 +102,18 @@ class PreconditionFailed(PermanentError):
     """The version we sent in If-Match is no longer current."""
 
 
+class Unsupported(PermanentError):
+    """The target does not implement this form of request (501) or method on this path (405)."""
+
+
 _BY_STATUS: dict[int, type[ScimError]] = {
     401: AuthError,
     404: NotFound,
     409: Conflict,
+    405: Unsupported,
     412: PreconditionFailed,
     429: TransientError,
+    501: Unsupported,
 }
 
 

@@ -89,6 +89,73 @@ def equals_filter(attribute: str, value: str) -> str:
     return f"{attribute} eq {quote_filter_value(value)}"
 
 
+# RFC 7643 §3.3: the core schemas' attributes sit at the top level of a resource, even when
+# a filter names them by their full URN (``urn:ietf:params:scim:schemas:core:2.0:User:userName``).
+_CORE_SCHEMA_PREFIX = "urn:ietf:params:scim:schemas:core:"
+
+
+def attribute_values(resource: dict[str, Any], attribute: str) -> list[Any]:
+    """Every value that ``attribute`` (an RFC 7644 §3.10 attribute path) has in ``resource``.
+
+    ``attribute`` is ``name``, ``name.sub`` or ``urn:…:name[.sub]`` (an extension's
+    attributes live under its URN). Names compare case-insensitively (RFC 7643 §2.1).
+    A multi-valued attribute contributes each of its values; a complex value named
+    without a sub-attribute contributes its ``value`` sub-attribute (RFC 7644 §3.4.2.2).
+    An absent attribute has no values: ``[]``.
+    """
+    node: Any = resource
+    path = attribute
+    if attribute.lower().startswith("urn:"):
+        urn, _, path = attribute.rpartition(":")
+        extension = _member(resource, urn)
+        if extension is not None:
+            node = extension
+        elif not urn.lower().startswith(_CORE_SCHEMA_PREFIX):
+            return []
+    nodes = [node]
+    for name in path.split("."):
+        found: list[Any] = []
+        for current in nodes:
+            for item in current if isinstance(current, list) else [current]:
+                if isinstance(item, dict):
+                    value = _member(item, name)
+                    if value is not None:
+                        found.extend(value if isinstance(value, list) else [value])
+        nodes = found
+    return [_member(v, "value") if isinstance(v, dict) else v for v in nodes]
+
+
+def value_matches(found: Any, wanted: str, *, case_exact: bool) -> bool:
+    """Whether one attribute value equals ``wanted`` the way the target must compare it.
+
+    ``case_exact=False`` compares case-insensitively (RFC 7643 §2.1, e.g. ``userName``
+    whose ``caseExact`` is false, §4.1.1). Booleans and numbers compare by their JSON text.
+    """
+    if isinstance(found, bool):
+        text = "true" if found else "false"
+    elif isinstance(found, int | float | str):
+        text = str(found)
+    else:
+        return False
+    return text == wanted if case_exact else text.casefold() == wanted.casefold()
+
+
+def resource_matches(resource: dict[str, Any], attribute: str, value: str, *, case_exact: bool) -> bool:
+    """Whether ``attribute`` of ``resource`` equals ``value``: for a multi-valued attribute, any of its values."""
+    return any(value_matches(v, value, case_exact=case_exact) for v in attribute_values(resource, attribute))
+
+
+def _member(node: dict[str, Any], name: str) -> Any:
+    """``node[name]``, the name compared case-insensitively (RFC 7643 §2.1)."""
+    if name in node:
+        return node[name]
+    folded = name.casefold()
+    for key, value in node.items():
+        if key.casefold() == folded:
+            return value
+    return None
+
+
 def resource_path(endpoint: str, resource_id: str | None = None) -> str:
     """``Users`` or ``Users/<id>``, the id percent-quoted so that it cannot escape the path."""
     if resource_id is None:
@@ -174,6 +241,41 @@ def _success(
             response_body=content.decode("utf-8", "replace"),
         )
     return result
+
+
+def read_list_response(result: ScimResult, info: RequestInfo) -> tuple[list[dict[str, Any]], int | None]:
+    """The ``Resources`` and ``totalResults`` of a ListResponse (RFC 7644 §3.4.2), checked for shape.
+
+    ``totalResults`` is None when absent or not a count. ``Resources`` may be left out
+    only when ``totalResults`` is 0. Raises :class:`InvalidResponse` for anything else
+    that is not a list of objects each carrying an ``id``: such an answer is never data.
+    """
+    body = result.resource
+
+    def invalid(why: str) -> InvalidResponse:
+        return InvalidResponse(f"{info.method} {info.url} answered {result.status} with {why}", status=result.status,
+                               request=info)  # fmt: skip
+
+    if body is None:
+        raise invalid("no body where a ListResponse was expected")
+    total = body.get("totalResults")
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        total = None
+    resources = _member(body, "Resources")
+    if resources is None:
+        if total == 0:
+            return [], 0
+        raise invalid("a list answer without 'Resources'" + ("" if total is None else f" though totalResults is {total}"))
+    if not isinstance(resources, list):
+        raise invalid("'Resources' that is not a list")
+    for item in resources:
+        if not isinstance(item, dict) or not _usable_id(item.get("id")):
+            raise invalid("a listed resource that is not an object with an 'id'")
+    return resources, total
+
+
+def _usable_id(value: Any) -> bool:
+    return (isinstance(value, str) and value.strip() != "") or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _decode(content: bytes) -> Any:

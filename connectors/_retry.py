@@ -8,7 +8,7 @@ that applies it. Strategies are tenacity's, composed once from config values:
 - a 429 without it, 500/502/503/504, a timeout, a connection error, a success
   status with a body we cannot read: exponential backoff with full jitter,
   ``uniform(0, min(cap, base * 2 ** (attempt - 1)))``;
-- anything else (other 4xx, 401 after a refresh, 501…): not retried here.
+- anything else (other 4xx, 401 after a refresh, 501, 505…): not retried here.
 """
 
 from __future__ import annotations

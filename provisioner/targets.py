@@ -42,7 +42,7 @@ class TargetSession:
     """What the clients of one target share during a round of sending; create it inside the event loop."""
 
     config: TargetConfig
-    # How the target deviates (declared and learned), shared by every client of the round.
+    # The target's deviations, declared or learned; every client of the session shares them.
     quirks: Quirks = field(default_factory=Quirks)
     limiter: TargetLimiter = field(init=False)
     retry: RetryPolicy = field(init=False)

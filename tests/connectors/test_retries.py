@@ -19,6 +19,7 @@ from connectors import (
     ScimClient,
     TargetLimiter,
     TransientError,
+    Unsupported,
 )
 from tests.connectors.clock import VirtualClock
 from tests.connectors.conftest import BASE, USER
@@ -126,12 +127,14 @@ async def test_server_errors_that_say_try_again_are_retried(
     assert statuses(client) == [status, 200]
 
 
-async def test_501_is_transient_for_the_engine_but_not_retried_here(
-    target: respx.MockRouter, client: ScimClient, clock: VirtualClock
+@pytest.mark.parametrize("status", [501, 405])
+async def test_501_and_405_are_unsupported_and_never_retried(
+    target: respx.MockRouter, client: ScimClient, clock: VirtualClock, status: int
 ) -> None:
-    target.get(USER_URL).mock(return_value=httpx.Response(501))
+    """Asking again is useless: the caller must send another form of the request."""
+    target.get(USER_URL).mock(return_value=httpx.Response(status))
 
-    with pytest.raises(TransientError) as caught:
+    with pytest.raises(Unsupported) as caught:
         await client.get("Users", "u1")
 
     assert caught.value.attempts == 1

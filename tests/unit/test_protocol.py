@@ -18,11 +18,12 @@ from connectors import (
     ScimError,
     ScimRequest,
     TransientError,
+    Unsupported,
     equals_filter,
     parse_retry_after,
     quote_filter_value,
 )
-from connectors._protocol import check_response, patch_body, resource_path
+from connectors._protocol import attribute_values, check_response, patch_body, resource_matches, resource_path
 
 BASE = "https://scim.example.com/v2"
 ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
@@ -151,6 +152,8 @@ POST = ScimRequest("POST", "Users", body={"userName": "ada"}, needs_resource=Tru
         pytest.param(429, TransientError, "tooMany", "slow down", id="429"),
         pytest.param(500, TransientError, None, "database unavailable", id="500"),
         pytest.param(503, TransientError, None, "maintenance", id="503"),
+        pytest.param(501, Unsupported, None, "PATCH with a value filter is not implemented", id="501"),
+        pytest.param(405, Unsupported, None, "PUT not allowed", id="405"),
     ],
 )
 def test_error_status_raises_the_class_that_says_what_to_do_next(
@@ -172,7 +175,7 @@ def test_error_status_raises_the_class_that_says_what_to_do_next(
 @pytest.mark.parametrize(
     ("status", "family"),
     [(400, PermanentError), (404, PermanentError), (409, PermanentError), (412, PermanentError), (500, TransientError),
-     (503, TransientError), (429, TransientError)],
+     (503, TransientError), (429, TransientError), (501, PermanentError), (405, PermanentError)],
 )  # fmt: skip
 def test_errors_group_by_what_the_engine_does_next(status: int, family: type[ScimError]) -> None:
     with pytest.raises(family):
@@ -264,3 +267,57 @@ def test_patch_body_is_a_patch_op_message() -> None:
         "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
         "Operations": operations,
     }
+
+
+# --- what a lookup result must match (RFC 7643 §2.1, RFC 7644 §3.10) -------------------------------
+
+ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+ADA = {
+    "id": "u1",
+    "userName": "Ada@Example.com",
+    "externalId": "E-1",
+    "active": True,
+    "name": {"familyName": "Lovelace"},
+    "emails": [{"value": "ada@work.example", "primary": True}, {"value": "ada@home.example"}],
+    "groups": [{"value": "g1", "display": "Engineering"}],
+    ENTERPRISE: {"employeeNumber": "701", "manager": {"value": "u0"}},
+}
+
+
+@pytest.mark.parametrize(
+    ("attribute", "values"),
+    [
+        pytest.param("userName", ["Ada@Example.com"], id="top-level"),
+        pytest.param("USERNAME", ["Ada@Example.com"], id="name-without-case"),
+        pytest.param("name.familyName", ["Lovelace"], id="sub-attribute"),
+        pytest.param("emails.value", ["ada@work.example", "ada@home.example"], id="multi-valued"),
+        pytest.param("emails", ["ada@work.example", "ada@home.example"], id="multi-valued-value-implied"),
+        pytest.param(f"{ENTERPRISE}:employeeNumber", ["701"], id="extension"),
+        pytest.param(f"{ENTERPRISE}:manager.value", ["u0"], id="extension-sub-attribute"),
+        pytest.param("urn:ietf:params:scim:schemas:core:2.0:User:userName", ["Ada@Example.com"], id="core-urn"),
+        pytest.param("urn:example:custom:1.0:User:badge", [], id="absent-extension"),
+        pytest.param("nickName", [], id="absent"),
+        pytest.param("active", [True], id="boolean"),
+    ],
+)
+def test_attribute_values_follow_the_attribute_path(attribute: str, values: list[object]) -> None:
+    assert attribute_values(ADA, attribute) == values
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "case_exact", "matches"),
+    [
+        pytest.param("userName", "ada@example.com", False, True, id="userName-without-case"),
+        pytest.param("userName", "ada@example.com", True, False, id="case-exact-differs"),
+        pytest.param("externalId", "E-1", True, True, id="externalId-exact"),
+        pytest.param("externalId", "e-1", True, False, id="externalId-other-case"),
+        pytest.param("emails.value", "ada@home.example", True, True, id="any-of-many"),
+        pytest.param("userName", "it-admin@example.com", False, False, id="unrelated"),
+        pytest.param("nickName", "", False, False, id="absent-never-matches-empty"),
+        pytest.param("active", "true", True, True, id="boolean-by-json-text"),
+        pytest.param(f"{ENTERPRISE}:employeeNumber", "701", True, True, id="extension"),
+        pytest.param("name", "Lovelace", True, False, id="complex-without-value"),
+    ],
+)
+def test_a_resource_matches_only_what_was_asked(attribute: str, value: str, case_exact: bool, matches: bool) -> None:
+    assert resource_matches(ADA, attribute, value, case_exact=case_exact) is matches
