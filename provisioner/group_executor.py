@@ -46,7 +46,7 @@ from connectors import (
     ScimRequest,
     ScimResult,
     TransientError,
-    Unsupported,
+    equals_filter,
 )
 from provisioner.config import Config, TargetConfig, parse_duration
 from provisioner.groups import (
@@ -71,7 +71,7 @@ from provisioner.executor import call_record
 from provisioner.queue import CallRecord, claim_rows, finish, load_links, open_rows, release, replaced_by, write_plan
 from provisioner.sources import read_source
 from provisioner.store import GroupLink as GroupLinkTable
-from provisioner.store import GroupMemberState, Operation, as_utc, utcnow
+from provisioner.store import AccountLink, GroupMemberState, Operation, as_utc, utcnow
 from provisioner.store import Attempt
 from provisioner.targets import TargetSession, discover
 
@@ -81,10 +81,14 @@ OP = Operation.__table__
 ATTEMPT = Attempt.__table__
 GLINK = GroupLinkTable.__table__
 GMEMBER = GroupMemberState.__table__
+LINK = AccountLink.__table__
 ENDPOINT = "Groups"
 # 412 rounds per group operation before it goes to review.
 PRECONDITION_ROUNDS = 3
 CLAIM_PAGE = 1000
+# Members of a group whose reads omit members are checked one filter each, up to this many;
+# beyond it the stored state is trusted (with a warning) rather than flooding the target.
+FILTER_READ_CAP = 50
 BODY_CAP = 4_000
 ClientFactory = Callable[[], ScimClient]
 
@@ -111,6 +115,17 @@ def load_member_state(engine: Engine, target: str) -> dict[str, set[str]]:
         ):
             state.setdefault(key, set()).add(member)
     return state
+
+
+def load_usernames(engine: Engine, target: str) -> dict[str, str]:
+    """Account id -> userName as last applied, for targets whose members[].value is the userName."""
+    names: dict[str, str] = {}
+    with engine.connect() as conn:
+        for scim_id, applied in conn.execute(select(LINK.c.scim_id, LINK.c.applied).where(LINK.c.target == target)):
+            name = (loads(applied) or {}).get("userName") if applied else None
+            if isinstance(name, str):
+                names[scim_id] = name
+    return names
 
 
 def held_identities(engine: Engine, target: str) -> set[str]:
@@ -319,6 +334,8 @@ class GroupExecutor:
         self.managed: set[str] = set()
         self.stopping = asyncio.Event()
         self.calls = 0
+        # Account id -> userName, read when the target lists members by userName.
+        self._names: dict[str, str] | None = None
 
     def load(self) -> dict[str, datetime | None]:
         """Read group links, member state and managed accounts; return when each group was last compared."""
@@ -523,17 +540,29 @@ class GroupExecutor:
             version = (existing.get("meta") or {}).get("version")
             out.link = GroupLink(op.group_key, scim_id, _name(existing) or op.display_name, version)
             out.note = "linked an existing group of the same displayName"
-            members = _member_ids(existing) if "members" in existing else None
+            members = self._ids(existing) if "members" in existing else None
             if members is None:
                 fresh = await client.get(ENDPOINT, scim_id)
-                members = _member_ids(fresh.resource)
+                members = self._ids(fresh.resource)
                 out.link = GroupLink(op.group_key, scim_id, out.link.display_name, fresh.version or version)
             out.verified = True
             return out.link, members & self.managed
-        result = await client.create(ENDPOINT, group_resource(op.display_name))
+        first = sorted(op.add) if self.quirks.group_create_with_members else None
+        try:
+            result = await client.create(ENDPOINT, group_resource(op.display_name, first and self._values(first)))
+        except PermanentError as exc:
+            if first is not None or not op.add or exc.status != 400:
+                raise
+            # Some targets refuse a group without members (400): created with its first members instead.
+            first = sorted(op.add)
+            result = await client.create(ENDPOINT, group_resource(op.display_name, self._values(first)))
+            self.quirks.learn("group_create_with_members", True, f"POST /Groups without members answered {exc.status}")
         out.link = GroupLink(op.group_key, result.id or "", op.display_name, result.version)
         out.verified = True
-        return out.link, None
+        if first is None:
+            return out.link, None
+        out.added.update(first)
+        return out.link, set(first)
 
     async def _find_group(self, client: ScimClient, display_name: str) -> list[dict[str, Any]]:
         """Groups whose displayName is exactly ``display_name``, once each: a lookup result is a claim.
@@ -563,7 +592,7 @@ class GroupExecutor:
             how = group_members(fresh.resource if fresh is not None else None, asked)
             if how is MembersRead.REPORTED:
                 assert fresh is not None
-                return _member_ids(fresh.resource), fresh
+                return self._ids(fresh.resource), fresh
             if how is MembersRead.ASK_ATTRIBUTES:
                 asked += ("attributes",)
                 fresh = await client.send(ScimRequest("GET", f"{ENDPOINT}/{quote(link.scim_id, safe='')}",
@@ -572,12 +601,57 @@ class GroupExecutor:
             if not stored:
                 # Nothing of ours is in it as far as we know, and the target reports no members: empty.
                 return set(), fresh
-            if self.quirks.group_members_returned:
-                self.quirks.learn("group_members_returned", False,
-                                  f"GET /Groups/{{id}} omits members, also with attributes=members")  # fmt: skip
+            if how is MembersRead.ASK_FILTER and self.quirks.filter == "server" and len(stored) <= FILTER_READ_CAP:
+                asked += ("filter",)
+                # Which of the members we hold is in it, one members.value filter each (RFC 7644 §3.4.2.2).
+                # Trusted only from a target that applies filters: one that ignores them answers every group.
+                present: set[str] = set()
+                for member in sorted(stored):
+                    query = f"{equals_filter('members.value', self._values([member])[0])} and {equals_filter('id', link.scim_id)}"
+                    async for group in client.iter_resources(ENDPOINT, filter=query, attributes="id"):
+                        if str(group.get("id")) == link.scim_id:
+                            present.add(member)
+                self._learn_unreported()
+                return present, fresh
+            self._learn_unreported()
             log.warning("group members not reported by the target; trusting the stored state",
                         target=self.target, group=link.group_key)  # fmt: skip
             return set(stored), None
+
+    def _values(self, ids: Iterable[str]) -> list[str]:
+        """members[].value for these account ids, as the target keeps them (``member_value``)."""
+        if self.quirks.member_value != "userName":
+            return list(ids)
+        names = self._usernames()
+        return [names.get(m, m) for m in ids]
+
+    def _ids(self, resource: dict[str, Any] | None) -> set[str]:
+        """The account ids of a group's members, from the values the target reports.
+
+        A target that lists members by userName (values that are the userNames of
+        accounts we manage, none their ids) teaches ``member_value: userName``.
+        """
+        values = _member_ids(resource)
+        if not values:
+            return values
+        if self.quirks.member_value != "userName":
+            if values & self.managed:
+                return values
+            by_name = {name.casefold(): m for m, name in self._usernames().items()}
+            if not any(v.casefold() in by_name for v in values):
+                return values
+            self.quirks.learn("member_value", "userName", "group members are listed by userName, not id")
+        by_name = {name.casefold(): m for m, name in self._usernames().items()}
+        return {by_name.get(v.casefold(), v) for v in values}
+
+    def _usernames(self) -> dict[str, str]:
+        if self._names is None:
+            self._names = load_usernames(self.engine, self.target)
+        return self._names
+
+    def _learn_unreported(self) -> None:
+        if self.quirks.group_members_returned:
+            self.quirks.learn("group_members_returned", False, "GET /Groups/{id} omits members, also with attributes=members")
 
     async def _patch(
         self, client: ScimClient, link: GroupLink, add: list[str], remove: list[str], rename: str | None, out: GroupOutcome
@@ -590,7 +664,8 @@ class GroupExecutor:
         while index < len(pending):
             batch_add, batch_remove = pending[index]
             form = self.quirks.member_removal
-            operations = patch_operations(batch_add, batch_remove, removal="list" if form == "put" else form, rename=rename)
+            operations = patch_operations(self._values(batch_add), self._values(batch_remove),
+                                          removal="list" if form == "put" else form, rename=rename)  # fmt: skip
             if not operations:
                 index += 1
                 continue
@@ -656,7 +731,7 @@ class GroupExecutor:
             current, _ = await self._members(client, link, fresh)
             members = (current - set(remove)) | set(add)
             body = {k: v for k, v in resource.items() if k not in ("id", "meta", "members", "displayName")}
-            body = {**group_resource(name, members), **{k: v for k, v in body.items() if k != "schemas"}}
+            body = {**group_resource(name, self._values(members)), **{k: v for k, v in body.items() if k != "schemas"}}
             try:
                 result = await client.replace(ENDPOINT, link.scim_id, body, etag=self._etag(fresh.version))
             except PreconditionFailed as exc:
@@ -682,7 +757,7 @@ class GroupExecutor:
         """
         body = answer.resource if isinstance(answer.resource, dict) else None
         if body is not None and "members" in body:
-            present: set[str] | None = _member_ids(body)
+            present: set[str] | None = self._ids(body)
         elif self.quirks.verify_writes:
             members, read = await self._members(client, link)
             present = members if read is not None else None
@@ -704,7 +779,7 @@ class GroupExecutor:
             if following == "put":
                 await self._put(client, link, [], still, link.display_name, out)
             else:
-                await client.patch(ENDPOINT, link.scim_id, patch_operations([], still, removal=following))
+                await client.patch(ENDPOINT, link.scim_id, patch_operations([], self._values(still), removal=following))
             members, read = await self._members(client, link)
             if read is None:
                 return
