@@ -256,8 +256,7 @@ def record_group(engine: Engine, target: str, key: str, identities: dict[str, st
         owner = _group_owner(engine, target, scim_id)
         out.status, out.link, out.reset, out.verified = "failed", None, None, False
         out.added, out.removed = set(), set()
-        out.error = (f"group {scim_id} is already linked to group rule {owner!r}; "
-                     f"two rules resolve to one SCIM group, not linked twice")  # fmt: skip
+        out.error = f"group {scim_id} is already linked to group {owner!r}; two rules resolve to one SCIM group"
         with engine.begin() as conn:
             finish(conn, out, now)
 
