@@ -5,6 +5,7 @@ This package never imports from ``provisioner``.
 
 from connectors._auth import BearerAuth, OAuth2ClientCredentials, TokenSource
 from connectors._client import Capabilities, Exchange, ScimClient
+from connectors._discovery import AttributeInfo, ResourceType, Schema
 from connectors._errors import (
     AuthError,
     Conflict,
@@ -31,6 +32,7 @@ from connectors._quirks import Quirks
 from connectors._retry import RetryPolicy
 
 __all__ = [
+    "AttributeInfo",
     "AuthError",
     "BearerAuth",
     "Capabilities",
@@ -45,7 +47,9 @@ __all__ = [
     "Quirks",
     "RateLimit",
     "RequestInfo",
+    "ResourceType",
     "RetryPolicy",
+    "Schema",
     "SCHEMA_PATCH_OP",
     "ScimClient",
     "ScimError",

@@ -9,6 +9,7 @@ trip, retries and redirect hops included, is appended to ``history``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -26,12 +27,14 @@ from connectors._errors import (
     BODY_CAP,
     AuthError,
     InvalidResponse,
+    NotFound,
     PermanentError,
     RequestInfo,
     ScimError,
     TransientError,
     Unsupported,
 )
+from connectors._discovery import ResourceType, Schema, discovery_items, parse_resource_types, parse_schemas
 from connectors._http import DEFAULT_TIMEOUT, Verify, require_secure_url, same_origin, tls_verify
 from connectors._limiter import TargetLimiter
 from connectors._protocol import (
@@ -49,6 +52,9 @@ from connectors._quirks import Quirks
 from connectors._retry import RetryPolicy
 
 log = logging.getLogger("connectors")
+
+# Bodies past this size are refused (16 MiB: a page of 100 large groups fits many times over).
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 # RFC 9110 §15.4: the redirects that name a new location. 303 turns the request into a GET
 # (the operation was done; the result is elsewhere); the others keep the method and body.
@@ -128,6 +134,8 @@ class ScimClient:
         max_redirects: int = 5,
         quirks: Quirks | None = None,
         max_pages: int = 10_000,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        deadline: float | None = None,
     ) -> None:
         require_secure_url(base_url, allow_insecure_http=allow_insecure_http, what="SCIM base URL")
         self.base_url = base_url.rstrip("/")
@@ -139,6 +147,12 @@ class ScimClient:
         self.quirks = quirks if quirks is not None else Quirks()
         # A listing longer than this many pages is a target that pages forever (1M resources at 100 a page).
         self.max_pages = max_pages
+        if max_response_bytes < 1:
+            raise ValueError(f"max_response_bytes must be at least 1, not {max_response_bytes}")
+        # A body larger than this is not read on: a 50 MB answer to a lookup is not data.
+        self.max_response_bytes = max_response_bytes
+        # Seconds one round trip may take in all (default: the longest part of ``timeout``).
+        self.deadline = deadline if deadline is not None else _deadline(timeout)
         # A token source is asked before each attempt (outside the limiter's slot, so that its own
         # token request can take one); a plain httpx auth flow signs requests inside httpx.
         self._tokens = auth if isinstance(auth, TokenSource) else None
@@ -232,11 +246,25 @@ class ScimClient:
         error: ScimError | None = None
         info = RequestInfo(outgoing.method, str(outgoing.url.copy_with(query=None)), body)
         try:
-            response = await self._http.send(outgoing)
-            status, content = response.status_code, response.content
+            # httpx's timeouts bound each read: a target sending a byte every few seconds would
+            # never trip them. The deadline bounds the whole round trip, body included.
+            async with asyncio.timeout(self.deadline):
+                response = await self._http.send(outgoing, stream=True)
+                try:
+                    status = response.status_code
+                    content, whole = await _read_capped(response, self.max_response_bytes)
+                finally:
+                    await response.aclose()
             headers = _lower_headers(response.headers)
+            if not whole and 200 <= status < 300:
+                raise InvalidResponse(
+                    f"{info.method} {info.url} answered {status} with a body over {self.max_response_bytes} bytes",
+                    status=status,
+                    request=info,
+                )
             if status in _REDIRECTS and "location" in headers:
                 return self._follow(outgoing, body, status, headers["location"], info, hops_left)
+            # An error answer over the cap is judged by its status; its body was cut.
             return check_response(request, self.base_url, status, headers, content, now=self.retry.now())
         except ScimError as exc:
             error = exc
@@ -246,6 +274,11 @@ class ScimClient:
             raise error from exc
         except httpx.TransportError as exc:
             error = TransientError(f"{info.method} {info.url}: {type(exc).__name__}: {exc}", request=info)
+            raise error from exc
+        except TimeoutError as exc:
+            error = TransientError(
+                f"{info.method} {info.url}: no complete answer within {self.deadline:g}s", status=status, request=info
+            )
             raise error from exc
         finally:
             self.history.append(
@@ -293,7 +326,8 @@ class ScimClient:
 
     async def get(self, endpoint: str, resource_id: str) -> ScimResult:
         """GET one resource by id (RFC 7644 §3.4.1)."""
-        return await self.send(ScimRequest("GET", resource_path(endpoint, resource_id), needs_resource=True))
+        request = ScimRequest("GET", resource_path(endpoint, resource_id), needs_resource=True, resource_id=str(resource_id))
+        return await self.send(request)
 
     async def replace(
         self, endpoint: str, resource_id: str, resource: dict[str, Any], *, etag: str | None = None
@@ -464,16 +498,104 @@ class ScimClient:
         return page, total, counted
 
     async def capabilities(self) -> Capabilities:
-        """Read ``/ServiceProviderConfig``; a target without one gets safe defaults.
+        """Read ``/ServiceProviderConfig`` (RFC 7643 §5); a target without one gets safe defaults.
 
-        A target that is down or refuses our credentials raises: guessing "no PATCH,
-        no ETags" from an outage would silently change how every update is sent.
+        Only "no such endpoint" (404, or 405/501: :class:`Unsupported`) means defaults; another
+        4xx also does, with a warning. A target that is down or refuses our credentials raises,
+        and so does an answer that is not a ServiceProviderConfig (:class:`InvalidResponse`):
+        guessing "no PATCH, no ETags" from an outage or from garbage would silently change
+        how every update is sent (PUT, without If-Match).
         """
         try:
             result = await self.send(ScimRequest("GET", "ServiceProviderConfig"))
-        except PermanentError:
+        except (NotFound, Unsupported):
             return Capabilities()
-        return Capabilities.from_service_provider_config(result.resource or {})
+        except PermanentError as exc:
+            log.warning("GET %s/ServiceProviderConfig answered %s; assuming no PATCH and no ETags", self.base_url,
+                        exc.status)  # fmt: skip
+            return Capabilities()
+        body = result.resource
+        if not _is_service_provider_config(body):
+            raise InvalidResponse(
+                f"GET {self.base_url}/ServiceProviderConfig answered {result.status} with something that is "
+                "not a ServiceProviderConfig",
+                status=result.status,
+                request=ScimRequest("GET", "ServiceProviderConfig").info(self.base_url),
+            )
+        return Capabilities.from_service_provider_config(body)
+
+
+    async def resource_types(self) -> dict[str, ResourceType]:
+        """The target's resource types by endpoint (``"Users"``), from ``/ResourceTypes`` (RFC 7643 §6).
+
+        Each names its core schema and its schema extensions (``(urn, required)``): an
+        extension the target does not list is one it may refuse or drop. ``{}`` means
+        unknown: the target has no such endpoint (404, 405, 501). A ListResponse, a bare
+        array and a single object are all read; anything else is :class:`InvalidResponse`.
+        """
+        items = await self._discovery("ResourceTypes")
+        return {} if items is None else parse_resource_types(items)
+
+    async def schemas(self) -> dict[str, Schema]:
+        """The target's schemas by URN, from ``/Schemas`` (RFC 7643 §7), with each attribute's
+        ``mutability``, ``returned``, ``caseExact`` and ``uniqueness``.
+
+        ``{}`` means unknown (no such endpoint: 404, 405, 501); shapes as :meth:`resource_types`.
+        """
+        items = await self._discovery("Schemas")
+        return {} if items is None else parse_schemas(items)
+
+    async def _discovery(self, endpoint: str) -> list[dict[str, Any]] | None:
+        try:
+            result = await self.send(ScimRequest("GET", endpoint, accept_array=True))
+        except (NotFound, Unsupported):
+            return None
+        try:
+            return discovery_items(result.resource, endpoint)
+        except InvalidResponse as exc:
+            exc.status = result.status
+            exc.request = ScimRequest("GET", endpoint).info(self.base_url)
+            raise
+
+
+_SERVICE_PROVIDER_CONFIG_SECTIONS = ("patch", "bulk", "filter", "changePassword", "sort", "etag")
+
+
+def _is_service_provider_config(body: dict[str, Any] | None) -> bool:
+    """An object naming its ``schemas``, or at least holding one of RFC 7643 §5's sections as an object."""
+    if not isinstance(body, dict):
+        return False
+    schemas = body.get("schemas")
+    if isinstance(schemas, list) and any(isinstance(s, str) and "ServiceProviderConfig" in s for s in schemas):
+        return True
+    return any(isinstance(body.get(name), dict) for name in _SERVICE_PROVIDER_CONFIG_SECTIONS)
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """The body, decoded, and whether it is whole: reading stops past ``limit`` bytes.
+
+    Past the limit only the first ``BODY_CAP`` bytes are kept (for the record), so an
+    answer of any size costs at most ``limit`` bytes of memory.
+    """
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return b"", False
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[:BODY_CAP], False
+        chunks.append(chunk)
+    return b"".join(chunks), True
+
+
+def _deadline(timeout: httpx.Timeout | float | None) -> float | None:
+    """The longest of a timeout's parts: what one whole round trip may take."""
+    if not isinstance(timeout, httpx.Timeout):
+        return timeout
+    parts = [t for t in (timeout.connect, timeout.read, timeout.write, timeout.pool) if t is not None]
+    return max(parts) if parts else None
 
 
 def _unseen(page: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:

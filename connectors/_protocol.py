@@ -40,6 +40,11 @@ class ScimRequest:
     if_match: str | None = None
     # Whether the caller needs the resource back (create must learn the new id).
     needs_resource: bool = False
+    # Whether a JSON array is a valid answer (discovery endpoints of some targets): it is
+    # handed on as ``{"Resources": [...]}``.
+    accept_array: bool = False
+    # The id the answer must carry (a GET by id): another resource's answer is not data.
+    resource_id: str | None = None
     # Whether to resend after a failure that may have come after the server applied the
     # request (no answer, a garbled answer). False for creates: the caller looks first.
     retry_ambiguous: bool = True
@@ -218,6 +223,8 @@ def _success(
                 request=request.info(base_url),
                 response_body=content.decode("utf-8", "replace"),
             ) from exc
+        if isinstance(decoded, list) and request.accept_array:
+            decoded = {"Resources": decoded}
         if not isinstance(decoded, dict):
             raise InvalidResponse(
                 f"{request.method} {request.info(base_url).url} answered {status} with JSON that is not an object",
@@ -233,13 +240,23 @@ def _success(
         location=headers.get("location") or headers.get("content-location"),
         headers=headers,
     )
-    if request.needs_resource and result.id is None:
-        raise InvalidResponse(
-            f"{request.method} {request.info(base_url).url} answered {status} without a resource id",
-            status=status,
-            request=request.info(base_url),
-            response_body=content.decode("utf-8", "replace"),
-        )
+    if request.needs_resource:
+        # A body is the resource (RFC 7644 §3.3, §3.4.1) and must carry its id; only an
+        # empty body may name the new resource by its Location alone.
+        why = None
+        if resource is not None and not _usable_id(resource.get("id")):
+            why = "a body without a resource id"
+        elif result.id is None:
+            why = "no body and no Location: without a resource id"
+        elif request.resource_id is not None and result.id.casefold() != request.resource_id.casefold():
+            why = f"another resource (id {result.id!r}, not {request.resource_id!r})"
+        if why is not None:
+            raise InvalidResponse(
+                f"{request.method} {request.info(base_url).url} answered {status} with {why}",
+                status=status,
+                request=request.info(base_url),
+                response_body=content.decode("utf-8", "replace"),
+            )
     return result
 
 

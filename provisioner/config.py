@@ -184,7 +184,10 @@ class TargetConfig(_Strict):
     max_deprovision_share: float | None = Field(default=0.10, ge=0, le=1)
     enabled: bool = True
     max_concurrency: int = Field(default=4, ge=1, le=64)
+    # Seconds one request may take in all, answer included (also each connect/read/write at most).
     timeout: float = Field(default=30.0, gt=0, le=600)
+    # A larger answer body is refused as invalid (retried later), never read whole: 16 MiB.
+    max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     update_method: Literal["auto", "patch", "put"] = "auto"
     # Look the account up by the mapping's match attribute before POSTing: on every create,
     # only when a create is retried (its first answer may have been lost), or never.

@@ -76,6 +76,7 @@ class TargetSession:
             limiter=self.limiter,
             allow_insecure_http=config.allow_insecure_http,
             quirks=self.quirks,
+            max_response_bytes=config.max_response_bytes,
         )
 
     async def aclose(self) -> None:

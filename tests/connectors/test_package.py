@@ -16,5 +16,7 @@ def test_connectors_never_imports_provisioner() -> None:
 
 
 def test_the_client_and_its_policies_are_public() -> None:
-    for name in ("ScimClient", "RetryPolicy", "TargetLimiter", "RateLimit", "OAuth2ClientCredentials", "TokenSource"):
+    for name in ("ScimClient", "RetryPolicy", "TargetLimiter", "RateLimit", "OAuth2ClientCredentials", "TokenSource",
+                 "Quirks", "Unsupported", "ResourceType", "Schema", "AttributeInfo"):  # fmt: skip
         assert name in connectors.__all__
+        assert hasattr(connectors, name)

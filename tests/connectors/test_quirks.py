@@ -35,7 +35,7 @@ def test_an_unknown_quirk_is_refused() -> None:
 async def test_every_client_of_a_target_shares_its_quirks() -> None:
     config = TargetConfig(
         base_url="https://scim.example/v2", auth=BearerAuthConfig(type="bearer", token="t"), source="hr",
-        mapping="users.yaml",
+        mapping="users.yaml", max_response_bytes=1024,
     )  # fmt: skip
     session = TargetSession(config, quirks=Quirks(put=False))
     first, second = session.client(), session.client()
@@ -44,6 +44,7 @@ async def test_every_client_of_a_target_shares_its_quirks() -> None:
 
         assert second.quirks is session.quirks
         assert (second.quirks.filter, second.quirks.put) == ("client", False)
+        assert first.max_response_bytes == second.max_response_bytes == 1024
     finally:
         await first.aclose()
         await second.aclose()

@@ -499,3 +499,37 @@ async def test_an_empty_list_may_leave_out_resources(respx_mock: respx.MockRoute
     respx_mock.get("/Users").mock(return_value=httpx.Response(200, json={"schemas": [LIST_SCHEMA], "totalResults": 0}))
 
     assert await single_try.find("Users", "userName", "ada@example.com") == []
+
+
+# --- capabilities: garbage is not "no PATCH, no ETags" ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(httpx.Response(200, json={"error": "maintenance"}), id="another-object"),
+        pytest.param(httpx.Response(200, json={"patch": True, "etag": "yes"}), id="sections-not-objects"),
+        pytest.param(httpx.Response(200, content=b""), id="empty"),
+        pytest.param(httpx.Response(200, json=[{"patch": {"supported": True}}]), id="a-list"),
+        pytest.param(httpx.Response(200, text="<html>login</html>"), id="html"),
+    ],
+)
+@respx.mock(base_url=BASE)
+async def test_a_service_provider_config_that_is_not_one_is_an_invalid_response(
+    respx_mock: respx.MockRouter, single_try: ScimClient, answer: httpx.Response
+) -> None:
+    """Taking garbage for "no PATCH, no ETags" would switch every update to PUT without If-Match."""
+    respx_mock.get("/ServiceProviderConfig").mock(return_value=answer)
+
+    with pytest.raises(InvalidResponse):
+        await single_try.capabilities()
+
+
+@pytest.mark.parametrize("status", [404, 501])
+@respx.mock(base_url=BASE)
+async def test_no_service_provider_config_endpoint_means_defaults(
+    respx_mock: respx.MockRouter, single_try: ScimClient, status: int
+) -> None:
+    respx_mock.get("/ServiceProviderConfig").mock(return_value=httpx.Response(status))
+
+    assert await single_try.capabilities() == Capabilities()

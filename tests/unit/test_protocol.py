@@ -244,9 +244,26 @@ def test_success_with_json_that_is_not_an_object_is_an_invalid_response() -> Non
         check_response(POST, BASE, 200, {}, b'["a", "b"]')
 
 
-def test_create_answered_without_any_id_is_an_invalid_response() -> None:
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        pytest.param(b'{"userName": "ada"}', {}, id="body-without-id"),
+        pytest.param(b'{"userName": "ada", "id": ""}', {}, id="empty-id"),
+        pytest.param(b'{"userName": "ada"}', {"location": f"{BASE}/Users/u1"}, id="body-without-id-but-location"),
+        pytest.param(b"", {}, id="nothing-at-all"),
+    ],
+)
+def test_create_answered_without_a_resource_id_is_an_invalid_response(body: bytes, headers: dict[str, str]) -> None:
     with pytest.raises(InvalidResponse, match="without a resource id"):
-        check_response(POST, BASE, 201, {}, b'{"userName": "ada"}')
+        check_response(POST, BASE, 201, headers, body)
+
+
+def test_a_get_answered_with_another_resource_is_an_invalid_response() -> None:
+    get = ScimRequest("GET", "Users/u1", needs_resource=True, resource_id="u1")
+
+    with pytest.raises(InvalidResponse, match="another resource"):
+        check_response(get, BASE, 200, {}, b'{"id": "u2", "userName": "it-admin"}')
+    assert check_response(get, BASE, 200, {}, b'{"id": "u1"}').id == "u1"
 
 
 def test_no_content_is_a_success_without_a_resource() -> None:
