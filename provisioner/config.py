@@ -220,7 +220,7 @@ class TargetConfig(_Strict):
     # Deviations of this target from the RFCs, declared (learned ones are added at run time).
     quirks: QuirksConfig = QuirksConfig()
     # An attribute or schema extension the target does not declare (/ResourceTypes, /Schemas):
-    # omit: leave it out of payloads with one warning; refuse: `check` fails.
+    # omit: leave it out of payloads with one warning; refuse: operations carrying it fail, naming it.
     unsupported_attributes: Literal["omit", "refuse"] = "omit"
 
     @field_validator("rate_limit")

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from sqlalchemy import Engine
@@ -56,7 +56,9 @@ from provisioner.reactions import (
     matches,
     on_user_error,
     replace_all,
+    unsupported_extensions,
     user_write_method,
+    without_extensions,
     without_username,
 )
 from provisioner.redaction import redact_value
@@ -106,6 +108,8 @@ class Executor:
         self.match_attribute = match_attribute
         self.client_factory = client_factory
         self.capabilities: Capabilities | None = None
+        # Which schemas the target's resource type lists (None: not asked yet; False: it did not say).
+        self._extensions: Callable[[str], bool] | Literal[False] | None = None
         # Set to stop taking new operations; those in flight finish and are recorded.
         self.stopping = asyncio.Event()
 
@@ -251,7 +255,9 @@ class Executor:
             return Outcome(op.id, "succeeded", link=_linked(link, result, active=False))
         # References to accounts created earlier in this cycle resolve now; the rest drop out.
         payload, _ = resolve_refs(op.payload or {}, lambda key: links[key].scim_id if key in links else None)
+        # The hash is the desired payload's: an extension held back is not a change to send every cycle.
         applied_hash = payload_hash(payload)
+        payload = await self._supported(client, payload)
         if link is None:
             return await self._create(client, op, payload, applied_hash)
         try:
@@ -316,6 +322,37 @@ class Executor:
             f"{self.match_attribute} eq {value!r} matches {len(found)} accounts in the target; "
             "expected exactly one to adopt"
         )
+
+    async def _supported(self, client: ScimClient, payload: dict[str, Any]) -> dict[str, Any]:
+        """The payload without schema extensions the target does not list in /ResourceTypes (RFC 7643 §6).
+
+        ``unsupported_attributes: omit`` leaves them out with one warning per target
+        and extension; ``refuse`` fails the operation naming the extension, for review.
+        """
+        if not any(name.startswith("urn:") for name in payload):
+            return payload
+        if self._extensions is None:
+            seen = len(client.history)
+            try:
+                types = await client.resource_types()
+            except (PermanentError, TransientError) as exc:
+                log.info("resource types unknown", target=self.target, error=str(exc))
+                types = {}
+            del client.history[seen:]  # discovery, not this operation's call
+            found = types.get(self.endpoint)
+            self._extensions = found.supports if found is not None else False
+        unsupported = unsupported_extensions(payload, self._extensions or None)
+        if not unsupported:
+            return payload
+        if self.config.unsupported_attributes == "refuse":
+            raise PermanentError(f"the target's /ResourceTypes lists no {', '.join(unsupported)} for {self.endpoint} "
+                                 "(unsupported_attributes: refuse)")  # fmt: skip
+        for urn in unsupported:
+            if (self.target, urn) not in _WARNED:
+                _WARNED.add((self.target, urn))
+                log.warning("schema extension not supported by the target; left out of payloads",
+                            target=self.target, endpoint=self.endpoint, extension=urn)  # fmt: skip
+        return without_extensions(payload, unsupported)
 
     async def _verified_find(self, client: ScimClient, value: str) -> list[dict[str, Any]]:
         """Accounts whose match attribute really equals ``value``, once each: a lookup result is a claim.
@@ -481,6 +518,10 @@ class Executor:
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
             error=outcome.error,
         )
+
+
+# (target, extension URN) already warned about in this process: one warning each, not one per account.
+_WARNED: set[tuple[str, str]] = set()
 
 
 class UsernameImmutable(PermanentError):

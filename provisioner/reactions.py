@@ -15,6 +15,7 @@ plus the checks both share (:func:`matches`, :func:`dropped`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -90,6 +91,24 @@ def _get(resource: dict[str, Any], name: str) -> Any:
     # Attribute names are case-insensitive (RFC 7643 §2.1).
     folded = name.casefold()
     return next((v for k, v in resource.items() if k.casefold() == folded), None)
+
+
+def unsupported_extensions(payload: dict[str, Any], supports: Callable[[str], bool] | None) -> list[str]:
+    """Schema extensions (URN keys, RFC 7643 §3.3) of a payload that the target's resource type does not list.
+
+    ``supports`` None: the target did not say (no /ResourceTypes); nothing is held back.
+    """
+    if supports is None:
+        return []
+    return [name for name in payload if name.startswith("urn:") and not supports(name)]
+
+
+def without_extensions(payload: dict[str, Any], urns: list[str]) -> dict[str, Any]:
+    """The payload without those extensions, in its body and in ``schemas``."""
+    body = {k: v for k, v in payload.items() if k not in urns}
+    if isinstance(body.get("schemas"), list):
+        body["schemas"] = [s for s in body["schemas"] if s not in urns]
+    return body
 
 
 # ---------------------------------------------------------------- users

@@ -16,7 +16,9 @@ from provisioner.reactions import (
     on_member_removal,
     on_user_error,
     replace_all,
+    unsupported_extensions,
     user_write_method,
+    without_extensions,
     without_username,
 )
 
@@ -149,3 +151,20 @@ def test_a_refused_rename_keeps_the_rest_of_the_change() -> None:
     kept_ops, body = without_username(ops, {"userName": "new", "title": "T"}, "old")
     assert kept_ops == [{"op": "replace", "path": "title", "value": "T"}]
     assert body == {"title": "T", "userName": "old"}
+
+
+@pytest.mark.parametrize(
+    ("listed", "expected"),
+    [
+        pytest.param(None, [], id="target-did-not-say"),
+        pytest.param({ENTERPRISE}, [], id="listed"),
+        pytest.param(set(), [ENTERPRISE], id="not-listed"),
+    ],
+)
+def test_an_extension_the_target_does_not_list_is_held_back(listed: set[str] | None, expected: list[str]) -> None:
+    payload = {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User", ENTERPRISE], "userName": "a",
+               ENTERPRISE: {"department": "R&D"}}  # fmt: skip
+    supports = None if listed is None else listed.__contains__
+    assert unsupported_extensions(payload, supports) == expected
+    assert without_extensions(payload, expected).get(ENTERPRISE) == (None if expected else {"department": "R&D"})
+    assert ENTERPRISE in without_extensions(payload, expected)["schemas"] or expected
