@@ -19,7 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from provisioner import logs
+from provisioner import logs, probe
 from provisioner.config import Config, load_config, parse_duration
 from provisioner.daemon import Daemon, check_alerts
 from provisioner.group_executor import plan_groups_once
@@ -219,6 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, default=Path("config.yaml"))
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_status)
+
+    probe.add_command(commands)
     return parser
 
 
