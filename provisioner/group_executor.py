@@ -335,6 +335,7 @@ class GroupExecutor:
         self.calls = 0
         # Account id -> userName, read when the target lists members by userName.
         self._names: dict[str, str] | None = None
+        self._by_name: dict[str, str] | None = None
 
     def load(self) -> dict[str, datetime | None]:
         """Read group links, member state and managed accounts; return when each group was last compared."""
@@ -636,17 +637,21 @@ class GroupExecutor:
         if self.quirks.member_value != "userName":
             if values & self.managed:
                 return values
-            by_name = {name.casefold(): m for m, name in self._usernames().items()}
-            if not any(v.casefold() in by_name for v in values):
+            if not any(v.casefold() in self._ids_by_name() for v in values):
                 return values
             self.quirks.learn("member_value", "userName", "group members are listed by userName, not id")
-        by_name = {name.casefold(): m for m, name in self._usernames().items()}
+        by_name = self._ids_by_name()
         return {by_name.get(v.casefold(), v) for v in values}
 
     def _usernames(self) -> dict[str, str]:
         if self._names is None:
             self._names = load_usernames(self.engine, self.target)
         return self._names
+
+    def _ids_by_name(self) -> dict[str, str]:
+        if self._by_name is None:
+            self._by_name = {name.casefold(): m for m, name in self._usernames().items()}
+        return self._by_name
 
     def _learn_unreported(self) -> None:
         if self.quirks.group_members_returned:
