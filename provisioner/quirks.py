@@ -100,12 +100,17 @@ def describe(item: Learned) -> str:
 DROPPED_NOTE = "target dropped"
 
 
-def unstored_writes(engine: Engine) -> dict[str, int]:
-    """Per target, operations succeeded whose write the target did not fully store (their note says what)."""
+def unstored_writes(engine: Engine, *, since: datetime | None = None) -> dict[str, int]:
+    """Per target, operations succeeded whose write the target did not fully store (their note says what).
+
+    ``since``: only operations finished at or after it (UTC).
+    """
     query = (
         select(OP.c.target, func.count())
         .where(OP.c.status == "succeeded", OP.c.note.like(f"%{DROPPED_NOTE}%"))
         .group_by(OP.c.target)
     )
+    if since is not None:
+        query = query.where(OP.c.finished_at >= since)
     with engine.connect() as conn:
         return {target: count for target, count in conn.execute(query)}

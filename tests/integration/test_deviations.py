@@ -14,7 +14,10 @@ from typing import Any
 
 import pytest
 
+from provisioner.alerts import AlertsConfig, evaluate
 from provisioner.cli import main
+from provisioner.daemon import target_facts
+from provisioner.store import open_store
 from tests.conftest import ENTERPRISE, TOKEN_VARIABLE, Workspace, hr_row
 from tests.integration.test_groups import World, person
 from tests.servers.deviant import DeviantServer, start_deviant_server
@@ -176,6 +179,9 @@ def test_an_attribute_accepted_but_not_stored_marks_the_operation(
     assert op["status"] == "succeeded" and op["note"] == "target dropped title"
     assert main(["status", "--config", str(space.config_path)]) == 0
     assert "UNSTORED: 1 writes" in capsys.readouterr().out
+    engine = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    conditions = evaluate([target_facts(engine, "app")], AlertsConfig())
+    assert [c.key for c in conditions] == ["unstored_writes:app"]
 
 
 @deviating("extension_unsupported")
