@@ -25,7 +25,7 @@ import httpx
 from authlib.deprecate import AuthlibDeprecationWarning
 
 from connectors._errors import BODY_CAP, AuthError, InvalidResponse, RequestInfo, ScimError, TransientError
-from connectors._http import DEFAULT_TIMEOUT, Verify, require_secure_url, tls_verify
+from connectors._http import DEFAULT_TIMEOUT, Verify, require_secure_url, round_trip_deadline, tls_verify
 from connectors._limiter import TargetLimiter
 from connectors._protocol import parse_retry_after
 
@@ -146,6 +146,8 @@ class OAuth2ClientCredentials:
         self._token: _Token | None = None
         # One token request at a time; everyone else waits for its result.
         self._lock = asyncio.Lock()
+        # httpx's timeouts bound each read; this bounds the whole token request.
+        self._deadline = round_trip_deadline(timeout)
 
     def __repr__(self) -> str:
         return (
@@ -194,7 +196,7 @@ class OAuth2ClientCredentials:
         self._response = None
         limit = self.limiter.slot() if self.limiter is not None else contextlib.nullcontext()
         try:
-            async with limit:
+            async with limit, asyncio.timeout(self._deadline):
                 body = await self._oauth.fetch_token(self.token_url, grant_type="client_credentials", **extra)
         except OAuthError as exc:
             # Not chained: Authlib's error repeats the server's description, which may echo the secret;
@@ -202,7 +204,7 @@ class OAuth2ClientCredentials:
             raise self._refused(info, self._response, exc.error, exc.description) from None
         except httpx.HTTPStatusError as exc:
             raise self._refused(info, exc.response, None, None) from exc
-        except httpx.TimeoutException as exc:
+        except (httpx.TimeoutException, TimeoutError) as exc:
             message = f"POST {self.token_url}: token request timed out ({type(exc).__name__})"
             raise TransientError(message, request=info) from exc
         except httpx.TransportError as exc:

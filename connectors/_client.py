@@ -35,7 +35,14 @@ from connectors._errors import (
     Unsupported,
 )
 from connectors._discovery import ResourceType, Schema, discovery_items, parse_resource_types, parse_schemas
-from connectors._http import DEFAULT_TIMEOUT, Verify, require_secure_url, same_origin, tls_verify
+from connectors._http import (
+    DEFAULT_TIMEOUT,
+    Verify,
+    require_secure_url,
+    round_trip_deadline,
+    same_origin,
+    tls_verify,
+)
 from connectors._limiter import TargetLimiter
 from connectors._protocol import (
     CONTENT_TYPE,
@@ -147,12 +154,14 @@ class ScimClient:
         self.quirks = quirks if quirks is not None else Quirks()
         # A listing longer than this many pages is a target that pages forever (1M resources at 100 a page).
         self.max_pages = max_pages
+        # Whether this client saw a page asked with count answered (then a 500 is not count's fault).
+        self._count_answered = False
         if max_response_bytes < 1:
             raise ValueError(f"max_response_bytes must be at least 1, not {max_response_bytes}")
         # A body larger than this is not read on: a 50 MB answer to a lookup is not data.
         self.max_response_bytes = max_response_bytes
         # Seconds one round trip may take in all (default: the longest part of ``timeout``).
-        self.deadline = deadline if deadline is not None else _deadline(timeout)
+        self.deadline = deadline if deadline is not None else round_trip_deadline(timeout)
         # A token source is asked before each attempt (outside the limiter's slot, so that its own
         # token request can take one); a plain httpx auth flow signs requests inside httpx.
         self._tokens = auth if isinstance(auth, TokenSource) else None
@@ -276,9 +285,8 @@ class ScimClient:
             error = TransientError(f"{info.method} {info.url}: {type(exc).__name__}: {exc}", request=info)
             raise error from exc
         except TimeoutError as exc:
-            error = TransientError(
-                f"{info.method} {info.url}: no complete answer within {self.deadline:g}s", status=status, request=info
-            )
+            # No status, as for any timeout: retried like one, and ambiguous (it may have been applied).
+            error = TransientError(f"{info.method} {info.url}: no complete answer within {self.deadline:g}s", request=info)
             raise error from exc
         finally:
             self.history.append(
@@ -326,7 +334,8 @@ class ScimClient:
 
     async def get(self, endpoint: str, resource_id: str) -> ScimResult:
         """GET one resource by id (RFC 7644 §3.4.1)."""
-        request = ScimRequest("GET", resource_path(endpoint, resource_id), needs_resource=True, resource_id=str(resource_id))
+        path = resource_path(endpoint, resource_id)
+        request = ScimRequest("GET", path, needs_resource=True, resource_id=str(resource_id))
         return await self.send(request)
 
     async def replace(
@@ -418,14 +427,15 @@ class ScimClient:
         (RFC 7644 §3.4.2.5; ``id`` always comes back). The target's paging is checked,
         not believed:
 
-        - ``count`` answered 400 or 500: the page is asked again without ``count``; when
-          that works, ``quirks.page_count`` is learned as False and no ``count`` is sent again;
+        - ``count`` answered 400, or 500 before any page with ``count`` was answered: the page
+          is asked again without ``count``; when that works, ``quirks.page_count`` is learned
+          as False and no ``count`` is sent again;
         - pages that overlap (``startIndex`` counted differently): items already seen are
           skipped; items missed at the start (a target counting from 0) are read again
           with ``startIndex=0`` (which RFC 7644 reads as 1) before giving up;
         - a page holding only items already seen (the target ignores ``startIndex``) ends the listing;
-        - ``totalResults`` missing: paging goes on until an empty page, or a short one when
-          ``count`` was sent;
+        - ``totalResults`` missing: paging goes on until an empty or repeated page (a short
+          page proves nothing: targets cap ``count`` at their own maximum);
         - a listing that ends with fewer resources than ``totalResults`` said, an answer that
           is not a ListResponse with ``Resources`` (when ``totalResults`` is not 0), an item
           without ``id``, or more than ``max_pages`` pages: :class:`InvalidResponse`, never
@@ -439,7 +449,7 @@ class ScimClient:
         total: int | None = None
         start = 1
         for _ in range(self.max_pages):
-            page, page_total, counted = await self._page(endpoint, start, filter, fields, page_size)
+            page, page_total = await self._page(endpoint, start, filter, fields, page_size)
             total = page_total if page_total is not None else total
             fresh = _unseen(page, seen)
             received += len(page) if fresh else 0
@@ -450,8 +460,7 @@ class ScimClient:
             if not fresh:
                 # An empty page, or only resources already seen: nothing more will come from paging on.
                 break
-            if total is None and counted and len(page) < page_size:
-                return
+            # A short page proves nothing: a target may return fewer than count (RFC 7644 §3.4.2.4).
             start += len(page)
         else:
             raise InvalidResponse(
@@ -463,7 +472,7 @@ class ScimClient:
             return
         # Fewer than announced: maybe the target counts startIndex from 0 and skipped the first ones.
         try:
-            page, _, _ = await self._page(endpoint, 0, filter, fields, page_size)
+            page, _ = await self._page(endpoint, 0, filter, fields, page_size)
         except ScimError:
             page = []
         fresh = _unseen(page, seen)
@@ -478,8 +487,8 @@ class ScimClient:
 
     async def _page(
         self, endpoint: str, start: int, filter: str | None, attributes: str | None, page_size: int
-    ) -> tuple[list[dict[str, Any]], int | None, bool]:
-        """One page: its resources, its totalResults (None when absent), and whether ``count`` was sent."""
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """One page: its resources and its totalResults (None when absent)."""
         params: dict[str, str | int] = {"startIndex": start}
         if filter is not None:
             params["filter"] = filter
@@ -487,15 +496,18 @@ class ScimClient:
             params["attributes"] = attributes
         counted = self.quirks.page_count
         try:
-            result = await self.send(ScimRequest("GET", endpoint, params={**params, "count": page_size} if counted else params))
+            result = await self.send(ScimRequest("GET", endpoint, params={**params, "count": page_size} if counted
+                                                 else params))  # fmt: skip
         except ScimError as exc:
-            if not counted or exc.status not in (400, 500) or exc.scim_type == "invalidFilter":
+            # Once a page with count was answered, a 500 is the target's trouble, not count's.
+            blamed = (400, 500) if not self._count_answered else (400,)
+            if not counted or exc.status not in blamed or exc.scim_type == "invalidFilter":
                 raise
             result = await self.send(ScimRequest("GET", endpoint, params=params))
             self.quirks.learn("page_count", False, f"GET /{endpoint} answered {exc.status} with count=, 200 without")
-            counted = False
-        page, total = read_list_response(result, ScimRequest("GET", endpoint, params=params).info(self.base_url))
-        return page, total, counted
+        else:
+            self._count_answered = self._count_answered or counted
+        return read_list_response(result, ScimRequest("GET", endpoint, params=params).info(self.base_url))
 
     async def capabilities(self) -> Capabilities:
         """Read ``/ServiceProviderConfig`` (RFC 7643 §5); a target without one gets safe defaults.
@@ -580,22 +592,12 @@ async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, boo
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         return b"", False
-    chunks: list[bytes] = []
-    size = 0
+    body = bytearray()
     async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > limit:
-            return b"".join(chunks)[:BODY_CAP], False
-        chunks.append(chunk)
-    return b"".join(chunks), True
-
-
-def _deadline(timeout: httpx.Timeout | float | None) -> float | None:
-    """The longest of a timeout's parts: what one whole round trip may take."""
-    if not isinstance(timeout, httpx.Timeout):
-        return timeout
-    parts = [t for t in (timeout.connect, timeout.read, timeout.write, timeout.pool) if t is not None]
-    return max(parts) if parts else None
+        if len(body) + len(chunk) > limit:
+            return bytes(body[:BODY_CAP]), False
+        body += chunk
+    return bytes(body), True
 
 
 def _unseen(page: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:

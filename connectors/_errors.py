@@ -1,8 +1,11 @@
 """Errors raised by the SCIM client, grouped by what the engine should do next.
 
 ScimError                  base: status, scim_type, detail, the request that caused it, attempts
-├── TransientError         retry later: 429, 5xx, timeouts, connection errors, a token endpoint down
-│   └── InvalidResponse    a success status with a body that is not the JSON promised (SCIM or token)
+├── TransientError         retry later: 429, 5xx, timeouts (per read, or the round trip's deadline),
+│   │                      connection errors, a token endpoint down
+│   └── InvalidResponse    a success status with a body that is not what was promised: not JSON, over
+│                          max_response_bytes, not the SCIM shape asked for (a list without Resources,
+│                          a resource without id), a listing short of its totalResults
 ├── AuthError              401 again after one token refresh, or the token endpoint refused us: alert
 └── PermanentError         other 4xx, a redirect off the target's origin: retries are useless, to review
     ├── NotFound           404: the resource is not (or no longer) in the target
@@ -79,7 +82,7 @@ class TransientError(ScimError):
 
 
 class InvalidResponse(TransientError):
-    """The target answered a success status with a body we cannot read."""
+    """The target answered a success status with a body we cannot read or cannot believe; never data."""
 
 
 class AuthError(ScimError):

@@ -20,6 +20,18 @@ Verify: TypeAlias = bool | str | os.PathLike[str] | ssl.SSLContext
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def round_trip_deadline(timeout: httpx.Timeout | float | None) -> float | None:
+    """Seconds one whole round trip may take: the longest part of ``timeout``.
+
+    httpx's timeouts bound each connect, write and read; a peer sending one byte
+    just within the read timeout, again and again, never trips them.
+    """
+    if not isinstance(timeout, httpx.Timeout):
+        return timeout
+    parts = [t for t in (timeout.connect, timeout.read, timeout.write, timeout.pool) if t is not None]
+    return max(parts) if parts else None
+
+
 def tls_verify(verify: Verify, *, url: str) -> bool | ssl.SSLContext:
     """What httpx needs for ``verify``: a CA bundle path becomes an SSLContext (httpx 0.28 wants one)."""
     if verify is True or isinstance(verify, ssl.SSLContext):

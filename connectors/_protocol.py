@@ -247,7 +247,7 @@ def _success(
         if resource is not None and not _usable_id(resource.get("id")):
             why = "a body without a resource id"
         elif result.id is None:
-            why = "no body and no Location: without a resource id"
+            why = "neither a body nor a Location: without a resource id"
         elif request.resource_id is not None and result.id.casefold() != request.resource_id.casefold():
             why = f"another resource (id {result.id!r}, not {request.resource_id!r})"
         if why is not None:
@@ -282,7 +282,8 @@ def read_list_response(result: ScimResult, info: RequestInfo) -> tuple[list[dict
     if resources is None:
         if total == 0:
             return [], 0
-        raise invalid("a list answer without 'Resources'" + ("" if total is None else f" though totalResults is {total}"))
+        said = "" if total is None else f" though totalResults is {total}"
+        raise invalid(f"a list answer without 'Resources'{said}")
     if not isinstance(resources, list):
         raise invalid("'Resources' that is not a list")
     for item in resources:

@@ -48,6 +48,10 @@ class Quirks:
     verify_writes: bool = False
     on_learn: LearnListener | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        for name in _NAMES:
+            _check(name, getattr(self, name))
+
     def learn(self, name: str, value: Any, reason: str) -> None:
         """Set quirk ``name`` to ``value`` because of ``reason`` (one line, no personal data).
 
@@ -57,6 +61,7 @@ class Quirks:
         """
         if name not in _NAMES:
             raise ValueError(f"{name!r} is not a target quirk; known: {', '.join(sorted(_NAMES))}")
+        _check(name, value)
         if getattr(self, name) == value:
             return
         setattr(self, name, value)
@@ -70,3 +75,17 @@ class Quirks:
 
 
 _NAMES = frozenset(f.name for f in fields(Quirks) if f.name != "on_learn")
+
+# The values a quirk that is not a plain flag may take.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "filter": ("server", "client"),
+    "member_removal": ("filter", "list", "put"),
+    "member_value": ("id", "userName"),
+}
+
+
+def _check(name: str, value: Any) -> None:
+    allowed = _CHOICES.get(name, (True, False))
+    # `is` for the flags: 1 and 0 are not booleans here.
+    if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in allowed):
+        raise ValueError(f"quirk {name} must be one of {', '.join(map(str, allowed))}, not {value!r}")

@@ -82,7 +82,9 @@ async def test_a_single_schema_object_is_read(respx_mock: respx.MockRouter, mock
 
 @pytest.mark.parametrize("status", [404, 405, 501])
 @respx.mock(base_url=BASE)
-async def test_no_discovery_endpoint_means_unknown(respx_mock: respx.MockRouter, mocked: ScimClient, status: int) -> None:
+async def test_no_discovery_endpoint_means_unknown(
+    respx_mock: respx.MockRouter, mocked: ScimClient, status: int
+) -> None:
     respx_mock.get("/ResourceTypes").mock(return_value=httpx.Response(status))
     respx_mock.get("/Schemas").mock(return_value=httpx.Response(status))
 
@@ -103,7 +105,9 @@ async def test_a_discovery_answer_that_is_no_list_is_an_invalid_response(
 
 
 @respx.mock(base_url=BASE)
-async def test_a_discovery_endpoint_refusing_us_is_not_unknown(respx_mock: respx.MockRouter, mocked: ScimClient) -> None:
+async def test_a_discovery_endpoint_refusing_us_is_not_unknown(
+    respx_mock: respx.MockRouter, mocked: ScimClient
+) -> None:
     """A 401/403 is not "no such endpoint": it raises rather than pretend the target declares nothing."""
     respx_mock.get("/ResourceTypes").mock(return_value=httpx.Response(403))
 

@@ -69,7 +69,9 @@ async def test_a_multi_valued_attribute_is_found_by_any_value(client: ScimClient
     assert [user["id"] for user in found] == [people["User5@Example.com"]]
 
 
-async def test_client_side_matching_finds_what_the_server_filter_finds(scim_server: ScimServer, people: dict[str, str]) -> None:
+async def test_client_side_matching_finds_what_the_server_filter_finds(
+    scim_server: ScimServer, people: dict[str, str]
+) -> None:
     """The fallback for targets that ignore filters gives the same answers on an honest one."""
     async with ScimClient(scim_server.base_url, auth=BearerAuth(scim_server.token), allow_insecure_http=True,
                           quirks=Quirks(filter="client")) as scim:  # fmt: skip

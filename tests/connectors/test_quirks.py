@@ -32,6 +32,14 @@ def test_an_unknown_quirk_is_refused() -> None:
         Quirks().learn("filters", "client", "typo")
 
 
+@pytest.mark.parametrize(("name", "value"), [("filter", "clients"), ("put", 0), ("member_value", "email")])
+def test_a_quirk_takes_only_its_own_values(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"quirk {name} must be one of"):
+        Quirks().learn(name, value, "typo")
+    with pytest.raises(ValueError, match=f"quirk {name} must be one of"):
+        Quirks(**{name: value})  # type: ignore[arg-type]
+
+
 async def test_every_client_of_a_target_shares_its_quirks() -> None:
     config = TargetConfig(
         base_url="https://scim.example/v2", auth=BearerAuthConfig(type="bearer", token="t"), source="hr",

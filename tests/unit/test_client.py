@@ -309,7 +309,8 @@ async def test_find_on_a_target_known_to_ignore_filters_sends_no_filter(respx_mo
 async def test_find_drops_duplicates_by_id_and_keeps_every_real_match(
     respx_mock: respx.MockRouter, client: ScimClient
 ) -> None:
-    twins = [{"id": "g1", "displayName": "Sales"}, {"id": "g1", "displayName": "Sales"}, {"id": "g2", "displayName": "Sales"}]
+    sales = {"id": "g1", "displayName": "Sales"}
+    twins = [sales, dict(sales), {"id": "g2", "displayName": "Sales"}]
     respx_mock.get("/Groups").mock(return_value=listing(twins, 3, 1))
 
     found = await client.find("Groups", "displayName", "Sales")
@@ -386,7 +387,9 @@ async def test_a_target_that_refuses_count_is_paged_without_it_and_remembered(
 
 
 @respx.mock(base_url=BASE)
-async def test_a_target_counting_start_index_from_0_loses_no_one(respx_mock: respx.MockRouter, client: ScimClient) -> None:
+async def test_a_target_counting_start_index_from_0_loses_no_one(
+    respx_mock: respx.MockRouter, client: ScimClient
+) -> None:
     def page(request: httpx.Request) -> httpx.Response:
         offset, count = int(request.url.params["startIndex"]), int(request.url.params["count"])
         return listing(USERS[offset : offset + count], len(USERS), offset)
@@ -415,7 +418,9 @@ async def test_overlapping_pages_yield_each_resource_once(respx_mock: respx.Mock
 
 
 @respx.mock(base_url=BASE)
-async def test_a_repeated_page_ends_the_listing_without_duplicates(respx_mock: respx.MockRouter, client: ScimClient) -> None:
+async def test_a_repeated_page_ends_the_listing_without_duplicates(
+    respx_mock: respx.MockRouter, client: ScimClient
+) -> None:
     """A target that ignores startIndex, without totalResults: the second page is the first again."""
     body = {"schemas": [LIST_SCHEMA], "Resources": USERS[:2]}
     route = respx_mock.get("/Users").mock(return_value=httpx.Response(200, json=body))
@@ -437,19 +442,21 @@ async def test_a_repeated_page_short_of_total_results_is_an_invalid_response(
 
 
 @respx.mock(base_url=BASE)
-async def test_without_total_results_paging_goes_on_until_a_short_page(
+async def test_without_total_results_paging_goes_on_past_short_pages_until_an_empty_one(
     respx_mock: respx.MockRouter, client: ScimClient
 ) -> None:
+    """A target may cap count at its own maximum (here 2 of the 3 asked): a short page is not the end."""
+
     def page(request: httpx.Request) -> httpx.Response:
-        start, count = int(request.url.params["startIndex"]), int(request.url.params["count"])
-        return httpx.Response(200, json={"schemas": [LIST_SCHEMA], "Resources": USERS[start - 1 : start - 1 + count]})
+        start = int(request.url.params["startIndex"])
+        return httpx.Response(200, json={"schemas": [LIST_SCHEMA], "Resources": USERS[start - 1 : start + 1]})
 
     route = respx_mock.get("/Users").mock(side_effect=page)
 
-    found = [user["id"] async for user in client.iter_resources("Users", page_size=2)]
+    found = [user["id"] async for user in client.iter_resources("Users", page_size=3)]
 
     assert found == ["u1", "u2", "u3", "u4", "u5"]
-    assert route.call_count == 3
+    assert route.call_count == 4
 
 
 @respx.mock(base_url=BASE)
@@ -533,3 +540,16 @@ async def test_no_service_provider_config_endpoint_means_defaults(
     respx_mock.get("/ServiceProviderConfig").mock(return_value=httpx.Response(status))
 
     assert await single_try.capabilities() == Capabilities()
+
+
+@respx.mock(base_url=BASE)
+async def test_a_500_after_count_was_answered_is_an_outage_not_a_quirk(
+    respx_mock: respx.MockRouter, single_try: ScimClient
+) -> None:
+    respx_mock.get("/Users").mock(side_effect=[listing(USERS, len(USERS), 1), httpx.Response(500)])
+
+    assert len([user async for user in single_try.iter_resources("Users")]) == len(USERS)
+    with pytest.raises(TransientError):
+        [user async for user in single_try.iter_resources("Users")]
+
+    assert single_try.quirks.page_count is True
