@@ -146,7 +146,6 @@ class Probe:
         self.put = True
         self.users_exist = False
         self.etag_announced: bool | None = None
-        self.looked_up = False
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -276,7 +275,6 @@ class Probe:
 
     async def exact_lookup(self, user: dict[str, Any]) -> None:
         report = self.report
-        self.looked_up = True
         found = await self.lookup("Users", "userName", str(user["userName"]))
         if isinstance(found, ScimError):
             report.observe("filter.users_match", DEVIATES, f"filter refused: {_failure(found)}", filter="client")
@@ -329,6 +327,7 @@ class Probe:
         second = await self.create("Users", self.user_body(f"{name}-2"), "userName")
         other_id = second.id if isinstance(second, ScimResult) else None
         self.users_exist = True
+        await self.replace(user_id, name)
         user_names = {user_id: name}
         if other_id:
             user_names[other_id] = f"{name}-2"
@@ -337,7 +336,6 @@ class Probe:
             report.observe("group.members", UNKNOWN, f"a second user could not be created: {_answer(second)}")
         # Now that accounts and groups exist, a filter ignored shows: it answers them all.
         await self.filters({"id": user_id, "userName": name})
-        await self.replace(user_id, name)
         await self.patch_user(user_id)
         await self.if_match(user_id)
         await self.extension(name)
@@ -456,7 +454,9 @@ class Probe:
         await self.member_form(stored, first, user_names)
         if stored is None:
             return
-        value = lambda user_id: user_names[user_id] if self.member_value == "userName" else user_id  # noqa: E731
+        def value(user_id: str) -> str:
+            return user_names[user_id] if self.member_value == "userName" else user_id
+
         a, b = value(first), value(second)
         added = await self.attempt("PATCH", f"Groups/{group_id}", [{"op": "add", "path": "members", "value": [{"value": b}]}])
         now = await self.group_members(group_id, None)
@@ -464,13 +464,21 @@ class Probe:
             report.observe("group.member_add", DEVIATES, f"PATCH add member answered {_answer(added)}; members now {_count(now)}")
             return
         report.observe("group.member_add", OK, f"PATCH add member answered {added.status}, stored")
-        forms: dict[str, str] = {}
-        forms["filter"] = await self.removal(group_id, "filter", [{"op": "remove", "path": f"members[value eq {_quoted(a)}]"}], a, b)
-        if forms["filter"] != OK:
-            forms["list"] = await self.removal(group_id, "list", [{"op": "remove", "path": "members", "value": [{"value": a}]}], a, b)
-            if forms["list"] != OK and self.put:
-                forms["put"] = await self.removal_by_put(group_id, name, a, b)
-        working = next((form for form, outcome in forms.items() if outcome == OK), None)
+        # Every form the engine may send, each read back: the first that works is the one to use.
+        tried = {
+            "filter": await self.removal(group_id, [{"op": "remove", "path": f"members[value eq {_quoted(a)}]"}], a, b),
+            "list": await self.removal(group_id, [{"op": "remove", "path": "members", "value": [{"value": a}]}], a, b),
+            "put": await self.removal_by_put(group_id, f"{name}-m", a, b) if self.put else (False, "not tried: no PUT"),
+        }
+        working = next((form for form, (worked, _) in tried.items() if worked), None)
+        for form, (worked, detail) in tried.items():
+            if worked or working is None:
+                report.observe(f"group.member_remove_{form}", OK if worked else DEVIATES, detail)
+            elif working != form and list(tried).index(working) < list(tried).index(form):
+                report.observe(f"group.member_remove_{form}", OK, f"{detail} (not needed: the {working} form works)")
+            else:
+                report.observe(f"group.member_remove_{form}", DEVIATES, detail,
+                               **({"verify_writes": True} if "still there" in detail else {}))  # fmt: skip
         if working is None:
             report.observe("group.member_remove", DEVIATES, "no form of member removal worked")
         elif working != "filter":
@@ -512,35 +520,32 @@ class Probe:
         else:
             report.observe("group.member_value", DEVIATES, f"a group created with 1 member lists {len(stored)}")
 
-    async def removal(self, group_id: str, form: str, operations: list[dict[str, Any]], a: str, b: str) -> str:
+    async def removal(self, group_id: str, operations: list[dict[str, Any]], a: str, b: str) -> tuple[bool, str]:
+        """Remove member ``a`` with one PATCH form; whether only ``a`` went, read back, and what happened."""
         answer = await self.attempt("PATCH", f"Groups/{group_id}", operations)
-        after = await self.group_members(group_id, None) or []
-        behaviour = f"group.member_remove_{form}"
-        if isinstance(answer, ScimError):
-            self.report.observe(behaviour, DEVIATES, f"answered {_failure(answer)}")
-            return DEVIATES
-        if a in after:
-            self.report.observe(behaviour, DEVIATES, f"answered {answer.status} but the member is still there",
-                                verify_writes=True)  # fmt: skip
-            return DEVIATES
-        if b not in after:
-            self.report.observe(behaviour, DEVIATES, f"answered {answer.status} and removed the other member too")
-            await self.attempt("PATCH", f"Groups/{group_id}", [{"op": "add", "path": "members", "value": [{"value": b}]}])
-            return DEVIATES
-        self.report.observe(behaviour, OK, f"answered {answer.status}, only that member removed")
-        # Back as it was for the next form.
-        await self.attempt("PATCH", f"Groups/{group_id}", [{"op": "add", "path": "members", "value": [{"value": a}]}])
-        return OK
+        return await self.removed(group_id, answer, a, b)
 
-    async def removal_by_put(self, group_id: str, name: str, a: str, b: str) -> str:
-        body = {"schemas": [GROUP_SCHEMA], "id": group_id, "displayName": f"{name}-m", "members": [{"value": b}]}
+    async def removal_by_put(self, group_id: str, name: str, a: str, b: str) -> tuple[bool, str]:
+        body = {"schemas": [GROUP_SCHEMA], "id": group_id, "displayName": name, "members": [{"value": b}]}
         answer = await self.attempt("PUT", f"Groups/{group_id}", body)
+        worked, detail = await self.removed(group_id, answer, a, b)
+        return worked, f"PUT of the member list {detail}"
+
+    async def removed(self, group_id: str, answer: ScimResult | ScimError, a: str, b: str) -> tuple[bool, str]:
         after = await self.group_members(group_id, None) or []
-        if isinstance(answer, ScimError) or a in after or b not in after:
-            self.report.observe("group.member_remove_put", DEVIATES, f"PUT of the member list answered {_answer(answer)}")
-            return DEVIATES
-        self.report.observe("group.member_remove_put", OK, f"PUT of the member list answered {answer.status}, stored")
-        return OK
+        if isinstance(answer, ScimError):
+            outcome = (False, f"answered {_failure(answer)}")
+        elif a in after:
+            outcome = (False, f"answered {answer.status} but the member is still there")
+        elif b not in after:
+            outcome = (False, f"answered {answer.status} and removed the other member too: never use it")
+        else:
+            outcome = (True, f"answered {answer.status}, only that member removed")
+        # Back as it was for the next form: a in, b in.
+        missing = [m for m in (a, b) if m not in after]
+        if missing:
+            await self.attempt("PATCH", f"Groups/{group_id}", [{"op": "add", "path": "members", "value": [{"value": m} for m in missing]}])
+        return outcome
 
     # -- cleanup --------------------------------------------------------------------------------
 

@@ -26,10 +26,11 @@ Deviations, by name (each one is a class of behaviour seen on real targets):
 ``patch_501``                   a PATCH with a ``members[value eq …]`` path is answered 501; the
                                 value-list form works
 ``count_rejected``              any request with a ``count`` query parameter is answered 500
-``members_by_username``         group members are stored and listed with ``value`` = the user's
-                                ``userName`` (a user id sent as a member value is resolved to it);
-                                a group created without members is refused 400 ``invalidValue``;
-                                a removal naming a user id matches no member and does nothing
+``members_by_username``         group members are listed (answers and ``dump()``) with ``value`` =
+                                the user's current ``userName``; a member added by userName or by id
+                                is linked to the user; a group created without members is refused
+                                400 ``invalidValue``; a removal naming a user id matches no member
+                                and does nothing (200)
 ``extension_unsupported``       /ResourceTypes lists no schema extension, /Schemas no enterprise
                                 schema, and a write carrying the enterprise extension is refused
                                 400 ``invalidValue``
@@ -122,7 +123,7 @@ def _filter_path(value: str) -> str:
 
 @dataclass
 class DeviantServer:
-    """A running deviant server: ``base_url``, ``token``, ``requests``; ``dump()``, ``clear()``, ``stop()``."""
+    """A running deviant server: ``base_url``, ``token``, ``requests``; ``dump()``, ``request_count()``, ``clear()``, ``stop()``."""
 
     deviations: frozenset[str]
     token: str
@@ -150,7 +151,20 @@ class DeviantServer:
             data = resource.model_dump()
             kind = (data.get("meta") or {}).get("resourceType")
             result["Users" if kind == "User" else "Groups"].append(data)
+        if "members_by_username" in self.deviations:
+            names = {str(u["id"]): str(u.get("userName")) for u in result["Users"]}
+            for group in result["Groups"]:
+                _list_by_username(group, names)
         return result
+
+    def user_names(self) -> dict[str, str]:
+        """Each stored user's id and userName."""
+        users = [r.model_dump() for r in self.storage.resources]
+        return {
+            str(u["id"]): str(u.get("userName"))
+            for u in users
+            if (u.get("meta") or {}).get("resourceType") == "User"
+        }
 
     def clear(self) -> None:
         """Delete every resource and forget the recorded requests."""
@@ -162,6 +176,11 @@ class DeviantServer:
         """Forget the recorded requests (to count those of one step)."""
         with self._lock:
             self.requests.clear()
+
+    def request_count(self) -> int:
+        """How many requests the server received since it started or was last cleared."""
+        with self._lock:
+            return len(self.requests)
 
     def record(self, method: str, path: str, query: str) -> None:
         with self._lock:
@@ -320,6 +339,10 @@ class _Deviate:
         on = self.on
         if not isinstance(response.body, dict):
             return response
+        if "members_by_username" in on:
+            names = self.server.user_names()
+            for resource in _resources(response.body):
+                _list_by_username(resource, names)
         if "group_members_not_returned" in on:
             for resource in _resources(response.body):
                 if (resource.get("meta") or {}).get("resourceType") == "Group" or request.endpoint == "Groups":
@@ -357,15 +380,15 @@ class _Deviate:
         return None
 
     def _members_by_username(self, request: _Request) -> _Response | None:
-        names = {
-            str(user.get("id")): user.get("userName") for user in self.server.dump()["Users"]
-        }
+        """Member values written by userName are stored as the user's id (the target links users, and
+        lists them by their current userName); a removal naming anything but a userName does nothing."""
+        ids = {name.lower(): user_id for user_id, name in self.server.user_names().items()}
 
-        def resolve(members: Any) -> Any:
+        def linked(members: Any) -> Any:
             if not isinstance(members, list):
                 return members
             return [
-                dict(m, value=names[str(m["value"])]) if isinstance(m, dict) and str(m.get("value")) in names else m
+                dict(m, value=ids.get(str(m.get("value")).lower(), m.get("value"))) if isinstance(m, dict) else m
                 for m in members
             ]
 
@@ -374,17 +397,33 @@ class _Deviate:
             if request.method == "POST" and not body.get("members"):
                 return _error(400, "a group must be created with at least one member", "invalidValue")
             if "members" in body:
-                body["members"] = resolve(body["members"])
+                body["members"] = linked(body["members"])
             return None
+        kept = []
         for op in _operations(body):
-            if str(op.get("op", "")).lower() == "remove":
-                continue  # a removal naming an id matches no member: it does nothing
             path = str(op.get("path") or "")
-            if path.lower() == "members":
-                op["value"] = resolve(op.get("value"))
+            removal = MEMBER_FILTER.match(path) if str(op.get("op", "")).lower() == "remove" else None
+            if removal:
+                user_id = ids.get(json.loads(f'"{removal.group(1)}"').lower())
+                if user_id is None:
+                    continue  # an id, or a name nobody has: no member is listed by it
+                op = dict(op, path=_filter_path(user_id))
+            elif path.lower() == "members":
+                op["value"] = linked(op.get("value"))
             elif not path and isinstance(op.get("value"), dict) and "members" in op["value"]:
-                op["value"]["members"] = resolve(op["value"]["members"])
+                op["value"]["members"] = linked(op["value"]["members"])
+            kept.append(op)
+        body["Operations"] = kept
         return None
+
+
+def _list_by_username(resource: dict[str, Any], names: dict[str, str]) -> None:
+    """A group's members as ``members_by_username`` lists them: by the user's current userName."""
+    if isinstance(resource.get("members"), list):
+        resource["members"] = [
+            dict(m, value=names.get(str(m.get("value")), m.get("value"))) if isinstance(m, dict) else m
+            for m in resource["members"]
+        ]
 
 
 def _phrase(status: int) -> str:

@@ -184,6 +184,12 @@ def test_members_by_username(serve: Callable[..., Client]) -> None:
     by_name = scim.patch("Groups", group["id"], {"op": "remove", "path": 'members[value eq "ann"]'})
     assert by_name.status_code in (200, 204)
     assert member_values(scim.stored("Groups", group["id"])) == ["bob"]
+    # Members are linked users, listed by their current userName.
+    assert scim.patch("Users", bob["id"], {"op": "replace", "path": "userName", "value": "robert"}).status_code in (200, 204)
+    assert member_values(scim.http.get(f"Groups/{group['id']}").json()) == ["robert"]
+    added = scim.patch("Groups", group["id"], {"op": "add", "path": "members", "value": [{"value": "ann"}]})
+    assert added.status_code in (200, 204)
+    assert member_values(scim.stored("Groups", group["id"])) == ["ann", "robert"]
 
 
 def test_extension_unsupported(serve: Callable[..., Client]) -> None:
