@@ -11,7 +11,7 @@ start does not pay for the same lesson and ``provisioner status`` shows it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -71,16 +71,20 @@ def remember(engine: Engine, target: str, name: str, value: Any, reason: str) ->
 def load_quirks(engine: Engine, target: str, config: TargetConfig) -> Quirks:
     """The target's quirks for this round: defaults, then learned, then declared; new lessons are persisted.
 
-    A learned value of a field that is no longer a quirk (an older version's) is ignored.
+    A learned value that is no longer a quirk, or not one of its values (an older
+    version's), is ignored with a warning.
     """
     quirks = Quirks()
     # The older option for the same thing, a declaration too, but one a lesson may overrule.
     quirks.member_removal = config.group_member_removal
     for item in learned(engine, target):
-        if item.name in NAMES:
-            setattr(quirks, item.name, item.value)
-    for name, value in config.quirks.declared().items():
-        setattr(quirks, name, value)
+        if item.name not in NAMES:
+            continue
+        try:
+            quirks = replace(quirks, **{item.name: item.value})
+        except ValueError as exc:
+            log.warning("learned quirk ignored", target=target, quirk=item.name, error=str(exc))
+    quirks = replace(quirks, **config.quirks.declared())
 
     def on_learn(name: str, value: Any, reason: str) -> None:
         log.warning("target quirk learned", target=target, quirk=name, value=value, reason=reason)
