@@ -413,12 +413,12 @@ class Executor:
         and sent as PATCH. A userName the target will not change (scimType
         ``mutability``) fails the operation at once, after the rest was applied.
         """
-        method = user_write_method(put=self.quirks.put, patch=self._use_patch() or operations is not None,
-                                   knows_applied=operations is not None, adopting=adopting)  # fmt: skip
+        method = user_write_method(put=self.quirks.put, patch=self._use_patch(), knows_applied=operations is not None,
+                                   adopting=adopting)  # fmt: skip
         renames = _renames_username(link.applied, payload)
         try:
             return await self._send_write(client, link, method, payload, operations)
-        except (NotFound, PermanentError, TransientError) as exc:
+        except (PermanentError, TransientError) as exc:
             step = on_user_error(method, exc.status, exc.scim_type, adopting=adopting, renames_username=renames)
             if step is Step.USE_PATCH:
                 self.quirks.learn("put", False, f"PUT /{self.endpoint}/{{id}} answered {exc.status}")
