@@ -20,7 +20,7 @@ from provisioner.daemon import target_facts
 from provisioner.store import open_store
 from tests.conftest import ENTERPRISE, TOKEN_VARIABLE, Workspace, hr_row
 from tests.integration.test_groups import World, person
-from tests.servers.deviant import DeviantServer, start_deviant_server
+from tests.servers.deviant import DEVIATIONS, DeviantServer, start_deviant_server
 
 CORE_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
 CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -341,3 +341,53 @@ def test_members_by_username_is_learned_from_what_the_target_lists(
     assert members(deviant, "dept-engineering") == ["e2@example.com"]
     assert members(deviant, "all-staff") == ["e1@example.com", "e2@example.com"]
     assert learned(tmp_path)["member_value"] == '"userName"'
+
+
+# ---------------------------------------------------------------- the whole lifecycle, learning only
+
+LIFECYCLE = [
+    [person("E1"), person("E2"), person("E3", "Sales")],
+    # a no-op cycle
+    [person("E1"), person("E2"), person("E3", "Sales")],
+    # a mover, a leaver, a joiner
+    [person("E1", "Sales"), person("E2", status="terminated"), person("E3", "Sales"), person("E4")],
+    # a rehire
+    [person("E1", "Sales"), person("E2"), person("E3", "Sales"), person("E4")],
+    # a userName rename
+    [person("E1", "Sales"), person("E2"), dict(person("E3", "Sales"), email="e3.new@example.com"), person("E4")],
+]
+
+
+@pytest.mark.parametrize(
+    "deviant", [((), {}), *(((name,), {}) for name in sorted(DEVIATIONS))], indirect=True,
+    ids=["conformant", *sorted(DEVIATIONS)],
+)  # fmt: skip
+def test_the_lifecycle_converges_on_each_deviation_with_nothing_declared(
+    tmp_path: Path, deviant: DeviantServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joiners, a no-op, a mover, a leaver, a rehire and a rename: the target ends exactly as desired.
+
+    Nothing is declared: what the target does differently is learned from its answers.
+    The only operation allowed to fail is the rename a target refuses (immutable userName).
+    """
+    w = world(tmp_path, deviant, monkeypatch, group_reconcile_every="0s")
+    for rows in LIFECYCLE:
+        w.write(rows)
+        w.sync()
+    w.sync()
+
+    renamed = "e3@example.com" if "immutable_username" in deviant.deviations else "e3.new@example.com"
+    everyone = sorted(["e1@example.com", "e2@example.com", renamed, "e4@example.com"])
+    stored = users(deviant)
+    assert sorted(stored) == everyone
+    assert all(u.get("active", True) for u in stored.values())
+    assert members(deviant, "dept-engineering") == ["e2@example.com", "e4@example.com"]
+    assert members(deviant, "dept-sales") == sorted(["e1@example.com", renamed])
+    assert members(deviant, "all-staff") == everyone
+    assert all(len(found) == 1 for found in groups(deviant).values())
+    failed = [(op["kind"], op["last_error"]) for op in operations(tmp_path) if op["status"] not in ("succeeded", "superseded")]
+    if "immutable_username" in deviant.deviations:
+        assert [kind for kind, _ in failed] == ["update"]
+        assert failed[0][1].startswith("the target does not allow changing userName (mutability)")
+    else:
+        assert failed == []
