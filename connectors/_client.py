@@ -286,7 +286,8 @@ class ScimClient:
             raise error from exc
         except TimeoutError as exc:
             # No status, as for any timeout: retried like one, and ambiguous (it may have been applied).
-            error = TransientError(f"{info.method} {info.url}: no complete answer within {self.deadline:g}s", request=info)
+            message = f"{info.method} {info.url}: no complete answer within {self.deadline:g}s"
+            error = TransientError(message, request=info)
             raise error from exc
         finally:
             self.history.append(

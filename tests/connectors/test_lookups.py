@@ -1,4 +1,4 @@
-"""Lookups and listings against a real SCIM server (scim2-server over HTTP), checked as they would be anywhere.
+"""Lookups, listings and refusals from a real SCIM server (scim2-server over HTTP), checked as anywhere.
 
 A conformant server's answers must pass every check without teaching the
 client a quirk; the checks themselves are tried on odd answers in
@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from connectors import BearerAuth, Quirks, RetryPolicy, ScimClient
+from connectors import BearerAuth, Quirks, RetryPolicy, ScimClient, ScimRequest, Unsupported
 from provisioner.demo import ScimServer
 
 CORE = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -98,3 +98,24 @@ async def test_paging_asks_only_for_the_attributes_named(client: ScimClient, peo
 
     assert sorted(user["userName"] for user in found) == sorted(people)
     assert all("externalId" not in user and "emails" not in user for user in found)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [pytest.param("DELETE", "Users", 405, id="405-method"), pytest.param("GET", "Me", 501, id="501-not-implemented")],
+)
+async def test_a_form_the_server_does_not_support_is_unsupported_and_not_retried(
+    scim_server: ScimServer, method: str, path: str, status: int
+) -> None:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    async with ScimClient(scim_server.base_url, auth=BearerAuth(scim_server.token), allow_insecure_http=True,
+                          retry=RetryPolicy(sleep=sleep)) as scim:  # fmt: skip
+        with pytest.raises(Unsupported) as raised:
+            await scim.send(ScimRequest(method, path))
+
+    assert (raised.value.status, raised.value.attempts, waits) == (status, 1, [])
+    assert raised.value.detail
