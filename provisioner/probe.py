@@ -146,6 +146,7 @@ class Probe:
         self.put = True
         self.users_exist = False
         self.etag_announced: bool | None = None
+        self.silent_failures: set[str] = set()  # member-removal forms answered with success that did nothing
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -204,17 +205,22 @@ class Probe:
                 report.observe("discovery.resource_types", OK, "User declares the enterprise extension")
             else:
                 report.observe(
-                    "discovery.resource_types", DEVIATES,
+                    "discovery.resource_types",
+                    DEVIATES,
                     "User declares no enterprise extension: enterprise attributes may be refused or dropped",
-                )  # fmt: skip
+                )
         else:
             report.observe("discovery.resource_types", UNKNOWN, f"/ResourceTypes not served ({_answer(types)})")
         schemas = await self.attempt("GET", "Schemas")
         if isinstance(schemas, ScimResult) and isinstance((schemas.resource or {}).get("Resources"), list):
             ids = [s.get("id") for s in schemas.resource["Resources"] if isinstance(s, dict)]
-            user = next((s for s in schemas.resource["Resources"] if isinstance(s, dict) and s.get("id") == USER_SCHEMA), {})
+            user = next(
+                (s for s in schemas.resource["Resources"] if isinstance(s, dict) and s.get("id") == USER_SCHEMA), {}
+            )
             user_name = next((a for a in user.get("attributes") or [] if a.get("name") == "userName"), {})
-            traits = ", ".join(f"{k}={user_name[k]}" for k in ("mutability", "caseExact", "uniqueness") if k in user_name)
+            traits = ", ".join(
+                f"{k}={user_name[k]}" for k in ("mutability", "caseExact", "uniqueness") if k in user_name
+            )
             report.observe("discovery.schemas", OK, f"{len(ids)} schemas; userName {traits or 'not described'}")
         else:
             report.observe("discovery.schemas", UNKNOWN, f"/Schemas not served ({_answer(schemas)})")
@@ -232,8 +238,9 @@ class Probe:
                 report.observe("paging.count", OK, "count= accepted")
         elif isinstance(plain, ScimResult):
             self.page_count = False
-            report.observe("paging.count", DEVIATES, f"count= answered {_answer(counted)}, accepted without it",
-                           page_count=False)  # fmt: skip
+            report.observe(
+                "paging.count", DEVIATES, f"count= answered {_answer(counted)}, accepted without it", page_count=False
+            )
         else:
             report.observe("paging.count", UNKNOWN, f"listing /Users failed: {_answer(counted)}, {_answer(plain)}")
             return None
@@ -261,9 +268,12 @@ class Probe:
             if isinstance(found, ScimError):
                 report.observe(behaviour, DEVIATES, f"filter refused: {_failure(found)}", filter="client")
             elif found:
-                report.observe(behaviour, DEVIATES,
-                               f"a {attribute} that matches nothing answered {len(found)} resources: filter ignored",
-                               filter="client")  # fmt: skip
+                report.observe(
+                    behaviour,
+                    DEVIATES,
+                    f"a {attribute} that matches nothing answered {len(found)} resources: filter ignored",
+                    filter="client",
+                )
             elif endpoint == "Users" and not self.users_exist:
                 report.observe(behaviour, UNKNOWN, "found nothing, but there is no account at all (run with --write)")
             else:
@@ -283,11 +293,19 @@ class Probe:
         if ids == [str(user["id"])]:
             report.observe("filter.users_match", OK, "userName eq an existing account found exactly it")
         elif str(user["id"]) not in ids:
-            report.observe("filter.users_match", DEVIATES,
-                           f"userName eq an existing account did not find it ({len(ids)} results)", filter="client")  # fmt: skip
+            report.observe(
+                "filter.users_match",
+                DEVIATES,
+                f"userName eq an existing account did not find it ({len(ids)} results)",
+                filter="client",
+            )
         else:
-            report.observe("filter.users_match", DEVIATES,
-                           f"userName eq an existing account found {len(ids)} results", filter="client")  # fmt: skip
+            report.observe(
+                "filter.users_match",
+                DEVIATES,
+                f"userName eq an existing account found {len(ids)} results",
+                filter="client",
+            )
         upper = await self.lookup("Users", "userName", str(user["userName"]).upper())
         if isinstance(upper, list) and str(user["id"]) in [str(r.get("id")) for r in upper]:
             report.observe("filter.case", OK, "userName compared case-insensitively (RFC 7643 §4.1.1)")
@@ -344,14 +362,22 @@ class Probe:
     async def duplicate(self, name: str) -> None:
         answer = await self.create("Users", self.user_body(name), "userName")
         if isinstance(answer, ScimError) and answer.status == 409:
-            self.report.observe("user.duplicate", OK, f"a second POST of the userName answered 409 {answer.scim_type or ''}".strip())
+            self.report.observe(
+                "user.duplicate", OK, f"a second POST of the userName answered 409 {answer.scim_type or ''}".strip()
+            )
         elif isinstance(answer, ScimResult):
-            self.report.observe("user.duplicate", DEVIATES, f"a second POST of the userName created another account ({answer.status})")
+            self.report.observe(
+                "user.duplicate", DEVIATES, f"a second POST of the userName created another account ({answer.status})"
+            )
         else:
-            self.report.observe("user.duplicate", DEVIATES, f"a second POST of the userName answered {_answer(answer)}, not 409")
+            self.report.observe(
+                "user.duplicate", DEVIATES, f"a second POST of the userName answered {_answer(answer)}, not 409"
+            )
 
     async def replace(self, user_id: str, name: str) -> None:
-        answer = await self.attempt("PUT", f"Users/{user_id}", {**self.user_body(name), "id": user_id, "displayName": "Probe PUT"})
+        answer = await self.attempt(
+            "PUT", f"Users/{user_id}", {**self.user_body(name), "id": user_id, "displayName": "Probe PUT"}
+        )
         if isinstance(answer, ScimError):
             if answer.status in (404, 405, 501):
                 self.put = False
@@ -363,7 +389,9 @@ class Probe:
         if stored.get("displayName") == "Probe PUT":
             self.report.observe("user.put", OK, f"PUT answered {answer.status}, stored")
         else:
-            self.report.observe("user.put", DEVIATES, f"PUT answered {answer.status} but did not store", verify_writes=True)
+            self.report.observe(
+                "user.put", DEVIATES, f"PUT answered {answer.status} but did not store", verify_writes=True
+            )
 
     async def patch_user(self, user_id: str) -> None:
         operations = [
@@ -376,10 +404,13 @@ class Probe:
             return
         stored = await self.read("Users", user_id) or {}
         if (stored.get("name") or {}).get("givenName") == "Patched" and stored.get("active") is False:
-            self.report.observe("user.patch", OK, f"PATCH replace name.givenName, active answered {answer.status}, stored")
+            self.report.observe(
+                "user.patch", OK, f"PATCH replace name.givenName, active answered {answer.status}, stored"
+            )
         else:
-            self.report.observe("user.patch", DEVIATES, f"PATCH answered {answer.status} but did not store",
-                                verify_writes=True)  # fmt: skip
+            self.report.observe(
+                "user.patch", DEVIATES, f"PATCH answered {answer.status} but did not store", verify_writes=True
+            )
 
     async def if_match(self, user_id: str) -> None:
         current = await self.attempt("GET", f"Users/{user_id}")
@@ -397,35 +428,43 @@ class Probe:
         if isinstance(stale, ScimError) and stale.status == 412 and isinstance(fresh, ScimResult):
             self.report.observe("user.if_match", OK, "a stale If-Match answered 412, the current one succeeded")
         else:
-            self.report.observe("user.if_match", DEVIATES,
-                                f"If-Match stale answered {_answer(stale)}, current {_answer(fresh)}")  # fmt: skip
+            self.report.observe(
+                "user.if_match", DEVIATES, f"If-Match stale answered {_answer(stale)}, current {_answer(fresh)}"
+            )
 
     async def extension(self, name: str) -> None:
         body = self.user_body(f"{name}-ext", **{ENTERPRISE: {"department": "Probe department"}})
         body["schemas"] = [USER_SCHEMA, ENTERPRISE]
         answer = await self.create("Users", body, "userName")
         if isinstance(answer, ScimError):
-            self.report.observe("attribute.enterprise", DEVIATES,
-                                f"a create with the enterprise extension answered {_failure(answer)}")  # fmt: skip
+            self.report.observe(
+                "attribute.enterprise", DEVIATES, f"a create with the enterprise extension answered {_failure(answer)}"
+            )
             return
         stored = (await self.read("Users", answer.id or "") or {}).get(ENTERPRISE) or {}
         if stored.get("department") == "Probe department":
             self.report.observe("attribute.enterprise", OK, "enterprise extension accepted and stored")
         else:
-            self.report.observe("attribute.enterprise", DEVIATES, "enterprise extension accepted but not stored",
-                                verify_writes=True)  # fmt: skip
+            self.report.observe(
+                "attribute.enterprise", DEVIATES, "enterprise extension accepted but not stored", verify_writes=True
+            )
 
     async def rename(self, user_id: str, name: str) -> None:
-        answer = await self.attempt("PATCH", f"Users/{user_id}", [{"op": "replace", "path": "userName", "value": f"{name}-renamed"}])
+        answer = await self.attempt(
+            "PATCH", f"Users/{user_id}", [{"op": "replace", "path": "userName", "value": f"{name}-renamed"}]
+        )
         if isinstance(answer, ScimError):
-            self.report.observe("user.rename", DEVIATES,
-                                f"a userName rename answered {_failure(answer)}: userName is immutable here")  # fmt: skip
+            self.report.observe(
+                "user.rename", DEVIATES, f"a userName rename answered {_failure(answer)}: userName is immutable here"
+            )
             return
         stored = await self.read("Users", user_id) or {}
         if stored.get("userName") == f"{name}-renamed":
             self.report.observe("user.rename", OK, f"a userName rename by PATCH answered {answer.status}, stored")
         else:
-            self.report.observe("user.rename", DEVIATES, f"a userName rename answered {answer.status} but was not stored")
+            self.report.observe(
+                "user.rename", DEVIATES, f"a userName rename answered {answer.status} but was not stored"
+            )
 
     # -- groups ---------------------------------------------------------------------------------
 
@@ -441,12 +480,18 @@ class Probe:
         if isinstance(empty, ScimResult) and isinstance(with_members, ScimResult):
             report.observe("group.create", OK, "groups created with and without members")
         elif isinstance(with_members, ScimResult):
-            report.observe("group.create", DEVIATES,
-                           f"a group without members answered {_answer(empty)}; with members {with_members.status}",
-                           group_create_with_members=True)  # fmt: skip
+            report.observe(
+                "group.create",
+                DEVIATES,
+                f"a group without members answered {_answer(empty)}; with members {with_members.status}",
+                group_create_with_members=True,
+            )
         else:
-            report.observe("group.create", DEVIATES,
-                           f"group create answered {_answer(empty)} without members, {_answer(with_members)} with")  # fmt: skip
+            report.observe(
+                "group.create",
+                DEVIATES,
+                f"group create answered {_answer(empty)} without members, {_answer(with_members)} with",
+            )
             return
         group_id = with_members.id or ""
         answered = await self.read("Groups", group_id)
@@ -454,20 +499,29 @@ class Probe:
         await self.member_form(stored, first, user_names)
         if stored is None:
             return
+
         def value(user_id: str) -> str:
             return user_names[user_id] if self.member_value == "userName" else user_id
 
         a, b = value(first), value(second)
-        added = await self.attempt("PATCH", f"Groups/{group_id}", [{"op": "add", "path": "members", "value": [{"value": b}]}])
+        added = await self.attempt(
+            "PATCH", f"Groups/{group_id}", [{"op": "add", "path": "members", "value": [{"value": b}]}]
+        )
         now = await self.group_members(group_id, None)
         if isinstance(added, ScimError) or now is None or b not in now:
-            report.observe("group.member_add", DEVIATES, f"PATCH add member answered {_answer(added)}; members now {_count(now)}")
+            report.observe(
+                "group.member_add", DEVIATES, f"PATCH add member answered {_answer(added)}; members now {_count(now)}"
+            )
             return
         report.observe("group.member_add", OK, f"PATCH add member answered {added.status}, stored")
         # Every form the engine may send, each read back: the first that works is the one to use.
         tried = {
-            "filter": await self.removal(group_id, [{"op": "remove", "path": f"members[value eq {_quoted(a)}]"}], a, b),
-            "list": await self.removal(group_id, [{"op": "remove", "path": "members", "value": [{"value": a}]}], a, b),
+            "filter": await self.removal(
+                group_id, "filter", [{"op": "remove", "path": f"members[value eq {_quoted(a)}]"}], a, b
+            ),
+            "list": await self.removal(
+                group_id, "list", [{"op": "remove", "path": "members", "value": [{"value": a}]}], a, b
+            ),
             "put": await self.removal_by_put(group_id, f"{name}-m", a, b) if self.put else (False, "not tried: no PUT"),
         }
         working = next((form for form, (worked, _) in tried.items() if worked), None)
@@ -477,13 +531,18 @@ class Probe:
             elif working != form and list(tried).index(working) < list(tried).index(form):
                 report.observe(f"group.member_remove_{form}", OK, f"{detail} (not needed: the {working} form works)")
             else:
-                report.observe(f"group.member_remove_{form}", DEVIATES, detail,
-                               **({"verify_writes": True} if "still there" in detail else {}))  # fmt: skip
+                report.observe(
+                    f"group.member_remove_{form}",
+                    DEVIATES,
+                    detail,
+                    **({"verify_writes": True} if form in self.silent_failures else {}),
+                )
         if working is None:
             report.observe("group.member_remove", DEVIATES, "no form of member removal worked")
         elif working != "filter":
-            report.observe("group.member_remove", DEVIATES, f"members are removed with the {working} form",
-                           member_removal=working)  # fmt: skip
+            report.observe(
+                "group.member_remove", DEVIATES, f"members are removed with the {working} form", member_removal=working
+            )
 
     async def group_members(self, group_id: str, answered: dict[str, Any] | None) -> list[str] | None:
         """The group's members as the target lists them, another way when a GET leaves them out."""
@@ -499,9 +558,12 @@ class Probe:
             return members
         if self.members_returned is None:
             self.members_returned = False
-            self.report.observe("group.members_returned", DEVIATES,
-                                "GET /Groups/{id} never lists members, even with attributes=members",
-                                group_members_returned=False)  # fmt: skip
+            self.report.observe(
+                "group.members_returned",
+                DEVIATES,
+                "GET /Groups/{id} never lists members, even with attributes=members",
+                group_members_returned=False,
+            )
         return None
 
     async def member_form(self, stored: list[str] | None, first: str, user_names: dict[str, str]) -> None:
@@ -515,27 +577,34 @@ class Probe:
             report.observe("group.member_value", OK, "members[].value is the user's id")
         elif stored == [user_names[first]]:
             self.member_value = "userName"
-            report.observe("group.member_value", DEVIATES, "members[].value is the user's userName",
-                           member_value="userName")  # fmt: skip
+            report.observe(
+                "group.member_value", DEVIATES, "members[].value is the user's userName", member_value="userName"
+            )
         else:
             report.observe("group.member_value", DEVIATES, f"a group created with 1 member lists {len(stored)}")
 
-    async def removal(self, group_id: str, operations: list[dict[str, Any]], a: str, b: str) -> tuple[bool, str]:
+    async def removal(
+        self, group_id: str, form: str, operations: list[dict[str, Any]], a: str, b: str
+    ) -> tuple[bool, str]:
         """Remove member ``a`` with one PATCH form; whether only ``a`` went, read back, and what happened."""
         answer = await self.attempt("PATCH", f"Groups/{group_id}", operations)
-        return await self.removed(group_id, answer, a, b)
+        return await self.removed(group_id, form, answer, a, b)
 
     async def removal_by_put(self, group_id: str, name: str, a: str, b: str) -> tuple[bool, str]:
         body = {"schemas": [GROUP_SCHEMA], "id": group_id, "displayName": name, "members": [{"value": b}]}
         answer = await self.attempt("PUT", f"Groups/{group_id}", body)
-        worked, detail = await self.removed(group_id, answer, a, b)
+        worked, detail = await self.removed(group_id, "put", answer, a, b)
         return worked, f"PUT of the member list {detail}"
 
-    async def removed(self, group_id: str, answer: ScimResult | ScimError, a: str, b: str) -> tuple[bool, str]:
+    async def removed(
+        self, group_id: str, form: str, answer: ScimResult | ScimError, a: str, b: str
+    ) -> tuple[bool, str]:
         after = await self.group_members(group_id, None) or []
         if isinstance(answer, ScimError):
             outcome = (False, f"answered {_failure(answer)}")
         elif a in after:
+            # A success that did nothing: this target's answers must be checked by reading back.
+            self.silent_failures.add(form)
             outcome = (False, f"answered {answer.status} but the member is still there")
         elif b not in after:
             outcome = (False, f"answered {answer.status} and removed the other member too: never use it")
@@ -544,7 +613,11 @@ class Probe:
         # Back as it was for the next form: a in, b in.
         missing = [m for m in (a, b) if m not in after]
         if missing:
-            await self.attempt("PATCH", f"Groups/{group_id}", [{"op": "add", "path": "members", "value": [{"value": m} for m in missing]}])
+            await self.attempt(
+                "PATCH",
+                f"Groups/{group_id}",
+                [{"op": "add", "path": "members", "value": [{"value": m} for m in missing]}],
+            )
         return outcome
 
     # -- cleanup --------------------------------------------------------------------------------
@@ -581,7 +654,9 @@ class Probe:
             self.report.cleanup.append(f"{leftovers} leftover resources found by name and deleted")
 
 
-async def _with_if_match(probe: Probe, path: str, operations: list[dict[str, Any]], etag: str) -> ScimResult | ScimError:
+async def _with_if_match(
+    probe: Probe, path: str, operations: list[dict[str, Any]], etag: str
+) -> ScimResult | ScimError:
     body = {"schemas": [SCHEMA_PATCH_OP], "Operations": operations}
     try:
         return await probe.client.send(ScimRequest("PATCH", path, body=body, if_match=etag))
@@ -655,8 +730,11 @@ def add_command(commands: Any) -> None:
     parser = commands.add_parser("probe", help="what a SCIM target really does, and the quirks: block that suits it")
     parser.add_argument("--config", type=Path, default=Path("config.yaml"))
     parser.add_argument("--target", required=True, help="the target to probe, as named in the config")
-    parser.add_argument("--write", action="store_true",
-                        help="also create, change and delete a test user and groups named provisioner-probe-…")  # fmt: skip
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="also create, change and delete a test user and groups named provisioner-probe-…",
+    )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--suggest", action="store_true", help="print only the quirks: block to paste under the target")
     output.add_argument("--json", action="store_true", help="print one JSON object")

@@ -20,7 +20,6 @@ behaviour it lacks (``ENGINE_GAPS``): remove the entry once the engine has it.
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,7 +92,7 @@ def probe_suggestion(folder: Path, server: Server, capsys: pytest.CaptureFixture
     folder.mkdir()
     config = write_config(folder, server, quirks={})
     capsys.readouterr()
-    code = main(["--log-level", "error", "probe", "--config", str(config), "--target", "app", "--write", "--suggest"])
+    code = main(["probe", "--config", str(config), "--target", "app", "--write", "--suggest"])
     out, err = capsys.readouterr()
     assert code == 0, err
     block = yaml.safe_load(out)

@@ -53,6 +53,7 @@ import json
 import re
 import secrets
 import threading
+from http import HTTPStatus
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +124,11 @@ def _filter_path(value: str) -> str:
 
 @dataclass
 class DeviantServer:
-    """A running deviant server: ``base_url``, ``token``, ``requests``; ``dump()``, ``request_count()``, ``clear()``, ``stop()``."""
+    """A running deviant server.
+
+    ``base_url``, ``token``, ``requests`` (each received request as (method, path, query));
+    ``dump()``, ``request_count()``, ``clear()``, ``stop()``.
+    """
 
     deviations: frozenset[str]
     token: str
@@ -161,9 +166,7 @@ class DeviantServer:
         """Each stored user's id and userName."""
         users = [r.model_dump() for r in self.storage.resources]
         return {
-            str(u["id"]): str(u.get("userName"))
-            for u in users
-            if (u.get("meta") or {}).get("resourceType") == "User"
+            str(u["id"]): str(u.get("userName")) for u in users if (u.get("meta") or {}).get("resourceType") == "User"
         }
 
     def clear(self) -> None:
@@ -317,9 +320,7 @@ class _Deviate:
             _drop_title(request)
         if request.method == "PATCH" and request.endpoint == "Groups" and "Operations" in request.body:
             if "member_removal_ignored" in on:
-                request.body["Operations"] = [
-                    op for op in _operations(request.body) if not _is_filtered_removal(op)
-                ]
+                request.body["Operations"] = [op for op in _operations(request.body) if not _is_filtered_removal(op)]
             if on & LIST_FORM:
                 request.body["Operations"] = list(_list_removals_as_paths(_operations(request.body)))
         if "members_by_username" in on and writes and request.endpoint == "Groups":
@@ -427,8 +428,6 @@ def _list_by_username(resource: dict[str, Any], names: dict[str, str]) -> None:
 
 
 def _phrase(status: int) -> str:
-    from http import HTTPStatus
-
     try:
         return HTTPStatus(status).phrase
     except ValueError:

@@ -63,6 +63,7 @@ class ScimmyServer:
     port: int
     token: str
     process: subprocess.Popen[str]
+    log: Path | None = None  # the app's stderr
 
     @property
     def base_url(self) -> str:
@@ -101,6 +102,8 @@ class ScimmyServer:
                 self.process.wait()
         if self.process.stdout:
             self.process.stdout.close()
+        if self.log is not None:
+            self.log.unlink(missing_ok=True)
 
     def __enter__(self) -> ScimmyServer:
         return self
@@ -137,5 +140,6 @@ def start_scimmy_server(token: str | None = None, wait: float = 30.0) -> ScimmyS
         process.kill()
         process.wait()
         stderr = Path(errors.name).read_text(encoding="utf-8", errors="replace")
+        Path(errors.name).unlink(missing_ok=True)
         raise RuntimeError(f"the SCIMMY app did not start within {wait:.0f} s: {line or stderr.strip()[-2000:]}")
-    return ScimmyServer(int(line.split()[1]), token, process)
+    return ScimmyServer(int(line.split()[1]), token, process, Path(errors.name))

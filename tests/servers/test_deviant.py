@@ -41,9 +41,7 @@ class Client:
         return response.json()
 
     def patch(self, endpoint: str, resource_id: str, *operations: dict[str, Any]) -> httpx.Response:
-        return self.http.patch(
-            f"{endpoint}/{resource_id}", json={"schemas": [PATCH], "Operations": list(operations)}
-        )
+        return self.http.patch(f"{endpoint}/{resource_id}", json={"schemas": [PATCH], "Operations": list(operations)})
 
     def stored(self, endpoint: str, resource_id: str) -> dict[str, Any]:
         """The resource as the server stores it (its storage, not its answers)."""
@@ -185,7 +183,10 @@ def test_members_by_username(serve: Callable[..., Client]) -> None:
     assert by_name.status_code in (200, 204)
     assert member_values(scim.stored("Groups", group["id"])) == ["bob"]
     # Members are linked users, listed by their current userName.
-    assert scim.patch("Users", bob["id"], {"op": "replace", "path": "userName", "value": "robert"}).status_code in (200, 204)
+    assert scim.patch("Users", bob["id"], {"op": "replace", "path": "userName", "value": "robert"}).status_code in (
+        200,
+        204,
+    )
     assert member_values(scim.http.get(f"Groups/{group['id']}").json()) == ["robert"]
     added = scim.patch("Groups", group["id"], {"op": "add", "path": "members", "value": [{"value": "ann"}]})
     assert added.status_code in (200, 204)

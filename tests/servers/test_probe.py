@@ -76,7 +76,7 @@ def run_probe(tmp_path: Path, server: Any, monkeypatch: pytest.MonkeyPatch, caps
               *options: str) -> tuple[int, str, str]:  # fmt: skip
     monkeypatch.setenv(TOKEN_VARIABLE, server.token)
     config = write_config(tmp_path, server.base_url)
-    code = main(["--log-level", "error", "probe", "--config", str(config), "--target", "app", *options])
+    code = main(["probe", "--config", str(config), "--target", "app", *options])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -211,6 +211,6 @@ def test_probe_of_a_target_that_does_not_answer_exits_4(
 
     monkeypatch.setenv(TOKEN_VARIABLE, "x")
     config = write_config(tmp_path, f"http://127.0.0.1:{free_port()}/v2")
-    assert main(["--log-level", "error", "probe", "--config", str(config), "--target", "app"]) == 4
+    assert main(["probe", "--config", str(config), "--target", "app"]) == 4
     err = capsys.readouterr().err
     assert err.startswith("error: cannot probe app:") and "Traceback" not in err

@@ -59,7 +59,8 @@ def test_discovery_announces_patch_filter_and_the_enterprise_extension(http: htt
 
 def test_users_and_groups_lifecycle(scimmy: ScimmyServer, http: httpx.Client) -> None:
     ann = http.post(
-        "Users", json={"schemas": [USER, ENTERPRISE], "userName": "ann", "title": "Engineer", ENTERPRISE: {"department": "R&D"}}
+        "Users",
+        json={"schemas": [USER, ENTERPRISE], "userName": "ann", "title": "Engineer", ENTERPRISE: {"department": "R&D"}},
     )
     assert ann.status_code == 201, ann.text
     ann_id = ann.json()["id"]
