@@ -4,7 +4,9 @@ The policy only decides; :meth:`connectors.ScimClient.send` is the one place
 that applies it. Strategies are tenacity's, composed once from config values:
 
 - a 429 with ``Retry-After`` (or a 5xx with one): wait that long, capped by
-  ``max_retry_after``;
+  ``max_retry_after``, if it is no longer than ``wait_in_place``; a longer one is
+  not waited here (it would hold the worker and every request queued behind it):
+  the call raises, and the caller puts the work off until then (:meth:`RetryPolicy.defers`);
 - a 429 without it, 500/502/503/504, a timeout, a connection error, a success
   status with a body we cannot read: exponential backoff with full jitter,
   ``uniform(0, min(cap, base * 2 ** (attempt - 1)))``;
@@ -14,6 +16,7 @@ that applies it. Strategies are tenacity's, composed once from config values:
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +62,9 @@ class RetryPolicy:
     base: float = 0.5
     cap: float = 30.0
     max_retry_after: float = 120.0
+    # A Retry-After up to this many seconds is waited in place; a longer one is handed to the caller
+    # (by default every one is waited here; an engine with a queue sets a few seconds).
+    wait_in_place: float = math.inf
     sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep, repr=False, compare=False)
     now: Callable[[], datetime] = field(default=_utcnow, repr=False, compare=False)
     _backoff: wait_random_exponential = field(init=False, repr=False, compare=False)
@@ -70,8 +76,18 @@ class RetryPolicy:
             raise ValueError(f"backoff needs 0 < base <= cap, not base={self.base}, cap={self.cap}")
         if self.max_retry_after < 0:
             raise ValueError(f"max_retry_after must not be negative, not {self.max_retry_after}")
+        if self.wait_in_place < 0:
+            raise ValueError(f"wait_in_place must not be negative, not {self.wait_in_place}")
         # Full jitter (tenacity's name for it): uniform(0, min(cap, base * 2 ** (attempt - 1))).
         object.__setattr__(self, "_backoff", wait_random_exponential(multiplier=self.base, max=self.cap))
+
+    def defers(self, error: BaseException) -> bool:
+        """Whether the target asked for a wait (``Retry-After``) too long to spend in place.
+
+        The call that got it is not retried here; the caller schedules the work for
+        ``error.retry_after`` seconds later and goes on with other work meanwhile.
+        """
+        return isinstance(error, ScimError) and error.retry_after is not None and error.retry_after > self.wait_in_place
 
     def delay(self, retry_state: RetryCallState) -> float:
         """Seconds to wait before the next attempt, after the one that just failed."""
@@ -93,6 +109,8 @@ class RetryPolicy:
         """
 
         def retryable(error: BaseException) -> bool:
+            if self.defers(error):
+                return False
             if not ambiguous and isinstance(error, TransientError) and error.ambiguous:
                 return False
             return is_retryable(error)

@@ -56,8 +56,9 @@ log = structlog.get_logger("provisioner.alerts")
 Severity = Literal["warning", "critical"]
 Status = Literal["firing", "changed", "reminder", "resolved"]
 Rule = Literal[
-    "failed_operations", "failing_target", "auth_failure", "held_cycle", "quarantined", "refused_cycle", "unstored_writes"
-]
+    "failed_operations", "failing_target", "auth_failure", "held_cycle", "quarantined", "refused_cycle",
+    "unmatched_accounts", "drifted_accounts", "unstored_writes",
+]  # fmt: skip
 
 # The webhook's own retry: 3 attempts, waiting these many seconds between them.
 WEBHOOK_BACKOFF = (1.0, 4.0)
@@ -157,6 +158,10 @@ class AlertRules(_Strict):
     refused_cycle: bool = True
     # Writes the target answered with success without storing every attribute sent (last 24 hours).
     unstored_writes: bool = True
+    # The last reconciliation found more accounts than this that no identity owns (orphans).
+    unmatched_accounts: int | None = Field(default=10, ge=0)
+    # The last reconciliation found more linked accounts than this whose attributes drifted.
+    drifted_accounts: int | None = Field(default=10, ge=0)
 
 
 class AlertsConfig(_Strict):
@@ -207,6 +212,10 @@ class TargetFacts:
     refused: str | None = None
     # Operations of the last 24 hours whose write the target accepted without storing all of it.
     unstored_count: int = 0
+    # What the target's last reconciliation found: unmatched accounts, linked accounts that drifted.
+    # None: the target has not been reconciled.
+    unmatched_accounts: int | None = None
+    drifted_accounts: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +381,29 @@ def _unstored_writes(facts: TargetFacts, rules: AlertRules, now: datetime) -> Co
         details={"unstored_count": facts.unstored_count,
                  "hint": f"provisioner queue list --target {facts.target} (the note says what was dropped)"},  # fmt: skip
     )
+def _reconciled(rule: Literal["unmatched_accounts", "drifted_accounts"], what: str, hint: str) -> Callable[
+    [TargetFacts, AlertRules, datetime], Condition | None
+]:
+    """A threshold rule over a count the last reconciliation found."""
+
+    def check(facts: TargetFacts, rules: AlertRules, now: datetime) -> Condition | None:
+        threshold = getattr(rules, rule)
+        count = getattr(facts, rule)
+        if threshold is None or count is None or count <= threshold:
+            return None
+        bracket = (count // max(threshold, 1)).bit_length() - 1
+        return Condition(
+            key=_key(rule, facts.target),
+            rule=rule,
+            target=facts.target,
+            severity="warning",
+            message=f"{facts.target}: reconciliation found {count} {what} (alert above {threshold})",
+            fingerprint=f"bracket={bracket}",
+            level=bracket,
+            details={"count": count, "threshold": threshold, "hint": f"{hint} --target {facts.target}"},
+        )
+
+    return check
 
 
 _RULES: tuple[Callable[[TargetFacts, AlertRules, datetime], Condition | None], ...] = (
@@ -382,6 +414,8 @@ _RULES: tuple[Callable[[TargetFacts, AlertRules, datetime], Condition | None], .
     _failed_operations,
     _held_cycle,
     _unstored_writes,
+    _reconciled("unmatched_accounts", "accounts that no identity owns", "provisioner reconcile"),
+    _reconciled("drifted_accounts", "linked accounts whose attributes drifted", "provisioner reconcile"),
 )
 
 

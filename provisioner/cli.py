@@ -19,6 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from connectors import ScimError
 from provisioner import logs, probe
 from provisioner.config import Config, load_config, parse_duration
 from provisioner.daemon import Daemon, check_alerts
@@ -141,6 +142,17 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--held", action="store_true", help="show the leaver operations held by the deletion brake")
     plan.set_defaults(handler=_plan)
+
+    reconcile = commands.add_parser(
+        "reconcile", help="read every account of a target back and name its situation; --repair reacts"
+    )
+    _config_options(reconcile)
+    reconcile.add_argument("--json", action="store_true", help="print the findings as JSON")
+    reconcile.add_argument("--csv", type=Path, metavar="FILE", help="also write every account's situation to FILE")
+    reconcile.add_argument(
+        "--repair", action="store_true", help="queue and send the configured reactions (without it nothing is written)"
+    )
+    reconcile.set_defaults(handler=_reconcile)
 
     approve = commands.add_parser("approve", help="release a held cycle's leaver operations (sent by the next cycle)")
     approve.add_argument("run_id")
@@ -356,6 +368,79 @@ def _plan(args: argparse.Namespace) -> int:
             for op in groups["operations"]:
                 print(f"  {op['kind']:<13} {op['reason']:<10} {op['group']}  +{op['add']} -{op['remove']}")
     return EXIT_OK
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from provisioner.reconcile import reconcile_target
+
+    config = load_config(args.config)
+    targets = selected_targets(config, args.target)
+    mappings = {name: load_target_mapping(config, name) for name in targets}
+
+    unreadable: list[str] = []
+
+    def run(engine: Any) -> list[Any]:
+        async def each() -> list[Any]:
+            reports = []
+            for name in targets:
+                try:
+                    reports.append(await reconcile_target(engine, config, name, mappings[name], repair=args.repair))
+                except ScimError as exc:
+                    # Nothing is concluded from a read that failed: no situation, no reaction.
+                    print(f"error: {name}: could not read the target's accounts: {exc}", file=sys.stderr)
+                    unreadable.append(name)
+            return reports
+
+        return asyncio.run(each())
+
+    if args.repair:
+        with StateLock(config.state):
+            engine = open_store(config.state)
+            recover_orphans(engine)
+            reports = run(engine)
+    else:
+        reports = run(open_store(config.state))
+    if args.csv:
+        with args.csv.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["target", "situation", "identity", "id", "userName", "drift"])
+            for report in reports:
+                for f in report.findings:
+                    writer.writerow([report.target, f.situation.value, f.identity or "", f.id or "", f.user_name or "",
+                                     " ".join(f.drift)])  # fmt: skip
+    if args.json:
+        for report in reports:  # one object per target, one per line
+            print(orjson.dumps(report.as_dict()).decode())
+    else:
+        for report in reports:
+            _print_reconcile(report)
+    if any(r.held for r in reports):
+        return EXIT_SAFETY_STOP
+    failed = unreadable or any(r.statuses.get("failed") or r.statuses.get("retry_wait") for r in reports)
+    return EXIT_FAILED_OPERATIONS if failed else EXIT_OK
+
+
+def _print_reconcile(report: Any) -> None:
+    counts = report.counts()
+    print(f"{report.target}: " + "  ".join(f"{k} {v}" for k, v in counts.items()) + f"  (drifted {report.drifted})")
+    if report.without_account:
+        print(f"  identities with no account yet: {report.without_account} (the next cycle creates them)")
+    if report.unreadable_records:
+        print(f"  source records that could not be read: {report.unreadable_records} (unmatched accounts are left alone)")
+    for f in report.findings:
+        if f.situation.value == "linked" and not f.drift:
+            continue
+        drift = f"  drift: {', '.join(f.drift)}" if f.drift else ""
+        print(f"  {f.situation.value:<9} {f.identity or '-':<12} {f.user_name or '-'}  id {f.id or '-'}{drift}")
+    if report.repairs is None:
+        print("  report only: nothing was written; --repair queues and sends the configured reactions")
+        return
+    queued = "  ".join(f"{k} {v}" for k, v in report.repairs.counts().items()) or "nothing"
+    print(f"  repair (run {report.run_id}): queued {queued}")
+    if report.held:
+        print(f"  held by the deletion brake: {report.held} (provisioner plan --held, then approve {report.run_id})")
+    if report.statuses:
+        print("  sent: " + "  ".join(f"{k} {v}" for k, v in sorted(report.statuses.items())))
 
 
 def _preview(args: argparse.Namespace) -> int:

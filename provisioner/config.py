@@ -63,6 +63,9 @@ class RetryConfig(_Strict):
     backoff_base: float = Field(default=0.5, gt=0)
     backoff_cap: float = Field(default=30.0, gt=0)
     max_retry_after: float = Field(default=120.0, ge=0)
+    # A Retry-After up to this many seconds is waited by the worker; a longer one puts the
+    # operation back in the queue, due when the target said, and the cycle goes on.
+    wait_in_place: float = Field(default=5.0, ge=0)
 
 
 class ScheduleConfig(_Strict):
@@ -168,6 +171,40 @@ class QuirksConfig(_Strict):
     def declared(self) -> dict[str, Any]:
         """The keys set in the config file, with their values."""
         return {name: value for name, value in self.model_dump().items() if value is not None}
+class ReconcileConfig(_Strict):
+    """A target's ``reconcile:`` block: the reaction to each situation reconciliation finds.
+
+    Situations are midPoint's (linked, unlinked, unmatched, deleted, disputed);
+    every reaction is a queue operation, sent only with ``--repair`` or by the daemon.
+    """
+
+    # A linked account whose attributes drifted from what the source says: update it, or only report it.
+    linked: Literal["update", "report"] = "update"
+    # A linked account the target no longer has (GET answers 404): create it again, or only report it.
+    deleted: Literal["recreate", "report"] = "recreate"
+    # An account the match attribute gives to an identity that has none linked: adopt it, or only report it.
+    unlinked: Literal["link", "report"] = "link"
+    # An account no identity in scope owns: report it, disable it, or delete it once seen for `delete_after`.
+    unmatched: Literal["report", "disable", "delete"] = "report"
+    delete_after: str = "7d"
+    # Two accounts for one identity, or one account claimed by two: always reported, never touched.
+    disputed: Literal["report"] = "report"
+    # Accounts per page read from the target.
+    page_size: int = Field(default=100, ge=1, le=10_000)
+
+    @field_validator("delete_after")
+    @classmethod
+    def _grace(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+def parse_interval(text: str | None) -> float | None:
+    """Seconds in an interval that may be off: ``0`` or null (None), else as :func:`parse_duration`."""
+    if text is None or text.strip() == "0":
+        return None
+    seconds = parse_duration(text)
+    return seconds or None
 
 
 class TargetConfig(_Strict):
@@ -222,6 +259,9 @@ class TargetConfig(_Strict):
     # An attribute or schema extension the target does not declare (/ResourceTypes, /Schemas):
     # omit: leave it out of payloads with one warning; refuse: operations carrying it fail, naming it.
     unsupported_attributes: Literal["omit", "refuse"] = "omit"
+    # The daemon reads every account back and reacts per `reconcile:` this often; "0" or null: never.
+    reconcile_every: str | None = "1d"
+    reconcile: ReconcileConfig = ReconcileConfig()
 
     @field_validator("rate_limit")
     @classmethod
@@ -235,6 +275,15 @@ class TargetConfig(_Strict):
     def _reconcile_every(cls, value: str | None) -> str | None:
         if value is not None:
             parse_duration(value)
+        return value
+
+    @field_validator("reconcile_every", mode="before")
+    @classmethod
+    def _reconcile_interval(cls, value: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)  # `reconcile_every: 0` in YAML is a number
+        if isinstance(value, str):
+            parse_interval(value)
         return value
 
     @field_validator("base_url")

@@ -1,6 +1,7 @@
 """The long-running daemon: APScheduler triggers cycles and retries; the logic lives elsewhere.
 
-Jobs: one sync cycle per source on its schedule (every target fed by it), a
+Jobs: one sync cycle per source on its schedule (every target fed by it),
+followed by the target's reconciliation when ``reconcile_every`` has passed; a
 job that sends due queue rows (retries, approved leavers) every minute. A
 cycle never overlaps itself or the retry job of the same target.
 
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -25,13 +27,15 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine
 
 from provisioner import alerts, metrics, quarantine
-from provisioner.config import Config, ScheduleConfig, parse_duration
+from provisioner.config import Config, ScheduleConfig, parse_duration, parse_interval
 from provisioner.errors import UserError
 from provisioner.mapping import AttributeMapping
 from provisioner.planner import RenderMemo
+from provisioner.quarantine import Admission, admission
 from provisioner.queue import STATUSES, count_status, list_operations, prune, recover_orphans, status_by_target
 from provisioner.quirks import unstored_writes
-from provisioner.store import utcnow
+from provisioner.reconcile import last_reconciled, publish, publish_last, reconcile_target
+from provisioner.store import as_utc, utcnow
 from provisioner.sync import TargetReport, last_runs, load_target_mapping, send_due, sync_target
 
 log = structlog.get_logger("provisioner.daemon")
@@ -64,6 +68,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        for name in self.targets:
+            publish_last(self.engine, name)  # the gauges say what the last reconciliation found, until the next
         server = metrics.serve(self.config.daemon.listen, self.health) if self.config.daemon.listen else None
         scheduler = self._scheduler()
         scheduler.start()
@@ -127,11 +133,37 @@ class Daemon:
                 await self._check_alerts(name)
 
     async def cycle(self, name: str) -> None:
-        """One sync cycle of one target."""
+        """One sync cycle of one target, then its reconciliation when one is due."""
         report = await sync_target(
             self.engine, self.config, name, self.mappings[name], stop=self.stopping, memo=self.memos[name]
         )
         self._remember(name, report)
+        await self.reconcile_if_due(name)
+
+    async def reconcile_if_due(self, name: str, now: datetime | None = None) -> bool:
+        """Reconcile a target with its reactions (``--repair``) when ``reconcile_every`` has passed; never raises.
+
+        Runs after a cycle, under the target's lock: the links it reads are the cycle's.
+        A paused or quarantined target is not read.
+        """
+        every = parse_interval(self.config.targets[name].reconcile_every)
+        now = now or datetime.now(UTC)
+        last = last_reconciled(self.engine, name)
+        if every is None or self.stopping.is_set() or admission(self.engine, name) is Admission.SKIP:
+            return False
+        if last is not None and now - as_utc(last["started_at"]) < timedelta(seconds=every):
+            return False
+        try:
+            report = await reconcile_target(self.engine, self.config, name, self.mappings[name], repair=True)
+        except UserError as exc:
+            log.error("reconciliation refused", target=name, error=str(exc))
+            return False
+        except Exception as exc:
+            # The next cycle tries again: nothing was concluded from a read that failed.
+            log.warning("reconciliation failed", target=name, error=str(exc))
+            return False
+        publish(name, report.counts(), report.drifted)
+        return True
 
     async def send_due(self, name: str) -> None:
         """Send a target's due queue rows."""
@@ -193,6 +225,8 @@ def target_facts(engine: Engine, name: str) -> alerts.TargetFacts:
     health = quarantine.state(engine, name)
     held_runs = sorted({str(row["run_id"]) for row in list_operations(engine, status="held", target=name, limit=10_000)})
     last = last_runs(engine).get(name) or {}
+    reconciled = last_reconciled(engine, name)
+    found = orjson.loads(reconciled["counts"]) if reconciled and reconciled["counts"] else {}
     return alerts.TargetFacts(
         target=name,
         failed_count=count_status(engine, name, "failed"),
@@ -206,6 +240,8 @@ def target_facts(engine: Engine, name: str) -> alerts.TargetFacts:
         last_error=health.last_error if health else None,
         refused=str(last["error"]) if last.get("status") == "refused" else None,
         unstored_count=unstored_writes(engine, since=utcnow() - timedelta(days=1)).get(name, 0),
+        unmatched_accounts=found.get("unmatched") if reconciled else None,
+        drifted_accounts=int(reconciled["drifted"]) if reconciled else None,
     )
 
 

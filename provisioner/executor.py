@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import structlog
@@ -36,7 +37,8 @@ from provisioner.config import TargetConfig
 from provisioner.quarantine import Admission, Tally, admission, observe, state
 from provisioner.quirks import DROPPED_NOTE, load_quirks
 from provisioner.targets import discover
-from provisioner.payload import patch_operations, payload_hash, refs_in, resolve_refs
+from provisioner.payload import flatten, patch_operations, payload_hash, refs_in, resolve_refs
+from provisioner.rebase import rebase_operations
 from provisioner.planner import Kind
 from provisioner.queue import (
     CallRecord,
@@ -147,7 +149,9 @@ class Executor:
                     return report
             waves = _waves(by_key, links)
             if gate is Admission.PROBE:
-                probe = waves[0][0]
+                if not await target_answers(clients[0], tally):
+                    return report
+                probe = min(waves[0], key=lambda key: _tried(by_key[key]))
                 waves = [[probe], *([key for key in wave if key != probe] for wave in waves)]
             for number, wave in enumerate(waves):
                 if self._must_stop(tally) or (gate is Admission.PROBE and number > 0 and not tally.succeeded):
@@ -156,6 +160,8 @@ class Executor:
                 for key in wave:
                     work.put_nowait(by_key[key])
                 await asyncio.gather(*(self._worker(client, work, links, report, tally) for client in clients))
+            if tally.only_repeated:
+                await target_answers(clients[0], tally)
         finally:
             await asyncio.gather(*(client.aclose() for client in clients))
             # Whatever was claimed but not started (a stop, a breaker, a probe) goes back as it was.
@@ -178,15 +184,7 @@ class Executor:
         return self.stopping.is_set() or tally.consecutive_failures >= self.config.quarantine.consecutive_failures
 
     def _observe(self, tally: Tally) -> None:
-        transition = observe(self.engine, self.target, tally, self.config.quarantine)
-        if transition == "quarantined":
-            log.error("target quarantined", target=self.target, failed=tally.failed, succeeded=tally.succeeded,
-                      last_error=tally.last_error)  # fmt: skip
-        elif transition == "recovered":
-            log.info("target recovered from quarantine", target=self.target)
-        current = state(self.engine, self.target)
-        unwell = current is not None and (current.quarantined or current.paused)
-        metrics.QUARANTINED.labels(self.target).set(1 if unwell else 0)
+        judge(self.engine, self.target, self.config, tally)
 
     async def _worker(
         self,
@@ -210,9 +208,12 @@ class Executor:
                 report.finished.add(op.id)
                 tally.add(
                     ok=outcome.status == "succeeded",
-                    unwell=outcome.status == "retry_wait" or outcome.http_status == 401,
+                    # Put off because the target asked us to wait: a busy target, not a failing one.
+                    unwell=(outcome.status == "retry_wait" and outcome.retry_after is None)
+                    or outcome.http_status == 401,
                     auth=outcome.http_status == 401,
                     error=outcome.error,
+                    repeated=op.failed_before,
                 )
                 self._measure(op, outcome)
                 if outcome.drop_link:
@@ -237,12 +238,17 @@ class Executor:
             return _outcome(op, "failed", exc)
         except (TransientError, AuthError) as exc:
             status = "failed" if give_up_if_too_old(op) else "retry_wait"
-            return _outcome(op, status, exc)
+            outcome = _outcome(op, status, exc)
+            if status == "retry_wait" and client.retry.defers(exc):
+                outcome.retry_after = put_off(client, exc)
+            return outcome
         except PermanentError as exc:
             return _outcome(op, "failed", exc)
 
     async def _send(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
         link = links.get(op.identity_key)
+        if link is None and op.kind in (Kind.DISABLE, Kind.DELETE) and (op.payload or {}).get("id"):
+            return await self._deprovision_unowned(client, op, str(op.payload["id"]))  # type: ignore[index]
         if op.kind is Kind.DELETE:
             if link is None:
                 return Outcome(op.id, "succeeded", note="no account linked; nothing to delete")
@@ -271,6 +277,19 @@ class Executor:
             return outcome
         state = _linked(link, result, active=True, applied=payload, applied_hash=applied_hash)
         return await self._verify(client, link.scim_id, payload, result, Outcome(op.id, "succeeded", link=state))
+
+    async def _deprovision_unowned(self, client: ScimClient, op: ClaimedOperation, scim_id: str) -> Outcome:
+        """Disable or delete an account no identity owns, by its id (a reconciliation's reaction); no link."""
+        owner = linked_identity(self.engine, self.target, scim_id)
+        if owner is not None:
+            # Adopted since the reconciliation found it unowned: it is someone's account now.
+            return Outcome(op.id, "succeeded", note=f"account is now linked to identity {owner}; left as it is")
+        found = LinkState(scim_id, True, None, None, None, None)
+        if op.kind is Kind.DELETE:
+            await self._fresh(client, found, lambda etag: client.delete(self.endpoint, scim_id, etag=etag))
+            return Outcome(op.id, "succeeded", note="unmatched account deleted")
+        await self._set_active(client, found, active=False)
+        return Outcome(op.id, "succeeded", note="unmatched account disabled")
 
     async def _create(self, client: ScimClient, op: ClaimedOperation, payload: dict[str, Any], applied_hash: str) -> Outcome:
         """POST the account; adopt an existing one when the target already has it."""
@@ -304,6 +323,8 @@ class Executor:
 
     def _match_first(self, op: ClaimedOperation) -> bool:
         # A retried create may have succeeded the first time with its answer lost.
+        if op.kind is Kind.LINK:
+            return True  # adopting the account the match attribute finds is the point
         policy = self.config.match_before_create
         return policy == "always" or (policy == "retries" and op.attempts > 1)
 
@@ -395,7 +416,9 @@ class Executor:
                 operations.append({"op": "replace", "path": "active", "value": True})
             if not operations:
                 operations = None
-        return await self._write(client, link, payload, operations, adopting=False)
+        # The account is to be active (a mover's, a rehire's) unless the mapping says otherwise.
+        desired = {"active": True, **payload} if enable or link.active else payload
+        return await self._write(client, link, payload, operations, adopting=False, desired=desired)
 
     async def _write(
         self,
@@ -405,6 +428,7 @@ class Executor:
         operations: list[dict[str, Any]] | None,
         *,
         adopting: bool,
+        desired: dict[str, Any] | None = None,
     ) -> ScimResult:
         """Write the desired state (``operations``: only what changed) as the target takes it.
 
@@ -417,12 +441,12 @@ class Executor:
                                    adopting=adopting)  # fmt: skip
         renames = _renames_username(link.applied, payload)
         try:
-            return await self._send_write(client, link, method, payload, operations)
+            return await self._send_write(client, link, method, payload, operations, desired)
         except (PermanentError, TransientError) as exc:
             step = on_user_error(method, exc.status, exc.scim_type, adopting=adopting, renames_username=renames)
             if step is Step.USE_PATCH:
                 self.quirks.learn("put", False, f"PUT /{self.endpoint}/{{id}} answered {exc.status}")
-                return await self._write(client, link, payload, operations, adopting=adopting)
+                return await self._write(client, link, payload, operations, adopting=adopting, desired=desired)
             if step is Step.DROP_USERNAME:
                 kept_ops, kept = without_username(operations, payload, (link.applied or {}).get("userName"))
                 if kept_ops != []:
@@ -432,12 +456,24 @@ class Executor:
             raise
 
     async def _send_write(
-        self, client: ScimClient, link: LinkState, method: str, payload: dict[str, Any], operations: list[dict[str, Any]] | None
+        self,
+        client: ScimClient,
+        link: LinkState,
+        method: str,
+        payload: dict[str, Any],
+        operations: list[dict[str, Any]] | None,
+        desired: dict[str, Any] | None = None,
     ) -> ScimResult:
         if method == "put":
             return await self._fresh(client, link, lambda etag: client.replace(self.endpoint, link.scim_id, payload, etag=etag))
-        ops = operations if operations is not None else replace_all(payload)
-        return await self._fresh(client, link, lambda etag: client.patch(self.endpoint, link.scim_id, ops, etag=etag))
+        if operations is None:
+            # Every attribute replaced (no PUT): a 412 sends the same request on the fresh version.
+            ops = replace_all(payload)
+            return await self._fresh(client, link, lambda etag: client.patch(self.endpoint, link.scim_id, ops, etag=etag))
+        # A difference: a 412 is rebased on the fresh resource toward ``desired``.
+        return await self._fresh(
+            client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag), desired
+        )
 
     async def _verify(
         self, client: ScimClient, scim_id: str, payload: dict[str, Any], result: ScimResult, outcome: Outcome
@@ -462,8 +498,9 @@ class Executor:
     async def _set_active(self, client: ScimClient, link: LinkState, *, active: bool) -> ScimResult:
         if self._use_patch() or not self.quirks.put:
             operations = [{"op": "replace", "path": "active", "value": active}]
+            desired = {**(link.applied or {}), "active": active}
             return await self._fresh(
-                client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag)
+                client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag), desired
             )
         current = link.applied
         if current is None:
@@ -474,9 +511,22 @@ class Executor:
         )
 
     async def _fresh(
-        self, client: ScimClient, link: LinkState, send: Callable[[str | None], Awaitable[ScimResult]]
+        self,
+        client: ScimClient,
+        link: LinkState,
+        send: Callable[[str | None], Awaitable[ScimResult]],
+        desired: dict[str, Any] | None = None,
     ) -> ScimResult:
-        """Send with If-Match; on 412, refetch the resource's version and send the change again on top of it."""
+        """Send with If-Match; on 412, read the resource again and send what it still lacks.
+
+        ``desired``: the state a PATCH is to leave (payload and ``active``). After a
+        412 someone else changed the resource: the PATCH sent on the fresh version is
+        the whole difference between ``desired`` and the fresh resource on the
+        attributes the mapping owns (:func:`provisioner.rebase.rebase_operations`),
+        not our own small change again, so that recording ``desired`` as applied is
+        true. Without ``desired`` (a PUT of the whole resource, a DELETE) the same
+        request is sent with the fresh version.
+        """
         etag = self._if_match(link)
         versions = [etag]
         for _ in range(PRECONDITION_ROUNDS):
@@ -486,6 +536,12 @@ class Executor:
                 fresh = await client.get(self.endpoint, link.scim_id)
                 etag = fresh.version
                 versions.append(etag)
+                if desired is not None:
+                    owned = flatten(link.applied or {}).keys()
+                    operations = rebase_operations(desired, fresh.resource or {}, owned)
+                    if not operations:
+                        return fresh  # the target holds the desired state already
+                    send = _patch_sender(client, self.endpoint, link.scim_id, operations)
         try:
             return await send(etag)
         except PreconditionFailed as exc:
@@ -533,6 +589,60 @@ def _renames_username(applied: dict[str, Any] | None, payload: dict[str, Any]) -
     if "userName" not in payload:
         return False
     return applied is None or applied.get("userName") != payload["userName"]
+
+
+def judge(engine: Engine, target: str, config: TargetConfig, tally: Tally) -> None:
+    """Record a round's calls in the target's health; log and measure a quarantine that starts or ends."""
+    transition = observe(engine, target, tally, config.quarantine)
+    if transition == "quarantined":
+        log.error("target quarantined", target=target, failed=tally.failed, succeeded=tally.succeeded,
+                  last_error=tally.last_error)  # fmt: skip
+    elif transition == "recovered":
+        log.info("target recovered from quarantine", target=target)
+    current = state(engine, target)
+    unwell = current is not None and (current.quarantined or current.paused)
+    metrics.QUARANTINED.labels(target).set(1 if unwell else 0)
+
+
+def _patch_sender(
+    client: ScimClient, endpoint: str, scim_id: str, operations: list[dict[str, Any]]
+) -> Callable[[str | None], Awaitable[ScimResult]]:
+    return lambda etag: client.patch(endpoint, scim_id, operations, etag=etag)
+
+
+async def target_answers(client: ScimClient, tally: Tally) -> bool:
+    """Whether the target answers a read of ``/ServiceProviderConfig``: the health of the target, not of an operation.
+
+    A failure to answer is counted in the round's ``tally`` like a failed operation.
+    """
+    try:
+        await client.capabilities()
+    except (TransientError, AuthError) as exc:
+        tally.answered = False
+        tally.add(ok=False, unwell=True, auth=isinstance(exc, AuthError), error=str(exc))
+        return False
+    finally:
+        client.history.clear()  # the read is the target's, not any operation's
+    tally.answered = True
+    return True
+
+
+def _tried(ops: list[ClaimedOperation]) -> tuple[bool, int, datetime]:
+    """How an account's operations rank as a probe: never failed first, then fewest tries, then longest waiting."""
+    return (any(op.failed_before for op in ops), max(op.attempts for op in ops), min(op.created_at for op in ops))
+
+
+def put_off(client: ScimClient, exc: ScimError) -> float:
+    """Seconds an operation waits in the queue because the target asked (Retry-After, RFC 9110 §10.2.3).
+
+    The other workers are slowed down for as long as they would wait in place
+    (RFC 6585 §4: 429 means the target as a whole is loaded), not for the whole
+    wait: the cycle goes on with the other operations.
+    """
+    assert exc.retry_after is not None
+    if exc.status == 429:
+        client.limiter.slow_down(client.retry.wait_in_place)
+    return exc.retry_after
 
 
 def _keys_needed(by_key: dict[str, list[ClaimedOperation]]) -> list[str]:

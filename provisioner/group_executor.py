@@ -65,9 +65,9 @@ from provisioner.groups import (
 from provisioner.mapping import AttributeMapping
 from provisioner.payload import dumps, loads
 from provisioner.reactions import MembersRead, Step, group_members, matches, next_removal_form, on_member_removal
-from provisioner.quarantine import Admission, admission
+from provisioner.quarantine import Admission, Tally, admission
 from provisioner.quirks import load_quirks
-from provisioner.executor import call_record
+from provisioner.executor import call_record, judge, put_off, target_answers
 from provisioner.queue import CallRecord, claim_rows, finish, load_links, open_rows, release, replaced_by, write_plan
 from provisioner.sources import read_source
 from provisioner.store import GroupLink as GroupLinkTable
@@ -191,6 +191,8 @@ class GroupOperation:
     identities: dict[str, str | None]
     attempts: int
     created_at: datetime
+    # It failed before: a failure now may be its own rather than the target's (see quarantine).
+    failed_before: bool = False
 
 
 def claim_groups(engine: Engine, target: str, *, now: datetime | None = None, limit: int | None = None) -> list[GroupOperation]:
@@ -213,6 +215,7 @@ def claim_groups(engine: Engine, target: str, *, now: datetime | None = None, li
                 identities={m["value"]: m.get("identity") for m in [*add, *remove]},
                 attempts=row["attempts"] + 1,
                 created_at=as_utc(row["created_at"]),
+                failed_before=row["last_error"] is not None,
             )
         )
     return claimed
@@ -238,6 +241,8 @@ class GroupOutcome:
     removed: set[str] = field(default_factory=set)
     calls: list[CallRecord] = field(default_factory=list)
     attempt: int = 1
+    # Seconds the target asked us to wait (Retry-After): the row is due then.
+    retry_after: float | None = None
 
 
 def record_group(engine: Engine, target: str, key: str, identities: dict[str, str | None], out: GroupOutcome) -> None:
@@ -413,26 +418,34 @@ class GroupExecutor:
         report = GroupReport()
         if not operations:
             return report
-        if admission(self.engine, self.target) is not Admission.SEND:
-            # Paused, or quarantined: the users' executor probes; groups wait until the target is well.
+        gate = admission(self.engine, self.target)
+        if gate is Admission.SKIP:
+            # Paused, or quarantined between probes: the operations wait in the queue.
             release(self.engine, [op.id for op in operations])
             report.skipped = len(operations)
             return report
         finished: set[int] = set()
         work = list(reversed(operations))
         clients = [self.client_factory() for _ in range(min(self.config.max_concurrency, len(operations)))]
+        # Group operations count toward the target's health like the users' (see quarantine).
+        tally = Tally()
         try:
             try:
                 await self._discover(clients[0])
             except (TransientError, AuthError) as exc:
                 log.warning("target unreachable", target=self.target, error=str(exc))
+                tally.add(ok=False, unwell=True, auth=isinstance(exc, AuthError), error=str(exc))
                 return report
             finally:
                 self.calls += len(clients[0].history)
                 clients[0].history.clear()
 
+            def stop() -> bool:
+                breaker = tally.consecutive_failures >= self.config.quarantine.consecutive_failures
+                return self.stopping.is_set() or breaker
+
             async def worker(client: ScimClient) -> None:
-                while work and not self.stopping.is_set():
+                while work and not stop():
                     op = work.pop()
                     started = time.perf_counter()
                     out = await self._apply(client, op)
@@ -445,6 +458,13 @@ class GroupExecutor:
                     record_group(self.engine, self.target, op.group_key, op.identities, out)
                     self._remember(op.group_key, out)
                     finished.add(op.id)
+                    tally.add(
+                        ok=out.status == "succeeded",
+                        unwell=(out.status == "retry_wait" and out.retry_after is None) or out.http_status == 401,
+                        auth=out.http_status == 401,
+                        error=out.error,
+                        repeated=op.failed_before,
+                    )
                     report.statuses[out.status] += 1
                     if out.status == "succeeded":
                         report.done[op.kind.value] += 1
@@ -453,12 +473,26 @@ class GroupExecutor:
                           status=out.status, added=len(out.added), removed=len(out.removed), calls=len(out.calls),
                           duration_ms=round((time.perf_counter() - started) * 1000, 1), error=out.error)  # fmt: skip
 
+            if gate is Admission.PROBE:
+                # Quarantined, due for a probe: a read, then the operation tried least, alone.
+                if not await target_answers(clients[0], tally):
+                    return report
+                probe = min(operations, key=lambda op: (op.failed_before, op.attempts, op.created_at))
+                rest = [op for op in work if op is not probe]
+                work[:] = [probe]
+                await worker(clients[0])
+                if not tally.succeeded:
+                    return report
+                work[:] = rest
             await asyncio.gather(*(worker(c) for c in clients))
+            if tally.only_repeated:
+                await target_answers(clients[0], tally)
         finally:
             await asyncio.gather(*(c.aclose() for c in clients))
             unstarted = [op.id for op in operations if op.id not in finished]
             release(self.engine, unstarted)
             report.skipped = len(unstarted)
+            judge(self.engine, self.target, self.config, tally)
         return report
 
     def _remember(self, key: str, out: GroupOutcome) -> None:
@@ -489,6 +523,8 @@ class GroupExecutor:
             out.drop_link = True
         except (TransientError, AuthError) as exc:
             _fail(out, "failed" if utcnow() - op.created_at > timedelta(days=7) else "retry_wait", exc)
+            if out.status == "retry_wait" and client.retry.defers(exc):
+                out.retry_after = put_off(client, exc)
         except PermanentError as exc:
             _fail(out, "failed", exc)
         return out
@@ -516,10 +552,12 @@ class GroupExecutor:
         if not add and not remove and rename is None:
             out.link = link
             return
+        # The managed members the group must have once this operation is done: what a 412 is rebased on.
+        desired = (base | set(op.add)) - set(op.remove)
         if self._use_patch() and not (remove and self.quirks.member_removal == "put"):
-            await self._patch(client, link, add, remove, rename, out)
+            await self._patch(client, link, add, remove, rename, out, desired)
         else:
-            await self._put(client, link, add, remove, op.display_name, out)
+            await self._put(client, link, add, remove, op.display_name, out, desired)
 
     async def _link_or_create(
         self, client: ScimClient, op: GroupOperation, out: GroupOutcome
@@ -530,6 +568,22 @@ class GroupExecutor:
             ids = ", ".join(str(g.get("id")) for g in found)
             raise Conflict(f"displayName eq {op.display_name!r} matches {len(found)} groups in the target ({ids}); "
                            "expected at most one to link")  # fmt: skip
+        note = "linked an existing group of the same displayName"
+        if not found:
+            first = sorted(op.add) if self.quirks.group_create_with_members else None
+            try:
+                result = await self._create_group(client, op, first)
+            except Conflict as exc:
+                # The lookup missed a group the target has (its filter lags or ignores case): look again.
+                found = await self._conflicting(client, op, exc)
+                note = "409 on create: linked the existing group of that displayName"
+            else:
+                out.link = GroupLink(op.group_key, result.id or "", op.display_name, result.version)
+                out.verified = True
+                if result.first is None:
+                    return out.link, None
+                out.added.update(result.first)
+                return out.link, set(result.first)
         if found:
             existing = found[0]
             scim_id = str(existing["id"])
@@ -539,7 +593,7 @@ class GroupExecutor:
                 raise Conflict(f"group {scim_id} ({op.display_name!r}) is already linked to group {owner!r}")
             version = (existing.get("meta") or {}).get("version")
             out.link = GroupLink(op.group_key, scim_id, _name(existing) or op.display_name, version)
-            out.note = "linked an existing group of the same displayName"
+            out.note = note
             members = self._ids(existing) if "members" in existing else None
             if members is None:
                 fresh = await client.get(ENDPOINT, scim_id)
@@ -547,22 +601,42 @@ class GroupExecutor:
                 out.link = GroupLink(op.group_key, scim_id, out.link.display_name, fresh.version or version)
             out.verified = True
             return out.link, members & self.managed
-        first = sorted(op.add) if self.quirks.group_create_with_members else None
+        raise AssertionError("unreachable: a group was found or created")  # pragma: no cover
+
+    async def _conflicting(self, client: ScimClient, op: GroupOperation, conflict: Conflict) -> list[dict[str, Any]]:
+        """After a 409 on POST /Groups: the one group of exactly that displayName, or a Conflict saying why not.
+
+        The target's answers are checked (RFC 7643 §4.2: ``displayName`` is the
+        group's name; we match it exactly, whatever the filter returned), de-duplicated
+        by ``id``. Linking it is safe only if no other group of ours owns it already
+        (checked by the caller).
+        """
+        name = op.display_name
+        results = await client.find(ENDPOINT, "displayName", name, case_exact=True)
+        # find() checks its results already; checked again here because linking the wrong group is worse than none.
+        exact = list({str(g["id"]): g for g in results if g.get("id") and g.get("displayName") == name}.values())
+        if len(exact) == 1:
+            return exact
+        where = f"POST /Groups answered 409 ({conflict.detail or conflict.scim_type or 'conflict'}) for {name!r}"
+        if not exact:
+            raise Conflict(f"{where}, but no group of exactly that displayName can be found to link "
+                           f"({len(results)} results for the lookup); create or rename it by hand") from conflict  # fmt: skip
+        ids = ", ".join(str(g["id"]) for g in exact)
+        raise Conflict(f"{where}, and {len(exact)} groups have exactly that displayName ({ids}); "
+                       "expected one to link") from conflict  # fmt: skip
+
+    async def _create_group(self, client: ScimClient, op: GroupOperation, first: list[str] | None) -> _Created:
+        """POST the group, with its first members when the target needs them (declared, or a 400 without)."""
         try:
-            result = await client.create(ENDPOINT, group_resource(op.display_name, first and self._values(first)))
+            result = await client.create(ENDPOINT, group_resource(op.display_name, None if first is None else self._values(first)))
         except PermanentError as exc:
-            if first is not None or not op.add or exc.status != 400:
+            if isinstance(exc, Conflict) or first is not None or not op.add or exc.status != 400:
                 raise
             # Some targets refuse a group without members (400): created with its first members instead.
             first = sorted(op.add)
             result = await client.create(ENDPOINT, group_resource(op.display_name, self._values(first)))
             self.quirks.learn("group_create_with_members", True, f"POST /Groups without members answered {exc.status}")
-        out.link = GroupLink(op.group_key, result.id or "", op.display_name, result.version)
-        out.verified = True
-        if first is None:
-            return out.link, None
-        out.added.update(first)
-        return out.link, set(first)
+        return _Created(result.id, result.version, first)
 
     async def _find_group(self, client: ScimClient, display_name: str) -> list[dict[str, Any]]:
         """Groups whose displayName is exactly ``display_name``, once each: a lookup result is a claim.
@@ -658,8 +732,24 @@ class GroupExecutor:
             self.quirks.learn("group_members_returned", False, "GET /Groups/{id} omits members, also with attributes=members")
 
     async def _patch(
-        self, client: ScimClient, link: GroupLink, add: list[str], remove: list[str], rename: str | None, out: GroupOutcome
+        self,
+        client: ScimClient,
+        link: GroupLink,
+        add: list[str],
+        remove: list[str],
+        rename: str | None,
+        out: GroupOutcome,
+        desired: set[str] | None = None,
     ) -> None:
+        """PATCH member changes in batches; on a 412, rebase on the group as it is now.
+
+        After a 412 (or a ``noTarget`` on a removal) the group is read again and
+        what is left to send is ``desired`` against its fresh members: a managed
+        member someone removed meanwhile is added back in this same operation, one
+        someone added that we do not want is removed (RFC 7644 §3.14). Members of
+        accounts we do not manage are left alone. Without ``desired``, only the
+        rest of this operation's own changes is sent.
+        """
         size = self.config.max_members_per_patch
         pending = batches(add, remove, size) or [([], [])]
         etag = self._etag(link.etag)
@@ -697,19 +787,24 @@ class GroupExecutor:
                 if rounds > PRECONDITION_ROUNDS:
                     exc.message = f"{exc.message}; still stale after {PRECONDITION_ROUNDS} refetches"
                     raise
-                # Someone changed the group: read it, and send only what is still missing or still there.
+                # Someone changed the group: read it, and send what it lacks of the desired state.
                 fresh = await client.get(ENDPOINT, link.scim_id)
                 members, _ = await self._members(client, link, fresh)
-                rest_add = [m for a, _ in pending[index:] for m in a]
-                rest_remove = [m for _, r in pending[index:] for m in r]
-                out.added |= {m for m in rest_add if m in members}
-                out.removed |= {m for m in rest_remove if m not in members}
                 if rename is not None and _name(fresh.resource) == rename:
                     rename = None
-                pending = pending[:index] + (
-                    batches([m for m in rest_add if m not in members], [m for m in rest_remove if m in members], size)
-                    or [([], [])]
-                )
+                if desired is not None:
+                    ours = members & (self.managed | desired)
+                    # What the group holds now is the base; what is sent from here is counted on top of it.
+                    out.reset, out.added, out.removed = set(ours), set(), set()
+                    rest_add, rest_remove = sorted(desired - members), sorted(ours - desired)
+                else:
+                    rest_add = [m for a, _ in pending[index:] for m in a]
+                    rest_remove = [m for _, r in pending[index:] for m in r]
+                    out.added |= {m for m in rest_add if m in members}
+                    out.removed |= {m for m in rest_remove if m not in members}
+                    rest_add = [m for m in rest_add if m not in members]
+                    rest_remove = [m for m in rest_remove if m in members]
+                pending = pending[:index] + (batches(rest_add, rest_remove, size) or [([], [])])
                 etag = self._etag(fresh.version)
                 continue
             out.added.update(batch_add)
@@ -726,14 +821,28 @@ class GroupExecutor:
         out.link = link
 
     async def _put(
-        self, client: ScimClient, link: GroupLink, add: list[str], remove: list[str], name: str, out: GroupOutcome
+        self,
+        client: ScimClient,
+        link: GroupLink,
+        add: list[str],
+        remove: list[str],
+        name: str,
+        out: GroupOutcome,
+        desired: set[str] | None = None,
     ) -> None:
-        """GET the group, PUT it back with the member list changed; on 412, again from a fresh read."""
+        """GET the group, PUT it back with the member list changed; on 412, again from a fresh read.
+
+        With ``desired``, the managed members PUT are exactly those (a member removed
+        by someone else comes back); members of accounts we do not manage are kept.
+        """
         for round_ in range(PRECONDITION_ROUNDS + 1):
             fresh = await client.get(ENDPOINT, link.scim_id)
             resource = fresh.resource or {}
             current, _ = await self._members(client, link, fresh)
-            members = (current - set(remove)) | set(add)
+            if desired is not None:
+                members = (current - self.managed - set(remove)) | desired
+            else:
+                members = (current - set(remove)) | set(add)
             body = {k: v for k, v in resource.items() if k not in ("id", "meta", "members", "displayName")}
             body = {**group_resource(name, self._values(members)), **{k: v for k, v in body.items() if k != "schemas"}}
             try:
@@ -743,8 +852,11 @@ class GroupExecutor:
                     exc.message = f"{exc.message}; still stale after {PRECONDITION_ROUNDS} refetches"
                     raise
                 continue
-            out.added.update(add)
-            out.removed.update(remove)
+            if desired is not None:
+                out.reset, out.added, out.removed = set(desired), set(), set()
+            else:
+                out.added.update(add)
+                out.removed.update(remove)
             out.link = GroupLink(link.group_key, link.scim_id, name, result.version)
             return
 
@@ -808,6 +920,15 @@ def _group_owner(engine: Engine, target: str, scim_id: str) -> str | None:
     with engine.connect() as conn:
         query = select(GLINK.c.group_key).where(GLINK.c.target == target, GLINK.c.scim_id == scim_id)
         return conn.execute(query).scalar()
+
+
+@dataclass(frozen=True, slots=True)
+class _Created:
+    """A group POSTed: its id, version, and the members it was created with (None: none)."""
+
+    id: str | None
+    version: str | None
+    first: list[str] | None
 
 
 def _claim_group(engine: Engine, target: str, key: str, scim_id: str, display_name: str) -> str | None:

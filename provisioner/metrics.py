@@ -32,6 +32,13 @@ UNSTORED = Counter(
 QUARANTINED = Gauge("provisioner_target_quarantined", "1 when a target is quarantined or paused", ["target"],
                     registry=REGISTRY)  # fmt: skip
 
+RECONCILE_ACCOUNTS = Gauge("provisioner_reconcile_accounts",
+                           "Accounts by situation at a target's last reconciliation (midPoint's situations)",
+                           ["target", "situation"], registry=REGISTRY)  # fmt: skip
+RECONCILE_DRIFTED = Gauge("provisioner_reconcile_drifted_accounts",
+                          "Linked accounts whose attributes drifted, at a target's last reconciliation",
+                          ["target"], registry=REGISTRY)  # fmt: skip
+
 
 def set_queue_depth(counts: dict[str, dict[str, int]], statuses: tuple[str, ...]) -> None:
     """Publish queue counts; statuses with no rows read 0 rather than vanishing."""

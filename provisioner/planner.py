@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -29,6 +29,8 @@ class Kind(StrEnum):
     DISABLE = "disable"
     ENABLE = "enable"
     DELETE = "delete"
+    # Adopt the account the match attribute finds (reconciliation's reaction to an unlinked account).
+    LINK = "link"
 
 
 class Reason(StrEnum):
@@ -38,6 +40,8 @@ class Reason(StrEnum):
     MOVER = "mover"
     LEAVER = "leaver"
     REHIRE = "rehire"
+    # What reading the target back found (provisioner.reconcile), not a change in the source.
+    RECONCILE = "reconcile"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +102,33 @@ def decide(desired: Desired, link: Link | None, leaver: LeaverAction = "disable"
     return Decision(key, Kind.UPDATE, Reason.MOVER, desired.payload, desired.payload_hash)
 
 
+class Rejection(NamedTuple):
+    """A record held for review instead of planned: ``message`` is ``file:line: why``."""
+
+    identity_key: str
+    message: str
+    kind: Kind
+    reason: Reason
+
+
+# RFC 7643 §2.2: string attributes compare without case unless the schema says caseExact;
+# of the User attributes a mapping can match on, externalId (§3.1) is the case-exact one.
+CASE_EXACT = frozenset({"externalId"})
+
+
 @dataclass(slots=True)
 class Plan:
     """Everything one planning pass decided for one target."""
 
     target: str
     decisions: list[Decision] = field(default_factory=list)
-    # Records that could not be rendered: (identity key, reason, what kind it would have been).
-    rejected: list[tuple[str, str, Kind, Reason]] = field(default_factory=list)
+    # Records held for review: (identity key, file:line: why, what kind it would have been).
+    rejected: list[Rejection] = field(default_factory=list)
+    # A digest of each rejected record as read: a resolved rejection stays silent until it changes.
+    record_hashes: dict[str, str] = field(default_factory=dict)
+    # Every identity key the source had (``<file:line>`` for a line without one): a rejection of
+    # an identity no longer there has nothing left to review.
+    present: set[str] = field(default_factory=set)
     unchanged: int = 0
     unresolved_refs: int = 0
     source_records: int = 0
@@ -114,9 +137,10 @@ class Plan:
 
     def counts(self) -> dict[str, int]:
         """How many operations of each kind, plus unchanged and rejected."""
-        counts = {kind.value: 0 for kind in Kind}
+        # LINK is reconciliation's, never a cycle's: a plan does not list it.
+        counts = {kind.value: 0 for kind in Kind if kind is not Kind.LINK}
         for decision in self.decisions:
-            counts[decision.kind.value] += 1
+            counts[decision.kind.value] = counts.get(decision.kind.value, 0) + 1
         counts["unchanged"] = self.unchanged
         counts["rejected"] = len(self.rejected)
         return counts
@@ -140,31 +164,43 @@ def plan_target(
     """
     plan = Plan(target)
     seen: set[str] = set()
+    # (key, match value, origin, payload hash) of each record that gets an account: duplicates are
+    # found once every record is read, and taken out of the plan before anything is written.
+    matched: list[tuple[str, str, str, str | None]] = []
     for record in records:
         if isinstance(record, BadRecord):
             key = record.key or f"<{record.origin}>"
-            plan.rejected.append((key, f"{record.origin}: {record.reason}", *_would_be(links.get(record.key))))
+            digest = _text_digest(record.text or record.reason)
+            _reject(plan, key, f"{record.origin}: {record.reason}", links.get(record.key), digest)
             seen.add(record.key)
+            plan.present.add(key)
             continue
         if record.key in seen:
-            plan.rejected.append(
-                (record.key, f"{record.origin}: duplicate identity key '{record.key}'", *_would_be(links.get(record.key)))
-            )
+            _reject(plan, record.key, f"{record.origin}: duplicate identity key '{record.key}'", links.get(record.key),
+                    _digest(record))  # fmt: skip
             continue
         seen.add(record.key)
         plan.source_records += 1
         link = links.get(record.key)
         if memo is not None and memo.settled(record, link, links):
+            match = memo.match_of(record.key)
+            if match is not None:
+                matched.append((record.key, match, record.origin, link.applied_hash if link else None))
             _add(plan, record.key, None)
             continue
         try:
             desired, refs = _desired(record, mapping, links, plan)
         except MappingError as exc:
-            plan.rejected.append((record.key, f"{record.origin}: {exc}", *_would_be(link)))
+            _reject(plan, record.key, f"{record.origin}: {exc}", link, _digest(record))
             continue
+        match = _match_value(desired.payload, mapping.match)
+        if match is not None:
+            matched.append((record.key, match, record.origin, desired.payload_hash))
         _add(plan, record.key, decide(desired, link, leaver))
         if memo is not None:
-            memo.remember(record, desired.payload_hash, refs, links)
+            memo.remember(record, desired.payload_hash, refs, links, match)
+    plan.present.update(seen)
+    _hold_shared_match_values(plan, matched, mapping.match, links)
     active = sum(link.active for link in links.values())
     if plan.source_records == 0 and active:
         raise SafetyStop(
@@ -180,6 +216,48 @@ def plan_target(
             _add(plan, key, decide(Desired(key, None), link, leaver))
     plan.decisions = order_by_references(plan.decisions)
     return plan
+
+
+def _hold_shared_match_values(
+    plan: Plan, matched: list[tuple[str, str, str, str | None]], attribute: str, links: Mapping[str, Link]
+) -> None:
+    """Take identities whose match value another one has out of the plan, as rejections.
+
+    Before any write: otherwise two accounts for one person on a target that
+    does not enforce uniqueness, or whichever record came first winning the
+    account, a different one each cycle. The digest kept is the payload hash:
+    the rejection stays silenced (once resolved) until what the record renders to changes.
+    """
+    shared = shared_match_values(((key, match) for key, match, _o, _h in matched), attribute)
+    if not shared:
+        return
+    settled = set(plan.settled) & shared.keys()
+    plan.unchanged -= len(settled)
+    plan.settled = [key for key in plan.settled if key not in shared]
+    plan.decisions = [d for d in plan.decisions if d.identity_key not in shared]
+    for key, match, origin, payload_hash in matched:
+        if key in shared:
+            others = ", ".join(shared[key])
+            why = f"{attribute} {match} is also rendered for identit{'ies' if ',' in others else 'y'} {others}"
+            _reject(plan, key, f"{origin}: {why}", links.get(key), payload_hash or _text_digest(match))
+
+
+def shared_match_values(values: Iterable[tuple[str, str | None]], attribute: str) -> dict[str, list[str]]:
+    """Identities whose match value another identity of the snapshot also has: key -> the others' keys.
+
+    Values are compared the way the target compares them (RFC 7643 §2.2
+    ``caseExact``): ``ana@x`` and ``Ana@X `` are one userName, two externalIds.
+    """
+    by_value: dict[str, list[str]] = {}
+    for key, value in values:
+        if value is not None:
+            by_value.setdefault(value if attribute in CASE_EXACT else value.strip().casefold(), []).append(key)
+    shared: dict[str, list[str]] = {}
+    for keys in by_value.values():
+        if len(keys) > 1:
+            for key in keys:
+                shared[key] = sorted(k for k in keys if k != key)
+    return shared
 
 
 def order_by_references(decisions: list[Decision]) -> list[Decision]:
@@ -254,28 +332,61 @@ class RenderMemo:
     target for as long as it keeps the mapping.
     """
 
-    entries: dict[str, tuple[bytes, tuple[tuple[str, str | None], ...], str | None]] = field(default_factory=dict)
+    entries: dict[str, tuple[bytes, tuple[tuple[str, str | None], ...], str | None, str | None]] = field(
+        default_factory=dict
+    )
 
     def settled(self, record: IdentityRecord, link: Link | None, links: Mapping[str, Link]) -> bool:
         """Whether the record is unchanged and its account already holds what it renders to."""
         entry = self.entries.get(record.key)
         if entry is None or link is None or not link.active or link.applied_hash is None:
             return False
-        digest, refs, desired_hash = entry
-        if desired_hash != link.applied_hash or digest != _digest(record):
+        digest, refs, desired_hash, _match = entry
+        if desired_hash != link.applied_hash or digest != _digest_bytes(record):
             return False
         return all((links[k].scim_id if k in links else None) == scim_id for k, scim_id in refs)
 
     def remember(
-        self, record: IdentityRecord, desired_hash: str | None, refs: set[str], links: Mapping[str, Link]
+        self,
+        record: IdentityRecord,
+        desired_hash: str | None,
+        refs: set[str],
+        links: Mapping[str, Link],
+        match: str | None = None,
     ) -> None:
-        """Keep what this record rendered to: its payload hash, and the ids its references had then."""
+        """Keep what this record rendered to: its payload hash, match value, and the ids its references had then."""
         resolved = tuple((k, links[k].scim_id if k in links else None) for k in sorted(refs))
-        self.entries[record.key] = (_digest(record), resolved, desired_hash)
+        self.entries[record.key] = (_digest_bytes(record), resolved, desired_hash, match)
+
+    def match_of(self, key: str) -> str | None:
+        """The match value (userName) the identity's last render gave: duplicates are found without rendering."""
+        entry = self.entries.get(key)
+        return entry[3] if entry is not None else None
 
 
-def _digest(record: IdentityRecord) -> bytes:
+def _digest_bytes(record: IdentityRecord) -> bytes:
     return hashlib.blake2b(orjson.dumps(record.attributes, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+
+
+def _digest(record: IdentityRecord) -> str:
+    return _digest_bytes(record).hex()
+
+
+def _match_value(payload: dict[str, Any] | None, attribute: str) -> str | None:
+    """The payload's match value as text, or None when the identity gets no account or has no such value."""
+    if not payload:
+        return None
+    value = payload.get(attribute)
+    return value if isinstance(value, str) else None
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _reject(plan: Plan, key: str, message: str, link: Link | None, digest: str) -> None:
+    plan.rejected.append(Rejection(key, message, *_would_be(link)))
+    plan.record_hashes[key] = digest
 
 
 def _desired(

@@ -1,8 +1,18 @@
 """Target health: quarantine a target whose calls keep failing, pause one by hand.
 
-A quarantined target is sent nothing but one probe operation per backoff
-interval (doubling to a cap); its operations stay queued. The first success
-ends the quarantine. A paused target is sent nothing until resumed.
+A quarantined target is sent nothing but one probe per backoff interval
+(doubling to a cap): a read of ``/ServiceProviderConfig``, then, if it answers,
+one operation, the one tried least (so a probe is not the same failing
+operation each time); its operations stay queued. The first success ends the
+quarantine. A probe operation that fails again while the target answers the
+read does not double the interval: the next probe is another operation's (a
+group operation's too). A paused target is sent nothing until resumed.
+
+The target is judged, not one operation: when the only failures of a round are
+operations that had failed before (one bad record whose writes always fail),
+the round asks the target for ``/ServiceProviderConfig``; if it answers, those
+failures are the operations' own (they wait for their retries, then go to
+review) and the round does not count against the target.
 """
 
 from __future__ import annotations
@@ -78,9 +88,13 @@ class Tally:
     auth_failed: int = 0
     consecutive_failures: int = 0
     last_error: str | None = None
+    # Failures of operations that had not failed before.
+    new_failures: int = 0
+    # Whether the target answered a read after the round's failures (None: it was not asked).
+    answered: bool | None = None
 
-    def add(self, *, ok: bool, unwell: bool, auth: bool, error: str | None) -> None:
-        """Count one operation's outcome."""
+    def add(self, *, ok: bool, unwell: bool, auth: bool, error: str | None, repeated: bool = False) -> None:
+        """Count one operation's outcome; ``repeated``: that operation had failed before."""
         if ok:
             self.succeeded += 1
             self.consecutive_failures = 0
@@ -88,7 +102,17 @@ class Tally:
             self.failed += 1
             self.consecutive_failures += 1
             self.auth_failed += auth
+            self.new_failures += not repeated
             self.last_error = error
+
+    @property
+    def only_repeated(self) -> bool:
+        """Nothing succeeded, and every failure was an operation failing again (never a 401).
+
+        Such a round may be a few bad operations rather than a sick target: ask the
+        target a read before counting it (see :func:`observe`).
+        """
+        return bool(self.failed) and not self.succeeded and not self.new_failures and not self.auth_failed
 
 
 def state(engine: Engine, target: str) -> TargetState | None:
@@ -126,6 +150,10 @@ def observe(
     current = state(engine, target) or TargetState(target=target)
     changes: dict[str, object] = {"updated_at": now}
     transition = None
+    if tally.answered and tally.only_repeated and not current.quarantined:
+        # The target answers; what keeps failing are those operations, each on its own way to review.
+        _write(engine, target, {**changes, "last_error": tally.last_error})
+        return None
     if tally.succeeded:
         changes.update(failing_since=None, last_success_at=now, auth_failures=0, failed_rounds=0)
         if current.quarantined:
@@ -139,7 +167,11 @@ def observe(
         failed_rounds = current.failed_rounds + 1 if not tally.succeeded else 0
         changes.update(auth_failures=auth_rounds, failed_rounds=failed_rounds)
         reason = _reason(tally, policy, auth_rounds, failed_rounds)
-        if current.quarantined and not tally.succeeded:
+        if current.quarantined and not tally.succeeded and tally.answered and tally.only_repeated:
+            # The target answers; the probe failed as it failed before, on its own. The next
+            # probe stays due, for another operation (its own retry schedule keeps this one away).
+            pass
+        elif current.quarantined and not tally.succeeded:
             interval = min(max(current.probe_interval, policy.probe_interval) * 2, policy.max_probe_interval)
             changes.update(probe_interval=interval, next_probe_at=now + timedelta(seconds=interval))
         elif reason and not current.quarantined:

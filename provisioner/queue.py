@@ -7,7 +7,8 @@ cannot happen.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import re
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -45,6 +46,8 @@ RETRY_SCHEDULE = (
     timedelta(hours=12),
 )
 MAX_RETRY_AGE = timedelta(days=7)
+# A Retry-After is honoured up to this long; a target asking for more is asked again then.
+MAX_RETRY_AFTER = timedelta(days=1)
 LEASE = timedelta(minutes=10)
 # Bodies stored with attempts are capped: a queue row is for reading, not archiving.
 BODY_CAP = 4_000
@@ -67,6 +70,9 @@ class ClaimedOperation:
     payload_hash: str | None
     attempts: int
     created_at: datetime
+    # It failed before (a transient failure waiting, or one an operator sent again): a failure
+    # now may be this operation's own, not a sign that the target is unwell.
+    failed_before: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +120,34 @@ class Outcome:
     calls: list[CallRecord] = field(default_factory=list)
     # Which try of the operation this was (from its claim): numbers the calls, sets the retry delay.
     attempt: int = 1
+    # Seconds the target asked us to wait (a Retry-After too long to wait in place): the row is due
+    # then, instead of at the retry schedule's next step.
+    retry_after: float | None = None
+
+
+@dataclass(slots=True)
+class Rejections:
+    """What :func:`enqueue` did with a plan's rejected records.
+
+    ``new``: (identity key, message) of each rejection recorded now, a failed row;
+    ``open``: rejections already recorded by an earlier cycle and still open;
+    ``silenced``: rejections an operator resolved or cancelled for the very same record.
+    """
+
+    new: list[tuple[str, str]] = field(default_factory=list)
+    open: int = 0
+    silenced: int = 0
+
+
+# A rejected record's row keeps the digest of the record in payload_hash (it has no payload), marked so.
+RECORD_HASH_PREFIX = "record:"
+# "hr.csv:12: why": the origin moves when rows above it come and go; the cause is what is compared.
+_ORIGIN = re.compile(r"^.+?:\d+: ")
+
+
+def rejection_cause(message: str | None) -> str | None:
+    """A rejection's message without its leading ``file:line:``."""
+    return None if message is None else _ORIGIN.sub("", message, count=1)
 
 
 def load_links(engine: Engine, target: str) -> dict[str, Link]:
@@ -158,6 +192,9 @@ def enqueue(
     *,
     brake: Callable[[int], bool] | None = None,
     settled: Iterable[str] = (),
+    record_hashes: Mapping[str, str] | None = None,
+    rejections: Rejections | None = None,
+    present: Collection[str] | None = None,
 ) -> int:
     """Write a plan's operations in one transaction; return how many were added.
 
@@ -167,10 +204,21 @@ def enqueue(
     they are written as ``held`` and wait for an operator's approval. Open
     operations of ``settled`` identities (already as they should be: a leaver
     back in the source before their disable was sent) are superseded.
+
+    A rejected record is one failed row per identity and cause (its message
+    without ``file:line``): the next cycle does not open another. Its
+    ``record_hashes`` digest is kept on the row; once an operator resolves or
+    cancels it, the same rejection of the same record stays silent until the
+    record changes. ``rejections``, when given, is filled with what happened.
+    With ``present`` (every identity key of the source), open rejections of
+    identities no longer in the source are superseded: nothing is left to review.
     """
     now = utcnow()
     rows: list[dict[str, Any]] = []
     superseded: list[int] = []
+    rejected = list(rejected)
+    hashes = record_hashes or {}
+    tally = rejections if rejections is not None else Rejections()
     with engine.begin() as conn:
         open_by_key = open_rows(conn, target, ACCOUNT_KINDS)
         for d in decisions:
@@ -179,22 +227,49 @@ def enqueue(
                 continue
             superseded.extend(replaced)
             rows.append(_new_row(run_id, target, d.identity_key, d.kind, d.reason, now, d.payload, d.payload_hash))
+        silenced = _silenced_rejections(conn, target, [hashes[key] for key, *_ in rejected if key in hashes])
         for key, message, kind, reason in rejected:
+            cause = rejection_cause(message)
             existing = open_by_key.get(key, [])
-            if any(r.status == "failed" and r.last_error == message for r in existing):
+            if any(r.status == "failed" and rejection_cause(r.last_error) == cause for r in existing):
+                tally.open += 1
+                continue
+            digest = RECORD_HASH_PREFIX + hashes[key] if key in hashes else None
+            if digest is not None and (key, digest, cause) in silenced:
+                tally.silenced += 1
                 continue
             superseded.extend(r.id for r in existing if r.status != "running")
-            row = _new_row(run_id, target, key, kind, reason, now)
+            row = _new_row(run_id, target, key, kind, reason, now, payload_hash=digest)
             row.update(status="failed", last_error=message, finished_at=now)
             rows.append(row)
+            tally.new.append((key, message))
         for key in settled:
             superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
+        if present is not None:
+            for key, existing in open_by_key.items():
+                if key not in present:
+                    superseded.extend(r.id for r in existing if _is_rejection(r))
         leavers = [row for row in rows if row["kind"] in DEPROVISION and row["status"] == "pending"]
         if brake is not None and leavers and brake(len(leavers)):
             for row in leavers:
                 row["status"] = "held"
         write_plan(conn, rows, superseded, now)
     return len(rows)
+
+
+def _is_rejection(row: Any) -> bool:
+    return row.status == "failed" and (row.payload_hash or "").startswith(RECORD_HASH_PREFIX)
+
+
+def _silenced_rejections(conn: Any, target: str, digests: list[str]) -> set[tuple[str, str, str | None]]:
+    """(identity key, record digest, cause) of the rejections an operator resolved or cancelled."""
+    found: set[tuple[str, str, str | None]] = set()
+    for chunk in _chunks(sorted({RECORD_HASH_PREFIX + d for d in digests}), 500):
+        query = select(OP.c.identity_key, OP.c.payload_hash, OP.c.last_error).where(
+            OP.c.target == target, OP.c.status.in_(("resolved", "cancelled")), OP.c.payload_hash.in_(chunk)
+        )
+        found.update((row[0], row[1], rejection_cause(row[2])) for row in conn.execute(query))
+    return found
 
 
 def open_rows(conn: Any, target: str, kinds: Sequence[str]) -> dict[str, list[Any]]:
@@ -288,8 +363,12 @@ def claim_rows(
     lease: timedelta = LEASE,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Take due rows of some kinds, oldest first: pending, retry_wait that is due, or running with an expired lease.
+    """Take due rows of some kinds in the order they became due: pending, retry_wait that is due, or
+    running with an expired lease.
 
+    A row becomes due when it is created, when its retry time comes, or when it is
+    given back unsent (:func:`release` stamps that time): a row given back waits its
+    turn behind those already due, instead of going first again and again.
     Returns the rows as they were before the claim, ``attempts`` not yet counted.
     """
     now = now or utcnow()
@@ -303,7 +382,8 @@ def claim_rows(
         ),
     )
     with engine.begin() as conn:
-        rows = conn.execute(select(OP).where(due).order_by(OP.c.id).limit(limit)).mappings().all()
+        order = (func.coalesce(OP.c.next_attempt_at, OP.c.created_at), OP.c.id)
+        rows = conn.execute(select(OP).where(due).order_by(*order).limit(limit)).mappings().all()
         for chunk in _chunks([row["id"] for row in rows], 500):
             conn.execute(
                 update(OP)
@@ -333,21 +413,28 @@ def claim(
             payload_hash=row["payload_hash"],
             attempts=row["attempts"] + 1,
             created_at=row["created_at"],
+            failed_before=row["last_error"] is not None,
         )
         for row in rows
     ]
 
 
 def release(engine: Engine, operation_ids: Sequence[int]) -> None:
-    """Give claimed operations that were never started back to the queue, as they were."""
+    """Give claimed operations that were never started back to the queue, at the end of the line.
+
+    Their attempt is not counted; they are due again from now, so :func:`claim_rows`
+    takes the rows that were already waiting first.
+    """
     if not operation_ids:
         return
+    now = utcnow()
     with engine.begin() as conn:
         for chunk in _chunks(list(operation_ids), 500):
             conn.execute(
                 update(OP)
                 .where(OP.c.id.in_(chunk), OP.c.status == "running")
-                .values(status="pending", lease_until=None, attempts=OP.c.attempts - 1, updated_at=utcnow())
+                .values(status="pending", lease_until=None, attempts=OP.c.attempts - 1, updated_at=now,
+                        next_attempt_at=now)  # fmt: skip
             )
 
 
@@ -415,6 +502,14 @@ class Finished(Protocol):
     detail: str | None
     calls: list[CallRecord]
     attempt: int
+    retry_after: float | None
+
+
+def next_attempt(outcome: Finished, now: datetime) -> datetime:
+    """When a waiting operation is due again: when the target asked (Retry-After), else the retry schedule."""
+    if outcome.retry_after is not None:
+        return now + timedelta(seconds=min(max(outcome.retry_after, 0.0), MAX_RETRY_AFTER.total_seconds()))
+    return now + retry_delay(outcome.attempt)
 
 
 def finish(conn: Any, outcome: Finished, now: datetime) -> None:
@@ -431,7 +526,7 @@ def finish(conn: Any, outcome: Finished, now: datetime) -> None:
             "detail": cap(outcome.detail),
             "error": cap(outcome.error),
             "note": outcome.note,
-            "next_attempt_at": now + retry_delay(outcome.attempt) if waits else None,
+            "next_attempt_at": next_attempt(outcome, now) if waits else None,
             "finished_at": now if outcome.status in ("succeeded", "failed") else None,
         },
     )

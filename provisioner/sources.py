@@ -1,10 +1,21 @@
-"""Identity sources: records streamed from a CSV or JSON Lines file, one at a time."""
+"""Identity sources: records streamed from a CSV or JSON Lines file, one at a time.
+
+A source that cannot be opened or decoded at all raises SourceError and the
+cycle is refused. Anything wrong with one record — a row with too many or too
+few fields, a line that is not JSON, a missing key, a cell over
+:data:`MAX_CELL_CHARS` or a record over :data:`MAX_RECORD_CHARS` — is a
+:class:`BadRecord` naming its line (and its key when it can be read): that
+record goes to review, the others go on. Lines are read in pieces of at most
+:data:`MAX_RECORD_CHARS` characters, so a 100 MB line costs no more memory
+than a short one.
+"""
 
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +23,14 @@ import orjson
 
 from provisioner.config import SourceConfig
 from provisioner.errors import SourceError
+
+# A cell longer than this is not an HR value (a pasted document, a broken export): its record is rejected.
+MAX_CELL_CHARS = 65_536
+# A record (all its lines) longer than this is rejected without being parsed into cells.
+MAX_RECORD_CHARS = 1_048_576
+# The csv module refuses fields over its own limit (131,072 by default) with csv.Error;
+# we never raise that process-wide limit: a field over it is a bad record like any other.
+_CSV_PREFIX_CHARS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,11 +44,16 @@ class IdentityRecord:
 
 @dataclass(frozen=True, slots=True)
 class BadRecord:
-    """A line of the source that is not a usable record; it goes to review, the rest go on."""
+    """A line of the source that is not a usable record; it goes to review, the rest go on.
+
+    ``key`` is empty when the line's key could not be read. ``text`` is what
+    was read of the line(s), for telling whether a rejected line has changed.
+    """
 
     key: str
     reason: str
     origin: str
+    text: str | None = field(default=None, compare=False, repr=False)
 
 
 def read_source(config: SourceConfig) -> Iterator[IdentityRecord | BadRecord]:
@@ -62,24 +86,171 @@ def _open(path: Path, encoding: str) -> Any:
 
 def _read_csv(config: SourceConfig) -> Iterator[IdentityRecord | BadRecord]:
     with _open(config.path, config.encoding) as handle:
-        reader = csv.DictReader(handle, delimiter=config.delimiter)
+        lines = _Lines(handle)
+        reader = csv.reader(lines, delimiter=config.delimiter)
         try:
-            if reader.fieldnames is None:
-                return
-            reader.fieldnames = [name.strip() for name in reader.fieldnames]
-            if config.key not in reader.fieldnames:
-                raise SourceError(f"{config.path}:1: the key column '{config.key}' is not in the header")
-            for row in reader:
-                origin = f"{config.path}:{reader.line_num}"
-                if None in row:
-                    yield BadRecord(row.get(config.key) or "", "more fields than the header has", origin)
-                elif None in row.values():
-                    # A row cut short (a truncated export): missing columns must not read as empty values.
-                    yield BadRecord(row.get(config.key) or "", "fewer fields than the header has", origin)
-                else:
-                    yield _record(config.key, row, origin)
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise SourceError(f"{config.path}:{reader.line_num}: cannot parse as {config.encoding} CSV: {exc}") from None
+            yield from _csv_records(config, lines, reader)
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"{config.path}:{lines.number}: cannot parse as {config.encoding} CSV: {exc}") from None
+
+
+def _csv_records(config: SourceConfig, lines: _Lines, reader: Any) -> Iterator[IdentityRecord | BadRecord]:
+    try:
+        header = next(reader, None)
+    except (csv.Error, _Oversized) as exc:
+        raise SourceError(f"{config.path}:1: cannot parse the header as CSV: {exc}") from None
+    if header is None:
+        return
+    names = [name.strip() for name in header]
+    if config.key not in names:
+        raise SourceError(f"{config.path}:1: the key column '{config.key}' is not in the header")
+    key_index = names.index(config.key)
+    while True:
+        lines.start_record()
+        try:
+            row = next(reader, None)
+        except (csv.Error, _Oversized) as exc:
+            start, prefix = lines.finish_bad_record(config.delimiter)
+            key = _key_of_prefix(prefix, key_index, config.delimiter)
+            reason = str(exc) if isinstance(exc, _Oversized) else f"cannot parse as CSV: {exc}"
+            yield BadRecord(key, reason, f"{config.path}:{start}", prefix[:_CSV_PREFIX_CHARS])
+            continue
+        if row is None:
+            return
+        if not row:
+            continue  # a blank line
+        origin = f"{config.path}:{lines.number}"
+        key = row[key_index].strip() if key_index < len(row) else ""
+        if len(row) > len(names):
+            yield BadRecord(key, "more fields than the header has", origin, "\x1f".join(row))
+        elif len(row) < len(names):
+            # A row cut short (a truncated export): missing columns must not read as empty values.
+            yield BadRecord(key, "fewer fields than the header has", origin, "\x1f".join(row))
+        else:
+            yield _checked(config.key, dict(zip(names, row)), origin)
+
+
+class _Oversized(Exception):
+    """A record longer than MAX_RECORD_CHARS: raised through the csv reader, which resets on its next row."""
+
+
+class _Lines:
+    """A text file's lines for csv.reader, each read in bounded pieces, counted, with the current record kept.
+
+    The csv reader pulls lines one at a time and may pull several for one
+    record (a quoted cell with line breaks). What it pulled since the record
+    started is kept (at most MAX_RECORD_CHARS characters), so that a record
+    that fails to parse can be skipped to its real end and its key read.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.number = 0
+        self.start = 1
+        self.pieces: list[str] = []
+        self.size = 0
+        # Set when the current physical line was cut at MAX_RECORD_CHARS and its rest is still unread.
+        self.cut = False
+        # The part of the last line read that made the record too long (scanned, not kept).
+        self.tail = ""
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.handle.readline(MAX_RECORD_CHARS + 1)
+        if not line:
+            raise StopIteration
+        self.number += 1
+        self.cut = len(line) > MAX_RECORD_CHARS and not line.endswith(("\n", "\r"))
+        self.size += len(line)
+        if self.size <= MAX_RECORD_CHARS:
+            self.pieces.append(line)
+        else:
+            keep = max(0, MAX_RECORD_CHARS - self.size + len(line))
+            self.pieces.append(line[:keep])
+            self.tail = line[keep:]
+        if self.cut or self.size > MAX_RECORD_CHARS:
+            raise _Oversized(f"the record holds more than {MAX_RECORD_CHARS} characters")
+        return line
+
+    def start_record(self) -> None:
+        self.start = self.number + 1
+        self.pieces.clear()
+        self.size = 0
+        self.tail = ""
+
+    def finish_bad_record(self, delimiter: str) -> tuple[int, str]:
+        """Skip the rest of a record the csv reader gave up on; return its first line and its start.
+
+        The reader drops the rest of the physical line it failed on and starts
+        afresh at the next one, so a quoted cell that goes on over more lines
+        would be read as new records: scan the record as csv does and read on
+        to its real end.
+        """
+        start, prefix = self.start, "".join(self.pieces)
+        state = _scan(self.tail, _scan(prefix, _START, delimiter), delimiter)
+        if self.cut:  # the rest of an over-long physical line, in pieces
+            while True:
+                piece = self.handle.readline(MAX_RECORD_CHARS)
+                state = _scan(piece, state, delimiter)
+                if not piece or piece.endswith(("\n", "\r")):
+                    break
+            self.cut = False
+        while state == _QUOTED:  # a quoted cell still open: its lines belong to this record
+            piece = self.handle.readline(MAX_RECORD_CHARS)
+            if not piece:
+                break
+            if piece.endswith(("\n", "\r")):
+                self.number += 1
+            state = _scan(piece, state, delimiter)
+        return start, prefix
+
+
+# States of the csv module's parser (excel dialect, doublequote, non-strict), as far as record ends go.
+_START, _FIELD, _QUOTED, _QUOTE_IN_QUOTED = range(4)
+
+
+def _scan(text: str, state: int, delimiter: str, quote: str = '"') -> int:
+    """The parser state after ``text``; a line break outside a quoted cell ends the record (state _START)."""
+    special = _SPECIAL.get(delimiter) or _SPECIAL.setdefault(delimiter, re.compile(f"[{re.escape(delimiter)}\"\r\n]"))
+    i, n = 0, len(text)
+    while i < n:
+        if state == _QUOTED:
+            j = text.find(quote, i)
+            if j < 0:
+                return _QUOTED
+            state, i = _QUOTE_IN_QUOTED, j + 1
+            continue
+        c = text[i]
+        if c in "\r\n":
+            state = _START
+        elif state == _QUOTE_IN_QUOTED and c == quote:
+            state = _QUOTED
+        elif c == delimiter:
+            state = _START  # a new field: the same as a record's start for quoting
+        elif c == quote and state == _START:
+            state = _QUOTED
+        else:
+            # Inside an unquoted cell nothing matters until the next delimiter, quote or line break.
+            state = _FIELD
+            found = special.search(text, i + 1)
+            i = found.start() if found else n
+            continue
+        i += 1
+    return state
+
+
+_SPECIAL: dict[str, re.Pattern[str]] = {}
+
+
+def _key_of_prefix(prefix: str, key_index: int, delimiter: str) -> str:
+    """The key of a record that could not be parsed, when it lies in a complete cell before the trouble."""
+    try:
+        fields = next(csv.reader(prefix[:_CSV_PREFIX_CHARS].splitlines(keepends=True), delimiter=delimiter), [])
+    except csv.Error:
+        return ""
+    return fields[key_index].strip() if key_index < len(fields) - 1 else ""
 
 
 def _read_jsonl(config: SourceConfig) -> Iterator[IdentityRecord | BadRecord]:
@@ -91,23 +262,42 @@ def _read_jsonl(config: SourceConfig) -> Iterator[IdentityRecord | BadRecord]:
 
 
 def _jsonl_records(config: SourceConfig, handle: Any) -> Iterator[IdentityRecord | BadRecord]:
-    for number, line in enumerate(handle, start=1):
+    number = 0
+    while line := handle.readline(MAX_RECORD_CHARS + 1):
+        number += 1
+        origin = f"{config.path}:{number}"
+        if len(line) > MAX_RECORD_CHARS and not line.endswith(("\n", "\r")):
+            while (rest := handle.readline(MAX_RECORD_CHARS)) and not rest.endswith(("\n", "\r")):
+                pass
+            yield BadRecord("", f"the line holds more than {MAX_RECORD_CHARS} characters", origin)
+            continue
         if not line.strip():
             continue
-        origin = f"{config.path}:{number}"
         try:
             data = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            yield BadRecord("", f"not valid JSON: {exc}", origin)
+            yield BadRecord("", f"not valid JSON: {exc}", origin, line)
             continue
         if not isinstance(data, dict):
-            yield BadRecord("", "a line must hold a JSON object", origin)
+            yield BadRecord("", "a line must hold a JSON object", origin, line)
             continue
-        yield _record(config.key, data, origin)
+        yield _checked(config.key, data, origin)
 
 
-def _record(key_name: str, attributes: dict[str, Any], origin: str) -> IdentityRecord | BadRecord:
+def _checked(key_name: str, attributes: dict[str, Any], origin: str) -> IdentityRecord | BadRecord:
+    """A record, or a BadRecord when its key is missing or a cell is over MAX_CELL_CHARS."""
     key = attributes.get(key_name)
+    if isinstance(key, (dict, list)):
+        return BadRecord("", f"the key '{key_name}' is not a single value", origin, _text(attributes))
     if key is None or str(key).strip() == "":
-        return BadRecord("", f"the key '{key_name}' is empty", origin)
-    return IdentityRecord(str(key).strip(), attributes, origin)
+        return BadRecord("", f"the key '{key_name}' is empty", origin, _text(attributes))
+    key = str(key).strip()
+    for column, value in attributes.items():
+        if isinstance(value, str) and len(value) > MAX_CELL_CHARS:
+            reason = f"column '{column}' holds {len(value)} characters, more than a cell may ({MAX_CELL_CHARS})"
+            return BadRecord(key, reason, origin, _text(attributes))
+    return IdentityRecord(key, attributes, origin)
+
+
+def _text(attributes: dict[str, Any]) -> str:
+    return orjson.dumps(attributes, option=orjson.OPT_SORT_KEYS).decode()

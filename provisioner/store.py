@@ -160,6 +160,32 @@ class Run(SQLModel, table=True):
     error: str | None = None
 
 
+class ReconcileRun(SQLModel, table=True):
+    """One reconciliation of one target that was allowed to write (``--repair``, or the daemon)."""
+
+    __tablename__ = "reconcile_run"
+
+    id: str = Field(primary_key=True)
+    target: str = Field(index=True)
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    # Accounts by situation, as JSON; ``drifted``: linked accounts with drift.
+    counts: str | None = None
+    drifted: int = 0
+
+
+class UnmatchedAccount(SQLModel, table=True):
+    """An account of a target that no identity owns, and since when it has been seen so."""
+
+    __tablename__ = "unmatched_account"
+
+    target: str = Field(primary_key=True)
+    scim_id: str = Field(primary_key=True)
+    user_name: str | None = None
+    first_seen_at: datetime = Field(default_factory=utcnow)
+    last_seen_at: datetime = Field(default_factory=utcnow)
+
+
 class SchemaInfo(SQLModel, table=True):
     """The schema version this database was created with."""
 

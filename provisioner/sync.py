@@ -25,7 +25,7 @@ from provisioner.groups import GroupPlan, load_groups
 from provisioner.mapping import AttributeMapping, load_mapping
 from provisioner.payload import changed_paths, dumps
 from provisioner.planner import Kind, Plan, RenderMemo, brake_trips, plan_target
-from provisioner.queue import claim, count_status, enqueue, load_link_states, load_links
+from provisioner.queue import Rejections, claim, count_status, enqueue, load_link_states, load_links
 from provisioner.sources import read_source, source_columns
 from provisioner.store import Run, utcnow
 from provisioner.quirks import load_quirks
@@ -189,13 +189,20 @@ def _plan_into_queue(
         # Usually managers created in this same cycle (sent first); otherwise a reference to nobody.
         log.info("references to accounts not in the target yet", target=name, count=plan.unresolved_refs)
     report.planned = plan.counts()
-    report.rejected = len(plan.rejected)
     report.unchanged = plan.unchanged
 
     def brake(leavers: int) -> bool:
         return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
 
-    enqueue(engine, report.run_id, name, plan.decisions, plan.rejected, brake=brake, settled=plan.settled)
+    rejections = Rejections()
+    enqueue(engine, report.run_id, name, plan.decisions, plan.rejected, brake=brake, settled=plan.settled,
+            record_hashes=plan.record_hashes, rejections=rejections, present=plan.present)  # fmt: skip
+    for key, message in rejections.new:
+        log.warning("record rejected", target=name, run_id=report.run_id, identity=key, reason=message)
+    # Counted once per record and cause; one an operator resolved stays out until the record changes.
+    report.rejected = len(rejections.new) + rejections.open
+    if rejections.open or rejections.silenced:
+        log.info("records still rejected", target=name, open=rejections.open, resolved=rejections.silenced)
     # Held operations of earlier cycles still wait too: the target stays held until approved.
     report.held = count_status(engine, name, "held")
     if report.held:

@@ -60,6 +60,7 @@ class TargetSession:
             base=config.retry.backoff_base,
             cap=config.retry.backoff_cap,
             max_retry_after=config.retry.max_retry_after,
+            wait_in_place=config.retry.wait_in_place,
         )
         self.auth = _auth(config, self.limiter, self.verify)
 

@@ -148,6 +148,10 @@ class FaultProxy:
     ``If-Match`` gets a real 412.
     ``applies_to``: ``(method, path_with_query) -> bool``; requests it refuses are always forwarded untouched
     and take no draw from the schedule (e.g. keep ``/ServiceProviderConfig`` clean).
+    ``answer``: ``(method, path_with_query, body) -> status | None``: requests it gives a status
+    for are answered with that status and a SCIM Error body, never forwarded, whatever the
+    schedule (a record whose writes always fail); they take no draw and count in
+    ``stats.faults`` under ``"answer"``.
     ``max_faults``: stop injecting after this many faults.
     ``upstream_timeout``: seconds to wait for the upstream.
     """
@@ -162,6 +166,7 @@ class FaultProxy:
         delay: float = 1.0,
         bump_on_412: bool = True,
         applies_to: Callable[[str, str], bool] | None = None,
+        answer: Callable[[str, str, bytes | None], int | None] | None = None,
         max_faults: int | None = None,
         upstream_timeout: float = 30.0,
     ) -> None:
@@ -175,6 +180,7 @@ class FaultProxy:
         self.delay = delay
         self.bump_on_412 = bump_on_412
         self.applies_to = applies_to
+        self.answer = answer
         self.max_faults = max_faults
         self.upstream_timeout = upstream_timeout
         self._lock = threading.Lock()
@@ -415,6 +421,15 @@ class _Handler(BaseHTTPRequestHandler):
             body = b""
         headers = [(k, v) for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP | {"content-length"}]
         lowered = {k.lower(): v for k, v in headers}
+        forced = proxy.answer(method, self.path, body) if proxy.answer is not None else None
+        if forced is not None:
+            with proxy._lock:
+                proxy._seq += 1
+                proxy._stats.requests += 1
+                proxy._stats.faults["answer"] += 1
+                proxy._events.append(Event(proxy._seq, method, self.path, "answer", forced, False))
+            self._answer_error(forced, f"Refused (answered {forced} by faultproxy)")
+            return
         seq, fault = proxy._draw(method, self.path, lowered)
 
         # Every request is counted before its client sees the outcome, so stats read after a

@@ -103,22 +103,65 @@ def test_a_probe_that_succeeds_ends_the_quarantine_and_the_rest_is_sent(tmp_path
 
 
 @respx.mock
-def test_a_failed_probe_doubles_the_interval_and_sends_only_the_probe(tmp_path: Path) -> None:
+def test_a_failed_probe_doubles_the_interval_and_sends_no_operation(tmp_path: Path) -> None:
+    engine = queued(tmp_path, 6)
+    spc = respx.get(f"{BASE}/ServiceProviderConfig").respond(200, json=SPC)
+    posts = respx.post(f"{BASE}/Users").respond(503)
+    run(engine, target())
+    due_now(engine)
+    before = posts.call_count
+    spc.respond(503)  # the target is down now: the probe's read fails
+
+    run(engine, target())
+
+    assert posts.call_count == before, "no operation is sent to a target that does not answer a read"
+    health = state(engine, "app")
+    assert health is not None and health.quarantined and health.probe_interval == 120
+
+
+def due_now(engine: Engine) -> None:
+    """Every operation due, and the quarantined target due for a probe."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE operation SET next_attempt_at = NULL, status = 'pending'")
+        conn.exec_driver_sql("UPDATE target_state SET next_probe_at = :t", {"t": utcnow() - timedelta(seconds=1)})
+
+
+@respx.mock
+def test_a_probe_that_fails_again_while_the_target_answers_leaves_the_next_probe_to_another_operation(
+    tmp_path: Path,
+) -> None:
     engine = queued(tmp_path, 6)
     respx.get(f"{BASE}/ServiceProviderConfig").respond(200, json=SPC)
     posts = respx.post(f"{BASE}/Users").respond(503)
     run(engine, target())
-    with engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE operation SET next_attempt_at = NULL, status = 'pending'")
-        conn.exec_driver_sql("UPDATE target_state SET next_probe_at = :t", {"t": utcnow() - timedelta(seconds=1)})
-    before = posts.call_count
+    due_now(engine)
+    no_match()
+
+    run(engine, target())
+    run(engine, target())
+
+    health = state(engine, "app")
+    assert health is not None and health.quarantined and health.probe_interval == 60, "not doubled"
+    probed = [orjson.loads(call.request.content)["userName"] for call in posts.calls[6:]]
+    assert len(probed) == 2 and probed[0] != probed[1], "each probe is another operation"
+
+
+@respx.mock
+def test_the_probe_is_an_operation_that_never_failed_when_there_is_one(tmp_path: Path) -> None:
+    engine = queued(tmp_path, 6)
+    respx.get(f"{BASE}/ServiceProviderConfig").respond(200, json=SPC)
+    posts = respx.post(f"{BASE}/Users").respond(503)
+    run(engine, target())
+    due_now(engine)
+    enqueue(engine, "r2", "app", [Decision("E9", Kind.CREATE, Reason.JOINER, {"userName": "new@example.com"}, "h9")])
+    posts.side_effect = created
     no_match()
 
     run(engine, target())
 
-    assert posts.call_count == before + 1
-    health = state(engine, "app")
-    assert health is not None and health.quarantined and health.probe_interval == 120
+    assert orjson.loads(posts.calls[6].request.content)["userName"] == "new@example.com"
+    assert not state(engine, "app").quarantined  # type: ignore[union-attr]
+    assert {op["status"] for op in list_operations(engine)} == {"succeeded"}
 
 
 @respx.mock

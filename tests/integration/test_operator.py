@@ -107,8 +107,8 @@ alerts:
 """
     )
     source = tmp_path / "hr.csv"
-    # E004 has E003's e-mail: the target refuses a second account with that userName (409), and
-    # the one it has belongs to E003: a failed operation for review.
+    # E004 has E003's e-mail: one userName for two people, so both are held for review before
+    # anything is sent (two failed rows), and neither gets an account.
     write(source, people(20, E004={"email": "person3@example.com"}))
     env = {**os.environ, "APP_TOKEN": server.token}
     log = (tmp_path / "daemon.log").open("ab")
@@ -128,8 +128,8 @@ alerts:
         return json.loads(out.stdout)[0]
 
     try:
-        wait_for("the first cycle", lambda: len(users()) == 19)
-        wait_for("the failed-operation alert", lambda: any("1 failed operations" in t for t in receiver.texts()))
+        wait_for("the first cycle", lambda: len(users()) == 18)
+        wait_for("the failed-operation alert", lambda: any("2 failed operations" in t for t in receiver.texts()))
 
         # A mover and a leaver.
         write(source, [r for r in people(20, E001={"department": "Sales"}, E004={"email": "person3@example.com"})
@@ -142,7 +142,7 @@ alerts:
         write(source, [])
         wait_for("the refused-cycle alert", lambda: any("cycle refused" in t for t in receiver.texts()))
         time.sleep(2.5)  # another cycle or two against the empty file
-        assert sum(1 for u in users().values() if u["active"]) == 18
+        assert sum(1 for u in users().values() if u["active"]) == 17
 
         write(source, [r for r in people(20, E001={"department": "Sales"}, E004={"email": "person3@example.com"})
                        if r["employee_id"] != "E002"])  # fmt: skip
@@ -150,9 +150,9 @@ alerts:
                                                      for t in receiver.texts()))  # fmt: skip
 
         current = status()
-        assert current["operations"]["failed"] == 1 and current["last_run_status"] in ("failed", "succeeded")
+        assert current["operations"]["failed"] == 2 and current["last_run_status"] in ("failed", "succeeded")
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-        assert 'provisioner_operations_total{kind="create",outcome="succeeded",target="app"} 19.0' in metrics
+        assert 'provisioner_operations_total{kind="create",outcome="succeeded",target="app"} 18.0' in metrics
         assert httpx.get(f"http://127.0.0.1:{metrics_port}/healthz").json()["status"] == "ok"
     finally:
         daemon.send_signal(signal.SIGTERM)

@@ -79,10 +79,11 @@ def test_quoted_string_expression_is_a_literal(tmp_path: Path) -> None:
     assert payload["userType"] == "Employee"
 
 
-def test_yaml_boolean_and_number_are_used_as_they_are(tmp_path: Path) -> None:
+def test_yaml_boolean_is_a_boolean_and_a_number_in_a_text_attribute_is_its_text(tmp_path: Path) -> None:
+    """RFC 7643 §4.1 makes ``display`` text: the literal 42 is sent as "42", not as a JSON number."""
     payload = render(tmp_path, "userName: email\nemails:\n  - value: email\n    primary: true\n    display: 42\n")
 
-    assert payload["emails"] == [{"value": "Ada.Lovelace@Example.com", "primary": True, "display": 42}]
+    assert payload["emails"] == [{"value": "Ada.Lovelace@Example.com", "primary": True, "display": "42"}]
 
 
 def test_nested_core_and_enterprise_attributes(tmp_path: Path) -> None:
@@ -421,3 +422,179 @@ def test_unknown_filter_or_test_is_a_config_error_at_load(tmp_path: Path, expres
 
     assert str(raised.value).startswith(f"{path}:2: attribute 'userName'")
     assert name in str(raised.value)
+
+
+# --- YAML that means something else ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attributes", "path", "expected"),
+    [
+        pytest.param("locale: NO", ("locale",), "NO", id="yaml-1.1-boolean"),
+        pytest.param("externalId: 0123", ("externalId",), "0123", id="yaml-1.1-octal"),
+        pytest.param("title: 1_000", ("title",), "1_000", id="underscored-number"),
+        pytest.param("nickName: 2024-01-01", ("nickName",), "2024-01-01", id="date"),
+        pytest.param("timezone: 1:30", ("timezone",), "1:30", id="sexagesimal"),
+        pytest.param(f"{ENTERPRISE}:\n  costCenter: 0042", (ENTERPRISE, "costCenter"), "0042", id="enterprise"),
+    ],
+)  # fmt: skip
+def test_literal_in_a_text_attribute_keeps_its_text(
+    tmp_path: Path, attributes: str, path: tuple[str, ...], expected: str
+) -> None:
+    payload: Any = render(tmp_path, f"userName: email\n{attributes}\n")
+
+    for name in path:
+        payload = payload[name]
+    assert payload == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [pytest.param("yes", "expected true or false, not yes", id="yes"),
+     pytest.param("NO", "expected true or false, not NO", id="NO"),
+     pytest.param("1", "expected true or false, not 1", id="number")],
+)  # fmt: skip
+def test_boolean_attribute_takes_only_true_or_false(tmp_path: Path, value: str, needle: str) -> None:
+    path = write(tmp_path, f"attributes:\n  userName: email\n  emails:\n    - value: email\n      primary: {value}\n")
+
+    with pytest.raises(ConfigError) as raised:
+        load_mapping(path)
+
+    assert str(raised.value) == f"{path}:5: attribute 'emails[0].primary': {needle}"
+
+
+def test_yaml_1_1_only_number_in_a_custom_extension_is_refused_with_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "attributes:\n  userName: email\n  urn:example:params:scim:schemas:Badge:\n    floor: 0123\n")
+
+    with pytest.raises(ConfigError) as raised:
+        load_mapping(path)
+
+    message = str(raised.value)
+    assert message.startswith(f"{path}:4: attribute 'urn:example:params:scim:schemas:Badge:floor': 0123 reads as 83")
+    assert "'0123'" in message
+
+
+def test_plain_number_in_a_custom_extension_stays_a_number(tmp_path: Path) -> None:
+    payload = render(tmp_path, "userName: email\nurn:example:params:scim:schemas:Badge:\n  floor: 12\n")
+
+    assert payload["urn:example:params:scim:schemas:Badge"] == {"floor": 12}
+
+
+@pytest.mark.parametrize(
+    "value", ["!!python/name:os.system x", "!!python/object/apply:os.system ['id']", "!custom x", "!!binary aGk="]
+)
+def test_yaml_tags_are_refused_with_file_and_line(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"attributes:\n  userName: email\n  title: {value}\n")
+
+    with pytest.raises(ConfigError) as raised:
+        load_mapping(path)
+
+    assert str(raised.value).startswith(f"{path}:3: the YAML tag '")
+    assert "is not allowed" in str(raised.value)
+
+
+def test_alias_bomb_fails_fast_naming_the_file(tmp_path: Path) -> None:
+    """Nine levels of nine aliases (a 342-byte file) would expand to 387 million values."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = write(tmp_path, "\n".join(lines) + "\nattributes:\n  userName: email\n")
+
+    with pytest.raises(ConfigError, match="expands to more than 100000 values") as raised:
+        load_mapping(path)
+
+    assert str(raised.value).startswith(f"{path}:")
+
+
+def test_alias_that_contains_itself_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "loop: &a [*a]\nattributes:\n  userName: email\n")
+
+    with pytest.raises(ConfigError, match="an alias refers to a value that contains it"):
+        load_mapping(path)
+
+
+def test_deep_nesting_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "attributes: " + "[" * 5000 + "]" * 5000 + "\n")
+
+    with pytest.raises(ConfigError, match="nested too deeply|invalid YAML"):
+        load_mapping(path)
+
+
+# --- one bad record fails alone ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blank", [pytest.param("   ", id="spaces"), pytest.param("\t \n", id="tab-newline")])
+def test_blank_user_name_is_a_mapping_error_not_a_request(tmp_path: Path, blank: str) -> None:
+    mapping = compile_mapping(tmp_path, "attributes:\n  userName: email\n")
+
+    with pytest.raises(MappingError, match="attribute 'userName': is required but the record gives it only blanks"):
+        mapping.render({**RECORD, "email": blank})
+
+
+def test_undefined_column_inside_a_list_names_the_attribute_and_column(tmp_path: Path) -> None:
+    """StrictUndefined raises only when used: stored in a list it reached the JSON encoder."""
+    mapping = compile_mapping(
+        tmp_path, "attributes:\n  userName: email\n  emails: \"[{'value': email, 'display': nick}]\"\n"
+    )
+
+    with pytest.raises(MappingError) as raised:
+        mapping.render(RECORD)
+
+    assert str(raised.value) == f"{tmp_path / 'users.yaml'}:3: attribute 'emails': the record has no column 'nick'"
+
+
+@pytest.mark.parametrize(
+    ("expression", "needle"),
+    [pytest.param("range(3)", "gives a range"), pytest.param("email.lower", "gives a"),
+     pytest.param("status | float", "not a number JSON can carry")],
+)  # fmt: skip
+def test_value_that_is_not_json_is_a_mapping_error(tmp_path: Path, expression: str, needle: str) -> None:
+    mapping = compile_mapping(tmp_path, f'attributes:\n  userName: email\n  title: "{expression}"\n')
+
+    with pytest.raises(MappingError, match="attribute 'title': .*" + needle):
+        mapping.render({**RECORD, "status": "inf"})
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [pytest.param("'x' * 10**8", id="repeat"), pytest.param("[1] * 10**8", id="list"),
+     pytest.param("2 ** 100000", id="power"), pytest.param("'%0100000000d' % 1", id="format")],
+)  # fmt: skip
+def test_huge_value_is_refused_before_it_is_built(tmp_path: Path, expression: str) -> None:
+    mapping = compile_mapping(tmp_path, f'attributes:\n  userName: email\n  title: "{expression}"\n')
+
+    with pytest.raises(MappingError, match="attribute 'title': OverflowError"):
+        mapping.render(RECORD)
+
+
+@pytest.mark.parametrize("value", [pytest.param("notes", id="column"), pytest.param("notes | upper", id="expression")])
+def test_value_longer_than_the_cap_is_a_mapping_error(tmp_path: Path, value: str) -> None:
+    mapping = compile_mapping(tmp_path, f"attributes:\n  userName: email\n  title: {value}\n")
+
+    with pytest.raises(MappingError, match="attribute 'title': the value is longer than 100000 characters"):
+        mapping.render({**RECORD, "notes": "x" * 200_000})
+
+
+def test_nested_range_loops_end_on_the_range_budget(tmp_path: Path) -> None:
+    template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+    mapping = compile_mapping(tmp_path, f'attributes:\n  userName: email\n  title: "{template}"\n')
+
+    with pytest.raises(MappingError, match="attribute 'title': OverflowError: range\\(\\) calls of one record"):
+        mapping.render(RECORD)
+
+
+def test_the_range_budget_is_per_record(tmp_path: Path) -> None:
+    template = "{% for i in range(60000) %}{% endfor %}x"
+    mapping = compile_mapping(tmp_path, f'attributes:\n  userName: email\n  title: "{template}"\n')
+
+    assert [mapping.render(RECORD).payload["title"] for _ in range(3)] == ["x", "x", "x"]
+
+
+def test_expressions_that_run_too_long_are_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loops over a record's own text use no range(): the time limit stops them (main thread only)."""
+    monkeypatch.setattr("provisioner.mapping.TIME_LIMIT", 0.2)
+    template = "{% for a in email %}{% for b in email %}{% for c in email %}{% endfor %}{% endfor %}{% endfor %}x"
+    mapping = compile_mapping(tmp_path, f'attributes:\n  userName: email\n  title: "{template}"\n')
+
+    with pytest.raises(MappingError, match="ran longer than 0.2 s on this record"):
+        mapping.render({**RECORD, "email": "a" * 2000 + "@x"})
+    assert mapping.render(RECORD).payload["title"] == "x"

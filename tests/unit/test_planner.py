@@ -291,3 +291,70 @@ def test_plan_target_changes_nothing_it_is_given(mapping: AttributeMapping) -> N
     plan_target("app", mapping, [person("E2")], links)
 
     assert links == snapshot
+
+
+# --- one match value, two records --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attribute", "values", "expected"),
+    [
+        pytest.param("userName", ["ana@x", "ana@x"], {"E1": ["E2"], "E2": ["E1"]}, id="exact"),
+        pytest.param("userName", ["Bob@x", "bob@X "], {"E1": ["E2"], "E2": ["E1"]}, id="by-case-rfc7643-2.2"),
+        pytest.param("externalId", ["A-1", "a-1"], {}, id="externalId-is-case-exact"),
+        pytest.param("userName", ["ana@x", None], {}, id="no-value"),
+    ],
+)  # fmt: skip
+def test_shared_match_values_compare_as_the_target_does(
+    attribute: str, values: list[str | None], expected: dict[str, list[str]]
+) -> None:
+    from provisioner.planner import shared_match_values
+
+    assert shared_match_values(zip(["E1", "E2"], values), attribute) == expected
+
+
+def test_records_sharing_a_user_name_are_both_rejected_and_never_planned(mapping: AttributeMapping) -> None:
+    records = [person("E1", email="Ana@x"), person("E2", 3), person("E3", 4, email="ana@X")]
+
+    plan = plan_target("app", mapping, records, {})
+
+    assert kinds(plan.decisions) == {"E2": (Kind.CREATE, Reason.JOINER)}
+    assert plan.rejected == [
+        ("E1", "hr.csv:2: userName ana@x is also rendered for identity E3", Kind.CREATE, Reason.JOINER),
+        ("E3", "hr.csv:4: userName ana@x is also rendered for identity E1", Kind.CREATE, Reason.JOINER),
+    ]
+    assert set(plan.record_hashes) == {"E1", "E3"}
+
+
+def test_a_linked_identity_sharing_its_user_name_is_held_not_updated_nor_a_leaver(mapping: AttributeMapping) -> None:
+    ada = person("E1", email="ana@x")
+    links = {"E1": linked(mapping, ada)}
+
+    plan = plan_target("app", mapping, [person("E1", email="ana@x", title="CTO"), person("E2", 3, email="ANA@x")], links)
+
+    assert plan.decisions == []
+    assert [(key, kind) for key, _m, kind, _r in plan.rejected] == [("E1", Kind.UPDATE), ("E2", Kind.CREATE)]
+
+
+def test_a_record_the_memo_skips_still_counts_for_duplicates(mapping: AttributeMapping) -> None:
+    """The render memo skips an unchanged record; its userName is remembered, so a newcomer is still caught."""
+    from provisioner.planner import RenderMemo
+
+    memo = RenderMemo()
+    ada = person("E1", email="ana@x")
+    links = {"E1": linked(mapping, ada)}
+    plan_target("app", mapping, [ada], links, memo=memo)
+
+    plan = plan_target("app", mapping, [ada, person("E2", 3, email="ana@x")], links, memo=memo)
+
+    assert sorted(key for key, *_ in plan.rejected) == ["E1", "E2"]
+    assert plan.settled == []
+
+
+def test_the_record_digest_of_a_rejection_changes_with_the_record(mapping: AttributeMapping) -> None:
+    first = plan_target("app", mapping, [person("E1", email="  "), person("E2", 3)], {})
+    again = plan_target("app", mapping, [person("E2", 3), person("E1", 4, email="  ")], {})
+    changed = plan_target("app", mapping, [person("E1", email="  ", title="CTO"), person("E2", 3)], {})
+
+    assert first.record_hashes["E1"] == again.record_hashes["E1"] != changed.record_hashes["E1"]
+    assert "'userName': is required but the record gives it only blanks" in first.rejected[0][1]

@@ -311,3 +311,43 @@ def test_prune_deletes_old_finished_operations_and_their_calls_but_keeps_failed_
     assert get_operation(engine, done.id) is None
     assert len(get_operation(engine, failed.id)[1]) == 1  # type: ignore[index]
     assert set(load_links(engine, "app")) == {"E0"}, "pruning the history never touches account links"
+
+
+# --- rejected records: one row per identity and cause, silenced by resolve until the record changes ------
+
+
+def reject(engine: Engine, run: str, message: str, digest: str, present: set[str] | None = None) -> int:
+    from provisioner.queue import Rejections
+
+    tally = Rejections()
+    enqueue(engine, run, "app", [], [("E9", message, Kind.CREATE, Reason.JOINER)], record_hashes={"E9": digest},
+            rejections=tally, present=present)  # fmt: skip
+    return len(tally.new)
+
+
+def test_a_rejection_moved_to_another_line_is_the_same_rejection(engine: Engine, db: Path) -> None:
+    reject(engine, "run-1", "hr.csv:4: users.yaml:3: attribute 'userName': blank", "d1")
+
+    assert reject(engine, "run-2", "hr.csv:9: users.yaml:3: attribute 'userName': blank", "d1") == 0
+    assert [row["status"] for row in rows(db)] == ["failed"]
+
+
+def test_a_resolved_rejection_stays_silent_until_the_record_changes(engine: Engine, db: Path) -> None:
+    from provisioner.queue import Selection, close
+
+    reject(engine, "run-1", "hr.csv:4: boom", "d1")
+    close(engine, Selection(ids=(rows(db)[0]["id"],)), status="resolved", note="known")
+
+    assert reject(engine, "run-2", "hr.csv:4: boom", "d1") == 0
+    assert reject(engine, "run-3", "hr.csv:5: boom", "d1") == 0
+    assert reject(engine, "run-4", "hr.csv:4: boom", "d2") == 1
+    assert [row["status"] for row in rows(db)] == ["resolved", "failed"]
+    assert rows(db)[1]["payload_hash"] == "record:d2"
+
+
+def test_a_rejection_of_an_identity_gone_from_the_source_is_superseded(engine: Engine, db: Path) -> None:
+    reject(engine, "run-1", "hr.csv:4: boom", "d1")
+
+    enqueue(engine, "run-2", "app", [], [], present={"E1"})
+
+    assert [row["status"] for row in rows(db)] == ["superseded"]

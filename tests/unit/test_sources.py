@@ -194,3 +194,96 @@ def test_jsonl_record_without_a_key_is_a_bad_record(tmp_path: Path, line: str) -
 
 def test_jsonl_has_no_header_columns(tmp_path: Path) -> None:
     assert source_columns(jsonl_source(tmp_path, '{"employee_id": "E1"}\n')) is None
+
+
+# --- one bad record fails alone ----------------------------------------------------------------------
+
+
+def huge_csv(tmp_path: Path, header: str, rows: list[str]) -> SourceConfig:
+    path = tmp_path / "hr.csv"
+    path.write_text(header + "\n" + "".join(row + "\n" for row in rows), encoding="utf-8")
+    return SourceConfig(type="csv", path=path, key="employee_id")
+
+
+def test_csv_cell_over_the_csv_module_limit_fails_its_record_alone_naming_its_key(tmp_path: Path) -> None:
+    """A 200,000-character cell is over csv's own 131,072 limit: that record is bad, the next ones are read."""
+    source = huge_csv(tmp_path, "employee_id,notes,email", ["E1,short,a@x", f"E2,{'x' * 200_000},b@x", "E3,ok,c@x"])
+
+    records = list(read_source(source))
+
+    assert [type(r).__name__ for r in records] == ["IdentityRecord", "BadRecord", "IdentityRecord"]
+    assert records[1].key == "E2" and records[1].origin == f"{source.path}:3"
+    assert "field larger than field limit" in records[1].reason
+    assert records[2] == IdentityRecord("E3", {"employee_id": "E3", "notes": "ok", "email": "c@x"}, f"{source.path}:4")
+
+
+def test_csv_huge_cell_before_the_key_names_the_line(tmp_path: Path) -> None:
+    source = huge_csv(tmp_path, "notes,employee_id", [f"{'x' * 200_000},E1", "ok,E2"])
+
+    records = list(read_source(source))
+
+    assert records[0] == BadRecord("", records[0].reason, f"{source.path}:2")
+    assert records[1] == IdentityRecord("E2", {"notes": "ok", "employee_id": "E2"}, f"{source.path}:3")
+
+
+def test_csv_cell_over_the_cell_cap_is_a_bad_record(tmp_path: Path) -> None:
+    """Under csv's limit but over ours: parsed, then refused by its length."""
+    source = huge_csv(tmp_path, "employee_id,notes", [f"E1,{'x' * 100_000}", "E2,ok"])
+
+    records = list(read_source(source))
+
+    assert records[0] == BadRecord(
+        "E1", "column 'notes' holds 100000 characters, more than a cell may (65536)", f"{source.path}:2"
+    )
+    assert isinstance(records[1], IdentityRecord) and records[1].key == "E2"
+
+
+def test_csv_huge_quoted_cell_over_several_lines_is_skipped_to_its_end(tmp_path: Path) -> None:
+    """Lines inside the huge quoted cell look like records; none of them may become one."""
+    inside = "x" * 150_000 + "\nE9,fake,fake@x\n" + "y" * 10 + '""quoted""' + "\nE8,fake,z@x"
+    source = huge_csv(tmp_path, "employee_id,notes,email", [f'E1,"{inside}",a@x', 'E2,5\'10" tall,b@x'])
+
+    records = list(read_source(source))
+
+    assert [(type(r).__name__, r.key) for r in records] == [("BadRecord", "E1"), ("IdentityRecord", "E2")]
+    assert records[0].origin == f"{source.path}:2"
+    assert records[1].attributes["notes"] == "5'10\" tall"
+    assert records[1].origin == f"{source.path}:6"
+
+
+def test_csv_line_over_the_record_cap_is_read_in_bounded_pieces(tmp_path: Path) -> None:
+    source = huge_csv(tmp_path, "employee_id,notes", [f"E1,{'x' * 3_000_000}", "E2,ok"])
+
+    records = list(read_source(source))
+
+    assert records[0] == BadRecord("E1", "the record holds more than 1048576 characters", f"{source.path}:2")
+    assert records[1] == IdentityRecord("E2", {"employee_id": "E2", "notes": "ok"}, f"{source.path}:3")
+
+
+def test_jsonl_line_over_the_record_cap_is_a_bad_record(tmp_path: Path) -> None:
+    big = '{"employee_id": "E1", "notes": "' + "x" * 2_000_000 + '"}'
+    source = jsonl_source(tmp_path, big + '\n{"employee_id": "E2"}\n')
+
+    records = list(read_source(source))
+
+    assert records[0] == BadRecord("", "the line holds more than 1048576 characters", f"{source.path}:1")
+    assert records[1] == IdentityRecord("E2", {"employee_id": "E2"}, f"{source.path}:2")
+
+
+def test_jsonl_cell_over_the_cell_cap_is_a_bad_record_naming_its_key(tmp_path: Path) -> None:
+    source = jsonl_source(tmp_path, '{"employee_id": "E1", "notes": "' + "x" * 70_000 + '"}\n{"employee_id": "E2"}\n')
+
+    records = list(read_source(source))
+
+    assert records[0] == BadRecord(
+        "E1", "column 'notes' holds 70000 characters, more than a cell may (65536)", f"{source.path}:1"
+    )
+    assert isinstance(records[1], IdentityRecord)
+
+
+def test_jsonl_key_that_is_an_object_is_a_bad_record(tmp_path: Path) -> None:
+    source = jsonl_source(tmp_path, '{"employee_id": {"a": 1}}\n')
+
+    assert list(read_source(source)) == [
+        BadRecord("", "the key 'employee_id' is not a single value", f"{source.path}:1")
+    ]

@@ -1,0 +1,685 @@
+"""Reconciliation: read what a target really holds, name each account's situation, react through the queue.
+
+Situations are midPoint's synchronization situations:
+
+- ``linked``: the account of an identity by its stored link; ``drift`` lists
+  the attribute paths whose value in the target differs from the desired
+  payload (``active`` included), for the attributes the mapping sets only;
+- ``unlinked``: the match attribute (``userName`` case-insensitively, RFC 7643
+  §4.1.1) gives the account to an identity in scope that has none linked yet;
+- ``unmatched``: no identity in scope owns the account (an orphan);
+- ``deleted``: linked, but the target answers 404 for its id (a GET confirms
+  it: a missing account on a page is not proof, a page may be incomplete);
+- ``disputed``: a second account for an identity that already has one, or one
+  account the match attribute gives to several identities.
+
+Two layers. :class:`Classifier`, :func:`drift` and :func:`plan_repairs` are
+purely computational, no side effects. :func:`reconcile_target` does the I/O:
+it streams the source and the target's accounts (paged, ``attributes=``),
+confirms missing links with a GET, and with ``repair`` writes each reaction as
+an ordinary queue operation — through the deletion brake, sent the way a
+cycle's operations are.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import orjson
+import structlog
+from sqlalchemy import Engine, delete, func, insert, select, update
+
+from connectors import NotFound
+from provisioner import metrics
+from provisioner.config import Config, ReconcileConfig, parse_duration
+from provisioner.errors import SafetyStop
+from provisioner.mapping import AttributeMapping, MappingError
+from provisioner.payload import dumps, flatten, loads, payload_hash, refs_in, resolve_refs
+from provisioner.planner import Decision, Kind, Link, Reason, brake_trips
+from provisioner.queue import enqueue, load_links
+from provisioner.sources import BadRecord, IdentityRecord, read_source
+from provisioner.store import AccountLink, Operation, ReconcileRun, UnmatchedAccount, as_utc, utcnow
+from provisioner.targets import TargetSession
+
+log = structlog.get_logger("provisioner.reconcile")
+
+LINK_TABLE = AccountLink.__table__
+OPERATIONS = Operation.__table__
+RUNS = ReconcileRun.__table__
+UNMATCHED = UnmatchedAccount.__table__
+# Queue rows for an account that no identity owns carry this key prefix and the account's id.
+ORPHAN_PREFIX = "unmatched:"
+
+
+class Situation(StrEnum):
+    """midPoint's synchronization situations of an account."""
+
+    LINKED = "linked"
+    UNLINKED = "unlinked"
+    UNMATCHED = "unmatched"
+    DELETED = "deleted"
+    DISPUTED = "disputed"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What the source says of one identity in a target.
+
+    ``desired``: the desired SCIM payload as compact JSON (references resolved
+    where their accounts are linked, else kept as ``Ref``; 100,000 payloads as
+    objects would cost ~300 MB); None when the identity must not have an active
+    account (a leaver, out of scope, gone from the source). ``known`` is False
+    for a record that could not be read or rendered: its desired state is
+    unknown, so nothing is compared or repaired for it. Build with :meth:`of`.
+    """
+
+    key: str
+    desired: str | None
+    link: Link | None = None
+    known: bool = True
+    # The payload's value of the mapping's match attribute, and its userName.
+    match_value: str | None = None
+    user_name: str | None = None
+
+    @classmethod
+    def of(
+        cls, key: str, payload: dict[str, Any] | None, link: Link | None = None, *, known: bool = True,
+        match: str = "userName",
+    ) -> Identity:
+        """An identity from its desired payload (None: no active account)."""
+        if payload is None:
+            return cls(key, None, link, known)
+        value, user_name = payload.get(match), payload.get("userName")
+        return cls(key, dumps(payload), link, known, value if isinstance(value, str) and value else None,
+                   user_name if isinstance(user_name, str) else None)  # fmt: skip
+
+    @property
+    def payload(self) -> dict[str, Any] | None:
+        """The desired payload, decoded anew on each access."""
+        return loads(self.desired)
+
+
+@dataclass(slots=True)
+class Finding:
+    """One account's situation. ``identity`` is None for an orphan; several keys joined for one claimed twice."""
+
+    situation: Situation
+    identity: str | None
+    id: str | None
+    user_name: str | None
+    drift: list[str] = field(default_factory=list)
+    # The account's ``active`` as the target says (None: not said, or the account is gone).
+    active: bool | None = None
+    # The target's values of the drifted paths (None: absent), for a repair that PATCHes only those.
+    observed: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The shape ``reconcile --json`` prints for one account."""
+        return {
+            "situation": self.situation.value,
+            "identity": self.identity,
+            "id": self.id,
+            "userName": self.user_name,
+            "drift": list(self.drift),
+        }
+
+
+# --- comparing ---------------------------------------------------------------------------------
+
+# String attributes compared case-insensitively: userName is caseExact false (RFC 7643 §4.1.1), and
+# e-mail addresses are compared as people read them. Every other string must match exactly.
+_CASELESS_PATHS = {"username"}
+_CASELESS_SUB_ATTRIBUTES = {("emails", "value"), ("emails", "type"), ("phonenumbers", "type"), ("addresses", "type")}
+
+
+def get_path(resource: Mapping[str, Any], path: str) -> Any:
+    """The value at a flattened attribute path (``name.givenName``, ``urn:…:User:department``), or None.
+
+    Attribute names are case-insensitive (RFC 7643 §2.1).
+    """
+    if path.startswith("urn:"):
+        urn, _, sub = path.rpartition(":")
+        container = _get(resource, urn)
+        return _get(container, sub) if isinstance(container, Mapping) else None
+    if "." in path:
+        parent, _, sub = path.partition(".")
+        container = _get(resource, parent)
+        return _get(container, sub) if isinstance(container, Mapping) else None
+    return _get(resource, path)
+
+
+def _get(container: Mapping[str, Any], name: str) -> Any:
+    if name in container:
+        return container[name]
+    lowered = name.lower()
+    for key, value in container.items():
+        if key.lower() == lowered:
+            return value
+    return None
+
+
+def same(path: str, want: Any, have: Any) -> bool:
+    """Whether the target's value ``have`` holds what the mapping sets, ``want``.
+
+    Only what the mapping sets counts: sub-attributes the target adds (a
+    manager's ``$ref`` and ``displayName``, an e-mail's ``display``) are
+    ignored. Multi-valued attributes are compared as sets (RFC 7643 §2.4: no
+    order), ``primary: false`` is the same as no ``primary``.
+    """
+    attribute = path.rpartition(":")[2].split(".")[0].lower() if path.startswith("urn:") else path.split(".")[0].lower()
+    if isinstance(want, list):
+        if not isinstance(have, list):
+            return False
+        keys = {k for item in want if isinstance(item, Mapping) for k in item}
+        return sorted(_item(attribute, x, keys) for x in want) == sorted(_item(attribute, x, keys) for x in have)
+    if isinstance(want, Mapping):
+        if not isinstance(have, Mapping):
+            return False
+        return all(same(f"{path}.{k}", v, _get(have, k)) for k, v in want.items() if not refs_in(v))
+    if isinstance(want, str) and isinstance(have, str) and path.lower() in _CASELESS_PATHS:
+        return want.casefold() == have.casefold()
+    return bool(want == have and type(want) is type(have))
+
+
+def _item(attribute: str, item: Any, keys: set[str]) -> bytes:
+    """One value of a multi-valued attribute as a comparable key."""
+    if not isinstance(item, Mapping):
+        return orjson.dumps(item)
+    kept: dict[str, Any] = {}
+    for key in keys:
+        value = _get(item, key)
+        if key == "primary" and not value:
+            continue  # absent and false say the same thing
+        if isinstance(value, str) and (attribute, key.lower()) in _CASELESS_SUB_ATTRIBUTES:
+            value = value.casefold()
+        if value is not None:
+            kept[key] = value
+    return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
+
+
+def drift(desired: Mapping[str, Any], resource: Mapping[str, Any]) -> dict[str, Any]:
+    """The attribute paths the mapping sets whose value in ``resource`` differs, with the target's values.
+
+    Unresolved references (a manager not in the target yet) cannot be compared and are skipped.
+    """
+    drifted: dict[str, Any] = {}
+    for path, want in flatten(desired).items():
+        if refs_in(want):
+            continue
+        have = get_path(resource, path)
+        if not same(path, want, have):
+            drifted[path] = have
+    return dict(sorted(drifted.items()))
+
+
+# --- classifying -------------------------------------------------------------------------------
+
+
+class Classifier:
+    """Names the situation of each account, fed one account at a time. Purely computational.
+
+    Feed every account of the target to :meth:`observe`, then ask
+    :meth:`unseen_links` which linked accounts were not among them, confirm each
+    with the target (:meth:`observe` what a GET returns, or :meth:`gone` on a
+    404), and call :meth:`finish`.
+    """
+
+    def __init__(self, identities: Iterable[Identity], match_attribute: str = "userName") -> None:
+        self.match_attribute = match_attribute
+        self.identities: dict[str, Identity] = {}
+        self.by_id: dict[str, str] = {}
+        self.by_match: dict[str, list[str]] = {}
+        for identity in identities:
+            self.identities[identity.key] = identity
+            if identity.link is not None:
+                self.by_id[identity.link.scim_id] = identity.key
+            if identity.match_value is not None:
+                self.by_match.setdefault(self._norm(identity.match_value), []).append(identity.key)
+        self.findings: list[Finding] = []
+        self.seen_links: set[str] = set()
+        self.seen_ids: set[str] = set()
+        # Accounts the match attribute gives to exactly one identity: decided once every account is seen.
+        self.candidates: dict[str, list[Finding]] = {}
+
+    def _norm(self, value: str) -> str:
+        # userName is caseExact false (RFC 7643 §4.1.1); other match attributes (externalId) are exact.
+        return value.casefold() if self.match_attribute.lower() == "username" else value
+
+    def observe(self, resource: Mapping[str, Any]) -> None:
+        """Classify one account of the target (a resource with at least ``id``)."""
+        scim_id = str(resource.get("id") or "")
+        if not scim_id or scim_id in self.seen_ids:
+            return  # a page repeated an account: it counts once
+        self.seen_ids.add(scim_id)
+        user_name = _get(resource, "userName")
+        user_name = user_name if isinstance(user_name, str) else None
+        active = _get(resource, "active")
+        active = active if isinstance(active, bool) else None
+        key = self.by_id.get(scim_id)
+        if key is not None:
+            self.seen_links.add(key)
+            self.findings.append(self._linked(self.identities[key], scim_id, user_name, active, resource))
+            return
+        value = _get(resource, self.match_attribute)
+        owners = self.by_match.get(self._norm(value), []) if isinstance(value, str) and value else []
+        if not owners:
+            self.findings.append(Finding(Situation.UNMATCHED, None, scim_id, user_name, active=active))
+        elif len(owners) > 1:
+            self.findings.append(Finding(Situation.DISPUTED, ", ".join(sorted(owners)), scim_id, user_name, active=active))
+        else:
+            finding = Finding(Situation.UNLINKED, owners[0], scim_id, user_name, active=active)
+            self.findings.append(finding)
+            self.candidates.setdefault(owners[0], []).append(finding)
+
+    def _linked(
+        self, identity: Identity, scim_id: str, user_name: str | None, active: bool | None, resource: Mapping[str, Any]
+    ) -> Finding:
+        finding = Finding(Situation.LINKED, identity.key, scim_id, user_name, active=active)
+        if not identity.known:
+            return finding
+        payload = identity.payload
+        if payload is not None:
+            finding.observed = drift(payload, resource)
+        elif active is True and identity.link is not None and not identity.link.active:
+            # Disabled by us as a leaver, active again in the target.
+            finding.observed = {"active": active}
+        finding.drift = list(finding.observed)
+        return finding
+
+    def unseen_links(self) -> list[tuple[str, str]]:
+        """(identity key, SCIM id) of every linked account the pages did not contain."""
+        return [(key, scim_id) for scim_id, key in self.by_id.items() if key not in self.seen_links]
+
+    def gone(self, key: str) -> None:
+        """The target answered 404 for this identity's linked account."""
+        identity = self.identities[key]
+        assert identity.link is not None
+        self.seen_links.add(key)
+        self.findings.append(Finding(Situation.DELETED, key, identity.link.scim_id, identity.user_name))
+
+    def finish(self) -> list[Finding]:
+        """Every finding; an identity's extra accounts become ``disputed``."""
+        present = {f.identity for f in self.findings if f.situation is Situation.LINKED}
+        for key, found in self.candidates.items():
+            if key in present or len(found) > 1:
+                for finding in found:
+                    finding.situation = Situation.DISPUTED
+        return self.findings
+
+    def without_account(self) -> int:
+        """Identities in scope with no account at all: the next cycle creates them."""
+        claimed = {f.identity for f in self.findings if f.situation in (Situation.LINKED, Situation.UNLINKED)}
+        return sum(
+            1 for i in self.identities.values() if i.desired is not None and i.link is None and i.key not in claimed
+        )
+
+
+def counts(findings: Iterable[Finding]) -> dict[str, int]:
+    """Accounts by situation, every situation present."""
+    tally = dict.fromkeys((s.value for s in Situation), 0)
+    for finding in findings:
+        tally[finding.situation.value] += 1
+    return tally
+
+
+# --- reacting ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Repairs:
+    """What the configured reactions want written: queue operations and the link changes they need."""
+
+    decisions: list[Decision] = field(default_factory=list)
+    # Link state set to what the target holds (applied payload with the drifted values; hash cleared),
+    # so that the update PATCHes exactly the drifted attributes.
+    observed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Links to drop: their account is gone (recreated), or another account is adopted instead.
+    drop: list[str] = field(default_factory=list)
+    # Unmatched accounts held back from disable/delete, with why.
+    spared: list[tuple[str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Operations by kind."""
+        tally: dict[str, int] = {}
+        for decision in self.decisions:
+            tally[decision.kind.value] = tally.get(decision.kind.value, 0) + 1
+        return tally
+
+
+def plan_repairs(
+    findings: Iterable[Finding],
+    identities: Mapping[str, Identity],
+    policy: ReconcileConfig,
+    *,
+    first_seen: Mapping[str, datetime],
+    now: datetime,
+    lookup: Mapping[str, str],
+    unreadable_records: int = 0,
+) -> Repairs:
+    """The queue operations that carry out ``policy`` for these findings. Purely computational.
+
+    ``first_seen``: since when each unmatched account (by id) has been seen;
+    ``lookup``: identity key → SCIM id, to resolve references. Identities
+    in a dispute are not touched. An unmatched
+    account is never disabled or deleted while some source records could not
+    be read (``unreadable_records``): one of them may own it.
+    """
+    repairs = Repairs()
+    findings = list(findings)
+    adopted = {f.identity for f in findings if f.situation is Situation.UNLINKED}
+    # An identity in a dispute is left to an operator whole: which of its accounts is the real one
+    # is not ours to guess (and repairing one may collide with the other, e.g. on userName).
+    disputed = {key for f in findings if f.situation is Situation.DISPUTED for key in (f.identity or "").split(", ")}
+    grace = timedelta(seconds=parse_duration(policy.delete_after))
+    for f in findings:
+        identity = identities.get(f.identity or "")
+        if identity is not None and identity.key in disputed:
+            continue
+        if f.situation is Situation.LINKED and f.drift and policy.linked == "update" and identity is not None:
+            desired = identity.payload
+            if desired is None:
+                repairs.decisions.append(Decision(identity.key, Kind.DISABLE, Reason.RECONCILE))
+                continue
+            payload, sendable = _sendable(desired, lookup)
+            applied = orjson.loads(orjson.dumps(sendable))
+            for path, value in f.observed.items():
+                _set_path(applied, path, value)
+            repairs.observed[identity.key] = applied
+            repairs.decisions.append(Decision(identity.key, Kind.UPDATE, Reason.RECONCILE, payload, payload_hash(sendable)))
+        elif f.situation is Situation.DELETED and policy.deleted == "recreate" and identity is not None:
+            desired = identity.payload
+            if desired is None or identity.key in adopted:
+                continue  # a leaver needs no account; an identity adopting another account gets that one
+            payload, sendable = _sendable(desired, lookup)
+            repairs.drop.append(identity.key)
+            repairs.decisions.append(Decision(identity.key, Kind.CREATE, Reason.RECONCILE, payload, payload_hash(sendable)))
+        elif f.situation is Situation.UNLINKED and policy.unlinked == "link" and identity is not None:
+            desired = identity.payload
+            assert desired is not None
+            if identity.link is not None:
+                repairs.drop.append(identity.key)  # its linked account is gone (deleted): adopt this one
+            payload, sendable = _sendable(desired, lookup)
+            repairs.decisions.append(Decision(identity.key, Kind.LINK, Reason.RECONCILE, payload, payload_hash(sendable)))
+        elif f.situation is Situation.UNMATCHED and policy.unmatched != "report" and f.id:
+            orphan = {"id": f.id, "userName": f.user_name}
+            if unreadable_records:
+                repairs.spared.append((f.id, f"{unreadable_records} source records could not be read"))
+            elif policy.unmatched == "delete":
+                since = first_seen.get(f.id, now)
+                if now - since >= grace:
+                    repairs.decisions.append(
+                        Decision(ORPHAN_PREFIX + f.id, Kind.DELETE, Reason.RECONCILE, orphan, payload_hash(orphan))
+                    )
+                else:
+                    repairs.spared.append((f.id, f"unmatched since {since:%Y-%m-%d %H:%M}; deleted after {policy.delete_after}"))
+            elif f.active is not False:
+                repairs.decisions.append(
+                    Decision(ORPHAN_PREFIX + f.id, Kind.DISABLE, Reason.RECONCILE, orphan, payload_hash(orphan))
+                )
+    return repairs
+
+
+def _sendable(payload: dict[str, Any], lookup: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The payload to queue (references kept for the executor) and what would be sent now (its hash)."""
+    kept, unresolved = resolve_refs(payload, lookup.get, keep_unresolved=True)
+    return kept, (resolve_refs(kept, lookup.get)[0] if unresolved else kept)
+
+
+def _set_path(payload: dict[str, Any], path: str, value: Any) -> None:
+    if path.startswith("urn:"):
+        parent, _, name = path.rpartition(":")
+    elif "." in path:
+        parent, _, name = path.partition(".")
+    else:
+        parent, name = "", path
+    container = payload.setdefault(parent, {}) if parent else payload
+    if value is None:
+        container.pop(name, None)
+    else:
+        container[name] = value
+
+
+# --- reading and writing -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ReconcileReport:
+    """What one reconciliation of one target found and did."""
+
+    target: str
+    run_id: str
+    findings: list[Finding] = field(default_factory=list)
+    without_account: int = 0
+    unreadable_records: int = 0
+    requests: int = 0
+    repaired: bool = False
+    repairs: Repairs | None = None
+    # Outcomes of the operations sent after a repair, by status; and how many wait for approval.
+    statuses: dict[str, int] = field(default_factory=dict)
+    held: int = 0
+
+    def counts(self) -> dict[str, int]:
+        """Accounts by situation."""
+        return counts(self.findings)
+
+    @property
+    def drifted(self) -> int:
+        """Linked accounts with drift."""
+        return sum(1 for f in self.findings if f.situation is Situation.LINKED and f.drift)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The object ``reconcile --json`` prints."""
+        return {"target": self.target, "counts": self.counts(), "accounts": [f.as_dict() for f in self.findings]}
+
+
+def desired_states(
+    mapping: AttributeMapping,
+    records: Iterable[IdentityRecord | BadRecord],
+    links: Mapping[str, Link],
+    min_records: int = 1,
+) -> tuple[dict[str, Identity], int, list[str]]:
+    """Every identity of the source and of the links, rendered; unreadable records counted.
+
+    Returns (identities by key, unreadable records, the attribute paths to ask
+    the target for). Raises SafetyStop when the source has fewer usable records
+    than ``min_records``: an empty export must not make every account an orphan.
+    """
+    lookup = {key: link.scim_id for key, link in links.items()}
+    identities: dict[str, Identity] = {}
+    unreadable = 0
+    usable = 0
+    paths: set[str] = {"userName", "active", mapping.match}
+    for record in records:
+        if isinstance(record, BadRecord) or record.key in identities:
+            unreadable += 1
+            if record.key:
+                identities[record.key] = Identity.of(record.key, None, links.get(record.key), known=False)
+            continue
+        usable += 1
+        try:
+            rendered = mapping.render(record.attributes)
+        except MappingError:
+            unreadable += 1
+            identities[record.key] = Identity.of(record.key, None, links.get(record.key), known=False)
+            continue
+        payload = None
+        if rendered.payload:
+            payload = resolve_refs(rendered.payload, lookup.get, keep_unresolved=True)[0]
+            paths.update(flatten(payload))
+        identities[record.key] = Identity.of(record.key, payload, links.get(record.key), match=mapping.match)
+    if usable < max(min_records, 1):
+        raise SafetyStop(
+            f"the source has {usable} usable records (min_records {min_records}); "
+            "refusing to reconcile: every account would look like an orphan"
+        )
+    for key, link in links.items():
+        if key not in identities:
+            identities[key] = Identity.of(key, None, link)
+    return identities, unreadable, sorted(paths)
+
+
+async def reconcile_target(
+    engine: Engine,
+    config: Config,
+    name: str,
+    mapping: AttributeMapping,
+    *,
+    repair: bool = False,
+    send: bool = True,
+    now: datetime | None = None,
+) -> ReconcileReport:
+    """Read every account of a target, classify it, and with ``repair`` queue (and send) the reactions.
+
+    Without ``repair`` nothing is written, to the target or to the state
+    database. With it: the link changes the reactions need, one queue operation
+    per reaction (disables and deletes through the deletion brake), the first
+    sighting of unmatched accounts, a ``reconcile_run`` row; then the target's
+    due operations are sent (``send``), as ``sync`` sends them.
+
+    Raises connectors errors when the target cannot be read (nothing is
+    concluded from a partial read), SafetyStop for an empty source.
+    """
+    target = config.targets[name]
+    source = config.sources[target.source]
+    now = now or utcnow()
+    report = ReconcileReport(name, f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")
+    links = load_links(engine, name)
+    identities, report.unreadable_records, attributes = desired_states(
+        mapping, read_source(source), links, source.min_records
+    )
+    classifier = Classifier(identities.values(), mapping.match)
+    session = TargetSession(target)
+    client = session.client()
+    try:
+        pages = client.iter_resources(mapping.endpoint, attributes=attributes, page_size=target.reconcile.page_size)
+        async for resource in pages:
+            classifier.observe(resource)
+        for key, scim_id in classifier.unseen_links():
+            # Not on any page: only a 404 for the id itself says the account is gone.
+            try:
+                result = await client.get(mapping.endpoint, scim_id)
+            except NotFound:
+                classifier.gone(key)
+            else:
+                classifier.observe(result.resource or {"id": scim_id})
+        report.requests = len(client.history)
+    finally:
+        await client.aclose()
+        await session.aclose()
+    report.findings = classifier.finish()
+    report.without_account = classifier.without_account()
+    log.info("reconciled", target=name, counts=report.counts(), drifted=report.drifted, requests=report.requests)
+    if repair:
+        await _repair(engine, config, name, mapping, report, identities, links, now, send=send)
+    return report
+
+
+async def _repair(
+    engine: Engine,
+    config: Config,
+    name: str,
+    mapping: AttributeMapping,
+    report: ReconcileReport,
+    identities: Mapping[str, Identity],
+    links: Mapping[str, Link],
+    now: datetime,
+    *,
+    send: bool,
+) -> None:
+    from provisioner.sync import send_due  # sync imports the planner and executor; keep this module light
+
+    target = config.targets[name]
+    unmatched = [f for f in report.findings if f.situation is Situation.UNMATCHED and f.id]
+    first_seen = _track_unmatched(engine, name, unmatched, now)
+    lookup = {key: link.scim_id for key, link in links.items()}
+    repairs = plan_repairs(report.findings, identities, target.reconcile, first_seen=first_seen, now=now,
+                           lookup=lookup, unreadable_records=report.unreadable_records)  # fmt: skip
+    report.repairs = repairs
+    report.repaired = True
+    for scim_id, why in repairs.spared:
+        log.info("unmatched account left as it is", target=name, id=scim_id, reason=why)
+    _fix_links(engine, name, repairs)
+    active = sum(link.active for link in links.values())
+
+    def brake(leavers: int) -> bool:
+        return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
+
+    enqueue(engine, report.run_id, name, repairs.decisions, brake=brake)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(RUNS).values(id=report.run_id, target=name, started_at=now, finished_at=utcnow(),
+                                counts=dumps(report.counts()), drifted=report.drifted)  # fmt: skip
+        )
+        held = select(func.count()).select_from(OPERATIONS).where(
+            OPERATIONS.c.run_id == report.run_id, OPERATIONS.c.status == "held"
+        )
+        report.held = int(conn.execute(held).scalar_one())
+    if report.held:
+        log.warning("reconciliation held", target=name, run_id=report.run_id, leavers=report.held,
+                    hint="provisioner plan --held, then provisioner approve RUN_ID or reject RUN_ID")  # fmt: skip
+    if send and repairs.decisions:
+        sent = await send_due(engine, config, name, mapping)
+        report.statuses = dict(sent.statuses)
+
+
+def _fix_links(engine: Engine, name: str, repairs: Repairs) -> None:
+    """Links as the target really is: drifted values as applied (hash cleared), gone accounts unlinked."""
+    with engine.begin() as conn:
+        for key, applied in repairs.observed.items():
+            conn.execute(
+                update(LINK_TABLE)
+                .where(LINK_TABLE.c.target == name, LINK_TABLE.c.identity_key == key)
+                .values(applied=dumps(applied), applied_hash=None, updated_at=utcnow())
+            )
+        for key in repairs.drop:
+            conn.execute(delete(LINK_TABLE).where(LINK_TABLE.c.target == name, LINK_TABLE.c.identity_key == key))
+
+
+def _track_unmatched(engine: Engine, name: str, unmatched: list[Finding], now: datetime) -> dict[str, datetime]:
+    """Record the unmatched accounts seen now; forget the others; return since when each has been seen."""
+    ids = {f.id: f.user_name for f in unmatched if f.id}
+    with engine.begin() as conn:
+        rows = conn.execute(select(UNMATCHED.c.scim_id, UNMATCHED.c.first_seen_at).where(UNMATCHED.c.target == name))
+        known = {row[0]: row[1] for row in rows}
+        gone = [scim_id for scim_id in known if scim_id not in ids]
+        if gone:
+            conn.execute(delete(UNMATCHED).where(UNMATCHED.c.target == name, UNMATCHED.c.scim_id.in_(gone)))
+        new = [{"target": name, "scim_id": i, "user_name": u, "first_seen_at": now, "last_seen_at": now}
+               for i, u in ids.items() if i not in known]  # fmt: skip
+        if new:
+            conn.execute(insert(UNMATCHED), new)
+        if known:
+            conn.execute(
+                update(UNMATCHED)
+                .where(UNMATCHED.c.target == name, UNMATCHED.c.scim_id.in_([i for i in ids if i in known]))
+                .values(last_seen_at=now)
+            )
+    return {i: (as_utc(known[i]) if i in known else now) for i in ids}
+
+
+def last_reconciled(engine: Engine, name: str) -> dict[str, Any] | None:
+    """The latest reconciliation of a target that was recorded (a repair run), or None."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(RUNS).where(RUNS.c.target == name).order_by(RUNS.c.started_at.desc()).limit(1)
+        ).mappings().first()
+    return dict(row) if row else None
+
+
+def publish(target: str, counts: Mapping[str, int], drifted: int) -> None:
+    """Set the Prometheus gauges of a target's reconciliation: accounts by situation, drifted accounts."""
+    for situation in Situation:
+        metrics.RECONCILE_ACCOUNTS.labels(target, situation.value).set(counts.get(situation.value, 0))
+    metrics.RECONCILE_DRIFTED.labels(target).set(drifted)
+
+
+def publish_last(engine: Engine, target: str) -> None:
+    """Publish the gauges of a target's last recorded reconciliation, if any (a restarted daemon)."""
+    last = last_reconciled(engine, target)
+    if last is not None and last["counts"]:
+        publish(target, orjson.loads(last["counts"]), int(last["drifted"]))

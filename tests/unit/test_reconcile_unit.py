@@ -1,0 +1,167 @@
+"""Reconciliation's pure layer (comparing, classifying, reacting), and pages a real server will not give on demand."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import respx
+
+from provisioner.config import ReconcileConfig, load_config
+from provisioner.demo import DEMO_MAPPING
+from provisioner.mapping import Ref
+from provisioner.planner import Kind, Link
+from provisioner.reconcile import Classifier, Identity, Situation, drift, plan_repairs, reconcile_target
+from provisioner.store import open_store, utcnow
+from tests.conftest import ENTERPRISE, hr_row, write_csv
+
+WORK = {"value": "ada@example.com", "type": "work", "primary": True}
+
+
+@pytest.mark.parametrize(
+    ("want", "have", "drifted"),
+    [
+        pytest.param({"userName": "ada@example.com"}, {"userName": "Ada@Example.com"}, [], id="userName-is-caseless"),
+        pytest.param({"title": "Engineer"}, {"title": "engineer"}, ["title"], id="other-strings-are-exact"),
+        pytest.param({"active": True}, {}, ["active"], id="absent-is-drift"),
+        pytest.param({"active": True}, {"active": "true"}, ["active"], id="types-count"),
+        pytest.param({"name": {"givenName": "Ada"}}, {"name": {"givenName": "Ada", "familyName": "X"}}, [],
+                     id="only-what-the-mapping-sets"),  # fmt: skip
+        pytest.param({"emails": [WORK]},
+                     {"emails": [{"value": "ADA@example.com", "type": "Work", "primary": True, "display": "A"}]}, [],
+                     id="emails-caseless-extra-sub-attributes-ignored"),  # fmt: skip
+        pytest.param({"emails": [WORK, {"value": "a2@example.com", "type": "home"}]},
+                     {"emails": [{"value": "a2@example.com", "type": "home", "primary": False}, WORK]}, [],
+                     id="emails-unordered-primary-false-is-absent"),  # fmt: skip
+        pytest.param({"emails": [WORK]}, {"emails": [WORK, {"value": "x@example.com", "type": "home"}]}, ["emails"],
+                     id="an-email-added-by-hand"),  # fmt: skip
+        pytest.param({ENTERPRISE: {"manager": {"value": "m1"}}},
+                     {ENTERPRISE: {"manager": {"value": "m1", "$ref": "../Users/m1", "displayName": "M"}}}, [],
+                     id="manager-compared-by-id"),  # fmt: skip
+        pytest.param({ENTERPRISE: {"manager": {"value": "m1"}}}, {ENTERPRISE: {"manager": {"value": "m2"}}},
+                     [f"{ENTERPRISE}:manager"], id="manager-changed"),  # fmt: skip
+        pytest.param({ENTERPRISE: {"manager": {"value": Ref("E9")}}}, {}, [], id="unresolved-reference-skipped"),
+        pytest.param({ENTERPRISE: {"department": "Eng"}}, {ENTERPRISE.lower(): {"Department": "Eng"}}, [],
+                     id="attribute-names-are-caseless"),  # fmt: skip
+    ],
+)
+def test_drift_compares_only_what_the_mapping_sets_as_scim_means_it(
+    want: dict[str, Any], have: dict[str, Any], drifted: list[str]
+) -> None:
+    assert list(drift(want, have)) == drifted
+
+
+def _identity(key: str, user_name: str, scim_id: str | None = None, *, active: bool = True) -> Identity:
+    link = Link(key, scim_id, "h", active) if scim_id else None
+    return Identity.of(key, {"userName": user_name, "active": True}, link)
+
+
+def test_an_account_missing_from_the_pages_is_deleted_only_when_the_target_says_404() -> None:
+    classifier = Classifier([_identity("E1", "a@x", "u1"), _identity("E2", "b@x", "u2")])
+    classifier.observe({"id": "u1", "userName": "a@x", "active": True})
+    assert classifier.unseen_links() == [("E2", "u2")]
+    classifier.observe({"id": "u2", "userName": "b@x", "active": False})  # what GET /Users/u2 answered
+    findings = {f.id: f for f in classifier.finish()}
+    assert findings["u2"].situation is Situation.LINKED and findings["u2"].drift == ["active"]
+    gone = Classifier([_identity("E2", "b@x", "u2")])
+    gone.gone("E2")
+    assert [f.situation for f in gone.finish()] == [Situation.DELETED]
+
+
+def test_a_page_repeating_an_account_counts_it_once() -> None:
+    classifier = Classifier([])
+    classifier.observe({"id": "u1", "userName": "x@x"})
+    classifier.observe({"id": "u1", "userName": "x@x"})
+    assert [f.situation for f in classifier.finish()] == [Situation.UNMATCHED]
+
+
+def test_an_identity_with_a_deleted_account_adopts_the_one_made_by_hand_instead_of_recreating() -> None:
+    identity = _identity("E1", "a@x", "u1")
+    classifier = Classifier([identity])
+    classifier.observe({"id": "u9", "userName": "A@X"})
+    classifier.gone("E1")
+    findings = classifier.finish()
+    assert sorted(f.situation.value for f in findings) == ["deleted", "unlinked"]
+    repairs = plan_repairs(findings, {"E1": identity}, ReconcileConfig(), first_seen={}, now=utcnow(), lookup={})
+    assert [d.kind for d in repairs.decisions] == [Kind.LINK]
+    assert repairs.drop == ["E1"]
+
+
+def test_unmatched_accounts_are_spared_while_source_records_cannot_be_read() -> None:
+    classifier = Classifier([])
+    classifier.observe({"id": "u1", "userName": "x@x", "active": True})
+    findings = classifier.finish()
+    policy = ReconcileConfig(unmatched="disable")
+    now = utcnow()
+    kept = plan_repairs(findings, {}, policy, first_seen={}, now=now, lookup={}, unreadable_records=1)
+    assert kept.decisions == [] and kept.spared[0][0] == "u1"
+    sent = plan_repairs(findings, {}, policy, first_seen={}, now=now, lookup={})
+    assert [(d.identity_key, d.kind, d.payload) for d in sent.decisions] == [
+        ("unmatched:u1", Kind.DISABLE, {"id": "u1", "userName": "x@x"})
+    ]
+    deleting = ReconcileConfig(unmatched="delete", delete_after="2d")
+    young = plan_repairs(findings, {}, deleting, first_seen={"u1": now - timedelta(days=1)}, now=now, lookup={})
+    old = plan_repairs(findings, {}, deleting, first_seen={"u1": now - timedelta(days=3)}, now=now, lookup={})
+    assert young.decisions == [] and [d.kind for d in old.decisions] == [Kind.DELETE]
+
+
+BASE = "https://scim.test/v2"
+
+
+def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("RECONCILE_TEST_TOKEN", "s3cret-token")
+    write_csv(tmp_path / "hr.csv", [hr_row("E1", "Ada", "One"), hr_row("E2", "Bob", "Two")])
+    path = tmp_path / "config.yaml"
+    path.write_text(f"""state: sqlite:///state.db
+sources: {{hr: {{type: csv, path: hr.csv, key: employee_id}}}}
+targets:
+  app:
+    base_url: {BASE}
+    auth: {{type: bearer, token: "${{RECONCILE_TEST_TOKEN}}"}}
+    source: hr
+    mapping: {DEMO_MAPPING}
+""")
+    return path
+
+
+@pytest.mark.parametrize(("answer", "situation"), [(200, "linked"), (404, "deleted")])
+def test_a_linked_account_a_short_page_left_out_is_looked_up_by_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: int, situation: str
+) -> None:
+    config = load_config(_config(tmp_path, monkeypatch))
+    engine = open_store(config.state)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO account_link (target, identity_key, scim_id, active, updated_at) VALUES "
+                             "('app', 'E1', 'u1', 1, '2026-01-01'), ('app', 'E2', 'u2', 1, '2026-01-01')")  # fmt: skip
+    from provisioner.sync import load_target_mapping
+
+    mapping = load_target_mapping(config, "app")
+    bob = {"id": "u2", "userName": "bob.two@example.com", "active": True}
+    with respx.mock(base_url=BASE) as router:
+        # The page claims to be complete but leaves u2 out.
+        listing = router.get("/Users").respond(200, json={"totalResults": 1, "Resources": [
+            {"id": "u1", "userName": "ada.one@example.com", "active": True}]})  # fmt: skip
+        lookup = router.get("/Users/u2").respond(answer, json=bob if answer == 200 else {"status": "404"})
+        report = asyncio.run(reconcile_target(engine, config, "app", mapping))
+    assert listing.call_count == 1 and lookup.call_count == 1
+    sent = listing.calls[0].request.url.params["attributes"].split(",")
+    assert {"userName", "active", f"{ENTERPRISE}:department", "emails"} <= set(sent)
+    assert {f.id: f.situation.value for f in report.findings}["u2"] == situation
+    assert report.requests == 2
+    engine.dispose()
+
+
+def test_a_leaver_enabled_again_by_hand_drifts_on_active_and_is_disabled_again() -> None:
+    leaver = Identity.of("E1", None, Link("E1", "u1", "h", False))
+    classifier = Classifier([leaver])
+    classifier.observe({"id": "u1", "userName": "a@x", "active": True})
+    findings = classifier.finish()
+    assert [(f.situation, f.drift) for f in findings] == [(Situation.LINKED, ["active"])]
+    repairs = plan_repairs(findings, {"E1": leaver}, ReconcileConfig(), first_seen={}, now=utcnow(), lookup={})
+    assert [(d.identity_key, d.kind) for d in repairs.decisions] == [("E1", Kind.DISABLE)]
+    quiet = Classifier([leaver])
+    quiet.observe({"id": "u1", "userName": "a@x"})  # the target does not say: no drift is made up
+    assert quiet.finish()[0].drift == []
