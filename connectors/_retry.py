@@ -43,6 +43,9 @@ def is_retryable(error: BaseException) -> bool:
     """Whether another attempt of the same request may succeed soon."""
     if not isinstance(error, TransientError):
         return False
+    if error.scim_type == "mutability":
+        # RFC 7644 §3.12: the attribute cannot be changed; some targets say so with a 500. Never soon.
+        return False
     # No status: a timeout or a connection error. InvalidResponse: a success status, garbled.
     return error.status is None or isinstance(error, InvalidResponse) or error.status in RETRYABLE_STATUSES
 

@@ -57,7 +57,7 @@ Severity = Literal["warning", "critical"]
 Status = Literal["firing", "changed", "reminder", "resolved"]
 Rule = Literal[
     "failed_operations", "failing_target", "auth_failure", "held_cycle", "quarantined", "refused_cycle",
-    "unmatched_accounts", "drifted_accounts",
+    "unmatched_accounts", "drifted_accounts", "unstored_writes",
 ]  # fmt: skip
 
 # The webhook's own retry: 3 attempts, waiting these many seconds between them.
@@ -156,6 +156,8 @@ class AlertRules(_Strict):
     quarantined_target: bool = True
     # A cycle refused before planning (an empty or truncated source).
     refused_cycle: bool = True
+    # Writes the target answered with success without storing every attribute sent (last 24 hours).
+    unstored_writes: bool = True
     # The last reconciliation found more accounts than this that no identity owns (orphans).
     unmatched_accounts: int | None = Field(default=10, ge=0)
     # The last reconciliation found more linked accounts than this whose attributes drifted.
@@ -208,6 +210,8 @@ class TargetFacts:
     last_error: str | None = None
     # Why the target's last cycle was refused before planning (an empty or truncated source); None if it was not.
     refused: str | None = None
+    # Operations of the last 24 hours whose write the target accepted without storing all of it.
+    unstored_count: int = 0
     # What the target's last reconciliation found: unmatched accounts, linked accounts that drifted.
     # None: the target has not been reconciled.
     unmatched_accounts: int | None = None
@@ -360,6 +364,23 @@ def _refused_cycle(facts: TargetFacts, rules: AlertRules, now: datetime) -> Cond
     )
 
 
+def _unstored_writes(facts: TargetFacts, rules: AlertRules, now: datetime) -> Condition | None:
+    if not rules.unstored_writes or facts.unstored_count <= 0:
+        return None
+    # Said again when the count doubles: 1, 2–3, 4–7, …
+    bracket = facts.unstored_count.bit_length() - 1
+    return Condition(
+        key=_key("unstored_writes", facts.target),
+        rule="unstored_writes",
+        target=facts.target,
+        severity="warning",
+        message=(f"{facts.target}: {facts.unstored_count} writes in the last 24 hours were answered with success "
+                 "but the target did not store every attribute (declare or map them differently)"),  # fmt: skip
+        fingerprint=f"bracket={bracket}",
+        level=bracket,
+        details={"unstored_count": facts.unstored_count,
+                 "hint": f"provisioner queue list --target {facts.target} (the note says what was dropped)"},  # fmt: skip
+    )
 def _reconciled(rule: Literal["unmatched_accounts", "drifted_accounts"], what: str, hint: str) -> Callable[
     [TargetFacts, AlertRules, datetime], Condition | None
 ]:
@@ -392,6 +413,7 @@ _RULES: tuple[Callable[[TargetFacts, AlertRules, datetime], Condition | None], .
     _failing_target,
     _failed_operations,
     _held_cycle,
+    _unstored_writes,
     _reconciled("unmatched_accounts", "accounts that no identity owns", "provisioner reconcile"),
     _reconciled("drifted_accounts", "linked accounts whose attributes drifted", "provisioner reconcile"),
 )
@@ -531,6 +553,7 @@ _CLEARED: dict[str, str] = {
     "held_cycle": "no deprovisioning operation is held any more",
     "quarantined": "out of quarantine",
     "refused_cycle": "cycles run again",
+    "unstored_writes": "no write left attributes unstored in the last 24 hours",
 }
 
 

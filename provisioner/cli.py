@@ -45,6 +45,9 @@ from provisioner.lock import StateLock
 from provisioner.planner import preview_record
 from provisioner.sources import BadRecord, read_source
 from provisioner.quarantine import all_states, set_paused
+from provisioner.quirks import describe as describe_quirk
+from provisioner.quirks import learned as learned_quirks
+from provisioner.quirks import unstored_writes
 from provisioner.store import open_store
 from provisioner.sync import (
     TargetReport,
@@ -612,6 +615,8 @@ def _status(args: argparse.Namespace) -> int:
     counts = status_by_target(engine)
     runs = last_runs(engine)
     health = all_states(engine)
+    lessons = learned_quirks(engine)
+    dropped = unstored_writes(engine)
     data = []
     for name in sorted(set(config.targets) | set(counts)):
         run = runs.get(name) or {}
@@ -630,6 +635,8 @@ def _status(args: argparse.Namespace) -> int:
                 "quarantine_reason": health[name].quarantine_reason if name in health else None,
                 "next_probe_at": health[name].next_probe_at if name in health else None,
                 "last_error": health[name].last_error if name in health else None,
+                "learned_quirks": [describe_quirk(q) for q in lessons if q.target == name],
+                "unstored_writes": dropped.get(name, 0),
             }
         )
     if args.json:
@@ -650,6 +657,11 @@ def _status(args: argparse.Namespace) -> int:
             print(f"  QUARANTINED: {item['quarantine_reason']}; next probe {_cell(item['next_probe_at'])}")
         if item["last_error"] and item["quarantined"]:
             print(f"  last error: {item['last_error']}")
+        for line in item["learned_quirks"]:
+            print(f"  {line}")
+        if item["unstored_writes"]:
+            print(f"  UNSTORED: {item['unstored_writes']} writes the target accepted without storing every attribute "
+                  "(provisioner queue list; the note says what)")  # fmt: skip
     return EXIT_OK
 
 

@@ -142,6 +142,35 @@ class SourceConfig(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
 
 
+class QuirksConfig(_Strict):
+    """How a target deviates from RFC 7643/7644, declared; each key is a field of ``connectors.Quirks``.
+
+    A key left out (null) is not declared: the RFC default applies, or what the
+    engine learned from the target's answers (a 501/405, a failed read-back),
+    which is kept in the state database (``target_quirk``) and shown by ``status``.
+    A declared key wins over a learned one at start.
+    """
+
+    # client: the target ignores or mangles filters; page through the endpoint and match here.
+    filter: Literal["server", "client"] | None = None
+    # false: the target rejects the count parameter when paging.
+    page_count: bool | None = None
+    # false: adopt and update with PATCH only (the target has no PUT).
+    put: bool | None = None
+    # How a group member is removed: path members[value eq "ID"], a members value list, GET + PUT.
+    member_removal: Literal["filter", "list", "put"] | None = None
+    # false: GET /Groups/{id} does not report members; read them another way or trust stored state.
+    group_members_returned: bool | None = None
+    # true: a group must be created with its members (POST with members).
+    group_create_with_members: bool | None = None
+    # What the target puts in members[].value: the member's id, or its userName.
+    member_value: Literal["id", "userName"] | None = None
+    # true: read each written resource back and compare (the target's 200s cannot be trusted).
+    verify_writes: bool | None = None
+
+    def declared(self) -> dict[str, Any]:
+        """The keys set in the config file, with their values."""
+        return {name: value for name, value in self.model_dump().items() if value is not None}
 class ReconcileConfig(_Strict):
     """A target's ``reconcile:`` block: the reaction to each situation reconciliation finds.
 
@@ -225,6 +254,11 @@ class TargetConfig(_Strict):
     # Each linked group's members are read from the target at most this often and drift is corrected
     # (a member removed by hand is added back); "0s": every cycle; null: never.
     group_reconcile_every: str | None = "1d"
+    # Deviations of this target from the RFCs, declared (learned ones are added at run time).
+    quirks: QuirksConfig = QuirksConfig()
+    # An attribute or schema extension the target does not declare (/ResourceTypes, /Schemas):
+    # omit: leave it out of payloads with one warning; refuse: operations carrying it fail, naming it.
+    unsupported_attributes: Literal["omit", "refuse"] = "omit"
     # The daemon reads every account back and reacts per `reconcile:` this often; "0" or null: never.
     reconcile_every: str | None = "1d"
     reconcile: ReconcileConfig = ReconcileConfig()

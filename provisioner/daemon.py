@@ -33,6 +33,7 @@ from provisioner.mapping import AttributeMapping
 from provisioner.planner import RenderMemo
 from provisioner.quarantine import Admission, admission
 from provisioner.queue import STATUSES, count_status, list_operations, prune, recover_orphans, status_by_target
+from provisioner.quirks import unstored_writes
 from provisioner.reconcile import last_reconciled, publish, publish_last, reconcile_target
 from provisioner.store import as_utc, utcnow
 from provisioner.sync import TargetReport, last_runs, load_target_mapping, send_due, sync_target
@@ -238,6 +239,7 @@ def target_facts(engine: Engine, name: str) -> alerts.TargetFacts:
                            if health.paused else None)) if health else None,  # fmt: skip
         last_error=health.last_error if health else None,
         refused=str(last["error"]) if last.get("status") == "refused" else None,
+        unstored_count=unstored_writes(engine, since=utcnow() - timedelta(days=1)).get(name, 0),
         unmatched_accounts=found.get("unmatched") if reconciled else None,
         drifted_accounts=int(reconciled["drifted"]) if reconciled else None,
     )

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from sqlalchemy import Engine
@@ -26,6 +26,7 @@ from connectors import (
     NotFound,
     PermanentError,
     PreconditionFailed,
+    Quirks,
     ScimClient,
     ScimError,
     ScimResult,
@@ -34,6 +35,7 @@ from connectors import (
 from provisioner import metrics
 from provisioner.config import TargetConfig
 from provisioner.quarantine import Admission, Tally, admission, observe, state
+from provisioner.quirks import DROPPED_NOTE, load_quirks
 from provisioner.targets import discover
 from provisioner.payload import flatten, patch_operations, payload_hash, refs_in, resolve_refs
 from provisioner.rebase import rebase_operations
@@ -48,6 +50,18 @@ from provisioner.queue import (
     load_link_states,
     record,
     release,
+)
+from provisioner.reactions import (
+    USERNAME_IMMUTABLE,
+    Step,
+    dropped,
+    matches,
+    on_user_error,
+    replace_all,
+    unsupported_extensions,
+    user_write_method,
+    without_extensions,
+    without_username,
 )
 from provisioner.redaction import redact_value
 
@@ -85,14 +99,19 @@ class Executor:
         *,
         endpoint: str = "Users",
         match_attribute: str = "userName",
+        quirks: Quirks | None = None,
     ) -> None:
         self.engine = engine
+        # The target's deviations, declared and learned (shared with its clients when they come from one session).
+        self.quirks = quirks if quirks is not None else load_quirks(engine, target, config)
         self.target = target
         self.config = config
         self.endpoint = endpoint
         self.match_attribute = match_attribute
         self.client_factory = client_factory
         self.capabilities: Capabilities | None = None
+        # Which schemas the target's resource type lists (None: not asked yet; False: it did not say).
+        self._extensions: Callable[[str], bool] | Literal[False] | None = None
         # Set to stop taking new operations; those in flight finish and are recorded.
         self.stopping = asyncio.Event()
 
@@ -214,6 +233,9 @@ class Executor:
                 # Nothing left to deprovision: the account is already gone from the target.
                 return _outcome(op, "succeeded", exc, drop_link=True, note="account not found in the target")
             return _outcome(op, "failed", exc)
+        except UsernameImmutable as exc:
+            # The rest of the change was applied; the rename never will be: review, no retries.
+            return _outcome(op, "failed", exc)
         except (TransientError, AuthError) as exc:
             status = "failed" if give_up_if_too_old(op) else "retry_wait"
             outcome = _outcome(op, status, exc)
@@ -239,7 +261,9 @@ class Executor:
             return Outcome(op.id, "succeeded", link=_linked(link, result, active=False))
         # References to accounts created earlier in this cycle resolve now; the rest drop out.
         payload, _ = resolve_refs(op.payload or {}, lambda key: links[key].scim_id if key in links else None)
+        # The hash is the desired payload's: an extension held back is not a change to send every cycle.
         applied_hash = payload_hash(payload)
+        payload = await self._supported(client, payload)
         if link is None:
             return await self._create(client, op, payload, applied_hash)
         try:
@@ -252,7 +276,7 @@ class Executor:
             outcome.note = "account was missing in the target; created again"
             return outcome
         state = _linked(link, result, active=True, applied=payload, applied_hash=applied_hash)
-        return Outcome(op.id, "succeeded", link=state)
+        return await self._verify(client, link.scim_id, payload, result, Outcome(op.id, "succeeded", link=state))
 
     async def _deprovision_unowned(self, client: ScimClient, op: ClaimedOperation, scim_id: str) -> Outcome:
         """Disable or delete an account no identity owns, by its id (a reconciliation's reaction); no link."""
@@ -283,7 +307,7 @@ class Executor:
             note = "the create's answer was lost; adopted the account it made"
             return await self._adopt(client, op, result, payload, applied_hash, note)
         state = LinkState(result.id or "", True, result.version, result.location, applied_hash, payload)
-        return Outcome(op.id, "succeeded", link=state)
+        return await self._verify(client, state.scim_id, payload, result, Outcome(op.id, "succeeded", link=state))
 
     async def _post(self, client: ScimClient, payload: dict[str, Any]) -> ScimResult | dict[str, Any]:
         try:
@@ -310,10 +334,7 @@ class Executor:
             if required:
                 raise Conflict(f"the target reports a conflict, and '{self.match_attribute}' has no value to look it up by")
             return None
-        # userName is caseExact false (RFC 7643 §4.1.1): an account made as "Ada@X" is Ada's.
-        found = await client.find(
-            self.endpoint, self.match_attribute, value, case_exact=self.match_attribute.lower() != "username"
-        )
+        found = await self._verified_find(client, value)
         if len(found) == 1 and found[0].get("id"):
             return found[0]
         if not found and not required:
@@ -322,6 +343,49 @@ class Executor:
             f"{self.match_attribute} eq {value!r} matches {len(found)} accounts in the target; "
             "expected exactly one to adopt"
         )
+
+    async def _supported(self, client: ScimClient, payload: dict[str, Any]) -> dict[str, Any]:
+        """The payload without schema extensions the target does not list in /ResourceTypes (RFC 7643 §6).
+
+        ``unsupported_attributes: omit`` leaves them out with one warning per target
+        and extension; ``refuse`` fails the operation naming the extension, for review.
+        """
+        if not any(name.startswith("urn:") for name in payload):
+            return payload
+        if self._extensions is None:
+            seen = len(client.history)
+            try:
+                types = await client.resource_types()
+            except (PermanentError, TransientError) as exc:
+                log.info("resource types unknown", target=self.target, error=str(exc))
+                types = {}
+            del client.history[seen:]  # discovery, not this operation's call
+            found = types.get(self.endpoint)
+            self._extensions = found.supports if found is not None else False
+        unsupported = unsupported_extensions(payload, self._extensions or None)
+        if not unsupported:
+            return payload
+        if self.config.unsupported_attributes == "refuse":
+            raise PermanentError(f"the target's /ResourceTypes lists no {', '.join(unsupported)} for {self.endpoint} "
+                                 "(unsupported_attributes: refuse)")  # fmt: skip
+        for urn in unsupported:
+            if (self.target, urn) not in _WARNED:
+                _WARNED.add((self.target, urn))
+                log.warning("schema extension not supported by the target; left out of payloads",
+                            target=self.target, endpoint=self.endpoint, extension=urn)  # fmt: skip
+        return without_extensions(payload, unsupported)
+
+    async def _verified_find(self, client: ScimClient, value: str) -> list[dict[str, Any]]:
+        """Accounts whose match attribute really equals ``value``, once each: a lookup result is a claim.
+
+        userName compares case-insensitively (RFC 7643 §4.1.1), other attributes exactly.
+        """
+        case_exact = self.match_attribute.casefold() != "username"
+        unique: dict[str, dict[str, Any]] = {}
+        for resource in await client.find(self.endpoint, self.match_attribute, value, case_exact=case_exact):
+            if matches(resource, self.match_attribute, value, case_exact=case_exact):
+                unique.setdefault(str(resource.get("id")), resource)
+        return list(unique.values())
 
     async def _adopt(
         self,
@@ -338,28 +402,101 @@ class Executor:
             raise Conflict(f"account {scim_id} ({self.match_attribute}) is already linked to identity {owner}")
         version = (existing.get("meta") or {}).get("version")
         found = LinkState(scim_id, bool(existing.get("active", True)), version, None, None, None)
-        result = await self._fresh(
-            client, found, lambda etag: client.replace(self.endpoint, scim_id, payload, etag=etag)
-        )
-        return Outcome(op.id, "succeeded", note=note, link=_linked(found, result, active=True, applied=payload, applied_hash=applied_hash))
+        result = await self._write(client, found, payload, None, adopting=True)
+        outcome = Outcome(op.id, "succeeded", note=note, link=_linked(found, result, active=True, applied=payload, applied_hash=applied_hash))
+        return await self._verify(client, found.scim_id, payload, result, outcome)
 
     async def _update(
         self, client: ScimClient, link: LinkState, payload: dict[str, Any], *, enable: bool
     ) -> ScimResult:
-        if self._use_patch() and link.applied is not None:
+        operations = None
+        if link.applied is not None and (self._use_patch() or not self.quirks.put):
             operations = patch_operations(link.applied, payload)
             if enable and not any(o.get("path") == "active" for o in operations):
                 operations.append({"op": "replace", "path": "active", "value": True})
-            if operations:
-                # The account is to be active (a mover's, a rehire's) unless the mapping says otherwise.
-                desired = {"active": True, **payload} if enable or link.active else payload
-                return await self._fresh(
-                    client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag), desired
-                )
-        return await self._fresh(client, link, lambda etag: client.replace(self.endpoint, link.scim_id, payload, etag=etag))
+            if not operations:
+                operations = None
+        # The account is to be active (a mover's, a rehire's) unless the mapping says otherwise.
+        desired = {"active": True, **payload} if enable or link.active else payload
+        return await self._write(client, link, payload, operations, adopting=False, desired=desired)
+
+    async def _write(
+        self,
+        client: ScimClient,
+        link: LinkState,
+        payload: dict[str, Any],
+        operations: list[dict[str, Any]] | None,
+        *,
+        adopting: bool,
+        desired: dict[str, Any] | None = None,
+    ) -> ScimResult:
+        """Write the desired state (``operations``: only what changed) as the target takes it.
+
+        PUT where the target has it, else PATCH (``replace`` of each attribute when
+        the change is not known); a PUT answered 405/501 is learned (``put: false``)
+        and sent as PATCH. A userName the target will not change (scimType
+        ``mutability``) fails the operation at once, after the rest was applied.
+        """
+        method = user_write_method(put=self.quirks.put, patch=self._use_patch(), knows_applied=operations is not None,
+                                   adopting=adopting)  # fmt: skip
+        renames = _renames_username(link.applied, payload)
+        try:
+            return await self._send_write(client, link, method, payload, operations, desired)
+        except (PermanentError, TransientError) as exc:
+            step = on_user_error(method, exc.status, exc.scim_type, adopting=adopting, renames_username=renames)
+            if step is Step.USE_PATCH:
+                self.quirks.learn("put", False, f"PUT /{self.endpoint}/{{id}} answered {exc.status}")
+                return await self._write(client, link, payload, operations, adopting=adopting, desired=desired)
+            if step is Step.DROP_USERNAME:
+                kept_ops, kept = without_username(operations, payload, (link.applied or {}).get("userName"))
+                if kept_ops != []:
+                    await self._send_write(client, link, method, kept, kept_ops)
+                raise UsernameImmutable(USERNAME_IMMUTABLE, status=exc.status, scim_type=exc.scim_type,
+                                        detail=exc.detail, request=exc.request) from exc  # fmt: skip
+            raise
+
+    async def _send_write(
+        self,
+        client: ScimClient,
+        link: LinkState,
+        method: str,
+        payload: dict[str, Any],
+        operations: list[dict[str, Any]] | None,
+        desired: dict[str, Any] | None = None,
+    ) -> ScimResult:
+        if method == "put":
+            return await self._fresh(client, link, lambda etag: client.replace(self.endpoint, link.scim_id, payload, etag=etag))
+        if operations is None:
+            # Every attribute replaced (no PUT): a 412 sends the same request on the fresh version.
+            ops = replace_all(payload)
+            return await self._fresh(client, link, lambda etag: client.patch(self.endpoint, link.scim_id, ops, etag=etag))
+        # A difference: a 412 is rebased on the fresh resource toward ``desired``.
+        return await self._fresh(
+            client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag), desired
+        )
+
+    async def _verify(
+        self, client: ScimClient, scim_id: str, payload: dict[str, Any], result: ScimResult, outcome: Outcome
+    ) -> Outcome:
+        """Compare what the target answered (or, when its answers cannot be trusted, holds) with what was sent.
+
+        An attribute sent but not stored marks the operation ("target dropped title")
+        and is counted: never a silent success.
+        """
+        stored = result.resource if isinstance(result.resource, dict) and result.resource else None
+        if self.quirks.verify_writes:
+            stored = (await client.get(self.endpoint, scim_id)).resource
+        lost = dropped(payload, stored)
+        if lost:
+            for name in lost:
+                metrics.UNSTORED.labels(self.target, name).inc()
+            text = f"{DROPPED_NOTE} {', '.join(lost)}"
+            outcome.note = f"{outcome.note}; {text}" if outcome.note else text
+            log.warning("target did not store attributes", target=self.target, scim_id=scim_id, attributes=lost)
+        return outcome
 
     async def _set_active(self, client: ScimClient, link: LinkState, *, active: bool) -> ScimResult:
-        if self._use_patch():
+        if self._use_patch() or not self.quirks.put:
             operations = [{"op": "replace", "path": "active", "value": active}]
             desired = {**(link.applied or {}), "active": active}
             return await self._fresh(
@@ -437,6 +574,21 @@ class Executor:
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
             error=outcome.error,
         )
+
+
+# (target, extension URN) already warned about in this process: one warning each, not one per account.
+_WARNED: set[tuple[str, str]] = set()
+
+
+class UsernameImmutable(PermanentError):
+    """The target refuses to change userName (scimType ``mutability``, RFC 7644 §3.12); retrying cannot help."""
+
+
+def _renames_username(applied: dict[str, Any] | None, payload: dict[str, Any]) -> bool:
+    """Whether the write changes userName (unknown applied state: it may)."""
+    if "userName" not in payload:
+        return False
+    return applied is None or applied.get("userName") != payload["userName"]
 
 
 def judge(engine: Engine, target: str, config: TargetConfig, tally: Tally) -> None:

@@ -25,6 +25,10 @@ QUEUE_DEPTH = Gauge("provisioner_queue_operations", "Operations in the queue by 
                     ["target", "status"], registry=REGISTRY)  # fmt: skip
 LAST_SUCCESS = Gauge("provisioner_last_successful_cycle_timestamp_seconds",
                      "When a target's last cycle finished without failures", ["target"], registry=REGISTRY)  # fmt: skip
+UNSTORED = Counter(
+    "provisioner_unstored_attributes", "Attributes a target accepted in a write but did not store",
+    ["target", "attribute"], registry=REGISTRY,
+)  # fmt: skip
 QUARANTINED = Gauge("provisioner_target_quarantined", "1 when a target is quarantined or paused", ["target"],
                     registry=REGISTRY)  # fmt: skip
 

@@ -50,6 +50,9 @@ class GroupLink(SQLModel, table=True):
     """A group of a target: which SCIM group a group definition's key is linked to."""
 
     __tablename__ = "group_link"
+    # One SCIM group belongs to one group definition: two rules resolving to the same
+    # existing group cannot both link it (the second goes to review).
+    __table_args__ = (Index("ux_group_link_scim_id", "target", "scim_id", unique=True),)
 
     target: str = Field(primary_key=True)
     group_key: str = Field(primary_key=True)
@@ -59,6 +62,20 @@ class GroupLink(SQLModel, table=True):
     # When the group's members were last read from the target (a full compare); None: never.
     verified_at: datetime | None = None
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class TargetQuirk(SQLModel, table=True):
+    """A deviation learned from a target's answers (a 501, a failed read-back), kept across restarts."""
+
+    __tablename__ = "target_quirk"
+
+    target: str = Field(primary_key=True)
+    # A field of connectors.Quirks.
+    name: str = Field(primary_key=True)
+    # JSON of the value.
+    value: str
+    reason: str
+    learned_at: datetime = Field(default_factory=utcnow)
 
 
 class GroupMemberState(SQLModel, table=True):
@@ -189,6 +206,9 @@ def open_store(url: str) -> Engine:
     if is_sqlite:
         _configure_sqlite(engine)
     SQLModel.metadata.create_all(engine)
+    # create_all adds missing tables, not indexes on tables an older version created.
+    for index in GroupLink.__table__.indexes:  # type: ignore[attr-defined]
+        index.create(engine, checkfirst=True)
     with engine.begin() as conn:
         row = conn.execute(SchemaInfo.__table__.select()).first()
         if row is None:

@@ -28,6 +28,7 @@ from provisioner.planner import Kind, Plan, RenderMemo, brake_trips, plan_target
 from provisioner.queue import Rejections, claim, count_status, enqueue, load_link_states, load_links
 from provisioner.sources import read_source, source_columns
 from provisioner.store import Run, utcnow
+from provisioner.quirks import load_quirks
 from provisioner.targets import TargetSession
 
 log = structlog.get_logger("provisioner.sync")
@@ -224,8 +225,9 @@ async def _send(
     stop: asyncio.Event | None,
 ) -> None:
     target = config.targets[name]
-    session = TargetSession(target)
-    executor = Executor(engine, name, target, session.client, endpoint=mapping.endpoint, match_attribute=mapping.match)
+    session = TargetSession(target, quirks=load_quirks(engine, name, target))
+    executor = Executor(engine, name, target, session.client, endpoint=mapping.endpoint, match_attribute=mapping.match,
+                        quirks=session.quirks)  # fmt: skip
     if stop is not None:
         executor.stopping = stop
     due = count_status(engine, name, "pending")

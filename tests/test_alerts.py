@@ -94,6 +94,8 @@ DEFAULT = AlertRules()
         pytest.param(
             TargetFacts("app", quarantined=True), AlertRules(quarantined_target=False), [], id="quarantine-rule-off"
         ),
+        pytest.param(TargetFacts("app", unstored_count=1), DEFAULT, ["unstored_writes:app"], id="unstored"),
+        pytest.param(TargetFacts("app", unstored_count=9), AlertRules(unstored_writes=False), [], id="unstored-rule-off"),
         pytest.param(
             TargetFacts(
                 "app", failed_count=40, held_count=2, auth_failed=True, failing_since=NOW - minutes(30),

@@ -42,12 +42,7 @@ ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 TOKEN_VARIABLE = "PROVISIONER_CONTRACT_TOKEN"
 
 # Deviations the engine cannot converge on yet, with the behaviour it lacks.
-ENGINE_GAPS: dict[str, str] = {
-    "extension_unsupported": "the engine sends the enterprise extension to a target whose /ResourceTypes does not "
-    "declare it (every create is refused 400); it must leave the extension out with a warning",
-    "immutable_username": "a rename refused 400/500 scimType=mutability fails the whole update; the engine must "
-    "apply the rest of the change and fail the rename alone, at once",
-}
+ENGINE_GAPS: dict[str, str] = {}
 
 # What a deviation makes impossible to store: left out of the desired state (the engine reports it).
 UNSTORABLE: dict[str, set[str]] = {"attribute_dropped": {"title"}, "extension_unsupported": {ENTERPRISE}}

@@ -338,8 +338,8 @@ async def test_lifecycle_through_20_percent_faults_ends_as_without_faults(
         assert statuses.keys() <= {"succeeded", "superseded"}, statuses
         assert diffs == []
         # Every fault injected into an operation's request is in that operation's record as a failed call
-        # (capability discovery is not an operation's; a real 412 after a lost PATCH adds to the count).
-        discovery = sum(1 for e in proxy.events if e.fault and e.path.endswith("/ServiceProviderConfig"))
+        # (capability and resource type discovery is not an operation's; a real 412 after a lost PATCH adds to the count).
+        discovery = sum(1 for e in proxy.events if e.fault and e.path.endswith(("/ServiceProviderConfig", "/ResourceTypes")))
         assert len(calls_failed) >= stats.injected - discovery
     finally:
         clean.close()
