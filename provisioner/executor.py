@@ -35,7 +35,7 @@ from provisioner import metrics
 from provisioner.config import TargetConfig
 from provisioner.quarantine import Admission, Tally, admission, observe, state
 from provisioner.targets import discover
-from provisioner.payload import flatten, patch_operations, payload_hash, refs_in, resolve_refs
+from provisioner.payload import dumps, flatten, patch_operations, payload_hash, refs_in, resolve_refs
 from provisioner.rebase import rebase_operations
 from provisioner.planner import Kind
 from provisioner.queue import (
@@ -49,7 +49,7 @@ from provisioner.queue import (
     record,
     release,
 )
-from provisioner.redaction import redact_value
+from provisioner.redaction import MASK, WRITE_ONLY, has_write_only, mask_write_only, redact_value, register_write_only
 
 log = structlog.get_logger("provisioner.executor")
 
@@ -57,7 +57,7 @@ ClientFactory = Callable[[], ScimClient]
 # 412 rounds: refetch the version and resend, at most this often before review.
 PRECONDITION_ROUNDS = 3
 # Attributes whose values never reach the queue or the logs.
-_SECRET_ATTRIBUTES = {"password"}
+_SECRET_ATTRIBUTES = WRITE_ONLY
 
 
 @dataclass(slots=True)
@@ -207,6 +207,15 @@ class Executor:
                 self._log(op, outcome, started)
 
     async def _apply(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
+        # A password echoed by the target (in an error body) is masked like any other secret.
+        register_write_only(op.payload)
+        outcome = await self._attempt(client, op, links)
+        if outcome.status == "succeeded" and has_write_only(op.payload):
+            # Sent: the queue row no longer needs the secret. Failed and waiting rows keep it to be sent again.
+            outcome.payload = dumps(mask_write_only(op.payload))
+        return outcome
+
+    async def _attempt(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
         try:
             return await self._send(client, op, links)
         except NotFound as exc:
@@ -239,6 +248,8 @@ class Executor:
             return Outcome(op.id, "succeeded", link=_linked(link, result, active=False))
         # References to accounts created earlier in this cycle resolve now; the rest drop out.
         payload, _ = resolve_refs(op.payload or {}, lambda key: links[key].scim_id if key in links else None)
+        # A write-only value masked at rest (an operation sent before, retried by hand) is not sent as "***".
+        payload = {k: v for k, v in payload.items() if not (k in WRITE_ONLY and v == MASK)}
         applied_hash = payload_hash(payload)
         if link is None:
             return await self._create(client, op, payload, applied_hash)
@@ -275,10 +286,15 @@ class Executor:
                 return await self._adopt(client, op, existing, payload, applied_hash, "matched an existing account")
         try:
             result = await self._post(client, payload)
-        except Conflict:
-            existing = await self._find_existing(client, payload, required=True)
-            assert existing is not None
-            return await self._adopt(client, op, existing, payload, applied_hash, "409 on create: adopted the existing account")
+        except Conflict as conflict:
+            try:
+                existing = await self._find_existing(client, payload, required=True)
+                assert existing is not None
+                return await self._adopt(
+                    client, op, existing, payload, applied_hash, "409 on create: adopted the existing account"
+                )
+            except ScimError as exc:
+                raise _after_conflict(conflict, exc) from exc
         if isinstance(result, dict):
             note = "the create's answer was lost; adopted the account it made"
             return await self._adopt(client, op, result, payload, applied_hash, note)
@@ -347,7 +363,9 @@ class Executor:
         self, client: ScimClient, link: LinkState, payload: dict[str, Any], *, enable: bool
     ) -> ScimResult:
         if self._use_patch() and link.applied is not None:
-            operations = patch_operations(link.applied, payload)
+            # Write-only values are stored masked: set on create (and by every PUT), not re-sent by PATCH.
+            applied = {**link.applied, **{k: payload[k] for k in WRITE_ONLY if link.applied.get(k) == MASK and k in payload}}
+            operations = patch_operations(applied, payload)
             if enable and not any(o.get("path") == "active" for o in operations):
                 operations.append({"op": "replace", "path": "active", "value": True})
             if operations:
@@ -552,6 +570,22 @@ def _outcome(op: ClaimedOperation, status: str, exc: ScimError, *, drop_link: bo
         detail=exc.detail,
         drop_link=drop_link,
     )
+
+
+def _after_conflict(conflict: Conflict, exc: ScimError) -> ScimError:
+    """The error of a failed adoption, still saying that the create was answered 409 (RFC 7644 §3.3).
+
+    A transient failure keeps its class (the operation waits for a retry); a
+    permanent one is reported as the conflict it started from, with the HTTP
+    status, ``scimType`` and detail of the 409.
+    """
+    said = f"409 on create ({conflict}); adopting the existing account failed: {exc}"
+    if isinstance(exc, (TransientError, AuthError)):
+        exc.message = said
+        Exception.__init__(exc, said)
+        return exc
+    return Conflict(said, status=conflict.status or 409, scim_type=conflict.scim_type, detail=conflict.detail,
+                    request=conflict.request, response_body=conflict.response_body)  # fmt: skip
 
 
 def call_record(exchange: Exchange) -> CallRecord:

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from provisioner.payload import dumps, loads
 from provisioner.planner import Decision, Kind, Link, Reason
-from provisioner.redaction import redact
+from provisioner.redaction import mask_write_only, redact, register_write_only
 from provisioner.store import AccountLink, Attempt, Operation, utcnow
 
 OP = Operation.__table__
@@ -123,6 +123,8 @@ class Outcome:
     # Seconds the target asked us to wait (a Retry-After too long to wait in place): the row is due
     # then, instead of at the retry schedule's next step.
     retry_after: float | None = None
+    # The payload to keep instead of the one queued (JSON; write-only values masked once sent); None: unchanged.
+    payload: str | None = None
 
 
 @dataclass(slots=True)
@@ -222,6 +224,7 @@ def enqueue(
     with engine.begin() as conn:
         open_by_key = open_rows(conn, target, ACCOUNT_KINDS)
         for d in decisions:
+            register_write_only(d.payload)
             replaced = replaced_by(open_by_key.get(d.identity_key, []), d.kind.value, d.payload_hash)
             if replaced is None:
                 continue
@@ -532,6 +535,9 @@ def finish(conn: Any, outcome: Finished, now: datetime) -> None:
     )
     if outcome.calls:
         conn.execute(_INSERT_CALL, [_call_row(outcome, call) for call in outcome.calls])
+    replacement = getattr(outcome, "payload", None)
+    if replacement is not None:
+        conn.execute(update(OP).where(OP.c.id == outcome.operation_id).values(payload=replacement))
 
 
 def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> None:
@@ -589,7 +595,8 @@ def _link_row(target: str, key: str, link: LinkState, now: datetime) -> dict[str
         "etag": link.etag,
         "location": link.location,
         "applied_hash": link.applied_hash,
-        "applied": None if link.applied is None else dumps(link.applied),
+        # Write-only values (password) are never kept once applied.
+        "applied": None if link.applied is None else dumps(mask_write_only(link.applied)),
         "updated_at": now,
     }
 
