@@ -682,7 +682,8 @@ def _queue_list(args: argparse.Namespace) -> int:
     rows = rows[: args.limit]
     if args.json:
         for row in rows:
-            row["payload"] = loads(row["payload"]) if row.get("payload") else None
+            # A password still waiting to be sent is in the queue row; it is never printed.
+            row["payload"] = redaction.mask_write_only(loads(row["payload"])) if row.get("payload") else None
         print(_json({"operations": rows, "limit": args.limit, "truncated": truncated}))
         return EXIT_OK
     table = [[_cell(row.get(c)) for c in _LIST_COLUMNS] + [_cell(_problem(row))] for row in rows]
@@ -702,7 +703,7 @@ def _queue_show(args: argparse.Namespace) -> int:
     row, calls = found
     if row["payload"] is not None:
         # As planned: references to accounts not yet created then show as ref(KEY); the calls show what was sent.
-        row["payload"] = readable(loads(row["payload"]))
+        row["payload"] = readable(redaction.mask_write_only(loads(row["payload"])))
     if args.json:
         print(_json({**row, "calls": calls}))
         return EXIT_OK

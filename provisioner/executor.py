@@ -35,7 +35,7 @@ from provisioner import metrics
 from provisioner.config import TargetConfig
 from provisioner.quarantine import Admission, Tally, admission, observe, state
 from provisioner.targets import discover
-from provisioner.payload import dumps, flatten, patch_operations, payload_hash, refs_in, resolve_refs
+from provisioner.payload import flatten, patch_operations, payload_hash, refs_in, resolve_refs
 from provisioner.rebase import rebase_operations
 from provisioner.planner import Kind
 from provisioner.queue import (
@@ -49,11 +49,13 @@ from provisioner.queue import (
     record,
     release,
 )
-from provisioner.redaction import MASK, WRITE_ONLY, has_write_only, mask_write_only, redact_value, register_write_only
+from provisioner.redaction import MASK, WRITE_ONLY, redact_value, register_write_only
 
 log = structlog.get_logger("provisioner.executor")
 
 ClientFactory = Callable[[], ScimClient]
+# Identity keys -> {attribute: value} of their write-only attributes, rendered from the source now.
+WriteOnlySource = Callable[[list[str]], dict[str, dict[str, Any]]]
 # 412 rounds: refetch the version and resend, at most this often before review.
 PRECONDITION_ROUNDS = 3
 # Attributes whose values never reach the queue or the logs.
@@ -85,6 +87,7 @@ class Executor:
         *,
         endpoint: str = "Users",
         match_attribute: str = "userName",
+        write_only: WriteOnlySource | None = None,
     ) -> None:
         self.engine = engine
         self.target = target
@@ -92,6 +95,9 @@ class Executor:
         self.endpoint = endpoint
         self.match_attribute = match_attribute
         self.client_factory = client_factory
+        # Write-only values (password) by identity key, rendered from the source for the operations that need them.
+        self.write_only = write_only
+        self.write_only_values: dict[str, dict[str, Any]] = {}
         self.capabilities: Capabilities | None = None
         # Set to stop taking new operations; those in flight finish and are recorded.
         self.stopping = asyncio.Event()
@@ -115,6 +121,7 @@ class Executor:
         for op in operations:
             by_key.setdefault(op.identity_key, []).append(op)
         links = load_link_states(self.engine, self.target, _keys_needed(by_key))
+        self._load_write_only(operations)
         clients = [self.client_factory() for _ in range(min(self.config.max_concurrency, len(by_key)))]
         tally = Tally()
         try:
@@ -207,13 +214,7 @@ class Executor:
                 self._log(op, outcome, started)
 
     async def _apply(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
-        # A password echoed by the target (in an error body) is masked like any other secret.
-        register_write_only(op.payload)
-        outcome = await self._attempt(client, op, links)
-        if outcome.status == "succeeded" and has_write_only(op.payload):
-            # Sent: the queue row no longer needs the secret. Failed and waiting rows keep it to be sent again.
-            outcome.payload = dumps(mask_write_only(op.payload))
-        return outcome
+        return await self._attempt(client, op, links)
 
     async def _attempt(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
         try:
@@ -248,8 +249,8 @@ class Executor:
             return Outcome(op.id, "succeeded", link=_linked(link, result, active=False))
         # References to accounts created earlier in this cycle resolve now; the rest drop out.
         payload, _ = resolve_refs(op.payload or {}, lambda key: links[key].scim_id if key in links else None)
-        # A write-only value masked at rest (an operation sent before, retried by hand) is not sent as "***".
-        payload = {k: v for k, v in payload.items() if not (k in WRITE_ONLY and v == MASK)}
+        # Write-only values are stored masked: rendered again from the source now, or left out.
+        payload = self._with_write_only(op.identity_key, payload)
         applied_hash = payload_hash(payload)
         if link is None:
             return await self._create(client, op, payload, applied_hash)
@@ -428,6 +429,30 @@ class Executor:
         except PreconditionFailed as exc:
             exc.message = f"{exc.message}; still stale after {PRECONDITION_ROUNDS} refetches (versions tried: {versions})"
             raise
+
+    def _with_write_only(self, key: str, payload: dict[str, Any]) -> dict[str, Any]:
+        masked = [k for k in WRITE_ONLY if payload.get(k) == MASK]
+        if not masked:
+            return payload
+        values = self.write_only_values.get(key, {})
+        restored = {k: v for k, v in payload.items() if k not in masked}
+        restored.update({k: values[k] for k in masked if k in values})
+        return restored
+
+    def _load_write_only(self, operations: list[ClaimedOperation]) -> None:
+        keys = [op.identity_key for op in operations
+                if isinstance(op.payload, dict) and any(op.payload.get(k) == MASK for k in WRITE_ONLY)]  # fmt: skip
+        missing = [key for key in keys if key not in self.write_only_values]
+        if missing and self.write_only is not None:
+            try:
+                found = self.write_only(missing)
+            except Exception as exc:  # noqa: BLE001 - without them the operations are sent without their password
+                log.warning("write-only values could not be rendered; sent without them", target=self.target,
+                            error=str(exc), identities=len(missing))  # fmt: skip
+                return
+            for values in found.values():
+                register_write_only(values)
+            self.write_only_values.update(found)
 
     def _use_patch(self) -> bool:
         return bool(self.capabilities and self.capabilities.patch)

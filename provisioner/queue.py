@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from provisioner.payload import dumps, loads
 from provisioner.planner import Decision, Kind, Link, Reason
-from provisioner.redaction import mask_write_only, redact, register_write_only
+from provisioner.redaction import has_write_only, mask_write_only, redact, register_write_only
 from provisioner.store import AccountLink, Attempt, Operation, utcnow
 
 OP = Operation.__table__
@@ -123,8 +123,6 @@ class Outcome:
     # Seconds the target asked us to wait (a Retry-After too long to wait in place): the row is due
     # then, instead of at the retry schedule's next step.
     retry_after: float | None = None
-    # The payload to keep instead of the one queued (JSON; write-only values masked once sent); None: unchanged.
-    payload: str | None = None
 
 
 @dataclass(slots=True)
@@ -229,7 +227,9 @@ def enqueue(
             if replaced is None:
                 continue
             superseded.extend(replaced)
-            rows.append(_new_row(run_id, target, d.identity_key, d.kind, d.reason, now, d.payload, d.payload_hash))
+            # Write-only values (password) are never stored: the executor renders them again when it sends.
+            payload = mask_write_only(d.payload) if has_write_only(d.payload) else d.payload
+            rows.append(_new_row(run_id, target, d.identity_key, d.kind, d.reason, now, payload, d.payload_hash))
         silenced = _silenced_rejections(conn, target, [hashes[key] for key, *_ in rejected if key in hashes])
         for key, message, kind, reason in rejected:
             cause = rejection_cause(message)
@@ -535,9 +535,7 @@ def finish(conn: Any, outcome: Finished, now: datetime) -> None:
     )
     if outcome.calls:
         conn.execute(_INSERT_CALL, [_call_row(outcome, call) for call in outcome.calls])
-    replacement = getattr(outcome, "payload", None)
-    if replacement is not None:
-        conn.execute(update(OP).where(OP.c.id == outcome.operation_id).values(payload=replacement))
+
 
 
 def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> None:
