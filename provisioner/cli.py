@@ -796,11 +796,12 @@ def _status(args: argparse.Namespace) -> int:
     names = sorted(set(config.targets) | set(counts))
     healths = target_health(engine, names)
     states = all_states(engine)
+    runs = last_runs(engine)
     data = []
     for name in names:
         health = healths[name]
         stored = states.get(name)
-        run = last_runs(engine).get(name) or {}
+        run = runs.get(name) or {}
         data.append(
             {
                 "target": name,
