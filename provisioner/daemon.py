@@ -139,6 +139,10 @@ class Daemon:
         self.inflight.add(task)
         try:
             await asyncio.gather(*(self._guarded(work, name) for name in targets))
+        except asyncio.CancelledError:
+            if not self.stopping.is_set():
+                raise
+            # Cancelled when the shutdown grace ran out (said once by _drain): not a failure of the job.
         finally:
             self.inflight.discard(task)
 

@@ -159,6 +159,7 @@ def test_clients_that_drop_their_connection_never_stop_the_daemon(tmp_path: Path
             rude_request(port, "/metrics", ["reset", "close", "partial"][number % 3])
         assert daemon.poll() is None, f"the daemon died with exit {daemon.returncode}"
         assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
+        wait_for("the first cycle", lambda: statuses(tmp_path)["succeeded"] >= USERS)
     finally:
         daemon.send_signal(signal.SIGTERM)
         code = daemon.wait(timeout=60)
