@@ -130,18 +130,22 @@ def test_a_record_the_mapping_rejects_fails_alone_is_named_in_the_log_and_keeps_
 
 
 def test_a_failed_adoption_after_a_409_keeps_the_409(workspace: Workspace, scim: ScimReader) -> None:
-    """Two identities with one e-mail: the second create gets a 409, and the account is the first one's."""
-    workspace.write_source([ADA, {**GRACE, "email": ADA["email"]}])
+    """Ada's account exists but is linked to another identity: the create gets a 409, the adoption is refused."""
+    workspace.write_config(max_deprovision=0)  # the other identity's leaver operation waits, held
+    workspace.write_source([ADA])
+    assert run(workspace, "sync").returncode == 0
+    with sqlite3.connect(workspace.db_path) as conn:
+        conn.execute("UPDATE account_link SET identity_key = 'E9999' WHERE identity_key = 'E1001'")
 
     result = run(workspace, "sync")
 
-    assert result.returncode == 4
+    assert result.returncode == 5, result.stdout + result.stderr  # held leaver first, failed adoption too
     [failed] = [op for op in workspace.operations() if op["status"] == "failed"]
+    assert failed["identity_key"] == "E1001"
     assert failed["last_http_status"] == 409
     assert failed["last_error"].startswith("409 on create")
-    # Whichever of the two was sent first owns the account.
-    other = "E1001" if failed["identity_key"] == "E1002" else "E1002"
-    assert f"already linked to identity {other}" in failed["last_error"]
+    assert "already linked to identity E9999" in failed["last_error"]
+    assert len(scim.all()) == 1
 
 
 # --- the deletion brake and the review actions --------------------------------------------------
