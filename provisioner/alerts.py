@@ -50,6 +50,7 @@ from sqlmodel import SQLModel
 from connectors import parse_retry_after
 from provisioner import redaction
 from provisioner.store import as_utc, utcnow
+from provisioner.transport import is_clear_text, is_loopback, url_host
 
 log = structlog.get_logger("provisioner.alerts")
 
@@ -95,6 +96,16 @@ class WebhookChannel(_Strict):
         if url and httpx.URL(url).scheme not in ("http", "https"):
             raise ValueError("must be an http:// or https:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _no_credentials_in_clear_text(self) -> WebhookChannel:
+        url = self.url.get_secret_value()
+        credentials = [name for name in self.headers if name.lower() in ("authorization", "proxy-authorization")]
+        if credentials and is_clear_text(url) and not is_loopback(url_host(url) or ""):
+            raise ValueError(
+                f"an {credentials[0]} header over http:// would travel in clear text; use an https:// URL"
+            )
+        return self
 
     def model_post_init(self, _context: Any) -> None:
         redaction.register(self.url.get_secret_value())
@@ -615,7 +626,7 @@ def _save(conn: Any, n: Notification, condition: Condition | None, *, exists: bo
         "severity": condition.severity,
         "fingerprint": condition.fingerprint,
         "level": condition.level,
-        "message": condition.message,
+        "message": redaction.redact(condition.message),
         "active": True,
         "first_fired_at": n.since,
         "last_sent_at": n.at,
@@ -672,10 +683,10 @@ def notify_log(n: Notification) -> None:
 
 
 def webhook_payload(n: Notification, fmt: Literal["json", "slack"]) -> dict[str, Any]:
-    """The JSON body posted for one notification."""
+    """The JSON body posted for one notification, every known secret masked."""
     if fmt == "slack":
-        return {"text": f"[provisioner] {n.headline}"}
-    return {
+        return {"text": redaction.redact(f"[provisioner] {n.headline}")}
+    return redaction.redact_value({
         "source": "provisioner",
         "key": n.key,
         "rule": n.rule,
@@ -686,7 +697,7 @@ def webhook_payload(n: Notification, fmt: Literal["json", "slack"]) -> dict[str,
         "since": n.since.isoformat(),
         "at": n.at.isoformat(),
         "details": dict(n.details),
-    }
+    })
 
 
 async def post_webhook(
@@ -752,7 +763,7 @@ def email_message(n: Notification, channel: EmailChannel) -> EmailMessage:
     message = EmailMessage(policy=_MAIL_POLICY)
     message["From"] = channel.from_addr
     message["To"] = ", ".join(channel.to)
-    subject = f"[provisioner] {n.headline}"
+    subject = redaction.redact(f"[provisioner] {n.headline}")
     message["Subject"] = subject if len(subject) <= SUBJECT_CAP else subject[: SUBJECT_CAP - 1] + "…"
     message["Date"] = formatdate(n.at.timestamp(), usegmt=True)
     message["Message-ID"] = make_msgid(domain=channel.from_addr.rpartition("@")[2] or None)
@@ -767,7 +778,7 @@ def email_message(n: Notification, channel: EmailChannel) -> EmailMessage:
         f"at:       {n.at:%Y-%m-%d %H:%M:%S} UTC",
     ]
     lines += [f"{name}: {value}" for name, value in n.details.items() if value not in (None, "", [])]
-    message.set_content("\n".join(lines) + "\n")
+    message.set_content(redaction.redact("\n".join(lines) + "\n"))
     return message
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import io
 import re
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,14 +20,16 @@ import structlog
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from connectors import ScimError
-from provisioner import logs, probe
-from provisioner.config import Config, load_config, parse_duration
+from provisioner import logs, metrics, probe, redaction
+from provisioner.config import Config, config_warnings, load_config, parse_duration
 from provisioner.daemon import Daemon, check_alerts
 from provisioner.group_executor import plan_groups_once
 from provisioner.demo import start_scim_server, write_demo_config
 from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
+from provisioner.health import TargetHealth, target_health
 from provisioner.payload import loads, readable
 from provisioner.planner import Reason
 from provisioner.queue import (
@@ -48,7 +52,7 @@ from provisioner.quarantine import all_states, set_paused
 from provisioner.quirks import describe as describe_quirk
 from provisioner.quirks import learned as learned_quirks
 from provisioner.quirks import unstored_writes
-from provisioner.store import open_store
+from provisioner.store import as_utc, check_state_driver, open_store
 from provisioner.sync import (
     TargetReport,
     describe_plan,
@@ -71,9 +75,10 @@ EPILOG = """exit codes:
   1  internal error (a bug: please report it with the log)
   2  wrong command-line usage
   3  config, mapping or source error: fix the file named in the message
-  4  some operations failed or wait for a retry: see `provisioner queue list`
-  5  safety stop: the cycle was refused (an empty or truncated source), or its leavers
-     were held by the deletion brake (see `provisioner plan --held`)
+  4  operations failed or wait for a retry (this cycle's or earlier ones'), or the target is
+     paused or quarantined: see `provisioner status` and `provisioner queue list`
+  5  safety stop: the cycle was refused (an empty or truncated source), or leavers
+     are held by the deletion brake (see `provisioner plan --held`)
 """
 
 log = structlog.get_logger("provisioner.cli")
@@ -84,11 +89,27 @@ class UsageError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; the return value is the process exit code."""
-    # Piped into `head`, a listing stops quietly instead of raising BrokenPipeError.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    """Run the command line; the return value is the process exit code.
+
+    Everything printed goes through the masking registry (``provisioner.redaction``),
+    tracebacks of internal errors included.
+    """
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Masked(out), _Masked(err)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stdout, sys.stderr = out, err
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command != "run":
+        # Piped into `head`, a listing stops quietly instead of raising BrokenPipeError. Never for the
+        # daemon: a metrics client closing its socket early would kill it with SIGPIPE.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     logs.configure(args.log_level, args.log_format)
     try:
         return int(args.handler(args))
@@ -108,6 +129,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; operations not yet sent stay queued for the next cycle", file=sys.stderr)
         return 130
+    except Exception:
+        # A bug: the traceback is for the report, with every known secret masked like any other output.
+        print(traceback.format_exc(), file=sys.stderr, end="")
+        print("internal error (a bug): please report it with the lines above", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _unmasked(line: str) -> None:
+    """Print one line past the masking: only for a value the user must copy (the demo's throwaway token)."""
+    stream = sys.stdout._stream if isinstance(sys.stdout, _Masked) else sys.stdout  # noqa: SLF001
+    stream.write(line + "\n")
+
+
+class _Masked(io.TextIOBase):
+    """A text stream that masks every known secret in what is written to it."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redaction.redact(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+    def fileno(self) -> int:
+        return int(self._stream.fileno())
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self._stream, "encoding", "utf-8"))
+
+    def writable(self) -> bool:
+        return True
+
+
+CONFIG_HELP = "the config file (default: config.yaml)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,10 +179,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument(
-        "--log-format", default="auto", choices=["auto", "json", "console"], help="auto: console on a terminal, else JSON"
-    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the version and exit")  # fmt: skip
+    _global_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run one cycle of the sample HR file into a local SCIM server")
@@ -129,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     run = commands.add_parser("run", help="the daemon: cycles on each source's schedule, retries, metrics")
-    run.add_argument("--config", type=Path, default=Path("config.yaml"))
+    run.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     run.set_defaults(handler=_run)
 
     sync = commands.add_parser("sync", help="run one cycle for every configured target, then exit")
@@ -155,40 +216,43 @@ def _parser() -> argparse.ArgumentParser:
     reconcile.set_defaults(handler=_reconcile)
 
     approve = commands.add_parser("approve", help="release a held cycle's leaver operations (sent by the next cycle)")
-    approve.add_argument("run_id")
-    approve.add_argument("--config", type=Path, default=Path("config.yaml"))
+    approve.add_argument("run_id", help="the held run, as `provisioner plan --held` names it")
+    approve.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     approve.set_defaults(handler=_release, approve=True)
     reject = commands.add_parser("reject", help="drop a held cycle's leaver operations")
-    reject.add_argument("run_id")
-    reject.add_argument("--config", type=Path, default=Path("config.yaml"))
+    reject.add_argument("run_id", help="the held run, as `provisioner plan --held` names it")
+    reject.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     reject.set_defaults(handler=_release, approve=False)
 
     preview = commands.add_parser("preview", help="what records become through a target's mapping; sends nothing")
     preview.add_argument("keys", nargs="+", metavar="KEY", help="identity keys in the source")
-    preview.add_argument("--config", type=Path, default=Path("config.yaml"))
+    preview.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     preview.add_argument("--target", help="the target whose mapping to use (default: the first configured)")
     preview.set_defaults(handler=_preview)
 
-    check = commands.add_parser("check", help="validate the config and every mapping it uses")
-    check.add_argument("--config", type=Path, default=Path("config.yaml"))
+    check = commands.add_parser(
+        "check", help="validate the config, every mapping it uses, the state database and the metrics address"
+    )
+    check.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     check.set_defaults(handler=_check)
 
     queue = commands.add_parser("queue", help="review recorded operations")
     queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
     listing = queue_commands.add_parser("list", help="list operations, newest first")
-    listing.add_argument("--config", type=Path, default=Path("config.yaml"))
-    listing.add_argument("--status", choices=STATUSES)
-    listing.add_argument("--target")
+    listing.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
+    listing.add_argument("--status", choices=STATUSES, help="only operations in this status")
+    listing.add_argument("--target", help="only this target's operations")
     listing.add_argument("--identity", help="only this identity key")
-    listing.add_argument("--reason", choices=[r.value for r in Reason])
+    listing.add_argument("--reason", choices=[r.value for r in Reason], help="only operations with this reason")
     listing.add_argument("--since", type=_since, help="updated since: an ISO date/time, or an age like 2h, 30m, 7d")
-    listing.add_argument("--limit", type=int, default=200)
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--limit", type=_positive, default=200,
+                         help="at most this many, newest first (default 200; says so when more match)")  # fmt: skip
+    listing.add_argument("--json", action="store_true", help="print a JSON object: operations, limit, truncated")
     listing.set_defaults(handler=_queue_list)
     show = queue_commands.add_parser("show", help="one operation with every HTTP call made for it")
-    show.add_argument("id", type=int)
-    show.add_argument("--config", type=Path, default=Path("config.yaml"))
-    show.add_argument("--json", action="store_true")
+    show.add_argument("id", type=int, help="the operation's ID (first column of `queue list`)")
+    show.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
+    show.add_argument("--json", action="store_true", help="print the operation and its calls as JSON")
     show.set_defaults(handler=_queue_show)
 
     retry = queue_commands.add_parser("retry", help="send failed or waiting operations again at the next cycle")
@@ -200,47 +264,87 @@ def _parser() -> argparse.ArgumentParser:
     resolve.set_defaults(handler=_queue_close, close_as="resolved")
     cancel = queue_commands.add_parser("cancel", help="drop operations that must not be sent")
     _selection_options(cancel)
-    cancel.add_argument("--note")
+    cancel.add_argument("--note", help="why, for the audit trail")
     cancel.set_defaults(handler=_queue_close, close_as="cancelled")
     export = queue_commands.add_parser("export", help="operations as CSV or JSON, for a ticket")
-    export.add_argument("--config", type=Path, default=Path("config.yaml"))
-    export.add_argument("--format", choices=["csv", "json"], default="csv")
-    export.add_argument("--status", choices=STATUSES)
-    export.add_argument("--target")
-    export.add_argument("--since", type=_since)
-    export.add_argument("--limit", type=int, default=100_000)
+    export.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
+    export.add_argument("--format", choices=["csv", "json"], default="csv", help="the output format (default csv)")
+    export.add_argument("--status", choices=STATUSES, help="only operations in this status")
+    export.add_argument("--target", help="only this target's operations")
+    export.add_argument("--since", type=_since, help="updated since: an ISO date/time, or an age like 2h, 30m, 7d")
+    export.add_argument("--limit", type=_positive, default=100_000, help="at most this many, newest first")
     export.set_defaults(handler=_queue_export)
     prune_parser = queue_commands.add_parser("prune", help="delete finished operations older than an age")
-    prune_parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    prune_parser.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     prune_parser.add_argument("--older-than", required=True, type=_age, help="an age like 90d or 12h")
     prune_parser.set_defaults(handler=_queue_prune)
 
     target = commands.add_parser("target", help="pause or resume a target by hand (maintenance)")
     target_commands = target.add_subparsers(dest="target_command", required=True, metavar="ACTION")
     pause = target_commands.add_parser("pause", help="send nothing to this target; operations stay queued")
-    pause.add_argument("name")
-    pause.add_argument("--config", type=Path, default=Path("config.yaml"))
+    pause.add_argument("name", help="the target's name in the config")
+    pause.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     pause.add_argument("--note", help="why, shown by `provisioner status` and in alerts")
     pause.set_defaults(handler=_pause, paused=True)
     resume = target_commands.add_parser("resume", help="send to this target again")
-    resume.add_argument("name")
-    resume.add_argument("--config", type=Path, default=Path("config.yaml"))
+    resume.add_argument("name", help="the target's name in the config")
+    resume.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     resume.set_defaults(handler=_pause, paused=False, note=None)
 
-    status = commands.add_parser("status", help="per target: last cycle, operations by status, held cycles")
-    status.add_argument("--config", type=Path, default=Path("config.yaml"))
-    status.add_argument("--json", action="store_true")
+    status = commands.add_parser("status", help="per target: health, last cycle, operations by status, held cycles")
+    status.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(handler=_status)
 
     probe.add_command(commands)
+    _everywhere(parser)
     return parser
 
 
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """--log-level and --log-format: before the command, or after it (``suppress``: keep the first one given)."""
+    level_default: Any = argparse.SUPPRESS if suppress else "info"
+    format_default: Any = argparse.SUPPRESS if suppress else "auto"
+    parser.add_argument("--log-level", default=level_default, choices=["debug", "info", "warning", "error"],
+                        help="the least severe log lines written (default info)")  # fmt: skip
+    parser.add_argument("--log-format", default=format_default, choices=["auto", "json", "console"],
+                        help="auto: console on a terminal, else JSON lines")  # fmt: skip
+
+
+def _everywhere(parser: argparse.ArgumentParser) -> None:
+    """Let every command, however nested, take the global options after its name too."""
+    for action in parser._actions:  # noqa: SLF001 - argparse offers no public walk of its subparsers
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for sub in action.choices.values():
+                if not any("--log-format" in a.option_strings for a in sub._actions):  # noqa: SLF001
+                    _global_options(sub, suppress=True)
+                _everywhere(sub)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("provisioner")
+    except Exception:  # noqa: BLE001 - running from a source tree that was never installed
+        return "unknown"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def _selection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ids", nargs="*", type=int, metavar="ID")
-    parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    parser.add_argument("ids", nargs="*", type=int, metavar="ID", help="operation IDs (first column of `queue list`)")
+    parser.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     parser.add_argument("--status", choices=STATUSES, help="every operation in this status (with or without IDs)")
-    parser.add_argument("--target")
+    parser.add_argument("--target", help="only this target's operations")
 
 
 def _age(text: str) -> datetime:
@@ -263,7 +367,7 @@ def _since(text: str) -> datetime:
 
 
 def _config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    parser.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     parser.add_argument("--target", action="append", help="only this target (repeatable)")
 
 
@@ -276,13 +380,17 @@ def _demo(args: argparse.Namespace) -> int:
         # The server starts empty, so the state of an earlier demo would be wrong about it.
         for suffix in ("", "-wal", "-shm"):
             Path(str(folder / "state.db") + suffix).unlink(missing_ok=True)
-        code, reports = _run_sync(config, None)
-        _print_summary(reports, as_json=False)
-        print(f"\nSCIM server:    {server.base_url}  (bearer token in ${'{'}PROVISIONER_DEMO_TOKEN{'}'})")
-        print(f"state database: {folder / 'state.db'}")
+        code, reports, healths = _run_sync(config, None)
+        _print_summary(reports, healths, as_json=False)
+        print(f"\nstate database: {folder / 'state.db'}")
         print(f"review queue:   provisioner queue list --config {config_path}")
-        if args.keep_running:
-            print(f"\ntry: curl -s -H 'Authorization: Bearer {server.token}' {server.base_url}/Users")
+        if not args.keep_running:
+            print("the SCIM server has stopped with the demo (its data was in memory); "
+                  "provisioner demo --keep-running keeps it up")  # fmt: skip
+        else:
+            print(f"SCIM server:    {server.base_url}  (bearer token in ${'{'}PROVISIONER_DEMO_TOKEN{'}'})")
+            # The demo's own throwaway token, printed on purpose so that curl can be pasted.
+            _unmasked(f"\ntry: curl -s -H 'Authorization: Bearer {server.token}' {server.base_url}/Users")
             print("the server keeps running until Ctrl-C (its data is in memory and goes with it)")
             try:
                 server.process.wait()
@@ -293,8 +401,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _sync(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    code, reports = _run_sync(config, args.target)
-    _print_summary(reports, as_json=args.json)
+    code, reports, healths = _run_sync(config, args.target)
+    _print_summary(reports, healths, as_json=args.json)
     return code
 
 
@@ -305,7 +413,7 @@ def _run(args: argparse.Namespace) -> int:
         return asyncio.run(Daemon(config, engine).run())
 
 
-def _run_sync(config: Config, names: list[str] | None) -> tuple[int, list[TargetReport]]:
+def _run_sync(config: Config, names: list[str] | None) -> tuple[int, list[TargetReport], dict[str, TargetHealth]]:
     targets = selected_targets(config, names)
     mappings = {name: load_target_mapping(config, name) for name in targets}
 
@@ -319,20 +427,44 @@ def _run_sync(config: Config, names: list[str] | None) -> tuple[int, list[Target
         engine = open_store(config.state)
         recover_orphans(engine)
         reports = asyncio.run(cycle())
-    if any(r.held for r in reports):
-        return EXIT_SAFETY_STOP, reports
-    failed = any(r.failed or r.deferred for r in reports)
-    return (EXIT_FAILED_OPERATIONS if failed else EXIT_OK), reports
+        # The exit code says how the targets are now, not only what this cycle sent: work left
+        # waiting by an earlier cycle (a 401 an hour ago) still waits.
+        healths = target_health(engine, targets)
+    return exit_code(healths), reports, healths
 
 
-def _print_summary(reports: list[TargetReport], *, as_json: bool) -> None:
+def exit_code(healths: dict[str, TargetHealth]) -> int:
+    """The exit code of a cycle from the targets' health: 5 when leavers are held, 4 when anything else is not ok."""
+    if any(h.held for h in healths.values()):
+        return EXIT_SAFETY_STOP
+    if any(not h.ok for h in healths.values()):
+        return EXIT_FAILED_OPERATIONS
+    return EXIT_OK
+
+
+def _print_summary(reports: list[TargetReport], healths: dict[str, TargetHealth], *, as_json: bool) -> None:
     if as_json:
-        data = [{"target": r.target, "run_id": r.run_id, **r.summary()} for r in reports]
+        data = [
+            {"target": r.target, "run_id": r.run_id, **r.summary(), "health": _health_json(healths.get(r.target))}
+            for r in reports
+        ]
         print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
         return
     for report in reports:
         counts = "  ".join(f"{name} {value}" for name, value in report.summary().items())
         print(f"{report.target}: {counts}  (run {report.run_id})")
+        health = healths.get(report.target)
+        if health is not None and not health.ok:
+            # Waiting work of every cycle, not only this one's: what the exit code is about.
+            print(f"  {health.status}: " + "; ".join(health.problems))
+
+
+def _health_json(health: TargetHealth | None) -> dict[str, Any] | None:
+    if health is None:
+        return None
+    data = health.as_dict()
+    return {k: data[k] for k in ("status", "ok", "failed", "rejected", "retry_wait", "held", "paused",
+                                 "quarantined", "problems")}  # fmt: skip
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -457,6 +589,8 @@ def _preview(args: argparse.Namespace) -> int:
         if isinstance(record, BadRecord) or record.key not in wanted or record.key in found:
             continue
         found[record.key] = preview_record(mapping, record, links)
+        # A password the mapping renders is a secret like any other: printed masked.
+        redaction.register_write_only(found[record.key])
     results = [{"identity_key": key, **found.get(key, {"error": "not in the source"})} for key in args.keys]
     for result in results:
         print(_json(result))
@@ -500,8 +634,37 @@ def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     for name in config.targets:
         load_target_mapping(config, name)
+    check_state_driver(config.state)
+    _check_listen(config)
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: ok ({len(config.sources)} sources, {len(config.targets)} targets)")
     return EXIT_OK
+
+
+def _check_listen(config: Config) -> None:
+    """The daemon's metrics address can be bound, unless the daemon of this state holds it now."""
+    listen = config.daemon.listen
+    if not listen:
+        return
+    lock = StateLock(config.state)
+    try:
+        lock.acquire()
+    except UserError:
+        return  # the daemon of this very state runs, and holds its port: a restart gets it back
+    try:
+        server = metrics.serve(listen, lambda: {"status": "ok"})
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(
+            f"{config.origin}: daemon.listen {listen}: cannot be served: {reason}; another daemon on this host? "
+            "choose another port in daemon.listen, or null for none"
+        ) from None
+    else:
+        server.shutdown()
+        server.server_close()
+    finally:
+        lock.release()
 
 
 _LIST_COLUMNS = ("id", "target", "identity_key", "kind", "reason", "status", "attempts", "last_http_status", "updated_at")
@@ -516,13 +679,21 @@ def _queue_list(args: argparse.Namespace) -> int:
         identity=args.identity,
         reason=args.reason,
         since=args.since,
-        limit=args.limit,
+        limit=args.limit + 1,
     )
+    truncated = len(rows) > args.limit
+    rows = rows[: args.limit]
     if args.json:
-        print(_json(rows))
+        for row in rows:
+            # A password still waiting to be sent is in the queue row; it is never printed.
+            row["payload"] = redaction.mask_write_only(loads(row["payload"])) if row.get("payload") else None
+        print(_json({"operations": rows, "limit": args.limit, "truncated": truncated}))
         return EXIT_OK
     table = [[_cell(row.get(c)) for c in _LIST_COLUMNS] + [_cell(_problem(row))] for row in rows]
     _print_table([*(c.replace("last_", "") for c in _LIST_COLUMNS), "problem"], table)
+    if truncated:
+        print(f"showing the newest {args.limit} operations; more match (narrow with --status, --target, "
+              "--since, or raise --limit)", file=sys.stderr)  # fmt: skip
     return EXIT_OK
 
 
@@ -535,19 +706,22 @@ def _queue_show(args: argparse.Namespace) -> int:
     row, calls = found
     if row["payload"] is not None:
         # As planned: references to accounts not yet created then show as ref(KEY); the calls show what was sent.
-        row["payload"] = orjson.dumps(readable(loads(row["payload"]))).decode()
+        row["payload"] = readable(redaction.mask_write_only(loads(row["payload"])))
     if args.json:
         print(_json({**row, "calls": calls}))
         return EXIT_OK
+    if row["payload"] is not None:
+        row["payload"] = orjson.dumps(row["payload"]).decode()
+    # Bodies and errors come from the target: terminal escape sequences in them are shown, not obeyed.
     for key, value in row.items():
         if value is not None:
-            print(f"{key + ':':<18}{value}")
+            print(f"{key + ':':<18}{_printable(_cell(value))}")
     for call in calls:
-        print(f"\ncall {call['id']} (attempt {call['number']}, {call['started_at']:%Y-%m-%d %H:%M:%S}, {call['duration_ms']} ms)")
-        print(f"  {call['method']} {call['url']} -> {call['http_status'] or call['error']}")
+        print(f"\ncall {call['id']} (attempt {call['number']}, {_cell(call['started_at'])}, {call['duration_ms']} ms)")
+        print(f"  {call['method']} {_printable(_cell(call['url']))} -> {_printable(_cell(call['http_status'] or call['error']))}")
         for field_name in ("scim_type", "detail", "request_body", "response_body"):
             if call[field_name]:
-                print(f"  {field_name}: {call[field_name]}")
+                print(f"  {field_name}: {_printable(_cell(call[field_name]))}")
     return EXIT_OK
 
 
@@ -596,8 +770,17 @@ def _queue_export(args: argparse.Namespace) -> int:
     writer = csv.writer(sys.stdout)
     writer.writerow(_EXPORT_COLUMNS)
     for row in rows:
-        writer.writerow([_cell(row[k]) for k in _EXPORT_COLUMNS])
+        writer.writerow([_csv_cell(_cell(row[k])) for k in _EXPORT_COLUMNS])
     return EXIT_OK
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(text: str) -> str:
+    """A cell a spreadsheet shows as text: a leading formula character is escaped with a quote."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def _pause(args: argparse.Namespace) -> int:
@@ -613,28 +796,39 @@ def _status(args: argparse.Namespace) -> int:
     config = load_config(args.config, secrets=False)
     engine = open_store(config.state)
     counts = status_by_target(engine)
+    names = sorted(set(config.targets) | set(counts))
+    healths = target_health(engine, names)
+    states = all_states(engine)
     runs = last_runs(engine)
-    health = all_states(engine)
     lessons = learned_quirks(engine)
     dropped = unstored_writes(engine)
     data = []
-    for name in sorted(set(config.targets) | set(counts)):
+    for name in names:
+        health = healths[name]
+        stored = states.get(name)
         run = runs.get(name) or {}
         data.append(
             {
                 "target": name,
                 "enabled": name in config.targets and config.targets[name].enabled,
-                "last_run": run.get("id"),
-                "last_run_started_at": run.get("started_at"),
-                "last_run_status": run.get("status"),
+                "health": health.status,
+                "ok": health.ok,
+                "problems": list(health.problems),
+                "last_run": health.last_run_id,
+                "last_run_started_at": _timestamp(health.last_run_started_at),
+                "last_run_status": health.last_run_status,
                 "last_run_counts": orjson.loads(str(run["counts"])) if run.get("counts") else None,
                 "operations": counts.get(name, {}),
-                "held": counts.get(name, {}).get("held", 0),
-                "paused": bool(health.get(name) and health[name].paused),
-                "quarantined": bool(health.get(name) and health[name].quarantined),
-                "quarantine_reason": health[name].quarantine_reason if name in health else None,
-                "next_probe_at": health[name].next_probe_at if name in health else None,
-                "last_error": health[name].last_error if name in health else None,
+                "failed": health.failed,
+                "rejected": health.rejected,
+                "retry_wait": health.retry_wait,
+                "held": health.held,
+                "paused": health.paused,
+                "quarantined": health.quarantined,
+                "quarantine_reason": health.quarantine_reason,
+                "next_probe_at": _timestamp(stored.next_probe_at if stored else None),
+                "last_success_at": _timestamp(stored.last_success_at if stored else None),
+                "last_error": health.last_error,
                 "learned_quirks": [describe_quirk(q) for q in lessons if q.target == name],
                 "unstored_writes": dropped.get(name, 0),
             }
@@ -643,22 +837,24 @@ def _status(args: argparse.Namespace) -> int:
         print(_json(data))
         return EXIT_OK
     for item in data:
-        started = _cell(item["last_run_started_at"]) or "never"
-        print(f"{item['target']}: last cycle {started} ({item['last_run_status'] or '-'})"
+        started = item["last_run_started_at"] or "never"
+        print(f"{item['target']}: {item['health']}, last cycle {started} ({item['last_run_status'] or '-'})"
               + ("" if item["enabled"] else "  [disabled]"))  # fmt: skip
         ops = item["operations"]
         assert isinstance(ops, dict)
         print("  operations: " + ("  ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "none"))
+        for problem in item["problems"]:
+            print(f"  {_printable(problem)}")
         if item["held"]:
-            print(f"  HELD: {item['held']} leaver operations wait for approval (provisioner plan --held)")
+            print("  release or drop held leavers: provisioner plan --held")
         if item["paused"]:
-            print("  PAUSED by an operator (provisioner target resume NAME)")
+            print("  resume: provisioner target resume NAME")
         if item["quarantined"]:
-            print(f"  QUARANTINED: {item['quarantine_reason']}; next probe {_cell(item['next_probe_at'])}")
-        if item["last_error"] and item["quarantined"]:
-            print(f"  last error: {item['last_error']}")
+            print(f"  next probe {item['next_probe_at']}")
+        if item["last_error"]:
+            print(f"  last error: {_printable(str(item['last_error']))}")
         for line in item["learned_quirks"]:
-            print(f"  {line}")
+            print(f"  {_printable(line)}")
         if item["unstored_writes"]:
             print(f"  UNSTORED: {item['unstored_writes']} writes the target accepted without storing every attribute "
                   "(provisioner queue list; the note says what)")  # fmt: skip
@@ -674,17 +870,36 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, datetime):
-        return f"{value:%Y-%m-%d %H:%M:%S}"
+        return _timestamp(value) or ""
     return str(value)
 
 
+def _timestamp(value: datetime | None) -> str | None:
+    """ISO 8601 with its UTC offset (every stored time is UTC): 2026-11-30T05:09:32+00:00."""
+    return None if value is None else as_utc(value).isoformat(timespec="seconds")
+
+
+# Control characters (ESC starts every terminal escape sequence), except newline and tab.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """Text from a target, safe on a terminal: escape sequences and control characters shown as \\xNN."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
+
+
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
-    """A Rich table on a terminal; plain aligned columns, stable for scripts, when piped."""
+    """A Rich table on a terminal; plain aligned columns, stable for scripts, when piped.
+
+    Cells are data (a target's error text): never read as Rich markup, never terminal escapes.
+    """
+    rows = [[_printable(cell) for cell in row] for row in rows]
     if sys.stdout.isatty():
         table = Table(*header, box=box.SIMPLE_HEAD, highlight=False)
         for row in rows:
-            table.add_row(*row, style=_ROW_STYLES.get(row[header.index("status")]) if "status" in header else None)
-        Console().print(table)
+            style = _ROW_STYLES.get(row[header.index("status")]) if "status" in header else None
+            table.add_row(*(Text(cell) for cell in row), style=style)
+        Console(file=sys.stdout).print(table)
         return
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     for line in [header, *rows]:
@@ -695,7 +910,7 @@ _ROW_STYLES = {"failed": "red", "held": "yellow", "retry_wait": "yellow", "succe
 
 
 def _json(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_NAIVE_UTC, default=str).decode()
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z, default=str).decode()
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ from typing import Annotated, Any, Literal
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from provisioner import redaction
 from provisioner.alerts import AlertsConfig
 from provisioner.quarantine import QuarantinePolicy
 from provisioner.errors import ConfigError
+from provisioner.transport import is_clear_text, is_loopback, url_host
 from provisioner.yamlfile import Loc, YamlDocument, load_yaml
 
 _INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
@@ -100,6 +103,9 @@ class DaemonConfig(_Strict):
     listen: str | None = "127.0.0.1:9464"
     shutdown_grace: float = Field(default=30.0, ge=0, le=3600)
     retry_interval: float = Field(default=60.0, ge=1)
+    # Seconds without a tick of the event loop after which /healthz answers "stuck" (503): something
+    # (a mapping expression that never ends) blocks the daemon. Planning 100k records takes seconds.
+    stuck_after: float = Field(default=120.0, ge=5)
     # Finished operations (succeeded, superseded, cancelled, resolved) older than this are
     # deleted once a day; failed and waiting ones are kept until handled. null: keep everything.
     retention: str | None = "90d"
@@ -238,8 +244,9 @@ class TargetConfig(_Strict):
     retry: RetryConfig = RetryConfig()
     # Requests per second or minute to this target, retries and token requests included: "10/s", "180/min".
     rate_limit: str | None = None
-    # http:// sends credentials in clear text: refused unless said here (a local test server).
-    allow_insecure_http: bool = False
+    # http:// sends credentials in clear text: refused unless said here. true: loopback hosts only
+    # (127.0.0.0/8, ::1, localhost: a local test server); a list: exactly these host names.
+    allow_insecure_http: bool | list[str] = False
     # Groups and memberships (mappings/groups.yaml); null: no groups are managed in this target.
     groups: Path | None = None
     # Member changes per PATCH /Groups/{id} (AWS IAM Identity Center accepts at most 100).
@@ -293,6 +300,26 @@ class TargetConfig(_Strict):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("allow_insecure_http")
+    @classmethod
+    def _insecure_hosts(cls, value: bool | list[str]) -> bool | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty host list allows nothing: write false, or name the hosts")
+            return [host.strip().lower().strip("[]") for host in value]
+        return value
+
+    def insecure_http_allowed(self, url: str) -> bool:
+        """Whether ``url`` may be sent over plain http:// (see ``allow_insecure_http``)."""
+        if not is_clear_text(url):
+            return True
+        host = url_host(url) or ""
+        if self.allow_insecure_http is True:
+            return is_loopback(host)
+        if isinstance(self.allow_insecure_http, list):
+            return host in self.allow_insecure_http
+        return False
+
 
 class Config(_Strict):
     """The whole config file."""
@@ -323,8 +350,10 @@ def load_config(path: Path, *, secrets: bool = True) -> Config:
     _check_references(config, doc)
     _register_secrets(config)
     resolved = _resolve_paths(config, path.resolve().parent)
+    _check_state(resolved.state, doc)
     for name, target in resolved.targets.items():
         _refuse_clear_text(name, target, doc)
+        _refuse_unverified_ca(name, target, doc)
         if target.ca_bundle is not None and not target.ca_bundle.is_file():
             loc = ("targets", name, "ca_bundle")
             raise ConfigError(f"{doc.where(loc)}: {_dotted(loc)}: no such file: {target.ca_bundle}")
@@ -408,11 +437,55 @@ def _refuse_clear_text(name: str, target: TargetConfig, doc: YamlDocument) -> No
     if isinstance(target.auth, OAuth2Config):
         urls.append((("targets", name, "auth", "token_url"), target.auth.token_url))
     for loc, url in urls:
-        if url.lower().startswith("http://") and not target.allow_insecure_http:
-            raise ConfigError(
-                f"{doc.where(loc)}: {_dotted(loc)}: {url} is http://, so credentials would travel in clear "
-                "text; use https://, or set allow_insecure_http: true (a local test server only)"
+        if target.insecure_http_allowed(url):
+            continue
+        host = url_host(url)
+        if target.allow_insecure_http is True:
+            hint = (f"allow_insecure_http: true allows loopback hosts only; {host} is not one "
+                    f"(name it to allow it: allow_insecure_http: [{host}])")  # fmt: skip
+        elif target.allow_insecure_http:
+            hint = f"{host} is not in allow_insecure_http"
+        else:
+            hint = "use https://, or set allow_insecure_http: true (a local test server on loopback only)"
+        raise ConfigError(
+            f"{doc.where(loc)}: {_dotted(loc)}: {url} is http://, so credentials would travel in clear text; {hint}"
+        )
+
+
+def _refuse_unverified_ca(name: str, target: TargetConfig, doc: YamlDocument) -> None:
+    if not target.verify_tls and target.ca_bundle is not None:
+        loc = ("targets", name, "verify_tls")
+        raise ConfigError(
+            f"{doc.where(loc)}: {_dotted(loc)}: verify_tls: false would ignore ca_bundle; "
+            "keep verify_tls: true to trust the ca_bundle, or remove ca_bundle"
+        )
+
+
+def _check_state(state: str, doc: YamlDocument) -> None:
+    """The state URL is a database URL, and a SQLite file's folder exists."""
+    where = f"{doc.where(('state',))}: state"
+    try:
+        url = make_url(state)
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(f"{where}: not a database URL like sqlite:///provisioner.db ({exc})") from None
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        folder = Path(url.database).parent
+        if not folder.is_dir():
+            raise ConfigError(f"{where}: the folder of the state database does not exist: {folder}")
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is allowed but probably not meant; ``check`` prints these and the daemon logs them."""
+    found = []
+    listen = config.daemon.listen
+    if listen:
+        host = listen.rpartition(":")[0].strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            found.append(
+                f"daemon.listen {listen} serves /metrics and /healthz on every network interface; "
+                "bind 127.0.0.1 (the default) unless a scraper elsewhere must reach it"
             )
+    return found
 
 
 def _register_secrets(config: Config) -> None:

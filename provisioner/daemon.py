@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,16 +28,17 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine
 
 from provisioner import alerts, metrics, quarantine
-from provisioner.config import Config, ScheduleConfig, parse_duration, parse_interval
+from provisioner.config import Config, ScheduleConfig, config_warnings, parse_duration, parse_interval
 from provisioner.errors import UserError
+from provisioner.health import TargetHealth, cycle_succeeded, overall, target_health
 from provisioner.mapping import AttributeMapping
 from provisioner.planner import RenderMemo
 from provisioner.quarantine import Admission, admission
-from provisioner.queue import STATUSES, count_status, list_operations, prune, recover_orphans, status_by_target
+from provisioner.queue import STATUSES, list_operations, prune, recover_orphans, status_by_target
 from provisioner.quirks import unstored_writes
 from provisioner.reconcile import last_reconciled, publish, publish_last, reconcile_target
 from provisioner.store import as_utc, utcnow
-from provisioner.sync import TargetReport, last_runs, load_target_mapping, send_due, sync_target
+from provisioner.sync import TargetReport, load_target_mapping, send_due, sync_target
 
 log = structlog.get_logger("provisioner.daemon")
 
@@ -59,28 +61,55 @@ class Daemon:
         self.inflight: set[asyncio.Task[Any]] = set()
         self.last_cycle: dict[str, dict[str, Any]] = {}
         self.started_at = datetime.now(UTC)
+        # The event loop's last sign of life (monotonic seconds): a loop that stops ticking is stuck
+        # (a mapping expression that never ends runs on it), and /healthz says so from its own thread.
+        self.heartbeat = time.monotonic()
 
     async def run(self) -> int:
         """Run until a signal; return the process exit code."""
         recovered = recover_orphans(self.engine)
         if recovered:
             log.warning("recovered operations left running by an earlier process", count=recovered)
+        for warning in config_warnings(self.config):
+            log.warning("config", warning=warning)
+        server = self._serve()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         for name in self.targets:
             publish_last(self.engine, name)  # the gauges say what the last reconciliation found, until the next
-        server = metrics.serve(self.config.daemon.listen, self.health) if self.config.daemon.listen else None
+        beat = asyncio.create_task(self._beat())
         scheduler = self._scheduler()
         scheduler.start()
         log.info("daemon started", targets=self.targets, listen=self.config.daemon.listen, pid=os.getpid())
         await self.stopping.wait()
         scheduler.shutdown(wait=False)
         await self._drain()
+        beat.cancel()
         if server is not None:
             server.shutdown()
+            server.server_close()
         log.info("daemon stopped")
         return 0
+
+    def _serve(self) -> Any:
+        listen = self.config.daemon.listen
+        if not listen:
+            return None
+        try:
+            return metrics.serve(listen, self.health)
+        except OSError as exc:
+            raise UserError(
+                f"daemon.listen {listen}: cannot serve /metrics and /healthz there: {exc.strerror or exc}; "
+                "another daemon on this host? choose another port in daemon.listen, or null for none"
+            ) from None
+        except ValueError as exc:
+            raise UserError(f"daemon.listen {listen}: not host:port ({exc})") from None
+
+    async def _beat(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            await asyncio.sleep(1)
 
     def _scheduler(self) -> AsyncIOScheduler:
         scheduler = AsyncIOScheduler(timezone=UTC)
@@ -111,6 +140,10 @@ class Daemon:
         self.inflight.add(task)
         try:
             await asyncio.gather(*(self._guarded(work, name) for name in targets))
+        except asyncio.CancelledError:
+            if not self.stopping.is_set():
+                raise
+            # Cancelled when the shutdown grace ran out (said once by _drain): not a failure of the job.
         finally:
             self.inflight.discard(task)
 
@@ -129,7 +162,7 @@ class Daemon:
                 log.exception("cycle crashed", target=name)
                 self.last_cycle[name] = {"status": "error", "at": datetime.now(UTC)}
             finally:
-                self._publish_queue_depth()
+                self._publish(name)
                 await self._check_alerts(name)
 
     async def cycle(self, name: str) -> None:
@@ -172,24 +205,53 @@ class Daemon:
             log.info("due operations sent", target=name, outcomes=dict(report.statuses))
 
     def _remember(self, name: str, report: TargetReport) -> None:
-        status = "held" if report.held else "failed" if report.failed else "ok"
-        self.last_cycle[name] = {"status": status, "run_id": report.run_id, "at": datetime.now(UTC), **report.summary()}
-        if status == "ok":
+        succeeded = cycle_succeeded(report)
+        self.last_cycle[name] = {
+            "status": "succeeded" if succeeded else "incomplete",
+            "run_id": report.run_id,
+            "at": datetime.now(UTC),
+            **report.summary(),
+        }
+        if succeeded:
             metrics.LAST_SUCCESS.labels(name).set(datetime.now(UTC).timestamp())
 
     async def _check_alerts(self, name: str) -> None:
         await check_alerts(self.engine, self.config, [name])
 
-    def _publish_queue_depth(self) -> None:
-        metrics.set_queue_depth(status_by_target(self.engine), STATUSES)
+    def _publish(self, name: str) -> None:
+        try:
+            metrics.set_queue_depth(status_by_target(self.engine), STATUSES)
+            metrics.set_health(target_health(self.engine, [name]))
+        except Exception:
+            log.exception("metrics update failed", target=name)
+
+    def stuck_for(self) -> float:
+        """Seconds the event loop has not ticked beyond what is normal; 0 while it runs."""
+        silent = time.monotonic() - self.heartbeat
+        return silent if silent > self.config.daemon.stuck_after else 0.0
 
     def health(self) -> dict[str, Any]:
-        """What /healthz answers: ok while the daemon runs, with each target's last cycle."""
-        return {
-            "status": "stopping" if self.stopping.is_set() else "ok",
+        """What /healthz answers (HTTP 200 only when ``status`` is ``ok``).
+
+        ``targets``: each target's health (``provisioner.health``) with its last
+        cycle in this process; ``status``: ``stopping``, ``stuck`` (the event loop
+        has not ticked for ``daemon.stuck_after`` seconds), else the most urgent
+        status of the targets — ``ok`` only when every target is ok.
+        Called from the HTTP server's thread: it works while the loop is blocked.
+        """
+        healths: dict[str, TargetHealth] = target_health(self.engine, self.targets)
+        stuck = self.stuck_for()
+        status = "stopping" if self.stopping.is_set() else "stuck" if stuck else overall(healths)
+        body: dict[str, Any] = {
+            "status": status,
             "started_at": self.started_at.isoformat(),
-            "targets": {name: self.last_cycle.get(name) for name in self.targets},
+            "targets": {
+                name: {**healths[name].as_dict(), "last_cycle": self.last_cycle.get(name)} for name in self.targets
+            },
         }
+        if stuck:
+            body["stuck_for_seconds"] = round(stuck, 1)
+        return body
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():
@@ -221,24 +283,24 @@ async def check_alerts(engine: Engine, config: Config, names: list[str]) -> None
 
 
 def target_facts(engine: Engine, name: str) -> alerts.TargetFacts:
-    """What the alert rules need to know of a target, read from the queue and its health record."""
-    health = quarantine.state(engine, name)
+    """What the alert rules need to know of a target: its health (``provisioner.health``) and its record."""
+    health = target_health(engine, [name])[name]
+    stored = quarantine.state(engine, name)
     held_runs = sorted({str(row["run_id"]) for row in list_operations(engine, status="held", target=name, limit=10_000)})
-    last = last_runs(engine).get(name) or {}
     reconciled = last_reconciled(engine, name)
     found = orjson.loads(reconciled["counts"]) if reconciled and reconciled["counts"] else {}
     return alerts.TargetFacts(
         target=name,
-        failed_count=count_status(engine, name, "failed"),
-        held_count=count_status(engine, name, "held"),
+        failed_count=health.failed,
+        held_count=health.held,
         held_runs=tuple(held_runs),
-        auth_failed=bool(health and health.auth_failures),
-        failing_since=health.failing_since if health else None,
-        quarantined=bool(health and (health.quarantined or health.paused)),
-        quarantine_reason=(health.quarantine_reason or (f"paused: {health.pause_note or 'by an operator'}"
-                           if health.paused else None)) if health else None,  # fmt: skip
-        last_error=health.last_error if health else None,
-        refused=str(last["error"]) if last.get("status") == "refused" else None,
+        auth_failed=bool(stored and stored.auth_failures),
+        failing_since=stored.failing_since if stored else None,
+        quarantined=health.quarantined or health.paused,
+        quarantine_reason=(health.quarantine_reason or (f"paused: {stored.pause_note or 'by an operator'}"
+                           if health.paused and stored else None)),  # fmt: skip
+        last_error=health.last_error,
+        refused=(health.last_run_error or "see the log") if health.last_run_status == "refused" else None,
         unstored_count=unstored_writes(engine, since=utcnow() - timedelta(days=1)).get(name, 0),
         unmatched_accounts=found.get("unmatched") if reconciled else None,
         drifted_accounts=int(reconciled["drifted"]) if reconciled else None,

@@ -96,7 +96,9 @@ def start_scim_server(port: int | None = None, token: str | None = None, wait: f
 
 def write_demo_config(folder: Path, server: ScimServer) -> Path:
     """Write the demo's config file (the token stays in the environment, not in the file)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    # The demo's state holds (sample) personal data and its config: only the owner reads the folder.
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
     os.environ[TOKEN_VARIABLE] = server.token
     path = folder / "config.yaml"
     path.write_text(

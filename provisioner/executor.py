@@ -63,15 +63,17 @@ from provisioner.reactions import (
     without_extensions,
     without_username,
 )
-from provisioner.redaction import redact_value
+from provisioner.redaction import MASK, WRITE_ONLY, redact_value, register_write_only
 
 log = structlog.get_logger("provisioner.executor")
 
 ClientFactory = Callable[[], ScimClient]
+# Identity keys -> {attribute: value} of their write-only attributes, rendered from the source now.
+WriteOnlySource = Callable[[list[str]], dict[str, dict[str, Any]]]
 # 412 rounds: refetch the version and resend, at most this often before review.
 PRECONDITION_ROUNDS = 3
 # Attributes whose values never reach the queue or the logs.
-_SECRET_ATTRIBUTES = {"password"}
+_SECRET_ATTRIBUTES = WRITE_ONLY
 
 
 @dataclass(slots=True)
@@ -100,6 +102,7 @@ class Executor:
         endpoint: str = "Users",
         match_attribute: str = "userName",
         quirks: Quirks | None = None,
+        write_only: WriteOnlySource | None = None,
     ) -> None:
         self.engine = engine
         # The target's deviations, declared and learned (shared with its clients when they come from one session).
@@ -109,6 +112,9 @@ class Executor:
         self.endpoint = endpoint
         self.match_attribute = match_attribute
         self.client_factory = client_factory
+        # Write-only values (password) by identity key, rendered from the source for the operations that need them.
+        self.write_only = write_only
+        self.write_only_values: dict[str, dict[str, Any]] = {}
         self.capabilities: Capabilities | None = None
         # Which schemas the target's resource type lists (None: not asked yet; False: it did not say).
         self._extensions: Callable[[str], bool] | Literal[False] | None = None
@@ -134,6 +140,7 @@ class Executor:
         for op in operations:
             by_key.setdefault(op.identity_key, []).append(op)
         links = load_link_states(self.engine, self.target, _keys_needed(by_key))
+        self._load_write_only(operations)
         clients = [self.client_factory() for _ in range(min(self.config.max_concurrency, len(by_key)))]
         tally = Tally()
         try:
@@ -226,6 +233,9 @@ class Executor:
                 self._log(op, outcome, started)
 
     async def _apply(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
+        return await self._attempt(client, op, links)
+
+    async def _attempt(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
         try:
             return await self._send(client, op, links)
         except NotFound as exc:
@@ -261,6 +271,8 @@ class Executor:
             return Outcome(op.id, "succeeded", link=_linked(link, result, active=False))
         # References to accounts created earlier in this cycle resolve now; the rest drop out.
         payload, _ = resolve_refs(op.payload or {}, lambda key: links[key].scim_id if key in links else None)
+        # Write-only values are stored masked: rendered again from the source now, or left out.
+        payload = self._with_write_only(op.identity_key, payload)
         # The hash is the desired payload's: an extension held back is not a change to send every cycle.
         applied_hash = payload_hash(payload)
         payload = await self._supported(client, payload)
@@ -299,10 +311,15 @@ class Executor:
                 return await self._adopt(client, op, existing, payload, applied_hash, "matched an existing account")
         try:
             result = await self._post(client, payload)
-        except Conflict:
-            existing = await self._find_existing(client, payload, required=True)
-            assert existing is not None
-            return await self._adopt(client, op, existing, payload, applied_hash, "409 on create: adopted the existing account")
+        except Conflict as conflict:
+            try:
+                existing = await self._find_existing(client, payload, required=True)
+                assert existing is not None
+                return await self._adopt(
+                    client, op, existing, payload, applied_hash, "409 on create: adopted the existing account"
+                )
+            except ScimError as exc:
+                raise _after_conflict(conflict, exc) from exc
         if isinstance(result, dict):
             note = "the create's answer was lost; adopted the account it made"
             return await self._adopt(client, op, result, payload, applied_hash, note)
@@ -411,7 +428,9 @@ class Executor:
     ) -> ScimResult:
         operations = None
         if link.applied is not None and (self._use_patch() or not self.quirks.put):
-            operations = patch_operations(link.applied, payload)
+            # Write-only values are stored masked: set on create (and by every PUT), not re-sent by PATCH.
+            applied = {**link.applied, **{k: payload[k] for k in WRITE_ONLY if link.applied.get(k) == MASK and k in payload}}
+            operations = patch_operations(applied, payload)
             if enable and not any(o.get("path") == "active" for o in operations):
                 operations.append({"op": "replace", "path": "active", "value": True})
             if not operations:
@@ -547,6 +566,30 @@ class Executor:
         except PreconditionFailed as exc:
             exc.message = f"{exc.message}; still stale after {PRECONDITION_ROUNDS} refetches (versions tried: {versions})"
             raise
+
+    def _with_write_only(self, key: str, payload: dict[str, Any]) -> dict[str, Any]:
+        masked = [k for k in WRITE_ONLY if payload.get(k) == MASK]
+        if not masked:
+            return payload
+        values = self.write_only_values.get(key, {})
+        restored = {k: v for k, v in payload.items() if k not in masked}
+        restored.update({k: values[k] for k in masked if k in values})
+        return restored
+
+    def _load_write_only(self, operations: list[ClaimedOperation]) -> None:
+        keys = [op.identity_key for op in operations
+                if isinstance(op.payload, dict) and any(op.payload.get(k) == MASK for k in WRITE_ONLY)]  # fmt: skip
+        missing = [key for key in keys if key not in self.write_only_values]
+        if missing and self.write_only is not None:
+            try:
+                found = self.write_only(missing)
+            except Exception as exc:  # noqa: BLE001 - without them the operations are sent without their password
+                log.warning("write-only values could not be rendered; sent without them", target=self.target,
+                            error=str(exc), identities=len(missing))  # fmt: skip
+                return
+            for values in found.values():
+                register_write_only(values)
+            self.write_only_values.update(found)
 
     def _use_patch(self) -> bool:
         return bool(self.capabilities and self.capabilities.patch)
@@ -704,6 +747,22 @@ def _outcome(op: ClaimedOperation, status: str, exc: ScimError, *, drop_link: bo
         detail=exc.detail,
         drop_link=drop_link,
     )
+
+
+def _after_conflict(conflict: Conflict, exc: ScimError) -> ScimError:
+    """The error of a failed adoption, still saying that the create was answered 409 (RFC 7644 §3.3).
+
+    A transient failure keeps its class (the operation waits for a retry); a
+    permanent one is reported as the conflict it started from, with the HTTP
+    status, ``scimType`` and detail of the 409.
+    """
+    said = f"409 on create ({conflict}); adopting the existing account failed: {exc}"
+    if isinstance(exc, (TransientError, AuthError)):
+        exc.message = said
+        Exception.__init__(exc, said)
+        return exc
+    return Conflict(said, status=conflict.status or 409, scim_type=conflict.scim_type, detail=conflict.detail,
+                    request=conflict.request, response_body=conflict.response_body)  # fmt: skip
 
 
 def call_record(exchange: Exchange) -> CallRecord:

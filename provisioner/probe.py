@@ -728,7 +728,7 @@ async def run_probe(config_path: Path, target: str, *, write: bool) -> ProbeRepo
 def add_command(commands: Any) -> None:
     """Register ``provisioner probe`` on the CLI's subcommands."""
     parser = commands.add_parser("probe", help="what a SCIM target really does, and the quirks: block that suits it")
-    parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="the config file (default: config.yaml)")
     parser.add_argument("--target", required=True, help="the target to probe, as named in the config")
     parser.add_argument(
         "--write",

@@ -26,6 +26,7 @@ from sqlalchemy import Engine, insert, select, update
 from sqlmodel import Field as Column
 from sqlmodel import SQLModel
 
+from provisioner.redaction import redact
 from provisioner.store import as_utc, utcnow
 
 
@@ -156,6 +157,9 @@ def observe(
         return None
     if tally.succeeded:
         changes.update(failing_since=None, last_success_at=now, auth_failures=0, failed_rounds=0)
+        if not tally.failed:
+            # A round without a failed call: an old 401 is history, not the target's last error.
+            changes["last_error"] = None
         if current.quarantined:
             changes.update(quarantined=False, quarantine_reason=None, probe_interval=0.0, next_probe_at=None)
             transition = "recovered"
@@ -205,6 +209,10 @@ def _reason(tally: Tally, policy: QuarantinePolicy, auth_rounds: int, failed_rou
 
 
 def _write(engine: Engine, target: str, changes: dict[str, object]) -> None:
+    # Error text quotes what a target answered, which may echo a credential.
+    for column in ("last_error", "quarantine_reason", "pause_note"):
+        if isinstance(changes.get(column), str):
+            changes[column] = redact(str(changes[column]))
     with engine.begin() as conn:
         if conn.execute(update(TABLE).where(TABLE.c.target == target).values(**changes)).rowcount == 0:
             conn.execute(insert(TABLE).values(target=target, **changes))

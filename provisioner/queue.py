@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from provisioner.payload import dumps, loads
 from provisioner.planner import Decision, Kind, Link, Reason
-from provisioner.redaction import redact
+from provisioner.redaction import has_write_only, mask_write_only, redact, register_write_only
 from provisioner.store import AccountLink, Attempt, Operation, utcnow
 
 OP = Operation.__table__
@@ -222,11 +222,14 @@ def enqueue(
     with engine.begin() as conn:
         open_by_key = open_rows(conn, target, ACCOUNT_KINDS)
         for d in decisions:
+            register_write_only(d.payload)
             replaced = replaced_by(open_by_key.get(d.identity_key, []), d.kind.value, d.payload_hash)
             if replaced is None:
                 continue
             superseded.extend(replaced)
-            rows.append(_new_row(run_id, target, d.identity_key, d.kind, d.reason, now, d.payload, d.payload_hash))
+            # Write-only values (password) are never stored: the executor renders them again when it sends.
+            payload = mask_write_only(d.payload) if has_write_only(d.payload) else d.payload
+            rows.append(_new_row(run_id, target, d.identity_key, d.kind, d.reason, now, payload, d.payload_hash))
         silenced = _silenced_rejections(conn, target, [hashes[key] for key, *_ in rejected if key in hashes])
         for key, message, kind, reason in rejected:
             cause = rejection_cause(message)
@@ -534,6 +537,7 @@ def finish(conn: Any, outcome: Finished, now: datetime) -> None:
         conn.execute(_INSERT_CALL, [_call_row(outcome, call) for call in outcome.calls])
 
 
+
 def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> None:
     """Write an operation's outcome, its calls and the link it leaves, in one transaction.
 
@@ -589,7 +593,8 @@ def _link_row(target: str, key: str, link: LinkState, now: datetime) -> dict[str
         "etag": link.etag,
         "location": link.location,
         "applied_hash": link.applied_hash,
-        "applied": None if link.applied is None else dumps(link.applied),
+        # Write-only values (password) are never kept once applied.
+        "applied": None if link.applied is None else dumps(mask_write_only(link.applied)),
         "updated_at": now,
     }
 

@@ -42,6 +42,7 @@ from provisioner.mapping import AttributeMapping, MappingError
 from provisioner.payload import dumps, flatten, loads, payload_hash, refs_in, resolve_refs
 from provisioner.planner import Decision, Kind, Link, Reason, brake_trips
 from provisioner.queue import enqueue, load_links
+from provisioner.quirks import load_quirks
 from provisioner.sources import BadRecord, IdentityRecord, read_source
 from provisioner.store import AccountLink, Operation, ReconcileRun, UnmatchedAccount, as_utc, utcnow
 from provisioner.targets import TargetSession
@@ -553,7 +554,8 @@ async def reconcile_target(
         mapping, read_source(source), links, source.min_records
     )
     classifier = Classifier(identities.values(), mapping.match)
-    session = TargetSession(target)
+    # The target's declared and learned deviations (a target that ignores filters or rejects count) hold here too.
+    session = TargetSession(target, quirks=load_quirks(engine, name, target))
     client = session.client()
     try:
         pages = client.iter_resources(mapping.endpoint, attributes=attributes, page_size=target.reconcile.page_size)

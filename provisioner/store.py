@@ -7,14 +7,21 @@ Hot paths use SQLAlchemy Core on these tables; the ORM is for reading one row.
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, Index, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlmodel import Field, SQLModel, create_engine
 
+from provisioner.errors import ConfigError
+
 SCHEMA_VERSION = 1
+# The state holds HR personal data: only the owner reads it (SQLite creates -wal and -shm alike).
+STATE_FILE_MODE = 0o600
 
 
 def utcnow() -> datetime:
@@ -196,12 +203,18 @@ class SchemaInfo(SQLModel, table=True):
 
 
 def open_store(url: str) -> Engine:
-    """Connect to the state database, creating its tables on first use."""
+    """Connect to the state database, creating its tables on first use.
+
+    Raises ConfigError when the URL's driver is not installed.
+    """
+    check_state_driver(url)
     parsed = make_url(url)
     is_sqlite = parsed.get_backend_name() == "sqlite"
     kwargs: dict[str, Any] = {}
     if is_sqlite:
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+            private_files(Path(parsed.database))
     engine = create_engine(url, **kwargs)
     if is_sqlite:
         _configure_sqlite(engine)
@@ -214,6 +227,43 @@ def open_store(url: str) -> Engine:
         if row is None:
             conn.execute(SchemaInfo.__table__.insert().values(id=1, version=SCHEMA_VERSION))
     return engine
+
+
+def check_state_driver(url: str) -> None:
+    """Raise ConfigError unless the database driver the state URL names can be imported."""
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise ConfigError(f"state: {url!r} is not a database URL this engine knows ({exc})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        hint = ""
+        if parsed.get_backend_name() == "postgresql":
+            hint = "; install it (pip install 'psycopg[binary]') and write postgresql+psycopg://…"
+        raise ConfigError(
+            f"state: the database driver of {parsed.drivername}:// is not installed ({exc.name or exc}){hint}"
+        ) from None
+
+
+def private_files(database: Path) -> None:
+    """Create the database file 0600 before SQLite does (it would follow the umask, often 0644).
+
+    SQLite gives the ``-wal`` and ``-shm`` files the database file's mode; files
+    left wider by an earlier version are narrowed. Files we do not own are left as they are.
+    """
+    try:
+        os.close(os.open(database, os.O_RDWR | os.O_CREAT, STATE_FILE_MODE))
+    except FileNotFoundError:
+        return  # no such folder: the config check names it; opening it fails clearly below
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(f"{database}{suffix}")
+        try:
+            if path.exists() and path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+                path.chmod(STATE_FILE_MODE)
+        except OSError:
+            pass
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import structlog
 from sqlalchemy import Engine, func, insert, select, update
@@ -22,11 +23,12 @@ from provisioner.errors import ConfigError, UserError
 from provisioner.executor import Executor
 from provisioner.group_executor import send_due_groups, sync_groups
 from provisioner.groups import GroupPlan, load_groups
-from provisioner.mapping import AttributeMapping, load_mapping
+from provisioner.mapping import AttributeMapping, MappingError, load_mapping
 from provisioner.payload import changed_paths, dumps
 from provisioner.planner import Kind, Plan, RenderMemo, brake_trips, plan_target
 from provisioner.queue import Rejections, claim, count_status, enqueue, load_link_states, load_links
-from provisioner.sources import read_source, source_columns
+from provisioner.redaction import WRITE_ONLY
+from provisioner.sources import BadRecord, read_source, source_columns
 from provisioner.store import Run, utcnow
 from provisioner.quirks import load_quirks
 from provisioner.targets import TargetSession
@@ -227,7 +229,8 @@ async def _send(
     target = config.targets[name]
     session = TargetSession(target, quirks=load_quirks(engine, name, target))
     executor = Executor(engine, name, target, session.client, endpoint=mapping.endpoint, match_attribute=mapping.match,
-                        quirks=session.quirks)  # fmt: skip
+                        quirks=session.quirks,
+                        write_only=lambda keys: render_write_only(config, name, mapping, keys))  # fmt: skip
     if stop is not None:
         executor.stopping = stop
     due = count_status(engine, name, "pending")
@@ -249,6 +252,28 @@ async def _send(
                 break  # nothing due, or the target stopped taking work (paused, quarantined, breaker)
     finally:
         await session.aclose()
+
+
+def render_write_only(config: Config, name: str, mapping: AttributeMapping, keys: list[str]) -> dict[str, dict[str, Any]]:
+    """The write-only attribute values (``password``) of some identities, rendered from the source now.
+
+    The queue never stores them (RFC 7643 §4.1.1: returned "never"); an operation
+    that needs one gets it from the record as it is when the operation is sent.
+    A record gone from the source, or that cannot be rendered, gives none.
+    """
+    wanted = set(keys)
+    found: dict[str, dict[str, Any]] = {}
+    for record in read_source(config.sources[config.targets[name].source]):
+        if isinstance(record, BadRecord) or record.key not in wanted or record.key in found:
+            continue
+        try:
+            payload = mapping.render(record.attributes).payload or {}
+        except MappingError:
+            continue
+        values = {k: payload[k] for k in WRITE_ONLY if isinstance(payload.get(k), str)}
+        if values:
+            found[record.key] = values
+    return found
 
 
 def _start_run(engine: Engine, run_id: str, target: str, started: datetime) -> None:

@@ -18,6 +18,7 @@ from connectors import (
     ScimClient,
     TargetLimiter,
 )
+from provisioner import redaction
 from provisioner.config import BearerAuthConfig, OAuth2Config, TargetConfig, parse_rate
 
 log = structlog.get_logger("provisioner.targets")
@@ -46,7 +47,7 @@ class TargetSession:
     quirks: Quirks = field(default_factory=Quirks)
     limiter: TargetLimiter = field(init=False)
     retry: RetryPolicy = field(init=False)
-    auth: httpx.Auth | OAuth2ClientCredentials | None = field(init=False)
+    auth: httpx.Auth | MaskedTokens | None = field(init=False)
     verify: bool | ssl.SSLContext = field(init=False)
 
     def __post_init__(self) -> None:
@@ -75,15 +76,47 @@ class TargetSession:
             verify=self.verify,
             retry=self.retry,
             limiter=self.limiter,
-            allow_insecure_http=config.allow_insecure_http,
+            allow_insecure_http=bool(config.allow_insecure_http),
             quirks=self.quirks,
             max_response_bytes=config.max_response_bytes,
         )
 
     async def aclose(self) -> None:
         """Close what the session holds open (the token client)."""
-        if isinstance(self.auth, OAuth2ClientCredentials):
+        if isinstance(self.auth, MaskedTokens):
             await self.auth.aclose()
+
+
+class MaskedTokens:
+    """An OAuth 2.0 token source whose every token joins the masking registry before it is used.
+
+    A target that echoes the access token (in an error body, a header) must
+    not put it into a log line, a queue row or an alert: the token is known to
+    ``redaction`` from the moment it is fetched, before any request carries it.
+    """
+
+    def __init__(self, source: OAuth2ClientCredentials) -> None:
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"MaskedTokens({self.source!r})"
+
+    async def token(self) -> str:
+        """A valid token (see ``OAuth2ClientCredentials.token``), registered as a secret."""
+        return _masked(await self.source.token())
+
+    async def refresh(self, rejected: str) -> str:
+        """A new token after a 401, registered as a secret."""
+        return _masked(await self.source.refresh(rejected))
+
+    async def aclose(self) -> None:
+        """Close the token endpoint's connection pool."""
+        await self.source.aclose()
+
+
+def _masked(token: str) -> str:
+    redaction.register(token)
+    return token
 
 
 def _tls(config: TargetConfig) -> bool | ssl.SSLContext:
@@ -97,12 +130,12 @@ def _tls(config: TargetConfig) -> bool | ssl.SSLContext:
 
 def _auth(
     config: TargetConfig, limiter: TargetLimiter, verify: bool | ssl.SSLContext
-) -> httpx.Auth | OAuth2ClientCredentials | None:
+) -> httpx.Auth | MaskedTokens | None:
     auth = config.auth
     if isinstance(auth, BearerAuthConfig):
         return BearerAuth(auth.token.get_secret_value())
     if isinstance(auth, OAuth2Config):
-        return OAuth2ClientCredentials(
+        return MaskedTokens(OAuth2ClientCredentials(
             auth.token_url,
             auth.client_id,
             auth.client_secret.get_secret_value(),
@@ -111,6 +144,6 @@ def _auth(
             auth_method=auth.auth_method,
             limiter=limiter,
             verify=verify,
-            allow_insecure_http=config.allow_insecure_http,
-        )
+            allow_insecure_http=bool(config.allow_insecure_http),
+        ))
     return None

@@ -340,8 +340,11 @@ def test_queue_list_json_shows_the_failed_operation_with_its_scim_error(failed_w
     result = provisioner(failed_workspace, "queue", "list", "--json")
 
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    listing = json.loads(result.stdout)
+    assert (listing["limit"], listing["truncated"]) == (200, False)
+    rows = listing["operations"]
     assert {row["identity_key"]: row["status"] for row in rows} == {"E1001": "succeeded", "E1002": "failed"}
+    assert [row["payload"]["userName"] for row in rows if row["identity_key"] == "E1001"] == ["ada.lovelace@example.com"]
     [failed] = [row for row in rows if row["status"] == "failed"]
     assert (failed["kind"], failed["reason"], failed["attempts"]) == ("create", "joiner", 1)
     assert failed["last_http_status"] == 400
@@ -394,7 +397,7 @@ def test_queue_list_works_without_the_token_variable(failed_workspace: Workspace
     result = provisioner(failed_workspace, "queue", "list", "--json", token=False)
 
     assert result.returncode == 0, result.stderr
-    assert len(json.loads(result.stdout)) == 2
+    assert len(json.loads(result.stdout)["operations"]) == 2
 
 
 def test_no_log_line_carries_the_token(workspace: Workspace) -> None:

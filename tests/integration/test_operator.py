@@ -153,7 +153,13 @@ alerts:
         assert current["operations"]["failed"] == 2 and current["last_run_status"] in ("failed", "succeeded")
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert 'provisioner_operations_total{kind="create",outcome="succeeded",target="app"} 18.0' in metrics
-        assert httpx.get(f"http://127.0.0.1:{metrics_port}/healthz").json()["status"] == "ok"
+        # A bad record fails alone: the cycles that ran still count as successful.
+        assert 'provisioner_last_successful_cycle_timestamp_seconds{target="app"}' in metrics
+        assert 'provisioner_target_ok{target="app"} 0.0' in metrics
+        # The failed operations wait for review: the target is not ok, and /healthz says so.
+        health = httpx.get(f"http://127.0.0.1:{metrics_port}/healthz")
+        assert (health.status_code, health.json()["status"]) == (503, "failed")
+        assert health.json()["targets"]["app"]["failed"] == 2
     finally:
         daemon.send_signal(signal.SIGTERM)
         code = daemon.wait(timeout=30)

@@ -280,3 +280,106 @@ def test_the_shipped_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) ->
     for target in config.targets.values():
         assert target.source in config.sources
         assert target.mapping.is_absolute()
+
+
+# --- transport rules ----------------------------------------------------------------------------
+
+
+def _target_options(options: str, base_url: str = "https://scim.example.com/v2/") -> str:
+    return CONFIG.replace("https://scim.example.com/v2/", base_url).replace(
+        "    leaver: delete\n", "    leaver: delete\n" + "".join(f"    {line}\n" for line in options.splitlines())
+    )
+
+
+@pytest.mark.parametrize(
+    ("base_url", "allow", "accepted"),
+    [
+        pytest.param("http://127.0.0.1:8081/v2", "true", True, id="ipv4-loopback"),
+        pytest.param("http://[::1]:8081/v2", "true", True, id="ipv6-loopback"),
+        pytest.param("http://localhost:8081/v2", "true", True, id="localhost"),
+        pytest.param("http://scim.lab.example/v2", "true", False, id="true-is-loopback-only"),
+        pytest.param("http://scim.lab.example/v2", "[scim.lab.example]", True, id="named-host"),
+        pytest.param("http://other.example/v2", "[scim.lab.example]", False, id="host-not-named"),
+        pytest.param("http://127.0.0.1:8081/v2", "[scim.lab.example]", False, id="a-list-is-exact"),
+        pytest.param("https://scim.example.com/v2", "false", True, id="https-needs-nothing"),
+    ],
+)
+def test_allow_insecure_http_allows_loopback_or_the_hosts_it_names(
+    tmp_path: Path, base_url: str, allow: str, accepted: bool
+) -> None:
+    path = write(tmp_path, _target_options(f"allow_insecure_http: {allow}", base_url))
+
+    if accepted:
+        assert load_config(path).targets["app"].base_url == base_url
+    else:
+        with pytest.raises(ConfigError, match="clear text") as raised:
+            load_config(path)
+        assert f"{path}:{line_of(path, 'base_url:')}:" in str(raised.value)
+
+
+def test_the_token_url_follows_the_same_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONFIG_TEST_SECRET", "client-secret-for-config-test")
+    text = _target_options("allow_insecure_http: true", "http://127.0.0.1:8081/v2").replace(
+        '      type: bearer\n      token: "${CONFIG_TEST_TOKEN}"\n',
+        "      type: oauth2\n      token_url: http://login.example.com/token\n      client_id: c\n"
+        '      client_secret: "${CONFIG_TEST_SECRET}"\n',
+    )
+
+    with pytest.raises(ConfigError, match="token_url"):
+        load_config(write(tmp_path, text))
+
+
+def test_verify_tls_false_with_a_ca_bundle_is_an_error(tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not checked before the rule\n", encoding="utf-8")
+    path = write(tmp_path, _target_options(f"verify_tls: false\nca_bundle: {bundle}"))
+
+    with pytest.raises(ConfigError, match="verify_tls: false would ignore ca_bundle") as raised:
+        load_config(path)
+    assert f"{path}:{line_of(path, 'verify_tls:')}:" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        pytest.param("http://hooks.example.com/x", True, id="http-remote"),
+        pytest.param("http://127.0.0.1:9000/x", False, id="http-loopback"),
+        pytest.param("https://hooks.example.com/x", False, id="https"),
+    ],
+)
+def test_a_webhook_with_an_authorization_header_over_http_is_refused(tmp_path: Path, url: str, refused: bool) -> None:
+    text = CONFIG + f'alerts:\n  webhook:\n    url: "{url}"\n    headers: {{Authorization: "Bearer hook-token-1234"}}\n'
+    path = write(tmp_path, text)
+
+    if refused:
+        with pytest.raises(ConfigError, match="Authorization header over http://"):
+            load_config(path)
+    else:
+        assert load_config(path).alerts.webhook is not None
+
+
+def test_listen_on_every_interface_is_warned_about(tmp_path: Path) -> None:
+    from provisioner.config import config_warnings
+
+    quiet = load_config(write(tmp_path, CONFIG))
+    loud = load_config(write(tmp_path, CONFIG + 'daemon: {listen: "0.0.0.0:9464"}\n'))
+
+    assert config_warnings(quiet) == []
+    assert [w for w in config_warnings(loud) if "every network interface" in w]
+
+
+def test_a_state_folder_that_does_not_exist_is_named_at_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, CONFIG.replace("sqlite:///state.db", "sqlite:///missing/state.db"))
+
+    with pytest.raises(ConfigError, match="folder of the state database does not exist") as raised:
+        load_config(path)
+    assert f"{path}:{line_of(path, 'state:')}:" in str(raised.value)
+
+
+def test_a_state_url_without_its_driver_is_a_config_error_not_an_import_error() -> None:
+    from provisioner.store import check_state_driver, open_store
+
+    with pytest.raises(ConfigError, match="driver"):
+        check_state_driver("postgresql://db.example.com/provisioner")
+    with pytest.raises(ConfigError, match="driver"):
+        open_store("postgresql://db.example.com/provisioner")

@@ -78,3 +78,50 @@ def test_log_lines_never_carry_a_registered_secret(capsys: pytest.CaptureFixture
     assert "log-redaction-secret-42" not in line and "qwertyuiopasdf" not in line
     assert event["url"] == f"https://x.example/?token={MASK}"
     assert event["headers"] == {"Authorization": f"Bearer {MASK}"}
+
+
+def test_a_secret_with_a_line_break_is_masked_whole_line_by_line_and_json_escaped() -> None:
+    register("first-line-5d2a\nsecond-line-9c7e")
+
+    printed = redact("password: first-line-5d2a\nsecond-line-9c7e")
+    logged_per_line = [redact(line) for line in "x first-line-5d2a\nsecond-line-9c7e y".splitlines()]
+    in_json = redact(json.dumps({"password": "first-line-5d2a\nsecond-line-9c7e"}))
+
+    assert printed == f"password: {MASK}"
+    assert logged_per_line == [f"x {MASK}", f"{MASK} y"]
+    assert "line-5d2a" not in in_json and "line-9c7e" not in in_json
+
+
+def test_write_only_values_are_registered_and_masked_in_payloads() -> None:
+    from provisioner.redaction import has_write_only, mask_write_only, register_write_only
+
+    payload = {"userName": "ada", "password": "pw-write-only-61f0", "emails": [{"value": "a@x"}]}
+
+    register_write_only(payload)
+
+    assert redact("echo pw-write-only-61f0") == f"echo {MASK}"
+    assert mask_write_only(payload) == {**payload, "password": MASK}
+    assert has_write_only(payload) and not has_write_only({"userName": "ada"})
+
+
+def test_a_fetched_oauth_token_joins_the_registry_before_it_is_used() -> None:
+    import asyncio
+
+    from provisioner.targets import MaskedTokens
+
+    class Source:
+        async def token(self) -> str:
+            return "fetched-access-token-0b1c"
+
+        async def refresh(self, rejected: str) -> str:
+            return "refreshed-access-token-7e2d"
+
+        async def aclose(self) -> None:
+            return None
+
+    tokens = MaskedTokens(Source())  # type: ignore[arg-type]
+
+    first = asyncio.run(tokens.token())
+    second = asyncio.run(tokens.refresh(first))
+
+    assert redact(f"{first} {second}") == f"{MASK} {MASK}"

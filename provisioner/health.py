@@ -1,0 +1,195 @@
+"""A target's health: one definition, read from the queue and the target's state.
+
+Everything that says whether a target is well reads it from here: the exit
+code of ``provisioner sync``, ``provisioner status`` (and ``--json``),
+``/healthz``, the ``provisioner_target_ok`` metric and the alert facts.
+
+A target is ``ok`` when nothing of it waits for anyone: no open failed
+operation (records the mapping rejected included: each is one open failed
+row per identity and reason), no operation waiting for a retry, no leaver
+held by the deletion brake, its last cycle not refused, and it is neither
+quarantined nor paused. Otherwise its status is the most urgent of these,
+in this order::
+
+    quarantined > paused > refused > held > failed > waiting > ok
+
+Work from earlier cycles counts as much as this cycle's: a row left in
+``retry_wait`` by a 401 an hour ago still waits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import Engine, and_, case, func, select
+
+from provisioner.quarantine import TargetState, all_states
+from provisioner.store import Operation, Run, as_utc
+
+Status = Literal["ok", "waiting", "failed", "held", "refused", "paused", "quarantined"]
+# Most urgent first.
+SEVERITY: tuple[Status, ...] = ("quarantined", "paused", "refused", "held", "failed", "waiting", "ok")
+
+OP = Operation.__table__
+RUN = Run.__table__
+# Account operations the mapping could not render: recorded failed, with no payload to send.
+_RENDERED_KINDS = ("create", "update", "enable")
+
+
+@dataclass(frozen=True, slots=True)
+class TargetHealth:
+    """How one target is, and why.
+
+    Counts are operations in the queue now (any cycle's): ``failed`` open for
+    review (of which ``rejected`` are records the mapping rejected),
+    ``retry_wait`` waiting for a retry, ``pending`` queued to send, ``held``
+    leavers held by the deletion brake.
+    """
+
+    target: str
+    status: Status
+    failed: int = 0
+    rejected: int = 0
+    retry_wait: int = 0
+    pending: int = 0
+    held: int = 0
+    paused: bool = False
+    quarantined: bool = False
+    quarantine_reason: str | None = None
+    # The last failed call, until a later round succeeds (secrets masked when stored).
+    last_error: str | None = None
+    last_run_id: str | None = None
+    last_run_status: str | None = None
+    last_run_started_at: datetime | None = None
+    last_run_error: str | None = None
+    # One short phrase per reason the target is not ok, most urgent first.
+    problems: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        """Nothing of this target waits for anyone."""
+        return self.status == "ok"
+
+    @property
+    def waiting(self) -> int:
+        """Operations that still have to happen or be reviewed: failed, retry_wait and held."""
+        return self.failed + self.retry_wait + self.held
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: timestamps as ISO 8601 with their UTC offset."""
+        data = asdict(self)
+        data["ok"] = self.ok
+        data["problems"] = list(self.problems)
+        if self.last_run_started_at is not None:
+            data["last_run_started_at"] = as_utc(self.last_run_started_at).isoformat()
+        return data
+
+
+def assess(
+    target: str,
+    counts: dict[str, int],
+    rejected: int = 0,
+    state: TargetState | None = None,
+    last_run: dict[str, Any] | None = None,
+) -> TargetHealth:
+    """The health of one target from what was read about it; purely computational.
+
+    ``counts``: open operations by status; ``rejected``: how many of the failed
+    ones are records the mapping rejected; ``state``: the target_state row;
+    ``last_run``: the latest row of the ``run`` table.
+    """
+    run = last_run or {}
+    failed, retry_wait, held = counts.get("failed", 0), counts.get("retry_wait", 0), counts.get("held", 0)
+    paused = bool(state and state.paused)
+    quarantined = bool(state and state.quarantined)
+    refused = run.get("status") in ("refused", "error")
+    problems: list[tuple[Status, str]] = []
+    if quarantined:
+        problems.append(("quarantined", f"quarantined: {state.quarantine_reason or 'calls keep failing'}"))  # type: ignore[union-attr]
+    if paused:
+        problems.append(("paused", f"paused: {state.pause_note or 'by an operator'}"))  # type: ignore[union-attr]
+    if refused:
+        problems.append(("refused", f"last cycle {run['status']}: {run.get('error') or 'see the log'}"))
+    if held:
+        problems.append(("held", f"{held} leaver operations held for approval"))
+    if failed:
+        of_which = f" ({rejected} records the mapping rejected)" if rejected else ""
+        problems.append(("failed", f"{failed} failed operations wait for review{of_which}"))
+    if retry_wait:
+        problems.append(("waiting", f"{retry_wait} operations wait for a retry"))
+    status: Status = min((s for s, _ in problems), key=SEVERITY.index, default="ok")
+    return TargetHealth(
+        target=target,
+        status=status,
+        failed=failed,
+        rejected=rejected,
+        retry_wait=retry_wait,
+        pending=counts.get("pending", 0),
+        held=held,
+        paused=paused,
+        quarantined=quarantined,
+        quarantine_reason=state.quarantine_reason if state else None,
+        last_error=state.last_error if state else None,
+        last_run_id=run.get("id"),
+        last_run_status=run.get("status"),
+        last_run_started_at=run.get("started_at"),
+        last_run_error=run.get("error"),
+        problems=tuple(text for _, text in problems),
+    )
+
+
+def target_health(engine: Engine, names: list[str]) -> dict[str, TargetHealth]:
+    """The health of these targets, read in three queries whatever their number."""
+    counts, rejected = _open_counts(engine)
+    states = all_states(engine)
+    runs = _last_runs(engine)
+    return {
+        name: assess(name, counts.get(name, {}), rejected.get(name, 0), states.get(name), runs.get(name))
+        for name in names
+    }
+
+
+def overall(healths: dict[str, TargetHealth]) -> Status:
+    """The most urgent status of several targets (``ok`` when there are none)."""
+    return min((h.status for h in healths.values()), key=SEVERITY.index, default="ok")
+
+
+def _open_counts(engine: Engine) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    is_rejected = and_(OP.c.status == "failed", OP.c.payload.is_(None), OP.c.kind.in_(_RENDERED_KINDS))
+    query = (
+        select(OP.c.target, OP.c.status, func.count(), func.sum(case((is_rejected, 1), else_=0)))
+        .where(OP.c.status.in_(("pending", "running", "retry_wait", "failed", "held")))
+        .group_by(OP.c.target, OP.c.status)
+    )
+    counts: dict[str, dict[str, int]] = {}
+    rejected: dict[str, int] = {}
+    with engine.connect() as conn:
+        for target, status, count, rejects in conn.execute(query):
+            counts.setdefault(target, {})[status] = int(count)
+            rejected[target] = rejected.get(target, 0) + int(rejects or 0)
+    return counts, rejected
+
+
+def _last_runs(engine: Engine) -> dict[str, dict[str, Any]]:
+    latest = select(RUN.c.target, func.max(RUN.c.started_at).label("started")).group_by(RUN.c.target).subquery()
+    query = select(RUN).join(latest, (RUN.c.target == latest.c.target) & (RUN.c.started_at == latest.c.started))
+    with engine.connect() as conn:
+        return {row["target"]: dict(row) for row in conn.execute(query).mappings()}
+
+
+def cycle_succeeded(report: Any) -> bool:
+    """Whether a cycle counts as successful (``provisioner_last_successful_cycle_timestamp_seconds``).
+
+    A successful cycle read its source, wrote its plan to the queue and found
+    the target taking work: none of the operations it sent waits for a retry
+    (a 5xx, a timeout, a 401), and none was left unsent because the target is
+    paused or quarantined or stopped answering. Operations that failed alone
+    — a record the mapping rejected, a 400 on one account — do not make it
+    unsuccessful: they wait in the review queue and make the target's health
+    ``failed``, which is a different question. A refused or crashed cycle
+    raises before it has a report, and never counts. ``report`` is a
+    ``provisioner.sync.TargetReport``.
+    """
+    return report.statuses["retry_wait"] == 0 and report.skipped == 0

@@ -1,0 +1,272 @@
+"""The daemon's /healthz and /metrics: honest about its targets, and nothing a client does can stop it.
+
+The daemon runs as a real process against scim2-server (behind a fault-injecting
+proxy in one test); clients connect to /metrics and /healthz and drop their
+connections in every way a socket can be dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import update
+
+from provisioner import metrics
+from provisioner.config import load_config
+from provisioner.daemon import Daemon
+from provisioner.demo import DEMO_MAPPING, ScimServer, free_port, start_scim_server
+from provisioner.quarantine import TABLE, set_paused
+from provisioner.store import open_store
+from tests.conftest import TOKEN_VARIABLE, Workspace, hr_row, write_csv
+from tests.faultproxy import FaultProxy
+
+USERS = 40
+
+
+@pytest.fixture
+def server() -> Iterator[ScimServer]:
+    with start_scim_server() as srv:
+        yield srv
+
+
+def write_world(folder: Path, base_url: str, metrics_port: int) -> Path:
+    write_csv(folder / "hr.csv", [hr_row(f"E{n:03d}", f"First{n}", f"Last{n}", email=f"user{n}@example.com")
+                                  for n in range(USERS)])  # fmt: skip
+    config = folder / "config.yaml"
+    config.write_text(
+        f"""state: sqlite:///state.db
+sources:
+  hr: {{type: csv, path: hr.csv, key: employee_id, schedule: {{every: 1h}}}}
+targets:
+  app:
+    base_url: {base_url}
+    allow_insecure_http: true
+    auth: {{type: bearer, token: "${{APP_TOKEN}}"}}
+    source: hr
+    mapping: {DEMO_MAPPING}
+    max_concurrency: 4
+    timeout: 5
+    retry: {{max_attempts: 8, backoff_base: 0.01, backoff_cap: 0.05, max_retry_after: 1}}
+daemon: {{listen: "127.0.0.1:{metrics_port}", shutdown_grace: 20, retry_interval: 1}}
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+def start_daemon(config: Path, token: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "APP_TOKEN": token}
+    log = (config.parent / "daemon.log").open("ab")
+    command = [sys.executable, "-m", "provisioner", "--log-format", "json", "run", "--config", str(config)]
+    return subprocess.Popen(command, env=env, stdout=log, stderr=log)
+
+
+def wait_for(what: str, predicate, timeout: float = 90.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not reached in time: {what}")
+
+
+def users_in(server: ScimServer) -> list[str]:
+    headers = {"Authorization": f"Bearer {server.token}"}
+    body = httpx.get(f"{server.base_url}/Users", params={"count": 1000}, headers=headers, timeout=10).json()
+    return [str(u["userName"]) for u in body.get("Resources", [])]
+
+
+def statuses(folder: Path) -> Counter[str]:
+    try:
+        with sqlite3.connect(folder / "state.db", timeout=30) as conn:
+            return Counter(dict(conn.execute("SELECT status, count(*) FROM operation GROUP BY status").fetchall()))
+    except sqlite3.OperationalError:
+        return Counter()
+
+
+def rude_request(port: int, path: str, how: str) -> None:
+    """One client that leaves early: how the daemon's HTTP server must never be hurt."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        if how == "reset":  # send the request, then reset the connection before the answer is read
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif how == "close":  # send the request and close politely without reading
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        elif how == "half":  # half a request line
+            sock.sendall(f"GET {path} HT".encode())
+        elif how == "partial":  # read a few bytes of the answer, then reset
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.recv(16)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # "silent": connect and close without a byte
+    finally:
+        sock.close()
+
+
+class RudeClients:
+    """A thread of clients that connect to /metrics and /healthz and drop, until stopped."""
+
+    def __init__(self, port: int, seed: int = 3) -> None:
+        self.port = port
+        self.random = random.Random(seed)
+        self.stop = threading.Event()
+        self.made: Counter[str] = Counter()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            how = self.random.choice(["reset", "close", "half", "partial", "silent"])
+            try:
+                rude_request(self.port, self.random.choice(["/metrics", "/healthz"]), how)
+                self.made[how] += 1
+            except OSError:
+                self.made["refused"] += 1
+            time.sleep(0.005)
+
+    def __enter__(self) -> RudeClients:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def test_clients_that_drop_their_connection_never_stop_the_daemon(tmp_path: Path, server: ScimServer) -> None:
+    """A raw socket sends GET /metrics and resets before reading: the daemon lives (no SIGPIPE, exit 141)."""
+    port = free_port()
+    config = write_world(tmp_path, server.base_url, port)
+    daemon = start_daemon(config, server.token)
+    try:
+        wait_for("the metrics server", lambda: _answers(port))
+        for number in range(300):
+            rude_request(port, "/metrics", ["reset", "close", "partial"][number % 3])
+        assert daemon.poll() is None, f"the daemon died with exit {daemon.returncode}"
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
+        wait_for("the first cycle", lambda: statuses(tmp_path)["succeeded"] >= USERS)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(timeout=60)
+    assert code == 0
+    log = (tmp_path / "daemon.log").read_text()
+    assert "Traceback" not in log and "BrokenPipe" not in log
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_the_daemon_against_a_faulty_target_while_clients_drop_reaches_the_truth(
+    tmp_path: Path, server: ScimServer
+) -> None:
+    """429, 5xx, resets, truncated bodies and 412s from the target; rude clients on the metrics port.
+
+    Every account arrives exactly once, the daemon never dies, and /healthz is
+    consistent at every read: 200 exactly when its status is ok, and its status
+    the most urgent of its targets'.
+    """
+    port = free_port()
+    kinds = {"429": 1, "503": 1, "502": 1, "reset": 1, "invalid_json": 1, "412": 1}
+    with FaultProxy(server.base_url, rate=0.2, seed=11, kinds=kinds).start() as proxy:
+        config = write_world(tmp_path, proxy.base_url, port)
+        daemon = start_daemon(config, server.token)
+        seen: list[tuple[int, str, list[str]]] = []
+        try:
+            with RudeClients(port) as rude:
+                wait_for("the metrics server", lambda: _answers(port))
+
+                def done() -> bool:
+                    health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+                    body = health.json()
+                    seen.append((health.status_code, body["status"], [t["status"] for t in body["targets"].values()]))
+                    assert daemon.poll() is None, f"the daemon died with exit {daemon.returncode}"
+                    return len(users_in(server)) == USERS and statuses(tmp_path)["succeeded"] >= USERS
+
+                wait_for("every account created", done)
+            assert sum(rude.made.values()) >= 20, rude.made
+            assert proxy.stats.injected > 0
+            assert daemon.poll() is None
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            code = daemon.wait(timeout=60)
+    assert code == 0
+    names = users_in(server)
+    assert sorted(names) == sorted(f"user{n}@example.com" for n in range(USERS))
+    for code_, status, targets in seen:
+        assert (code_ == 200) is (status == "ok"), (code_, status)
+        if status not in ("stopping", "stuck"):
+            assert status == min(targets, key=["quarantined", "paused", "refused", "held", "failed", "waiting",
+                                               "ok"].index)  # fmt: skip
+    log = (tmp_path / "daemon.log").read_text()
+    assert "Traceback" not in log
+
+
+# --- /healthz in process ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def daemon_of(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
+    monkeypatch.setenv(TOKEN_VARIABLE, workspace.server.token)
+    workspace.write_source([hr_row("E1", "Ada", "Lovelace")])
+    config = load_config(workspace.config_path)
+    engine = open_store(config.state)
+    yield Daemon(config, engine)
+    engine.dispose()
+
+
+def _healthz(daemon: Daemon) -> tuple[int, dict[str, object]]:
+    http = metrics.serve(f"127.0.0.1:{free_port()}", daemon.health)
+    try:
+        host, port = http.server_address[:2]
+        answer = httpx.get(f"http://{host}:{port}/healthz", timeout=10)
+        return answer.status_code, answer.json()
+    finally:
+        http.shutdown()
+        http.server_close()
+
+
+def test_healthz_is_ok_only_while_every_target_is_ok(daemon_of: Daemon) -> None:
+    assert _healthz(daemon_of)[0] == 200
+
+    set_paused(daemon_of.engine, "app", True, "vendor maintenance")
+    code, body = _healthz(daemon_of)
+
+    assert (code, body["status"]) == (503, "paused")
+    assert body["targets"]["app"]["problems"] == ["paused: vendor maintenance"]  # type: ignore[index]
+
+    set_paused(daemon_of.engine, "app", False)
+    with daemon_of.engine.begin() as conn:
+        conn.execute(update(TABLE).where(TABLE.c.target == "app").values(quarantined=True,
+                                                                         quarantine_reason="12 of 12 calls failed"))  # fmt: skip
+    code, body = _healthz(daemon_of)
+    assert (code, body["status"]) == (503, "quarantined")
+
+
+def test_healthz_says_stuck_when_the_event_loop_stops_ticking(daemon_of: Daemon) -> None:
+    """A mapping expression that never ends blocks the loop; /healthz answers from its own thread."""
+    daemon_of.heartbeat = time.monotonic() - daemon_of.config.daemon.stuck_after - 5
+
+    code, body = _healthz(daemon_of)
+
+    assert (code, body["status"]) == (503, "stuck")
+    assert float(body["stuck_for_seconds"]) > daemon_of.config.daemon.stuck_after  # type: ignore[arg-type]
+    assert json.dumps(body)  # JSON all the way down
