@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import csv
 import io
+import os
 import re
-import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -69,6 +69,8 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_FAILED_OPERATIONS = 4
 EXIT_SAFETY_STOP = 5
+# What a shell reports for a command whose reader closed the pipe (128 + SIGPIPE).
+EXIT_BROKEN_PIPE = 141
 
 EPILOG = """exit codes:
   0  every operation succeeded (or there was nothing to do)
@@ -97,22 +99,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Masked(out), _Masked(err)
     try:
-        return _main(argv)
-    finally:
+        code = _main(argv)
         sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`provisioner queue list | head`): stop quietly, as a shell's SIGPIPE
+        # exit would. The signal itself is never reset to its default: in a process that also holds
+        # sockets (sync's HTTP clients, the daemon's listener, a test runner) it would kill the whole
+        # process on any peer that closes early (Python docs, signal: "Note on SIGPIPE").
+        _silence(out)
+        return EXIT_BROKEN_PIPE
+    finally:
         sys.stdout, sys.stderr = out, err
+
+
+def _silence(stream: Any) -> None:
+    """Send what is left of ``stream`` to /dev/null, so that flushing it at exit raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
 
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command != "run":
-        # Piped into `head`, a listing stops quietly instead of raising BrokenPipeError. Never for the
-        # daemon: a metrics client closing its socket early would kill it with SIGPIPE.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     logs.configure(args.log_level, args.log_format)
     try:
         return int(args.handler(args))
+    except BrokenPipeError:
+        raise
     except SafetyStop as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return EXIT_SAFETY_STOP

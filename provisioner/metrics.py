@@ -2,7 +2,7 @@
 
 The server runs in its own threads: a scrape never waits for a cycle, and a
 client that disconnects before reading its answer costs one quiet thread,
-never the daemon (``provisioner run`` keeps Python's SIGPIPE handling, so a
+never the daemon (no command resets Python's SIGPIPE handling, so a
 write to a closed socket is an ``OSError`` here, not a signal).
 """
 

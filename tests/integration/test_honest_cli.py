@@ -382,3 +382,44 @@ def test_an_internal_error_is_exit_1_with_a_masked_traceback(
     assert code == 1
     err = capsys.readouterr().err
     assert "RuntimeError" in err and "traceback-secret-93f1a7" not in err
+
+
+
+# A command whose output is longer than a pipe holds: `status` stands in for any long listing.
+_LONG_LISTING = """
+import sys
+from provisioner import cli
+
+def long_listing(args):
+    for number in range(50_000):
+        print(f"row {number} " + "x" * 60)
+    return 0
+
+cli._status = long_listing
+sys.exit(cli.main(["status", "--config", "config.yaml"]))
+"""
+
+
+def test_a_reader_that_closes_early_ends_a_listing_quietly_and_leaves_sigpipe_alone(tmp_path: Path) -> None:
+    """`provisioner … | head` stops without a traceback, and no command resets SIGPIPE for its process.
+
+    A SIGPIPE reset to its default kills a process on any peer that closes early: an HTTP
+    target during `sync`, or a test runner that called the CLI in-process.
+    """
+    import signal
+
+    from provisioner import cli
+
+    before = signal.getsignal(signal.SIGPIPE)
+    assert cli.main(["status", "--config", str(tmp_path / "missing.yaml")]) == cli.EXIT_CONFIG
+    assert signal.getsignal(signal.SIGPIPE) == before
+
+    proc = subprocess.Popen([sys.executable, "-c", _LONG_LISTING], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tmp_path)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(100).startswith(b"row 0 ")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == cli.EXIT_BROKEN_PIPE, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err
