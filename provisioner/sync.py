@@ -110,8 +110,9 @@ def load_target_mapping(config: Config, name: str) -> AttributeMapping:
         missing = mapping.missing_columns(columns)
         if missing:
             source = config.sources[target.source]
+            where = next(where for name, where in mapping.names if name == missing[0])
             raise ConfigError(
-                f"{target.mapping}: reads column '{missing[0]}', which {source.path} does not have "
+                f"{where}: reads column '{missing[0]}', which {source.path} does not have "
                 f"(columns: {', '.join(sorted(columns))})"
             )
     return mapping
