@@ -65,6 +65,8 @@ _MANAGED_BY_ENGINE = {
 _COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JINJA_LITERALS = {"true", "false", "none", "True", "False", "None"}
 _MAPPING_KEYS = {"resource", "match", "scope", "leaver_when", "attributes"}
+# An attribute written as {value: …, when: create, default: …}: its value and how it is sent.
+_OPTION_KEYS = {"when", "default", "omit_if_empty"}
 # RFC 7643 §4.1: every core and enterprise User attribute a mapping sets is text, except the
 # 'primary' of multi-valued items; custom extensions declare their own types (unknown here).
 _BOOLEAN_SUB_ATTRIBUTES = {"primary"}
@@ -106,6 +108,14 @@ class _Object:
 
 
 @dataclass(frozen=True, slots=True)
+class _Defaulted:
+    """A value, and what to send instead when it is empty (``default:``)."""
+
+    value: Any
+    default: Any
+
+
+@dataclass(frozen=True, slots=True)
 class _List:
     items: tuple[Any, ...]
 
@@ -136,6 +146,8 @@ class AttributeMapping:
     uses_refs: bool = False
     # Every source column read, bare or inside an expression, with its file:line:column.
     names: tuple[tuple[str, str], ...] = ()
+    # Attributes sent only when the account is created (``when: create``): ("password",) or (urn, name).
+    create_only: frozenset[tuple[str, ...]] = frozenset()
 
     def render(self, record: Mapping[str, Any]) -> Rendered:
         """Render one record; raise MappingError naming file:line and the attribute."""
@@ -425,6 +437,7 @@ def compile_mapping(
         _required={name: doc.at(("attributes", name)) for name in dict.fromkeys(["userName", match])},
         uses_refs=any("ref(" in part for part in compiler.parts),
         names=tuple(compiler.names),
+        create_only=frozenset(compiler.create_only),
     )
     return mapping, compiler.diagnostics
 
@@ -443,6 +456,7 @@ class _Compiler:
         self.parts: list[str] = []
         self.diagnostics: list[Diagnostic] = []
         self.used_schemas: dict[str, Loc] = {}
+        self.create_only: set[tuple[str, ...]] = set()
         self.env = _Sandbox()
         self.env.globals["ref"] = lambda key: Ref(str(key)) if key not in (None, "") else None
 
@@ -466,8 +480,36 @@ class _Compiler:
         for name, value in data.items():
             declared = self._check_attribute(name, (*loc, name), prefix, parent)
             path = _join(prefix, name, schema_level=len(loc) == 2 and prefix.startswith("urn:"))
-            fields.append((name, self.compile(value, (*loc, name), path, declared)))
+            if isinstance(value, dict) and value.keys() & _OPTION_KEYS and value.keys() <= _OPTION_KEYS | {"value"}:
+                fields.append((name, self.options(value, (*loc, name), path, declared)))
+            else:
+                fields.append((name, self.compile(value, (*loc, name), path, declared)))
         return _Object(tuple(fields))
+
+    def options(self, value: dict[str, Any], loc: Loc, path: str, declared: _Declared) -> Any:
+        """``{value: …, when: create, default: …}``: an attribute with options on how it is sent."""
+        if "value" not in value:
+            self.fail(self.doc.at(loc), f"attribute '{path}': options need the attribute's 'value'")
+            return _Leaf(path, self.doc.at(loc))
+        node = self.compile(value["value"], (*loc, "value"), path, declared)
+        when = value.get("when", "always")
+        if when == "create":
+            # Only whole attributes can be left out of an update: top level, or an extension's.
+            if len(loc) == 2:
+                self.create_only.add((str(loc[1]),))
+            elif len(loc) == 3 and str(loc[1]).startswith("urn:"):
+                self.create_only.add((str(loc[1]), str(loc[2])))
+            else:
+                self.fail(self.doc.at((*loc, "when")), f"attribute '{path}': 'when: create' applies to a "
+                          "top-level attribute or an extension's, not to a sub-attribute")  # fmt: skip
+        elif when != "always":
+            self.fail(self.doc.at_value((*loc, "when")), f"attribute '{path}': when must be 'create' or 'always', not {when!r}")
+        if "omit_if_empty" in value:
+            self.fail(self.doc.at((*loc, "omit_if_empty")), f"attribute '{path}': 'omit_if_empty' is not supported; "
+                      "an empty value is always left out of what is sent")  # fmt: skip
+        if "default" in value:
+            node = _Defaulted(node, self.compile(value["default"], (*loc, "default"), path, declared))
+        return node
 
     def compile(self, value: Any, loc: Loc, path: str, declared: _Declared = None) -> Any:
         if isinstance(value, dict):
@@ -696,6 +738,9 @@ def _explain(error: Exception) -> str:
 def _leaves(node: Any) -> Iterator[_Leaf]:
     if isinstance(node, _Leaf):
         yield node
+    elif isinstance(node, _Defaulted):
+        yield from _leaves(node.value)
+        yield from _leaves(node.default)
     elif isinstance(node, _Object):
         for _, child in node.fields:
             yield from _leaves(child)
@@ -715,6 +760,9 @@ def _render(node: Any, record: Mapping[str, Any], slots: dict[str, Any]) -> Any:
             return _json_value(value, [MAX_VALUE_CHARS])
         except _BadValue as exc:
             raise MappingError(f"{node.where}: attribute '{node.path}': {exc}") from None
+    if isinstance(node, _Defaulted):
+        value = _render(node.value, record, slots)
+        return _render(node.default, record, slots) if value is None else value
     if isinstance(node, _Object):
         out = {}
         for name, child in node.fields:

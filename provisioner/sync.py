@@ -231,7 +231,8 @@ async def _send(
     session = TargetSession(target, quirks=load_quirks(engine, name, target))
     executor = Executor(engine, name, target, session.client, endpoint=mapping.endpoint, match_attribute=mapping.match,
                         quirks=session.quirks,
-                        write_only=lambda keys: render_write_only(config, name, mapping, keys))  # fmt: skip
+                        write_only=lambda keys: render_write_only(config, name, mapping, keys),
+                        create_only=mapping.create_only)  # fmt: skip
     if stop is not None:
         executor.stopping = stop
     due = count_status(engine, name, "pending")
