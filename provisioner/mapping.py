@@ -51,6 +51,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from connectors import AttributeInfo, Schema
 from provisioner.errors import ConfigError
+from provisioner.functions import library
 from provisioner.schema import COMMON_ATTRIBUTES, CORE_USER, ENTERPRISE_USER, RFC7643_SCHEMAS
 from provisioner.yamlfile import Loc, YamlDocument, load_yaml
 
@@ -64,7 +65,7 @@ _MANAGED_BY_ENGINE = {
 }
 _COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JINJA_LITERALS = {"true", "false", "none", "True", "False", "None"}
-_MAPPING_KEYS = {"resource", "match", "scope", "leaver_when", "attributes"}
+_MAPPING_KEYS = {"resource", "match", "scope", "leaver_when", "attributes", "tables"}
 # An attribute written as {value: …, when: create, default: …}: its value and how it is sent.
 _OPTION_KEYS = {"when", "default", "omit_if_empty"}
 # RFC 7643 §4.1: every core and enterprise User attribute a mapping sets is text, except the
@@ -409,6 +410,7 @@ def compile_mapping(
     if not isinstance(doc.data, dict):
         return None, [Diagnostic(f"{path}:1:1", "a mapping must be a YAML mapping with an 'attributes' key")]
     compiler = _Compiler(doc, schemas, extensions)
+    compiler.tables(doc.data.get("tables"))
     for key in doc.data:
         if key not in _MAPPING_KEYS:
             compiler.fail(doc.at((key,)), f"unknown key '{key}'{_suggest(key, _MAPPING_KEYS)}")
@@ -459,6 +461,17 @@ class _Compiler:
         self.create_only: set[tuple[str, ...]] = set()
         self.env = _Sandbox()
         self.env.globals["ref"] = lambda key: Ref(str(key)) if key not in (None, "") else None
+
+    def tables(self, tables: Any) -> None:
+        """The mapping's ``tables:`` (name → {key: value}) for ``lookup()``, and the function library."""
+        if tables is None:
+            tables = {}
+        elif not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+            self.fail(self.doc.at(("tables",)), "'tables' must map table names to tables of key: value")
+            tables = {}
+        functions, filters = library({name: {str(k): v for k, v in table.items()} for name, table in tables.items()})
+        self.env.globals.update(functions)
+        self.env.filters.update(filters)
 
     def fail(self, where: str, message: str) -> None:
         self.diagnostics.append(Diagnostic(where, message))

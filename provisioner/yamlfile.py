@@ -204,7 +204,8 @@ class _Builder:
             key = self.scalar(key_node, None)
             if not isinstance(key, (str, int, float, bool)):
                 raise ConfigError(f"{self._at(key_node)}: a key must be a plain value")
-            key = str(key)
+            # A key is text as written: `NO: Norway` in a lookup table is "NO", not YAML 1.1's False.
+            key = key if isinstance(key, str) else key_node.value
             if key in result:
                 raise ConfigError(f"{self._at(key_node)}: duplicate key '{key}'")
             child = (*loc, key)
