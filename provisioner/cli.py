@@ -479,8 +479,8 @@ def _plan(args: argparse.Namespace) -> int:
     for name in selected_targets(config, args.target):
         mapping = load_target_mapping(config, name)
         plan, active = plan_once(engine, config, name, mapping)
-        # Groups are planned against the accounts that exist now (a cycle sends users first, then groups).
-        groups = plan_groups_once(engine, config, name, mapping) if config.targets[name].groups else None
+        # A cycle sends users first, then plans groups: joiners and rehires are members by then.
+        groups = plan_groups_once(engine, config, name, mapping, plan) if config.targets[name].groups else None
         plans.append(describe_plan(engine, plan, active, config.targets[name], groups))
     if args.json:
         print(orjson.dumps(plans, option=orjson.OPT_INDENT_2).decode())
