@@ -150,3 +150,27 @@ def test_plan_that_rejects_records_exits_4_and_names_them(tmp_path: Path, capsys
     assert [line.split(":")[0].strip() for line in out.splitlines() if "rejected E" in line] == [
         "rejected E1", "rejected E2", "rejected E3"
     ]
+
+
+def test_a_json_lines_source_is_checked_against_the_keys_its_first_records_have(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "hr.jsonl").write_text(
+        '{"employee_id": "E1", "email": "ada@example.com", "nick": "ada"}\n'
+        '{"employee_id": "E2", "email": "grace@example.com"}\n'
+    )
+    (tmp_path / "users.yaml").write_text("attributes:\n  userName: emial | lower\n  nickName: nick\n")
+    (tmp_path / "config.yaml").write_text(
+        "state: sqlite:///state.db\nsources:\n  hr: {type: jsonl, path: hr.jsonl, key: employee_id}\n"
+        "targets:\n  app:\n    base_url: https://127.0.0.1:9/v2\n    auth: {type: none}\n"
+        "    source: hr\n    mapping: users.yaml\n"
+    )
+
+    code = main(["check", "--config", str(tmp_path / "config.yaml")])
+
+    # 'nick' is in one record of two: a key some records leave out is not a mistake.
+    assert code == EXIT_CONFIG
+    assert capsys.readouterr().err.replace(f"{tmp_path}/", "").splitlines() == [
+        "users.yaml:2:13: none of the first 2 records of hr.jsonl has 'emial' (did you mean 'email'?)",
+        "1 mistake found; nothing was sent",
+    ]
