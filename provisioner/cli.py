@@ -248,9 +248,12 @@ def _parser() -> argparse.ArgumentParser:
     preview.set_defaults(handler=_preview)
 
     check = commands.add_parser(
-        "check", help="validate the config, every mapping it uses, the state database and the metrics address"
+        "check", help="every mistake in the config and the mappings it uses (file:line:column), the state "
+        "database and the metrics address"
     )
     check.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
+    check.add_argument("--target", action="append", help="check only this target, against the schemas it declares "
+                       "(GET /Schemas, /ResourceTypes); repeatable. Default: every target, against RFC 7643")  # fmt: skip
     check.set_defaults(handler=_check)
 
     queue = commands.add_parser("queue", help="review recorded operations")
@@ -493,12 +496,12 @@ def _plan(args: argparse.Namespace) -> int:
     for name in selected_targets(config, args.target):
         mapping = load_target_mapping(config, name)
         plan, active = plan_once(engine, config, name, mapping)
-        # Groups are planned against the accounts that exist now (a cycle sends users first, then groups).
-        groups = plan_groups_once(engine, config, name, mapping) if config.targets[name].groups else None
+        # A cycle sends users first, then plans groups: joiners and rehires are members by then.
+        groups = plan_groups_once(engine, config, name, mapping, plan) if config.targets[name].groups else None
         plans.append(describe_plan(engine, plan, active, config.targets[name], groups))
     if args.json:
         print(orjson.dumps(plans, option=orjson.OPT_INDENT_2).decode())
-        return EXIT_OK
+        return _plan_exit(plans)
     for plan in plans:
         counts = plan["counts"]
         assert isinstance(counts, dict)
@@ -516,7 +519,12 @@ def _plan(args: argparse.Namespace) -> int:
             print("  groups: " + "  ".join(f"{k} {v}" for k, v in groups["counts"].items()))
             for op in groups["operations"]:
                 print(f"  {op['kind']:<13} {op['reason']:<10} {op['group']}  +{op['add']} -{op['remove']}")
-    return EXIT_OK
+    return _plan_exit(plans)
+
+
+def _plan_exit(plans: list[dict[str, Any]]) -> int:
+    """A plan that rejects records is not a clean plan: exit 4, as the sync of those records would."""
+    return EXIT_FAILED_OPERATIONS if any(plan["rejected"] for plan in plans) else EXIT_OK
 
 
 def _reconcile(args: argparse.Namespace) -> int:
@@ -648,9 +656,27 @@ def _release(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from provisioner.checker import check_target
+    from provisioner.targets import discover_schemas
+
     config = load_config(args.config)
-    for name in config.targets:
-        load_target_mapping(config, name)
+    names = selected_targets(config, args.target) if args.target else list(config.targets)
+    found: dict[str, None] = {}
+    for name in names:
+        schemas = extensions = None
+        if args.target:
+            try:
+                schemas, extensions = asyncio.run(discover_schemas(config.targets[name]))
+            except ScimError as exc:
+                print(f"warning: {name}: cannot read the target's schemas ({exc}); checked against RFC 7643",
+                      file=sys.stderr)  # fmt: skip
+        # Targets that share a mapping share its mistakes: each is said once.
+        found.update(dict.fromkeys(str(d) for d in check_target(config, name, schemas=schemas, extensions=extensions)))
+    for line in found:
+        print(line, file=sys.stderr)
+    if found:
+        print(f"{len(found)} mistake{'s' if len(found) > 1 else ''} found; nothing was sent", file=sys.stderr)
+        return EXIT_CONFIG
     check_state_driver(config.state)
     _check_listen(config)
     for warning in config_warnings(config):

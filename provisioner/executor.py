@@ -37,7 +37,7 @@ from provisioner.config import TargetConfig
 from provisioner.quarantine import Admission, Tally, admission, observe, state
 from provisioner.quirks import DROPPED_NOTE, load_quirks
 from provisioner.targets import discover
-from provisioner.payload import flatten, patch_operations, payload_hash, refs_in, resolve_refs
+from provisioner.payload import flatten, patch_operations, payload_hash, refs_in, resolve_refs, without
 from provisioner.rebase import rebase_operations
 from provisioner.planner import Kind
 from provisioner.queue import (
@@ -103,6 +103,7 @@ class Executor:
         match_attribute: str = "userName",
         quirks: Quirks | None = None,
         write_only: WriteOnlySource | None = None,
+        create_only: frozenset[tuple[str, ...]] = frozenset(),
     ) -> None:
         self.engine = engine
         # The target's deviations, declared and learned (shared with its clients when they come from one session).
@@ -111,6 +112,8 @@ class Executor:
         self.config = config
         self.endpoint = endpoint
         self.match_attribute = match_attribute
+        # Attributes sent on create only (the mapping's `when: create`): never on adopt or update.
+        self.create_only = create_only
         self.client_factory = client_factory
         # Write-only values (password) by identity key, rendered from the source for the operations that need them.
         self.write_only = write_only
@@ -274,10 +277,12 @@ class Executor:
         # Write-only values are stored masked: rendered again from the source now, or left out.
         payload = self._with_write_only(op.identity_key, payload)
         # The hash is the desired payload's: an extension held back is not a change to send every cycle.
-        applied_hash = payload_hash(payload)
+        # Like the planner's, it leaves out create-only attributes: a change of them alone is no update.
+        applied_hash = payload_hash(without(payload, self.create_only))
         payload = await self._supported(client, payload)
         if link is None:
             return await self._create(client, op, payload, applied_hash)
+        payload = without(payload, self.create_only)
         try:
             result = await self._update(client, link, payload, enable=op.kind is Kind.ENABLE)
         except NotFound:
@@ -323,7 +328,9 @@ class Executor:
         if isinstance(result, dict):
             note = "the create's answer was lost; adopted the account it made"
             return await self._adopt(client, op, result, payload, applied_hash, note)
-        state = LinkState(result.id or "", True, result.version, result.location, applied_hash, payload)
+        # What an update compares with: create-only attributes are never compared, so never removed.
+        applied = without(payload, self.create_only)
+        state = LinkState(result.id or "", True, result.version, result.location, applied_hash, applied)
         return await self._verify(client, state.scim_id, payload, result, Outcome(op.id, "succeeded", link=state))
 
     async def _post(self, client: ScimClient, payload: dict[str, Any]) -> ScimResult | dict[str, Any]:
@@ -419,6 +426,7 @@ class Executor:
             raise Conflict(f"account {scim_id} ({self.match_attribute}) is already linked to identity {owner}")
         version = (existing.get("meta") or {}).get("version")
         found = LinkState(scim_id, bool(existing.get("active", True)), version, None, None, None)
+        payload = without(payload, self.create_only)  # adopting is not creating
         result = await self._write(client, found, payload, None, adopting=True)
         outcome = Outcome(op.id, "succeeded", note=note, link=_linked(found, result, active=True, applied=payload, applied_hash=applied_hash))
         return await self._verify(client, found.scim_id, payload, result, outcome)

@@ -24,7 +24,7 @@ import time
 from urllib.parse import quote
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -63,6 +63,7 @@ from provisioner.groups import (
     GROUP_KINDS,
 )
 from provisioner.mapping import AttributeMapping
+from provisioner.planner import Kind, Link, Plan
 from provisioner.payload import dumps, loads
 from provisioner.reactions import MembersRead, Step, group_members, matches, next_removal_form, on_member_removal
 from provisioner.quarantine import Admission, Tally, admission
@@ -968,21 +969,49 @@ def due_for_compare(verified: dict[str, datetime | None], every: str | None, *, 
     return sorted(key for key, at in verified.items() if at is None or now - at >= interval)
 
 
-def plan_groups_once(engine: Engine, config: Config, name: str, mapping: AttributeMapping) -> GroupPlan:
-    """What the group step of a cycle would do, from the state we hold; reads the target for nothing, writes nothing."""
+def plan_groups_once(
+    engine: Engine, config: Config, name: str, mapping: AttributeMapping, expected: Plan | None = None
+) -> GroupPlan:
+    """What the group step of a cycle would do, from the state we hold; reads the target for nothing, writes nothing.
+
+    ``expected``: the users plan the cycle sends first. A cycle plans groups once
+    its users are sent, so joiners and rehires are members by then; with it, the
+    group plan counts them as the cycle will (a joiner's account stands in as
+    ``new:KEY`` until it has an id).
+    """
     target = config.targets[name]
     assert target.groups is not None
     executor = GroupExecutor(engine, name, target, _no_client)
     executor.load()
+    links = load_links(engine, name)
+    if expected is not None:
+        links = anticipated_links(links, expected)
     desired = desired_groups(
         load_groups(target.groups),
         mapping,
         read_source(config.sources[target.source]),
-        load_links(engine, name),
+        links,
         remove_leavers=target.remove_leavers_from_groups,
         held=held_identities(engine, name),
     )
     return plan_groups(name, desired, executor.links, executor.state, delete_empty=target.delete_empty_groups)
+
+
+def anticipated_links(links: dict[str, Link], plan: Plan) -> dict[str, Link]:
+    """The account links as they will be once ``plan``'s user operations are sent. Pure."""
+    after = dict(links)
+    for decision in plan.decisions:
+        key = decision.identity_key
+        link = after.get(key)
+        if decision.kind is Kind.CREATE and link is None:
+            after[key] = Link(key, f"new:{key}", decision.payload_hash, active=True)
+        elif decision.kind is Kind.ENABLE and link is not None:
+            after[key] = replace(link, active=True)
+        elif decision.kind is Kind.DISABLE and link is not None:
+            after[key] = replace(link, active=False)
+        elif decision.kind is Kind.DELETE:
+            after.pop(key, None)
+    return after
 
 
 def _no_client() -> ScimClient:

@@ -39,27 +39,23 @@ import math
 import re
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from connectors import AttributeInfo, Schema
 from provisioner.errors import ConfigError
+from provisioner.functions import library
+from provisioner.schema import COMMON_ATTRIBUTES, CORE_USER, ENTERPRISE_USER, RFC7643_SCHEMAS
 from provisioner.yamlfile import Loc, YamlDocument, load_yaml
 
-CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
-ENTERPRISE_USER = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 
-_USER_ATTRIBUTES = {
-    "userName", "name", "displayName", "nickName", "profileUrl", "title", "userType",
-    "preferredLanguage", "locale", "timezone", "password", "emails", "phoneNumbers", "ims",
-    "photos", "addresses", "entitlements", "roles", "x509Certificates", "externalId",
-}  # fmt: skip
-_NAME_ATTRIBUTES = {"formatted", "familyName", "givenName", "middleName", "honorificPrefix", "honorificSuffix"}
-_ENTERPRISE_ATTRIBUTES = {"employeeNumber", "costCenter", "organization", "division", "department", "manager"}
 _MANAGED_BY_ENGINE = {
     "active": "set by the engine from the record's lifecycle; use 'leaver_when' or 'scope'",
     "id": "assigned by the target",
@@ -69,7 +65,9 @@ _MANAGED_BY_ENGINE = {
 }
 _COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JINJA_LITERALS = {"true", "false", "none", "True", "False", "None"}
-_MAPPING_KEYS = {"resource", "match", "scope", "leaver_when", "attributes"}
+_MAPPING_KEYS = {"resource", "match", "scope", "leaver_when", "attributes", "tables"}
+# An attribute written as {value: …, when: create, default: …}: its value and how it is sent.
+_OPTION_KEYS = {"when", "default", "omit_if_empty"}
 # RFC 7643 §4.1: every core and enterprise User attribute a mapping sets is text, except the
 # 'primary' of multi-valued items; custom extensions declare their own types (unknown here).
 _BOOLEAN_SUB_ATTRIBUTES = {"primary"}
@@ -111,6 +109,14 @@ class _Object:
 
 
 @dataclass(frozen=True, slots=True)
+class _Defaulted:
+    """A value, and what to send instead when it is empty (``default:``)."""
+
+    value: Any
+    default: Any
+
+
+@dataclass(frozen=True, slots=True)
 class _List:
     items: tuple[Any, ...]
 
@@ -139,6 +145,10 @@ class AttributeMapping:
     _required: dict[str, str]
     # Whether any expression calls ref(): payloads of mappings without references skip resolving.
     uses_refs: bool = False
+    # Every source column read, bare or inside an expression, with its file:line:column.
+    names: tuple[tuple[str, str], ...] = ()
+    # Attributes sent only when the account is created (``when: create``): ("password",) or (urn, name).
+    create_only: frozenset[tuple[str, ...]] = frozenset()
 
     def render(self, record: Mapping[str, Any]) -> Rendered:
         """Render one record; raise MappingError naming file:line and the attribute."""
@@ -161,6 +171,39 @@ class AttributeMapping:
     def missing_columns(self, available: set[str]) -> list[str]:
         """Columns the mapping reads by name that the source does not have."""
         return sorted(self.columns - available)
+
+    def problems(self, record: Mapping[str, Any]) -> dict[tuple[str, str], str] | None:
+        """What fails in each attribute for one record: ``{(file:line:column, attribute): reason}``.
+
+        Unlike :meth:`render`, every attribute is tried, not only up to the
+        first that fails. None when the record is out of scope or a leaver
+        (its attributes are not rendered).
+        """
+        try:
+            slots = self._batch.evaluate(record)
+        except MappingError as exc:
+            return {(self._batch.scope.where, "*"): str(exc)}
+        found: dict[tuple[str, str], str] = {}
+        rendered = True
+        for leaf in (self._batch.scope, self._batch.leaver_when):
+            try:
+                value = bool(_value(leaf, record, slots))
+            except MappingError as exc:
+                found[(leaf.where, leaf.path)] = str(exc).split(f"'{leaf.path}': ", 1)[-1]
+                continue
+            rendered = rendered and value == (leaf is self._batch.scope)
+        if found or not rendered:
+            return found or None
+        for leaf in _leaves(self._root):
+            try:
+                value = _value(leaf, record, slots)
+                if value is not None and leaf.constant is None:
+                    _json_value(value, [MAX_VALUE_CHARS])
+            except MappingError as exc:
+                found[(leaf.where, leaf.path)] = str(exc).split(f"'{leaf.path}': ", 1)[-1]
+            except _BadValue as exc:
+                found[(leaf.where, leaf.path)] = str(exc)
+        return found
 
 
 class _Batch:
@@ -319,55 +362,124 @@ def _alarm_usable() -> bool:
     return False
 
 
-def load_mapping(path: Path) -> AttributeMapping:
-    """Load and compile a mapping file; every error names file:line and the attribute."""
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    """One mistake in a mapping, the way a compiler reports it: ``file:line:column: message``."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.message else self.where
+
+    @property
+    def sort_key(self) -> tuple[str, int, int]:
+        """(file, line, column), to list mistakes in the order they appear."""
+        found = re.fullmatch(r"(.*?):(\d+)(?::(\d+))?", self.where)
+        if found is None:
+            return self.where, 0, 0
+        return found.group(1), int(found.group(2)), int(found.group(3) or 0)
+
+
+def load_mapping(path: Path, schemas: Mapping[str, Schema] | None = None) -> AttributeMapping:
+    """Load and compile a mapping file; raise ConfigError naming file:line:column and the attribute.
+
+    ``schemas``: the target's schemas by URN (``ScimClient.schemas()``); RFC
+    7643's User and enterprise schemas when None. Only the first mistake is
+    raised; :func:`compile_mapping` gives them all.
+    """
+    mapping, diagnostics = compile_mapping(path, schemas)
+    if diagnostics or mapping is None:
+        raise ConfigError(str(diagnostics[0]))
+    return mapping
+
+
+def compile_mapping(
+    path: Path, schemas: Mapping[str, Schema] | None = None, extensions: Iterable[str] | None = None
+) -> tuple[AttributeMapping | None, list[Diagnostic]]:
+    """Compile a mapping and find every mistake in it, in the order they were found.
+
+    ``schemas`` as :func:`load_mapping`; ``extensions``: the schema extensions
+    the target's Users resource type declares (``/ResourceTypes``, RFC 7643
+    §6), None when unknown. The mapping is None when a mistake leaves nothing
+    to compile (no ``attributes``); with mistakes, it is only fit for reading
+    its ``names`` and trying records (the broken values render as nothing).
+    A YAML syntax error raises ConfigError: nothing after it can be read.
+    """
     doc = load_yaml(path)
     if not isinstance(doc.data, dict):
-        raise ConfigError(f"{path}:1: a mapping must be a YAML mapping with an 'attributes' key")
-    unknown = set(doc.data) - _MAPPING_KEYS
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(f"{doc.where((key,))}: unknown key '{key}'{_suggest(key, _MAPPING_KEYS)}")
+        return None, [Diagnostic(f"{path}:1:1", "a mapping must be a YAML mapping with an 'attributes' key")]
+    compiler = _Compiler(doc, schemas, extensions)
+    compiler.tables(doc.data.get("tables"))
+    for key in doc.data:
+        if key not in _MAPPING_KEYS:
+            compiler.fail(doc.at((key,)), f"unknown key '{key}'{_suggest(key, _MAPPING_KEYS)}")
     resource = doc.data.get("resource", "User")
     if resource != "User":
-        raise ConfigError(f"{doc.where(('resource',))}: resource '{resource}' is not supported (only User)")
+        compiler.fail(doc.at_value(("resource",)), f"resource '{resource}' is not supported (only User)")
     attributes = doc.data.get("attributes")
     if not isinstance(attributes, dict) or not attributes:
-        raise ConfigError(f"{doc.where(('attributes',))}: 'attributes' must map SCIM attributes to values")
-    compiler = _Compiler(doc)
+        compiler.fail(doc.at(("attributes",)), "'attributes' must map SCIM attributes to values")
+        return None, compiler.diagnostics
     scope = compiler.lifecycle(doc.data, "scope", "__scope", default=True)
     leaver_when = compiler.lifecycle(doc.data, "leaver_when", "__leaver", default=False)
-    root = compiler.compile_object(attributes, ("attributes",), "")
-    if "userName" not in attributes:
-        raise ConfigError(f"{doc.where(('attributes',))}: attribute 'userName' is required by SCIM (RFC 7643 §4.1)")
+    root = compiler.compile_object(attributes, ("attributes",), "", None)
+    compiler.check_required(attributes)
     match = doc.data.get("match", "userName")
     if not isinstance(match, str) or match not in attributes:
-        raise ConfigError(f"{doc.where(('match',))}: match '{match}' must be one of the mapped top-level attributes")
-    return AttributeMapping(
+        compiler.fail(doc.at_value(("match",)), f"match '{match}' must be one of the mapped top-level attributes")
+    mapping = AttributeMapping(
         path=path,
         resource=resource,
         endpoint="Users",
-        match=match,
+        match=match if isinstance(match, str) else "userName",
         columns=frozenset(compiler.columns),
         _batch=compiler.batch(scope, leaver_when, str(path)),
         _root=root,
-        _required={name: doc.where(("attributes", name)) for name in dict.fromkeys(["userName", match])},
+        _required={name: doc.at(("attributes", name)) for name in dict.fromkeys(["userName", match])},
         uses_refs=any("ref(" in part for part in compiler.parts),
+        names=tuple(compiler.names),
+        create_only=frozenset(compiler.create_only),
     )
+    return mapping, compiler.diagnostics
 
 
 class _Compiler:
-    def __init__(self, doc: YamlDocument) -> None:
+    def __init__(
+        self, doc: YamlDocument, schemas: Mapping[str, Schema] | None, extensions: Iterable[str] | None
+    ) -> None:
         self.doc = doc
+        self.discovered = schemas is not None
+        self.schemas = {urn.casefold(): schema for urn, schema in (RFC7643_SCHEMAS if schemas is None else schemas).items()}
+        self.extensions = None if extensions is None else {urn.casefold() for urn in extensions}
         self.columns: set[str] = set()
+        # Every source column the mapping reads, bare or inside an expression: (name, file:line:column).
+        self.names: list[tuple[str, str]] = []
         self.parts: list[str] = []
+        self.diagnostics: list[Diagnostic] = []
+        self.used_schemas: dict[str, Loc] = {}
+        self.create_only: set[tuple[str, ...]] = set()
         self.env = _Sandbox()
         self.env.globals["ref"] = lambda key: Ref(str(key)) if key not in (None, "") else None
+
+    def tables(self, tables: Any) -> None:
+        """The mapping's ``tables:`` (name → {key: value}) for ``lookup()``, and the function library."""
+        if tables is None:
+            tables = {}
+        elif not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+            self.fail(self.doc.at(("tables",)), "'tables' must map table names to tables of key: value")
+            tables = {}
+        functions, filters = library({name: {str(k): v for k, v in table.items()} for name, table in tables.items()})
+        self.env.globals.update(functions)
+        self.env.filters.update(filters)
+
+    def fail(self, where: str, message: str) -> None:
+        self.diagnostics.append(Diagnostic(where, message))
 
     def lifecycle(self, data: dict[str, Any], key: str, slot: str, default: bool) -> _Leaf:
         if data.get(key) is None:
             self.parts.append(f"{{% set {slot} = {'true' if default else 'false'} %}}")
-            return _Leaf(key, self.doc.where((key,)), slot=slot)
+            return _Leaf(key, self.doc.at((key,)), slot=slot)
         leaf = self.leaf(data[key], (key,), key, slot=slot)
         if leaf.slot is None:  # a YAML constant: the batch still sets the slot, in its fixed place
             self.parts.append(f"{{% set {slot} = {'true' if leaf.constant else 'false'} %}}")
@@ -376,30 +488,68 @@ class _Compiler:
     def batch(self, scope: _Leaf, leaver_when: _Leaf, where: str) -> _Batch:
         return _Batch(self.env, scope, leaver_when, self.parts, where)
 
-    def compile_object(self, data: dict[str, Any], loc: Loc, prefix: str) -> _Object:
+    def compile_object(self, data: dict[str, Any], loc: Loc, prefix: str, parent: _Declared) -> _Object:
         fields = []
         for name, value in data.items():
-            self._check_attribute(name, loc, prefix)
+            declared = self._check_attribute(name, (*loc, name), prefix, parent)
             path = _join(prefix, name, schema_level=len(loc) == 2 and prefix.startswith("urn:"))
-            fields.append((name, self.compile(value, (*loc, name), path)))
+            if isinstance(value, dict) and value.keys() & _OPTION_KEYS and value.keys() <= _OPTION_KEYS | {"value"}:
+                fields.append((name, self.options(value, (*loc, name), path, declared)))
+            else:
+                fields.append((name, self.compile(value, (*loc, name), path, declared)))
         return _Object(tuple(fields))
 
-    def compile(self, value: Any, loc: Loc, path: str) -> Any:
+    def options(self, value: dict[str, Any], loc: Loc, path: str, declared: _Declared) -> Any:
+        """``{value: …, when: create, default: …}``: an attribute with options on how it is sent."""
+        if "value" not in value:
+            self.fail(self.doc.at(loc), f"attribute '{path}': options need the attribute's 'value'")
+            return _Leaf(path, self.doc.at(loc))
+        node = self.compile(value["value"], (*loc, "value"), path, declared)
+        when = value.get("when", "always")
+        if when == "create":
+            # Only whole attributes can be left out of an update: top level, or an extension's.
+            if len(loc) == 2:
+                self.create_only.add((str(loc[1]),))
+            elif len(loc) == 3 and str(loc[1]).startswith("urn:"):
+                self.create_only.add((str(loc[1]), str(loc[2])))
+            else:
+                self.fail(self.doc.at((*loc, "when")), f"attribute '{path}': 'when: create' applies to a "
+                          "top-level attribute or an extension's, not to a sub-attribute")  # fmt: skip
+        elif when != "always":
+            self.fail(self.doc.at_value((*loc, "when")), f"attribute '{path}': when must be 'create' or 'always', not {when!r}")
+        if "omit_if_empty" in value:
+            self.fail(self.doc.at((*loc, "omit_if_empty")), f"attribute '{path}': 'omit_if_empty' is not supported; "
+                      "an empty value is always left out of what is sent")  # fmt: skip
+        if "default" in value:
+            node = _Defaulted(node, self.compile(value["default"], (*loc, "default"), path, declared))
+        return node
+
+    def compile(self, value: Any, loc: Loc, path: str, declared: _Declared = None) -> Any:
         if isinstance(value, dict):
-            return self.compile_object(value, loc, path)
+            if isinstance(declared, AttributeInfo) and declared.type != "complex":
+                self.fail(self.doc.at(loc), f"attribute '{path}' is a single {declared.type}, not an object")
+                declared = None
+            return self.compile_object(value, loc, path, declared)
         if isinstance(value, list):
-            return _List(tuple(self.compile(v, (*loc, i), f"{path}[{i}]") for i, v in enumerate(value)))
+            self._check_primaries(value, loc, path)
+            return _List(tuple(self.compile(v, (*loc, i), f"{path}[{i}]", declared) for i, v in enumerate(value)))
         return self.leaf(value, loc, path)
 
     def leaf(self, value: Any, loc: Loc, path: str, slot: str | None = None) -> _Leaf:
-        where = self.doc.where(loc)
+        where = self.doc.at_value(loc)
         if isinstance(value, (bool, int, float)) or loc in self.doc.plain:
-            return _Leaf(path, where, constant=self.literal(value, loc, path, boolean=slot is not None))
+            try:
+                return _Leaf(path, where, constant=self.literal(value, loc, path, boolean=slot is not None))
+            except ConfigError as exc:
+                self.fail(where, str(exc).removeprefix(f"{where}: "))
+                return _Leaf(path, where)
         if not isinstance(value, str) or not value.strip():
-            raise ConfigError(f"{where}: attribute '{path}': expected a column name, expression or literal")
+            self.fail(where, f"attribute '{path}': expected a column name, expression or literal")
+            return _Leaf(path, where)
         source = value.strip()
         if _COLUMN.fullmatch(source) and source not in _JINJA_LITERALS and slot is None:
             self.columns.add(source)
+            self.names.append((source, where))
             return _Leaf(path, where, column=source)
         slot = slot or f"__{len(self.parts)}"
         if "{{" in source or "{%" in source:
@@ -410,16 +560,41 @@ class _Compiler:
             # Compiling (not just parsing) catches unknown filters and tests now, not per record.
             self.env.from_string(part)
         except jinja2.TemplateSyntaxError as exc:
-            raise ConfigError(f"{where}: attribute '{path}': invalid expression: {exc.message}") from None
+            unknown = re.match(r"No (filter|test) named '(\w+)'", exc.message or "")
+            if unknown:
+                kind, name = unknown.groups()
+                known = set(self.env.filters if kind == "filter" else self.env.tests)
+                self.fail(self.doc.at_value(loc, name),
+                          f"attribute '{path}': unknown {kind} '{name}'{_suggest(name, known)}")  # fmt: skip
+            else:
+                message = exc.message or "syntax error"
+                if message == "unexpected ')'" and ")" not in source:  # the ')' is ours, around the expression
+                    message = "the expression ends too early"
+                self.fail(where, f"attribute '{path}': invalid expression: {message}")
+            return _Leaf(path, where)
+        self._read_names(part, loc, path)
         self.parts.append(part)
         return _Leaf(path, where, slot=slot)
+
+    def _read_names(self, part: str, loc: Loc, path: str) -> None:
+        """Record the columns an expression reads; report the functions it calls that do not exist."""
+        tree = self.env.parse(part)
+        called = {
+            node.node.name for node in tree.find_all(jinja2.nodes.Call) if isinstance(node.node, jinja2.nodes.Name)
+        }
+        functions = {name for name in self.env.globals if not name.startswith("_")}
+        for name in sorted(called - functions):
+            self.fail(self.doc.at_value(loc, name), f"attribute '{path}': unknown function '{name}'{_suggest(name, functions)}")
+        for name in sorted(jinja2.meta.find_undeclared_variables(tree) - called - set(self.env.globals)):
+            if not name.startswith("__"):
+                self.names.append((name, self.doc.at_value(loc, name)))
 
     def literal(self, value: bool | int | float | str, loc: Loc, path: str, *, boolean: bool) -> Any:
         """A YAML boolean or number as the attribute takes it: text where the attribute is text.
 
         ``boolean``: the value decides scope or leaving, not an attribute.
         """
-        where = self.doc.where(loc)
+        where = self.doc.at_value(loc)
         text = self.doc.plain.get(loc, str(value))
         last = path.rsplit(".", 1)[-1]
         if not boolean and last not in _BOOLEAN_SUB_ATTRIBUTES and _is_text_attribute(path):
@@ -438,20 +613,96 @@ class _Compiler:
             )
         return value
 
-    def _check_attribute(self, name: str, loc: Loc, prefix: str) -> None:
-        where = self.doc.where((*loc, name))
+    def _check_attribute(self, name: str, loc: Loc, prefix: str, parent: _Declared) -> _Declared:
+        """Report an attribute its schema does not declare, or one nobody may set; give its declaration.
+
+        RFC 7643 §2.1: attribute names are compared without case. ``parent``
+        None means unknown (a custom extension offline): nothing is checked below it.
+        """
+        where = self.doc.at(loc)
         if not prefix:
             if name in _MANAGED_BY_ENGINE:
-                raise ConfigError(f"{where}: attribute '{name}' cannot be mapped: {_MANAGED_BY_ENGINE[name]}")
-            if name.startswith("urn:") or name in _USER_ATTRIBUTES:
-                return
-            raise ConfigError(f"{where}: unknown User attribute '{name}'{_suggest(name, _USER_ATTRIBUTES)}")
-        if prefix == "name" and name not in _NAME_ATTRIBUTES:
-            raise ConfigError(f"{where}: unknown attribute 'name.{name}'{_suggest(name, _NAME_ATTRIBUTES)}")
-        if prefix == ENTERPRISE_USER and name not in _ENTERPRISE_ATTRIBUTES:
-            raise ConfigError(
-                f"{where}: unknown enterprise attribute '{name}'{_suggest(name, _ENTERPRISE_ATTRIBUTES)}"
-            )
+                self.fail(where, f"attribute '{name}' cannot be mapped: {_MANAGED_BY_ENGINE[name]}")
+                return None
+            if name.startswith("urn:"):
+                return self._extension(name, loc)
+            if name.casefold() in COMMON_ATTRIBUTES:
+                return COMMON_ATTRIBUTES[name.casefold()]
+            parent = self.schemas.get(CORE_USER.casefold())
+        if parent is None:
+            return None
+        if isinstance(parent, Schema):
+            found, known = parent.attribute(name), {a.name for a in parent.attributes}
+        elif parent.sub_attributes:
+            found, known = parent.sub_attribute(name), {a.name for a in parent.sub_attributes}
+        else:
+            return None
+        if found is None:
+            known -= set(_MANAGED_BY_ENGINE)
+            if not prefix:
+                what = f"unknown User attribute '{name}'"
+            elif prefix.casefold() == ENTERPRISE_USER.casefold():
+                what = f"unknown enterprise attribute '{name}'"
+            elif isinstance(parent, Schema):
+                what = f"unknown attribute '{name}' of extension '{prefix}'"
+            else:
+                what = f"unknown attribute '{prefix.split('[')[0]}.{name}'"
+            self.fail(where, f"{what}{_suggest(name, known)}")
+            return None
+        if found.mutability == "readOnly":
+            self.fail(where, f"attribute '{_join(prefix, name, schema_level=isinstance(parent, Schema) and bool(prefix))}'"
+                             " is read-only (RFC 7643 §7 mutability): the target assigns it")  # fmt: skip
+        return found
+
+    def _extension(self, urn: str, loc: Loc) -> _Declared:
+        where = self.doc.at(loc)
+        schema = self.schemas.get(urn.casefold())
+        self.used_schemas[urn] = loc
+        if self.extensions is not None and urn.casefold() not in self.extensions:
+            self.fail(where, f"the target's Users resource type does not declare the extension '{urn}' "
+                             "(GET /ResourceTypes): it may refuse or drop these attributes")  # fmt: skip
+        elif schema is None and self.discovered:
+            known = {s.id for s in self.schemas.values()}
+            self.fail(where, f"the target declares no schema '{urn}' (GET /Schemas){_suggest(urn, known)}")
+        elif schema is None:
+            # Offline, a custom extension is unknown, not wrong; one a letter away from RFC 7643's is a typo.
+            close = difflib.get_close_matches(urn, [s.id for s in self.schemas.values()], n=1, cutoff=0.95)
+            if close:
+                self.fail(where, f"unknown schema '{urn}' (did you mean '{close[0]}'?)")
+        return schema
+
+    def _check_primaries(self, items: list[Any], loc: Loc, path: str) -> None:
+        """RFC 7643 §2.4: ``primary`` true at most once among a multi-valued attribute's values."""
+        first: int | None = None
+        for i, item in enumerate(items):
+            if isinstance(item, dict) and item.get("primary") is True:
+                if first is None:
+                    first = i
+                    continue
+                line = self.doc.position((*loc, first, "primary"))[0]
+                self.fail(self.doc.at((*loc, i, "primary")),
+                          f"attribute '{path}': a second value is primary (the first is on line {line}); "
+                          "RFC 7643 §2.4 allows one")  # fmt: skip
+
+    def check_required(self, attributes: dict[str, Any]) -> None:
+        """Required attributes of the core schema and of every extension used, that nobody may leave out."""
+        mapped = {name.casefold() for name in attributes}
+        core = self.schemas.get(CORE_USER.casefold())
+        for info in core.attributes if core else ():
+            if info.required and info.mutability != "readOnly" and info.name.casefold() not in mapped:
+                self.fail(self.doc.at(("attributes",)), f"attribute '{info.name}' is required by SCIM (RFC 7643 §4.1)")
+        for urn, loc in self.used_schemas.items():
+            schema = self.schemas.get(urn.casefold())
+            value = attributes.get(urn)
+            if schema is None or not isinstance(value, dict):
+                continue
+            given = {name.casefold() for name in value}
+            for info in schema.attributes:
+                if info.required and info.mutability != "readOnly" and info.name.casefold() not in given:
+                    self.fail(self.doc.at(loc), f"attribute '{info.name}' of '{urn}' is required by its schema")
+
+
+_Declared = Schema | AttributeInfo | None
 
 
 def _is_text_attribute(path: str) -> bool:
@@ -497,6 +748,20 @@ def _explain(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _leaves(node: Any) -> Iterator[_Leaf]:
+    if isinstance(node, _Leaf):
+        yield node
+    elif isinstance(node, _Defaulted):
+        yield from _leaves(node.value)
+        yield from _leaves(node.default)
+    elif isinstance(node, _Object):
+        for _, child in node.fields:
+            yield from _leaves(child)
+    else:
+        for child in node.items:
+            yield from _leaves(child)
+
+
 def _render(node: Any, record: Mapping[str, Any], slots: dict[str, Any]) -> Any:
     if isinstance(node, _Leaf):
         value = _value(node, record, slots)
@@ -508,6 +773,9 @@ def _render(node: Any, record: Mapping[str, Any], slots: dict[str, Any]) -> Any:
             return _json_value(value, [MAX_VALUE_CHARS])
         except _BadValue as exc:
             raise MappingError(f"{node.where}: attribute '{node.path}': {exc}") from None
+    if isinstance(node, _Defaulted):
+        value = _render(node.value, record, slots)
+        return _render(node.default, record, slots) if value is None else value
     if isinstance(node, _Object):
         out = {}
         for name, child in node.fields:

@@ -6,7 +6,7 @@ Pure functions; the planner and the executor share them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -15,6 +15,27 @@ from provisioner.mapping import Ref
 
 # Attributes that are not the account's data: never diffed, never patched.
 _NOT_DATA = {"schemas", "id", "meta"}
+
+
+def without(payload: Mapping[str, Any], paths: Iterable[tuple[str, ...]]) -> dict[str, Any]:
+    """The payload without the attributes at ``paths``: ``("password",)`` or ``(extension urn, name)``.
+
+    What an update sends when the mapping marks attributes ``when: create``;
+    an extension left empty is dropped whole.
+    """
+    out = dict(payload)
+    for path in paths:
+        if len(path) == 1:
+            out.pop(path[0], None)
+        elif isinstance(out.get(path[0]), dict):
+            inner = {k: v for k, v in out[path[0]].items() if k != path[1]}
+            if inner:
+                out[path[0]] = inner
+            else:
+                del out[path[0]]
+                if isinstance(out.get("schemas"), list):
+                    out["schemas"] = [s for s in out["schemas"] if s != path[0]]
+    return out
 
 
 def payload_hash(payload: Mapping[str, Any]) -> str:

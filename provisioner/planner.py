@@ -17,7 +17,8 @@ import orjson
 
 from provisioner.errors import SafetyStop
 from provisioner.mapping import AttributeMapping, MappingError
-from provisioner.payload import payload_hash, readable, refs_in, resolve_refs
+from provisioner.payload import payload_hash, readable, refs_in, resolve_refs, without
+from provisioner.redaction import mask_write_only
 from provisioner.sources import BadRecord, IdentityRecord
 
 
@@ -65,7 +66,10 @@ class Desired:
 
     identity_key: str
     payload: dict[str, Any] | None
+    # Of the payload without its create-only attributes: a first password never makes an update.
     payload_hash: str | None = None
+    # Attributes sent on create only (the mapping's `when: create`), as payload.without takes them.
+    create_only: frozenset[tuple[str, ...]] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +99,13 @@ def decide(desired: Desired, link: Link | None, leaver: LeaverAction = "disable"
         return Decision(key, Kind.DISABLE, Reason.LEAVER)
     if link is None:
         return Decision(key, Kind.CREATE, Reason.JOINER, desired.payload, desired.payload_hash)
+    # Attributes set only on create (`when: create`, a first password) are never sent again.
+    payload = without(desired.payload, desired.create_only) if desired.create_only else desired.payload
     if not link.active:
-        return Decision(key, Kind.ENABLE, Reason.REHIRE, desired.payload, desired.payload_hash)
+        return Decision(key, Kind.ENABLE, Reason.REHIRE, payload, desired.payload_hash)
     if link.applied_hash == desired.payload_hash:
         return None
-    return Decision(key, Kind.UPDATE, Reason.MOVER, desired.payload, desired.payload_hash)
+    return Decision(key, Kind.UPDATE, Reason.MOVER, payload, desired.payload_hash)
 
 
 class Rejection(NamedTuple):
@@ -317,7 +323,7 @@ def preview_record(mapping: AttributeMapping, record: IdentityRecord, links: Map
         "origin": record.origin,
         "account": f"linked to {link.scim_id}" if link else "not in the target yet: would be created",
         "unresolved_references": unresolved,
-        "payload": readable(payload, "not in the target yet"),
+        "payload": readable(mask_write_only(payload), "not in the target yet"),
     }
 
 
@@ -397,7 +403,8 @@ def _desired(
     if not rendered.payload:
         return Desired(record.key, None), set()
     if not mapping.uses_refs:
-        return Desired(record.key, rendered.payload, payload_hash(rendered.payload)), set()
+        return Desired(record.key, rendered.payload, payload_hash(without(rendered.payload, mapping.create_only)),
+                       create_only=mapping.create_only), set()  # fmt: skip
 
     def scim_id(key: str) -> str | None:
         link = links.get(key)
@@ -408,7 +415,8 @@ def _desired(
     payload, unresolved = resolve_refs(rendered.payload, scim_id, keep_unresolved=True)
     plan.unresolved_refs += unresolved
     sendable = resolve_refs(payload, scim_id)[0] if unresolved else payload
-    return Desired(record.key, payload, payload_hash(sendable)), refs_in(rendered.payload)
+    desired = Desired(record.key, payload, payload_hash(without(sendable, mapping.create_only)), mapping.create_only)
+    return desired, refs_in(rendered.payload)
 
 
 def _add(plan: Plan, key: str, decision: Decision | None) -> None:

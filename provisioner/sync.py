@@ -110,8 +110,9 @@ def load_target_mapping(config: Config, name: str) -> AttributeMapping:
         missing = mapping.missing_columns(columns)
         if missing:
             source = config.sources[target.source]
+            where = next(where for name, where in mapping.names if name == missing[0])
             raise ConfigError(
-                f"{target.mapping}: reads column '{missing[0]}', which {source.path} does not have "
+                f"{where}: reads column '{missing[0]}', which {source.path} does not have "
                 f"(columns: {', '.join(sorted(columns))})"
             )
     return mapping
@@ -230,7 +231,8 @@ async def _send(
     session = TargetSession(target, quirks=load_quirks(engine, name, target))
     executor = Executor(engine, name, target, session.client, endpoint=mapping.endpoint, match_attribute=mapping.match,
                         quirks=session.quirks,
-                        write_only=lambda keys: render_write_only(config, name, mapping, keys))  # fmt: skip
+                        write_only=lambda keys: render_write_only(config, name, mapping, keys),
+                        create_only=mapping.create_only)  # fmt: skip
     if stop is not None:
         executor.stopping = stop
     due = count_status(engine, name, "pending")

@@ -15,6 +15,7 @@ from connectors import (
     Quirks,
     RateLimit,
     RetryPolicy,
+    Schema,
     ScimClient,
     TargetLimiter,
 )
@@ -36,6 +37,32 @@ async def discover(client: ScimClient, config: TargetConfig, *, update_method: s
     capabilities = replace(capabilities, **overrides)
     log.debug("capabilities", target=config.base_url, patch=capabilities.patch, etag=capabilities.etag)
     return capabilities
+
+
+async def discover_schemas(config: TargetConfig) -> tuple[dict[str, Schema] | None, list[str] | None]:
+    """The target's schemas by URN (``/Schemas``) and its Users' schema extensions (``/ResourceTypes``).
+
+    Either is None when the target does not say (RFC 7643 §6, §7 endpoints are
+    optional). A target without the core User schema in its answer gets RFC
+    7643's. Raises :class:`connectors.ScimError` when the target cannot be read.
+    """
+    from provisioner.schema import CORE_USER, RFC7643_SCHEMAS
+
+    session = TargetSession(config)
+    client = session.client()
+    try:
+        schemas = await client.schemas()
+        types = await client.resource_types()
+    finally:
+        await client.aclose()
+        await session.aclose()
+    users = types.get("Users")
+    extensions = [urn for urn, _ in users.extensions] if users else None
+    if not schemas:
+        return None, extensions
+    if not any(urn.casefold() == CORE_USER.casefold() for urn in schemas):
+        schemas = {CORE_USER: RFC7643_SCHEMAS[CORE_USER], **schemas}
+    return schemas, extensions
 
 
 @dataclass(slots=True)

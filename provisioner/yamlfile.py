@@ -1,6 +1,7 @@
 """YAML files loaded into plain data, remembering the line of every key and item.
 
-Config and mapping errors name ``file:line``; this is where the lines come from.
+Config and mapping errors name ``file:line`` (mappings ``file:line:column``);
+this is where the positions come from.
 
 The loader is defensive, because a config author's file is input like any other:
 
@@ -22,6 +23,7 @@ text (a mapping's string attribute) takes what the author wrote.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,11 @@ class YamlDocument:
     data: Any
     lines: dict[Loc, int] = field(default_factory=dict)
     plain: dict[Loc, str] = field(default_factory=dict)
+    # 1-based column of each location: of the key for a mapping's entries, else of the value.
+    columns: dict[Loc, int] = field(default_factory=dict)
+    # Where each scalar value starts and ends: (line, column, end line, end column), 1-based.
+    spans: dict[Loc, tuple[int, int, int, int]] = field(default_factory=dict)
+    text: str = ""
 
     def line_of(self, loc: Loc) -> int:
         """The line of ``loc``, or of its nearest parent that has one."""
@@ -67,6 +74,41 @@ class YamlDocument:
     def where(self, loc: Loc) -> str:
         """``file:line`` for a location."""
         return f"{self.path}:{self.line_of(loc)}"
+
+    def position(self, loc: Loc) -> tuple[int, int]:
+        """(line, column) of ``loc`` (its key, for a mapping's entry), or of its nearest parent."""
+        for end in range(len(loc), -1, -1):
+            line = self.lines.get(tuple(loc[:end]))
+            if line is not None:
+                return line, self.columns.get(tuple(loc[:end]), 1)
+        return 1, 1
+
+    def at(self, loc: Loc) -> str:
+        """``file:line:column`` of a location's key, the way a compiler names a position."""
+        line, column = self.position(loc)
+        return f"{self.path}:{line}:{column}"
+
+    def at_value(self, loc: Loc, word: str | None = None) -> str:
+        """``file:line:column`` of a scalar value, or of ``word`` inside it when found there.
+
+        ``word`` is looked for as a whole word in the file's text between the
+        value's start and end, so quoting and escapes cannot shift the column.
+        """
+        span = self.spans.get(loc)
+        if span is None:
+            return self.at(loc)
+        line, column, end_line, end_column = span
+        if word:
+            lines = self.text.splitlines()
+            pattern = re.compile(rf"(?<![\w.]){re.escape(word)}(?!\w)")
+            for number in range(line, min(end_line, len(lines)) + 1):
+                text = lines[number - 1]
+                start = column - 1 if number == line else 0
+                stop = end_column - 1 if number == end_line else len(text)
+                found = pattern.search(text, start, stop)
+                if found:
+                    return f"{self.path}:{number}:{found.start() + 1}"
+        return f"{self.path}:{line}:{column}"
 
 
 def load_yaml(path: Path) -> YamlDocument:
@@ -91,20 +133,34 @@ def load_yaml(path: Path) -> YamlDocument:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        raise ConfigError(f"{path}:{line}: invalid YAML: {exc.problem or exc.context}") from None
+        raise ConfigError(f"{path}:{_yaml_error(exc)}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
-    doc = YamlDocument(path=path, data=None)
+    doc = YamlDocument(path=path, data=None, text=text)
     if node is not None:
         try:
             doc.data = _Builder(doc).build(node, ())
         except RecursionError:
             raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     return doc
+
+
+def _yaml_error(exc: yaml.MarkedYAMLError) -> str:
+    """``line:column: invalid YAML: …`` where the author has to look.
+
+    An unclosed quote or bracket is noticed where the parser runs out (often
+    the end of the file); the mistake is where the quote or bracket opened.
+    """
+    context = exc.context or ""
+    opened = exc.context_mark is not None and ("quoted scalar" in context or "flow" in context)
+    mark = exc.context_mark if opened else (exc.problem_mark or exc.context_mark)
+    position = f"{mark.line + 1}:{mark.column + 1}" if mark else "1:1"
+    problem = exc.problem or context
+    if opened:
+        problem = f"{context.removeprefix('while ')}: {problem}" if exc.problem else context
+    return f"{position}: invalid YAML: {problem}"
 
 
 class _Builder:
@@ -124,7 +180,10 @@ class _Builder:
                 "(aliases repeating aliases?); write it out or use fewer aliases"
             )
         self.doc.lines.setdefault(loc, node.start_mark.line + 1)
+        self.doc.columns.setdefault(loc, node.start_mark.column + 1)
         if isinstance(node, yaml.ScalarNode):
+            start, end = node.start_mark, node.end_mark
+            self.doc.spans[loc] = (start.line + 1, start.column + 1, end.line + 1, end.column + 1)
             return self.scalar(node, loc)
         self._check_tag(node)
         if id(node) in self.open:
@@ -145,11 +204,13 @@ class _Builder:
             key = self.scalar(key_node, None)
             if not isinstance(key, (str, int, float, bool)):
                 raise ConfigError(f"{self._at(key_node)}: a key must be a plain value")
-            key = str(key)
+            # A key is text as written: `NO: Norway` in a lookup table is "NO", not YAML 1.1's False.
+            key = key if isinstance(key, str) else key_node.value
             if key in result:
                 raise ConfigError(f"{self._at(key_node)}: duplicate key '{key}'")
             child = (*loc, key)
             self.doc.lines[child] = key_node.start_mark.line + 1
+            self.doc.columns[child] = key_node.start_mark.column + 1
             result[key] = self.build(value_node, child)
         return result
 

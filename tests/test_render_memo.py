@@ -18,6 +18,7 @@ class CountingMapping:
     def __init__(self, mapping: AttributeMapping) -> None:
         self.mapping = mapping
         self.uses_refs = mapping.uses_refs
+        self.create_only = mapping.create_only
         self.match = mapping.match
         self.renders = 0
 

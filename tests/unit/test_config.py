@@ -262,7 +262,7 @@ def test_config_that_is_not_a_mapping_is_an_error(tmp_path: Path) -> None:
 def test_invalid_yaml_names_its_line(tmp_path: Path) -> None:
     path = write(tmp_path, CONFIG.replace("    leaver: delete\n", "    leaver: [delete\n"))
 
-    with pytest.raises(ConfigError, match=rf"^{path}:\d+: invalid YAML"):
+    with pytest.raises(ConfigError, match=rf"^{path}:\d+:13: invalid YAML: parsing a flow sequence"):
         load_config(path)
 
 

@@ -289,7 +289,7 @@ def test_invalid_jinja_syntax_names_file_line_and_attribute(tmp_path: Path, valu
 def test_attributes_the_engine_or_target_own_cannot_be_mapped(tmp_path: Path, attribute: str) -> None:
     path = write(tmp_path, f"attributes:\n  userName: email\n  {attribute}: title\n")
 
-    with pytest.raises(ConfigError, match=rf"^{path}:3: attribute '{attribute}' cannot be mapped"):
+    with pytest.raises(ConfigError, match=rf"^{path}:3:3: attribute '{attribute}' cannot be mapped"):
         load_mapping(path)
 
 
@@ -303,28 +303,28 @@ def test_user_name_is_required(tmp_path: Path) -> None:
 def test_match_must_be_a_mapped_attribute(tmp_path: Path) -> None:
     path = write(tmp_path, "match: externalId\nattributes:\n  userName: email\n")
 
-    with pytest.raises(ConfigError, match=rf"^{path}:1: match 'externalId'"):
+    with pytest.raises(ConfigError, match=rf"^{path}:1:8: match 'externalId'"):
         load_mapping(path)
 
 
 def test_a_non_user_resource_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "resource: Group\nattributes:\n  userName: email\n")
 
-    with pytest.raises(ConfigError, match=rf"^{path}:1: resource 'Group'"):
+    with pytest.raises(ConfigError, match=rf"^{path}:1:11: resource 'Group'"):
         load_mapping(path)
 
 
 def test_empty_value_in_the_mapping_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, "attributes:\n  userName: email\n  title:\n")
 
-    with pytest.raises(ConfigError, match=rf"^{path}:3: attribute 'title'"):
+    with pytest.raises(ConfigError, match=rf"^{path}:3:9: attribute 'title'"):
         load_mapping(path)
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, "attributes:\n  userName: email\n  title: [unclosed\n")
 
-    with pytest.raises(ConfigError, match=rf"^{path}:\d+: invalid YAML"):
+    with pytest.raises(ConfigError, match=rf"^{path}:\d+:\d+: invalid YAML"):
         load_mapping(path)
 
 
@@ -351,7 +351,7 @@ def test_record_missing_a_column_names_file_line_attribute_and_column(tmp_path: 
     with pytest.raises(MappingError) as raised:
         load_mapping(path).render({**record, "title": "x"})
 
-    assert str(raised.value).startswith(f"{path}:2: attribute 'userName'")
+    assert str(raised.value).startswith(f"{path}:2:13: attribute 'userName'")
     assert "'email'" in str(raised.value)
 
 
@@ -361,7 +361,7 @@ def test_expression_on_a_missing_variable_names_its_attribute(tmp_path: Path) ->
     with pytest.raises(MappingError) as raised:
         load_mapping(path).render({"title": "x"})
 
-    assert str(raised.value).startswith(f"{path}:2: attribute 'userName'")
+    assert str(raised.value).startswith(f"{path}:2:13: attribute 'userName'")
     assert "email" in str(raised.value)
 
 
@@ -371,7 +371,7 @@ def test_failing_expression_names_its_own_attribute_not_another(tmp_path: Path) 
     with pytest.raises(MappingError) as raised:
         load_mapping(path).render({**RECORD, "title": "3"})
 
-    assert str(raised.value).startswith(f"{path}:4: attribute 'title'")
+    assert str(raised.value).startswith(f"{path}:4:10: attribute 'title'")
 
 
 # --- the sandbox ------------------------------------------------------------------------------------
@@ -394,7 +394,7 @@ def test_sandbox_refuses_python_internals_as_a_mapping_error(tmp_path: Path, exp
     with pytest.raises(MappingError) as raised:
         load_mapping(path).render(RECORD)
 
-    assert str(raised.value).startswith(f"{path}:3: attribute 'title'")
+    assert str(raised.value).startswith(f"{path}:3:10: attribute 'title'")
     assert "unsafe" in str(raised.value)
 
 
@@ -403,24 +403,24 @@ def test_sandbox_refuses_to_change_a_record_value(tmp_path: Path) -> None:
     path = write(tmp_path, "attributes:\n  userName: email\n  title: \"groups.append('admins') or 'x'\"\n")
     groups = ["staff"]
 
-    with pytest.raises(MappingError, match=rf"^{path}:3: attribute 'title'"):
+    with pytest.raises(MappingError, match=rf"^{path}:3:10: attribute 'title'"):
         load_mapping(path).render({**RECORD, "groups": groups})
 
     assert groups == ["staff"]
 
 
 @pytest.mark.parametrize(
-    ("expression", "name"),
-    [pytest.param("email | lowr", "lowr", id="filter"), pytest.param("email is emial", "emial", id="test")],
+    ("expression", "name", "column"),
+    [pytest.param("email | lowr", "lowr", 21, id="filter"), pytest.param("email is emial", "emial", 22, id="test")],
 )
-def test_unknown_filter_or_test_is_a_config_error_at_load(tmp_path: Path, expression: str, name: str) -> None:
+def test_unknown_filter_or_test_is_a_config_error_at_load(tmp_path: Path, expression: str, name: str, column: int) -> None:
     """Caught when the mapping is loaded (``provisioner check``), not record by record."""
     path = write(tmp_path, f"attributes:\n  userName: {expression}\n")
 
     with pytest.raises(ConfigError) as raised:
         load_mapping(path)
 
-    assert str(raised.value).startswith(f"{path}:2: attribute 'userName'")
+    assert str(raised.value).startswith(f"{path}:2:{column}: attribute 'userName': unknown")
     assert name in str(raised.value)
 
 
@@ -460,7 +460,7 @@ def test_boolean_attribute_takes_only_true_or_false(tmp_path: Path, value: str, 
     with pytest.raises(ConfigError) as raised:
         load_mapping(path)
 
-    assert str(raised.value) == f"{path}:5: attribute 'emails[0].primary': {needle}"
+    assert str(raised.value) == f"{path}:5:16: attribute 'emails[0].primary': {needle}"
 
 
 def test_yaml_1_1_only_number_in_a_custom_extension_is_refused_with_its_line(tmp_path: Path) -> None:
@@ -470,7 +470,7 @@ def test_yaml_1_1_only_number_in_a_custom_extension_is_refused_with_its_line(tmp
         load_mapping(path)
 
     message = str(raised.value)
-    assert message.startswith(f"{path}:4: attribute 'urn:example:params:scim:schemas:Badge:floor': 0123 reads as 83")
+    assert message.startswith(f"{path}:4:12: attribute 'urn:example:params:scim:schemas:Badge:floor': 0123 reads as 83")
     assert "'0123'" in message
 
 
@@ -539,7 +539,7 @@ def test_undefined_column_inside_a_list_names_the_attribute_and_column(tmp_path:
     with pytest.raises(MappingError) as raised:
         mapping.render(RECORD)
 
-    assert str(raised.value) == f"{tmp_path / 'users.yaml'}:3: attribute 'emails': the record has no column 'nick'"
+    assert str(raised.value) == f"{tmp_path / 'users.yaml'}:3:11: attribute 'emails': the record has no column 'nick'"
 
 
 @pytest.mark.parametrize(

@@ -227,3 +227,14 @@ def test_loads_of_none_is_none() -> None:
 def test_dumps_refuses_values_it_cannot_store() -> None:
     with pytest.raises(TypeError):
         dumps({"x": object()})
+
+
+def test_without_drops_create_only_attributes_and_an_emptied_extension() -> None:
+    from provisioner.payload import without
+
+    urn = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+    payload = {"schemas": ["core", urn], "userName": "a", "password": "s", urn: {"costCenter": "1"}}
+
+    assert without(payload, [("password",), (urn, "costCenter")]) == {"schemas": ["core"], "userName": "a"}
+    assert without(payload, []) == payload
+

@@ -1,0 +1,212 @@
+"""The functions a mapping's expressions can call, the everyday set of Entra ID's attribute mappings.
+
+Each is a plain function of text (or lists), registered once per compiled
+mapping as a Jinja global (``lower(email)``) and, where Jinja has no filter of
+that name, as a filter too (``email | strip_spaces``). "Empty" means None,
+undefined, ``""``, text of spaces only, or an empty list.
+
+=====================  ===============================================  ====================
+function               example                                          gives
+=====================  ===============================================  ====================
+coalesce(a, b, …)      ``coalesce(nick, first_name)``                   first non-empty
+default(v, d)          ``nick | default('none')``                       ``d`` when v empty
+join(sep, a, b, …)     ``join('.', first_name, last_name)``             ``Ada.Lovelace``
+split(v, sep)          ``split('a;b', ';')``                            ``['a', 'b']``
+append(v, suffix)      ``append(login, '@example.com')``                ``ada@example.com``
+lower / upper / trim   ``lower(' Ada ')`` / ``trim(' Ada ')``           `` ada `` / ``Ada``
+replace(v, old, new)   ``replace('a-b', '-', '.')``                     ``a.b``
+regex_replace(v,p,r)   ``regex_replace('+1 (555) 01', '[^0-9+]', '')``  ``+155501``
+left(v, n)             ``left('Lovelace', 3)``                          ``Lov``
+mid(v, start, n)       ``mid('Lovelace', 2, 3)`` (start counts from 1)  ``ove``
+strip_spaces(v)        ``strip_spaces('Mary Ann')``                     ``MaryAnn``
+normalize_diacritics   ``normalize_diacritics('José Müller')``          ``Jose Muller``
+format_date(v, fmt)    ``format_date('01.03.2024', '%d.%m.%Y')``        ``2024-03-01T00:00:00Z``
+switch(v, d, k, r, …)  ``switch(country, 'Other', 'NO', 'Norway')``     ``Norway``
+lookup(v, table, d)    ``lookup(department, 'cost_centers', 'CC-0')``   the table's row
+is_present(v)          ``is_present(phone)``                            ``true`` / ``false``
+now()                  ``now()``                                        ``2024-03-01T09:30:00Z``
+=====================  ===============================================  ====================
+
+``lookup`` reads a table of the mapping's ``tables:`` key. ``now()`` changes
+every run: use it for an attribute sent ``when: create``, or every cycle
+updates every account. Errors (a date that does not match its format, a regex
+that does not compile or runs longer than :data:`REGEX_TIMEOUT`) fail the
+record, never the cycle.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import jinja2
+import regex
+
+# A pattern may backtrack exponentially: regex_replace stops it after this many seconds.
+REGEX_TIMEOUT = 0.1
+MAX_PATTERN_CHARS = 500
+SCIM_DATETIME = "%Y-%m-%dT%H:%M:%SZ"
+
+# Letters NFKD does not decompose into an ASCII letter and a mark.
+_LETTERS = str.maketrans({
+    "ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L",
+    "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "Th", "ı": "i", "ħ": "h", "Ħ": "H",
+})  # fmt: skip
+
+
+def is_empty(value: Any) -> bool:
+    """None, undefined, ``""`` or spaces only, or an empty list or object."""
+    if value is None or isinstance(value, jinja2.Undefined):
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, (list, tuple, dict)):
+        return not value
+    return False
+
+
+def coalesce(*values: Any) -> Any:
+    """The first value that is not empty; None when all are."""
+    return next((v for v in values if not is_empty(v)), None)
+
+
+def default(value: Any, fallback: Any = "", boolean: bool = False) -> Any:
+    """``fallback`` when ``value`` is empty, else ``value`` (Jinja's own filter: undefined only)."""
+    return fallback if is_empty(value) else value
+
+
+def join(separator: str, *values: Any) -> str:
+    """The non-empty values as text, separated; a list among them counts as its items."""
+    items: list[Any] = []
+    for value in values:
+        items.extend(value if isinstance(value, (list, tuple)) else [value])
+    return str(separator).join(str(v) for v in items if not is_empty(v))
+
+
+def split(value: Any, separator: str = ",") -> list[str]:
+    """The text cut at each separator, parts trimmed, empty parts left out."""
+    if is_empty(value):
+        return []
+    return [part.strip() for part in str(value).split(separator) if part.strip()]
+
+
+def append(value: Any, suffix: Any) -> str:
+    """``value`` followed by ``suffix``; empty stays empty (no lone suffix)."""
+    return "" if is_empty(value) else f"{value}{suffix}"
+
+
+def lower(value: Any) -> str:
+    return "" if is_empty(value) else str(value).lower()
+
+
+def upper(value: Any) -> str:
+    return "" if is_empty(value) else str(value).upper()
+
+
+def trim(value: Any) -> str:
+    return "" if is_empty(value) else str(value).strip()
+
+
+def replace(value: Any, old: str, new: str) -> str:
+    """Every ``old`` in the text replaced by ``new``."""
+    return "" if is_empty(value) else str(value).replace(str(old), str(new))
+
+
+def regex_replace(value: Any, pattern: str, replacement: str) -> str:
+    """Every match of ``pattern`` replaced (``\\1`` for groups); bounded in time and pattern size.
+
+    Raises ValueError for a pattern over :data:`MAX_PATTERN_CHARS`, TimeoutError
+    past :data:`REGEX_TIMEOUT` seconds.
+    """
+    if is_empty(value):
+        return ""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"a pattern of {len(pattern)} characters is over {MAX_PATTERN_CHARS}")
+    return regex.sub(pattern, replacement, str(value), timeout=REGEX_TIMEOUT)
+
+
+def left(value: Any, count: int) -> str:
+    """The first ``count`` characters."""
+    return "" if is_empty(value) else str(value)[: max(int(count), 0)]
+
+
+def mid(value: Any, start: int, count: int) -> str:
+    """``count`` characters from position ``start``, counted from 1 as in Entra's Mid."""
+    if is_empty(value):
+        return ""
+    begin = max(int(start) - 1, 0)
+    return str(value)[begin : begin + max(int(count), 0)]
+
+
+def strip_spaces(value: Any) -> str:
+    """The text without any whitespace."""
+    return "" if is_empty(value) else "".join(str(value).split())
+
+
+def normalize_diacritics(value: Any) -> str:
+    """The text in ASCII: accents dropped (é → e), ß → ss, æ → ae, ø → o; other letters left out.
+
+    Idempotent, and the result is always ASCII.
+    """
+    if value is None or isinstance(value, jinja2.Undefined):
+        return ""
+    decomposed = unicodedata.normalize("NFKD", str(value).translate(_LETTERS))
+    return "".join(c for c in decomposed if c.isascii())
+
+
+def format_date(value: Any, source_format: str = "%Y-%m-%d") -> str:
+    """A date or time in ``source_format`` (strptime codes) as a SCIM dateTime (RFC 7643 §2.3.5), in UTC.
+
+    A time without a zone is taken as UTC. Raises ValueError when the text does not match.
+    """
+    if is_empty(value):
+        return ""
+    parsed = datetime.strptime(str(value).strip(), source_format)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC).strftime(SCIM_DATETIME)
+
+
+def switch(value: Any, fallback: Any, *pairs: Any) -> Any:
+    """Entra's Switch: the result paired with the first key equal to ``value``, else ``fallback``."""
+    if len(pairs) % 2:
+        raise ValueError("switch takes a value, a default, then key and result pairs")
+    for key, result in zip(pairs[::2], pairs[1::2], strict=True):
+        if value == key:
+            return result
+    return fallback
+
+
+def is_present(value: Any) -> bool:
+    """Whether the value is not empty."""
+    return not is_empty(value)
+
+
+def now() -> str:
+    """The current time as a SCIM dateTime, in UTC."""
+    return datetime.now(UTC).strftime(SCIM_DATETIME)
+
+
+def library(tables: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Callable[..., Any]], dict[str, Callable[..., Any]]]:
+    """(globals, filters) for one mapping's environment; ``tables`` are its ``tables:`` key."""
+
+    def lookup(value: Any, table: str, fallback: Any = None) -> Any:
+        """The row of ``table`` whose key is ``value`` (as text), else ``fallback``."""
+        if table not in tables:
+            raise KeyError(f"the mapping has no table '{table}' (tables: {', '.join(sorted(tables)) or 'none'})")
+        return tables[table].get(str(value), fallback) if not is_empty(value) else fallback
+
+    functions: dict[str, Callable[..., Any]] = {
+        "coalesce": coalesce, "default": default, "join": join, "split": split, "append": append,
+        "lower": lower, "upper": upper, "trim": trim, "replace": replace, "regex_replace": regex_replace,
+        "left": left, "mid": mid, "strip_spaces": strip_spaces, "normalize_diacritics": normalize_diacritics,
+        "format_date": format_date, "switch": switch, "lookup": lookup, "is_present": is_present, "now": now,
+    }  # fmt: skip
+    # As filters, only where Jinja has none of that name or ours reads the same way (value first).
+    filters = {name: functions[name] for name in (
+        "default", "split", "append", "regex_replace", "left", "mid", "strip_spaces", "normalize_diacritics",
+        "format_date", "lookup", "is_present",
+    )}  # fmt: skip
+    return functions, filters
