@@ -25,7 +25,7 @@ from rich.text import Text
 from connectors import ScimError
 from provisioner import logs, metrics, probe, redaction
 from provisioner.config import Config, config_warnings, load_config, parse_duration
-from provisioner.daemon import Daemon, check_alerts
+from provisioner.daemon import Daemon, check_alerts, keep_leases
 from provisioner.group_executor import plan_groups_once
 from provisioner.demo import start_scim_server, write_demo_config
 from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
@@ -36,22 +36,26 @@ from provisioner.queue import (
     STATUSES,
     Selection,
     close,
+    default_instance,
     get_operation,
+    identify,
     list_operations,
     load_links,
     prune,
     recover_orphans,
     release_held,
     retry_now,
+    running_by_instance,
     status_by_target,
 )
-from provisioner.lock import StateLock
+from provisioner.lock import PlannerLock, StateLock
 from provisioner.planner import preview_record
 from provisioner.sources import BadRecord, read_source
 from provisioner.quarantine import all_states, set_paused
 from provisioner.quirks import describe as describe_quirk
 from provisioner.quirks import learned as learned_quirks
 from provisioner.quirks import unstored_writes
+from provisioner import store
 from provisioner.store import as_utc, check_state_driver, open_store
 from provisioner.sync import (
     TargetReport,
@@ -311,6 +315,12 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     resume.set_defaults(handler=_pause, paused=False, note=None)
 
+    db = commands.add_parser("db", help="the state database's schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_upgrade = db_commands.add_parser("upgrade", help="migrate the state database to this version's schema")
+    db_upgrade.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
+    db_upgrade.set_defaults(handler=_db_upgrade)
+
     status = commands.add_parser("status", help="per target: health, last cycle, operations by status, held cycles")
     status.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -438,15 +448,26 @@ def _run_sync(config: Config, names: list[str] | None) -> tuple[int, list[Target
     mappings = {name: load_target_mapping(config, name) for name in targets}
 
     async def cycle() -> list[TargetReport]:
+        renewer = asyncio.create_task(keep_leases(engine, identify(default_instance()).lease))
         try:
             return list(await asyncio.gather(*(sync_target(engine, config, n, mappings[n]) for n in targets)))
         finally:
+            renewer.cancel()
             await check_alerts(engine, config, targets)
 
     with StateLock(config.state):
         engine = open_store(config.state)
-        recover_orphans(engine)
-        reports = asyncio.run(cycle())
+        planners = PlannerLock(engine)
+        try:
+            # On a shared database a daemon may be planning these targets: one planner at a time.
+            busy = [name for name in targets if not planners.holds(name)]
+            if busy:
+                raise UserError(f"target {busy[0]!r} is being planned by a running daemon instance; "
+                                "let it run the cycle (`provisioner status` shows its progress)")  # fmt: skip
+            recover_orphans(engine)
+            reports = asyncio.run(cycle())
+        finally:
+            planners.close()
         # The exit code says how the targets are now, not only what this cycle sent: work left
         # waiting by an earlier cycle (a 401 an hour ago) still waits.
         healths = target_health(engine, targets)
@@ -835,6 +856,17 @@ def _pause(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _db_upgrade(args: argparse.Namespace) -> int:
+    # Starting any command migrates too; this one does only that, e.g. before starting several daemons.
+    config = load_config(args.config, secrets=False)
+    before, after = store.upgrade(store.connect(config.state))
+    if before == after:
+        print(f"state database: at revision {after}, the newest this version knows; nothing to do")
+    else:
+        print(f"state database: upgraded from {before or 'an empty database'} to revision {after}")
+    return EXIT_OK
+
+
 def _status(args: argparse.Namespace) -> int:
     config = load_config(args.config, secrets=False)
     engine = open_store(config.state)
@@ -842,6 +874,7 @@ def _status(args: argparse.Namespace) -> int:
     names = sorted(set(config.targets) | set(counts))
     healths = target_health(engine, names)
     states = all_states(engine)
+    claimants = running_by_instance(engine)
     runs = last_runs(engine)
     lessons = learned_quirks(engine)
     dropped = unstored_writes(engine)
@@ -866,6 +899,7 @@ def _status(args: argparse.Namespace) -> int:
                 "rejected": health.rejected,
                 "retry_wait": health.retry_wait,
                 "held": health.held,
+                "running_by_instance": claimants.get(name, {}),
                 "paused": health.paused,
                 "quarantined": health.quarantined,
                 "quarantine_reason": health.quarantine_reason,
@@ -886,6 +920,10 @@ def _status(args: argparse.Namespace) -> int:
         ops = item["operations"]
         assert isinstance(ops, dict)
         print("  operations: " + ("  ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "none"))
+        running = item["running_by_instance"]
+        assert isinstance(running, dict)
+        if running:
+            print("  running on: " + "  ".join(f"{k} {v}" for k, v in sorted(running.items())))
         for problem in item["problems"]:
             print(f"  {_printable(problem)}")
         if item["held"]:

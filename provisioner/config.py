@@ -109,12 +109,26 @@ class DaemonConfig(_Strict):
     # Finished operations (succeeded, superseded, cancelled, resolved) older than this are
     # deleted once a day; failed and waiting ones are kept until handled. null: keep everything.
     retention: str | None = "90d"
+    # This instance's name in logs, metrics, `status` and the queue rows it claims; unique among
+    # the instances sharing a database. null: hostname-pid. A stable name lets a restarted
+    # instance take back its own running operations at once instead of after their lease.
+    instance: str | None = Field(default=None, min_length=1, max_length=200)
+    # How long a claimed operation stays this instance's without renewal (renewed every third
+    # of it while the daemon runs); a dead instance's operations are taken back after it.
+    lease: str = "10m"
 
     @field_validator("retention")
     @classmethod
     def _retention(cls, value: str | None) -> str | None:
         if value is not None:
             parse_duration(value)
+        return value
+
+    @field_validator("lease")
+    @classmethod
+    def _lease(cls, value: str) -> str:
+        if parse_duration(value) < 1:
+            raise ValueError("a lease of at least 1s")
         return value
 
 
@@ -489,6 +503,10 @@ def config_warnings(config: Config) -> list[str]:
 
 
 def _register_secrets(config: Config) -> None:
+    # A PostgreSQL state URL may carry a password: it is a secret like a target's token.
+    password = re.match(r"^[\w+]+://[^:/@]*:([^@/]+)@", config.state)
+    if password:
+        redaction.register(password.group(1))
     for target in config.targets.values():
         if isinstance(target.auth, BearerAuthConfig):
             redaction.register(target.auth.token.get_secret_value())

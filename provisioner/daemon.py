@@ -31,10 +31,21 @@ from provisioner import alerts, metrics, quarantine
 from provisioner.config import Config, ScheduleConfig, config_warnings, parse_duration, parse_interval
 from provisioner.errors import UserError
 from provisioner.health import TargetHealth, cycle_succeeded, overall, target_health
+from provisioner.lock import PlannerLock
 from provisioner.mapping import AttributeMapping
 from provisioner.planner import RenderMemo
 from provisioner.quarantine import Admission, admission
-from provisioner.queue import STATUSES, list_operations, prune, recover_orphans, status_by_target
+from provisioner.queue import (
+    STATUSES,
+    count_status,
+    default_instance,
+    identify,
+    list_operations,
+    prune,
+    recover_orphans,
+    renew_leases,
+    status_by_target,
+)
 from provisioner.quirks import unstored_writes
 from provisioner.reconcile import last_reconciled, publish, publish_last, reconcile_target
 from provisioner.store import as_utc, utcnow
@@ -64,15 +75,24 @@ class Daemon:
         # The event loop's last sign of life (monotonic seconds): a loop that stops ticking is stuck
         # (a mapping expression that never ends runs on it), and /healthz says so from its own thread.
         self.heartbeat = time.monotonic()
+        self.instance = config.daemon.instance or default_instance()
+        self.lease = timedelta(seconds=parse_duration(config.daemon.lease))
+        # Instances sharing a database plan a target one at a time; the others only send.
+        self.planners = PlannerLock(engine)
+        self.planning: dict[str, bool] = {}
 
     async def run(self) -> int:
         """Run until a signal; return the process exit code."""
+        identify(self.instance, self.lease)
+        structlog.contextvars.bind_contextvars(instance=self.instance)
+        metrics.INSTANCE.labels(self.instance).set(1)
         recovered = recover_orphans(self.engine)
         if recovered:
             log.warning("recovered operations left running by an earlier process", count=recovered)
         for warning in config_warnings(self.config):
             log.warning("config", warning=warning)
         server = self._serve()
+        renewer = asyncio.create_task(keep_leases(self.engine, self.lease))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -86,6 +106,8 @@ class Daemon:
         scheduler.shutdown(wait=False)
         await self._drain()
         beat.cancel()
+        renewer.cancel()
+        self.planners.close()
         if server is not None:
             server.shutdown()
             server.server_close()
@@ -166,7 +188,17 @@ class Daemon:
                 await self._check_alerts(name)
 
     async def cycle(self, name: str) -> None:
-        """One sync cycle of one target, then its reconciliation when one is due."""
+        """One sync cycle of one target, then its reconciliation when one is due.
+
+        Planned (and reconciled) by the target's planner; the other instances only send.
+        """
+        planner = self.planners.holds(name)
+        if self.planning.get(name) != planner and not planner:
+            log.info("another instance plans this target; this one sends", target=name)
+        self.planning[name] = planner
+        if not planner:
+            await self.send_due(name)
+            return
         report = await sync_target(
             self.engine, self.config, name, self.mappings[name], stop=self.stopping, memo=self.memos[name]
         )
@@ -244,6 +276,8 @@ class Daemon:
         status = "stopping" if self.stopping.is_set() else "stuck" if stuck else overall(healths)
         body: dict[str, Any] = {
             "status": status,
+            "instance": self.instance,
+            "planning": sorted(name for name, planner in self.planning.items() if planner),
             "started_at": self.started_at.isoformat(),
             "targets": {
                 name: {**healths[name].as_dict(), "last_cycle": self.last_cycle.get(name)} for name in self.targets
@@ -270,6 +304,17 @@ class Daemon:
             await asyncio.wait(pending, timeout=5)
             log.warning("grace period over: cancelled in-flight work; it is picked up at the next start",
                         tasks=len(pending))  # fmt: skip
+
+
+async def keep_leases(engine: Engine, lease: timedelta) -> None:
+    """Renew this instance's leases every third of a lease, until cancelled, so no live call is taken back."""
+    while True:
+        await asyncio.sleep(lease.total_seconds() / 3)
+        try:
+            renew_leases(engine)
+        except Exception:
+            # The next renewal tries again; a lease that runs out costs a resend, never a loss.
+            log.exception("lease renewal failed")
 
 
 async def check_alerts(engine: Engine, config: Config, names: list[str]) -> None:

@@ -56,3 +56,5 @@ def configure(level: str = "info", fmt: LogFormat = "auto") -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     # One line per job run is noise next to our own cycle events.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # Alembic describes its context on every start; the store logs the upgrades it makes.
+    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -43,6 +43,8 @@ UNSTORED = Counter(
     "provisioner_unstored_attributes", "Attributes a target accepted in a write but did not store",
     ["target", "attribute"], registry=REGISTRY,
 )  # fmt: skip
+INSTANCE = Gauge("provisioner_instance_info", "1 for this daemon instance, labelled with its name (daemon.instance)",
+                 ["provisioner_instance"], registry=REGISTRY)  # fmt: skip
 QUARANTINED = Gauge("provisioner_target_quarantined", "1 when a target is quarantined or paused", ["target"],
                     registry=REGISTRY)  # fmt: skip
 

@@ -7,7 +7,9 @@ cannot happen.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -49,8 +51,45 @@ MAX_RETRY_AGE = timedelta(days=7)
 # A Retry-After is honoured up to this long; a target asking for more is asked again then.
 MAX_RETRY_AFTER = timedelta(days=1)
 LEASE = timedelta(minutes=10)
+# On a database several instances share, one claim takes at most this many rows: the others
+# get their share of a large plan, and a dead instance strands no more than this until its lease ends.
+SHARED_CLAIM = 100
 # Bodies stored with attempts are capped: a queue row is for reading, not archiving.
 BODY_CAP = 4_000
+
+
+@dataclass(frozen=True, slots=True)
+class Claimant:
+    """The instance that claims operations in this process: its name (stamped on rows) and its lease."""
+
+    name: str
+    lease: timedelta = LEASE
+
+
+def default_instance() -> str:
+    """``hostname-pid``: unique among running instances, new at every start."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+_claimant: Claimant | None = None
+
+
+def claimant() -> Claimant:
+    """Who this process claims as (see :func:`identify`); ``hostname-pid`` with the default lease until told."""
+    global _claimant
+    if _claimant is None:
+        _claimant = Claimant(default_instance())
+    return _claimant
+
+
+def identify(name: str, lease: timedelta = LEASE) -> Claimant:
+    """Name this process's instance and its lease, for every claim it makes from now on.
+
+    One process is one instance: the daemon calls this once at start.
+    """
+    global _claimant
+    _claimant = Claimant(name, lease)
+    return _claimant
 
 
 def retry_delay(attempts: int) -> timedelta:
@@ -363,7 +402,7 @@ def claim_rows(
     kinds: Sequence[str],
     *,
     now: datetime | None = None,
-    lease: timedelta = LEASE,
+    lease: timedelta | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Take due rows of some kinds in the order they became due: pending, retry_wait that is due, or
@@ -372,9 +411,22 @@ def claim_rows(
     A row becomes due when it is created, when its retry time comes, or when it is
     given back unsent (:func:`release` stamps that time): a row given back waits its
     turn behind those already due, instead of going first again and again.
+
+    Each row is stamped ``running``, ``claimed_by`` this instance (see
+    :func:`identify`) and ``lease_until`` now + ``lease`` (default: the
+    instance's). On PostgreSQL the rows are read ``FOR UPDATE SKIP LOCKED``:
+    instances claiming at once take disjoint rows without waiting for each
+    other, and one claim takes at most :data:`SHARED_CLAIM` rows. On SQLite the
+    transaction is ``BEGIN IMMEDIATE`` (see ``provisioner.store``), which
+    serialises claimers.
+
     Returns the rows as they were before the claim, ``attempts`` not yet counted.
     """
     now = now or utcnow()
+    me = claimant()
+    lease = me.lease if lease is None else lease
+    if engine.dialect.name == "postgresql":
+        limit = SHARED_CLAIM if limit is None else min(limit, SHARED_CLAIM)
     due = and_(
         OP.c.target == target,
         OP.c.kind.in_(kinds),
@@ -384,14 +436,16 @@ def claim_rows(
             and_(OP.c.status == "running", OP.c.lease_until < now),
         ),
     )
+    order = (func.coalesce(OP.c.next_attempt_at, OP.c.created_at), OP.c.id)
+    query = select(OP).where(due).order_by(*order).limit(limit).with_for_update(skip_locked=True)
     with engine.begin() as conn:
-        order = (func.coalesce(OP.c.next_attempt_at, OP.c.created_at), OP.c.id)
-        rows = conn.execute(select(OP).where(due).order_by(*order).limit(limit)).mappings().all()
+        rows = conn.execute(query).mappings().all()
         for chunk in _chunks([row["id"] for row in rows], 500):
             conn.execute(
                 update(OP)
                 .where(OP.c.id.in_(chunk))
-                .values(status="running", lease_until=now + lease, attempts=OP.c.attempts + 1, updated_at=now)
+                .values(status="running", claimed_by=me.name, lease_until=now + lease,
+                        attempts=OP.c.attempts + 1, updated_at=now)  # fmt: skip
             )
     return [dict(row) for row in rows]
 
@@ -401,7 +455,7 @@ def claim(
     target: str,
     *,
     now: datetime | None = None,
-    lease: timedelta = LEASE,
+    lease: timedelta | None = None,
     limit: int | None = None,
 ) -> list[ClaimedOperation]:
     """Take due account operations of a target, oldest first (see :func:`claim_rows`)."""
@@ -426,7 +480,8 @@ def release(engine: Engine, operation_ids: Sequence[int]) -> None:
     """Give claimed operations that were never started back to the queue, at the end of the line.
 
     Their attempt is not counted; they are due again from now, so :func:`claim_rows`
-    takes the rows that were already waiting first.
+    takes the rows that were already waiting first. Only while this instance still
+    holds them: a row whose lease ran out may be another's now.
     """
     if not operation_ids:
         return
@@ -435,24 +490,48 @@ def release(engine: Engine, operation_ids: Sequence[int]) -> None:
         for chunk in _chunks(list(operation_ids), 500):
             conn.execute(
                 update(OP)
-                .where(OP.c.id.in_(chunk), OP.c.status == "running")
+                .where(OP.c.id.in_(chunk), OP.c.status == "running", OP.c.claimed_by == claimant().name)
                 .values(status="pending", lease_until=None, attempts=OP.c.attempts - 1, updated_at=now,
                         next_attempt_at=now)  # fmt: skip
             )
 
 
-def recover_orphans(engine: Engine, target: str | None = None) -> int:
+def renew_leases(engine: Engine, *, now: datetime | None = None) -> int:
+    """Extend the lease of every operation this instance holds running; return how many.
+
+    The daemon calls this well within a lease while it runs, so that a long
+    call is never taken back from a live instance; a dead one stops renewing
+    and its rows fall due when their lease ends.
+    """
+    now = now or utcnow()
+    me = claimant()
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(OP)
+            .where(OP.c.status == "running", OP.c.claimed_by == me.name)
+            .values(lease_until=now + me.lease)
+        )
+        return int(result.rowcount)
+
+
+def recover_orphans(engine: Engine, target: str | None = None, *, now: datetime | None = None) -> int:
     """Operations left running by a process that died: pending again, now.
 
-    Only safe while holding the state lock (no other process can be running them).
+    Which ones: on SQLite every running row (one process per state file holds
+    the state lock, so nobody else can be running them); on a shared database
+    only this instance's own rows (a restart under the same ``daemon.instance``)
+    and rows whose lease has expired, never another live instance's.
     A retried create looks the account up before POSTing, so nothing is duplicated.
     """
+    now = now or utcnow()
     where = OP.c.status == "running"
+    if engine.dialect.name != "sqlite":
+        where = and_(where, or_(OP.c.claimed_by == claimant().name, OP.c.lease_until < now, OP.c.lease_until.is_(None)))
     if target is not None:
         where = and_(where, OP.c.target == target)
     with engine.begin() as conn:
         result = conn.execute(
-            update(OP).where(where).values(status="pending", lease_until=None, updated_at=utcnow(),
+            update(OP).where(where).values(status="pending", lease_until=None, updated_at=now,
                                            note="recovered after an interrupted run")  # fmt: skip
         )
         return int(result.rowcount)
@@ -719,6 +798,20 @@ def status_by_target(engine: Engine) -> dict[str, dict[str, int]]:
     with engine.connect() as conn:
         for target, status, count in conn.execute(query):
             counts.setdefault(target, {})[status] = int(count)
+    return counts
+
+
+def running_by_instance(engine: Engine) -> dict[str, dict[str, int]]:
+    """Running operations by target and the instance that claimed them (``claimed_by``)."""
+    query = (
+        select(OP.c.target, OP.c.claimed_by, func.count())
+        .where(OP.c.status == "running")
+        .group_by(OP.c.target, OP.c.claimed_by)
+    )
+    counts: dict[str, dict[str, int]] = {}
+    with engine.connect() as conn:
+        for target, instance, count in conn.execute(query):
+            counts.setdefault(target, {})[instance or "unknown"] = int(count)
     return counts
 
 

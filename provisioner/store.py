@@ -1,25 +1,44 @@
 """The state database: account links, the operation queue and its attempts.
 
 SQLModel tables on SQLite by default (WAL, a busy timeout, ``BEGIN IMMEDIATE``
-for every transaction so that two claimers never read the same rows as free).
-Hot paths use SQLAlchemy Core on these tables; the ORM is for reading one row.
+for every transaction so that two claimers never read the same rows as free),
+or on PostgreSQL (the ``postgres`` extra, psycopg 3) when several daemon
+instances share the work. Hot paths use SQLAlchemy Core on these tables; the
+ORM is for reading one row.
+
+The schema is Alembic's (``provisioner/migrations``): :func:`open_store`
+brings a database to the newest revision under a lock (a PostgreSQL advisory
+lock; the state file's lock for SQLite), adopts a state file made before
+migrations existed, and refuses one that a newer provisioner has upgraded.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Index, event
-from sqlalchemy.engine import make_url
+import structlog
+from sqlalchemy import Connection, Engine, Index, MetaData, event, inspect, text
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlmodel import Field, SQLModel, create_engine
 
-from provisioner.errors import ConfigError
+from provisioner.errors import ConfigError, UserError
 
-SCHEMA_VERSION = 1
+log = structlog.get_logger("provisioner.store")
+
+# The modules whose models are tables of the state database (besides this one).
+TABLE_MODULES = ("provisioner.alerts", "provisioner.quarantine")
+# The revision a state file made by ``create_all`` (before migrations) is adopted at.
+BASELINE = "0001"
+# Advisory lock key (any constant 64-bit number) held while migrating a PostgreSQL database.
+MIGRATION_LOCK = 0x7072_6F76_6D69_6772  # "provmigr"
 # The state holds HR personal data: only the owner reads it (SQLite creates -wal and -shm alike).
 STATE_FILE_MODE = 0o600
 
@@ -122,6 +141,9 @@ class Operation(SQLModel, table=True):
     attempts: int = 0
     next_attempt_at: datetime | None = None
     lease_until: datetime | None = None
+    # The instance that claimed the operation last (``daemon.instance``): who holds it while
+    # running, who sent it once finished.
+    claimed_by: str | None = None
     last_http_status: int | None = None
     last_scim_type: str | None = None
     last_detail: str | None = None
@@ -193,46 +215,169 @@ class UnmatchedAccount(SQLModel, table=True):
     last_seen_at: datetime = Field(default_factory=utcnow)
 
 
-class SchemaInfo(SQLModel, table=True):
-    """The schema version this database was created with."""
-
-    __tablename__ = "schema_info"
-
-    id: int = Field(default=1, primary_key=True)
-    version: int
+def metadata() -> MetaData:
+    """Every table of the state database: the models of this module and of :data:`TABLE_MODULES`."""
+    for module in TABLE_MODULES:
+        importlib.import_module(module)
+    return SQLModel.metadata
 
 
 def open_store(url: str) -> Engine:
-    """Connect to the state database, creating its tables on first use.
+    """Connect to the state database, bringing its schema to the newest revision first.
 
-    Raises ConfigError when the URL's driver is not installed.
+    Raises UserError (one line, exit 3) for a URL that is not a database URL, a
+    PostgreSQL URL without the ``postgres`` extra installed, and a database that
+    a newer provisioner has upgraded.
     """
-    check_state_driver(url)
-    parsed = make_url(url)
-    is_sqlite = parsed.get_backend_name() == "sqlite"
+    engine = connect(url)
+    with engine.connect() as conn:
+        current = _current(conn)
+    _check_known(engine, current)
+    if current != _heads():
+        upgrade(engine)
+    return engine
+
+
+def connect(url: str) -> Engine:
+    """An engine for the state database, configured for it; the schema is not touched."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UserError("state: not a database URL (sqlite:///file.db or postgresql://user@host/db)") from None
+    backend = parsed.get_backend_name()
     kwargs: dict[str, Any] = {}
-    if is_sqlite:
+    if backend == "sqlite":
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
             private_files(Path(parsed.database))
-    engine = create_engine(url, **kwargs)
-    if is_sqlite:
+    elif backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            # The driver the `postgres` extra installs; SQLAlchemy would look for psycopg2.
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        # Timestamps are stored without a zone and mean UTC, whatever the server's TimeZone says.
+        kwargs["connect_args"] = {"options": "-c TimeZone=UTC"}
+        kwargs["pool_pre_ping"] = True
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except ImportError as exc:
+        raise UserError(
+            f"state: {_shown(parsed)} needs a database driver that is not installed ({exc.name or exc}); "
+            "install provisioner with the `postgres` extra: pip install 'provisioner[postgres]'"
+        ) from None
+    if backend == "sqlite":
         _configure_sqlite(engine)
-    SQLModel.metadata.create_all(engine)
-    # create_all adds missing tables, not indexes on tables an older version created.
-    for index in GroupLink.__table__.indexes:  # type: ignore[attr-defined]
-        index.create(engine, checkfirst=True)
-    with engine.begin() as conn:
-        row = conn.execute(SchemaInfo.__table__.select()).first()
-        if row is None:
-            conn.execute(SchemaInfo.__table__.insert().values(id=1, version=SCHEMA_VERSION))
     return engine
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The database's schema revision; None when it has no schema yet, "legacy" when made before migrations."""
+    with engine.connect() as conn:
+        return _text(_current(conn))
+
+
+def head_revision() -> str:
+    """The newest schema revision this provisioner knows."""
+    return ",".join(_heads())
+
+
+def upgrade(engine: Engine) -> tuple[str | None, str]:
+    """Migrate the database to the newest revision under a lock; return (revision before, revision after).
+
+    A state file made by ``create_all`` before migrations existed is stamped at
+    :data:`BASELINE` first (its tables are that revision's), then upgraded like
+    any other: nothing in it is lost.
+    """
+    from alembic import command
+
+    with _migration_lock(engine) as conn:
+        current = _current(conn)
+        _check_known(engine, current)
+        config = _alembic_config(conn)
+        if current == "legacy":
+            command.stamp(config, BASELINE)
+        command.upgrade(config, "heads")
+        after = _current(conn)
+    if current != after:
+        log.info("state database upgraded", before=_text(current), after=_text(after))
+    return _text(current), str(_text(after))
+
+
+def _current(conn: Connection) -> tuple[str, ...] | str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    tables = set(inspect(conn).get_table_names())
+    if "alembic_version" in tables:
+        return tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
+    if "operation" in tables:
+        return "legacy"
+    return None
+
+
+def _text(current: tuple[str, ...] | str | None) -> str | None:
+    return ",".join(current) or None if isinstance(current, tuple) else current
+
+
+def _check_known(engine: Engine, current: tuple[str, ...] | str | None) -> None:
+    if not isinstance(current, tuple):
+        return
+    unknown = [rev for rev in current if _script().get_revision(rev) is None] if current else []
+    if unknown:
+        raise UserError(
+            f"state: {_shown(engine.url)} has schema revision {unknown[0]}, newer than this provisioner knows "
+            f"(newest: {head_revision()}); it was upgraded by a newer provisioner: run that version or a newer one"
+        )
+
+
+def _heads() -> tuple[str, ...]:
+    return tuple(sorted(_script().get_heads()))
+
+
+@functools.cache
+def _script() -> Any:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config(None))
+
+
+def _alembic_config(conn: Connection | None) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", "provisioner:migrations")
+    config.attributes["connection"] = conn
+    return config
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[Connection]:
+    """One transaction, held by one process at a time, in which migrations run."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            # Released with the transaction; the others wait here, then find the schema current.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _signed(MIGRATION_LOCK)})
+            yield conn
+        return
+    from provisioner.lock import StateLock
+
+    with StateLock(str(engine.url)), engine.begin() as conn:
+        yield conn
+
+
+def _signed(key: int) -> int:
+    """A 64-bit key as PostgreSQL's signed bigint."""
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def _shown(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
 
 
 def check_state_driver(url: str) -> None:
     """Raise ConfigError unless the database driver the state URL names can be imported."""
     try:
         parsed = make_url(url)
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")  # as connect() does
         dialect = parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
         raise ConfigError(f"state: {url!r} is not a database URL this engine knows ({exc})") from None
@@ -241,7 +386,7 @@ def check_state_driver(url: str) -> None:
     except ImportError as exc:
         hint = ""
         if parsed.get_backend_name() == "postgresql":
-            hint = "; install it (pip install 'psycopg[binary]') and write postgresql+psycopg://…"
+            hint = "; install provisioner with the `postgres` extra: pip install 'provisioner[postgres]'"
         raise ConfigError(
             f"state: the database driver of {parsed.drivername}:// is not installed ({exc.name or exc}){hint}"
         ) from None
