@@ -258,10 +258,14 @@ def enqueue(
     rejected = list(rejected)
     hashes = record_hashes or {}
     tally = rejections if rejections is not None else Rejections()
+    decisions = list(decisions)
     with engine.begin() as conn:
         open_by_key = open_rows(conn, target, ACCOUNT_KINDS)
+        done_meanwhile = applied_since_plan(conn, target, decisions)
         for d in decisions:
             register_write_only(d.payload)
+            if d.identity_key in done_meanwhile:
+                continue
             replaced = replaced_by(open_by_key.get(d.identity_key, []), d.kind.value, d.payload_hash)
             if replaced is None:
                 continue
@@ -312,6 +316,28 @@ def _silenced_rejections(conn: Any, target: str, digests: list[str]) -> set[tupl
         )
         found.update((row[0], row[1], rejection_cause(row[2])) for row in conn.execute(query))
     return found
+
+
+def applied_since_plan(conn: Any, target: str, decisions: Sequence[Decision]) -> set[str]:
+    """Identities whose planned create or update another instance applied after the plan read the links.
+
+    Planning reads the links, then writes the plan; on a shared database other
+    instances send meanwhile. An operation they finished in between is no
+    longer open, yet the plan still wants it: a create whose account is linked
+    now, or an update whose payload is the one applied now, would be sent twice.
+    """
+    keys = [d.identity_key for d in decisions if d.kind in (Kind.CREATE, Kind.UPDATE, Kind.ENABLE)]
+    wanted = {d.identity_key: d for d in decisions}
+    moot: set[str] = set()
+    for chunk in _chunks(keys, 500):
+        query = select(LINK.c.identity_key, LINK.c.applied_hash, LINK.c.active).where(
+            LINK.c.target == target, LINK.c.identity_key.in_(chunk)
+        )
+        for key, applied_hash, active in conn.execute(query):
+            d = wanted[key]
+            if d.kind is Kind.CREATE or (applied_hash == d.payload_hash and bool(active)):
+                moot.add(key)
+    return moot
 
 
 def open_rows(conn: Any, target: str, kinds: Sequence[str]) -> dict[str, list[Any]]:
