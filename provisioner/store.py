@@ -320,12 +320,21 @@ def _text(current: tuple[str, ...] | str | None) -> str | None:
 def _check_known(engine: Engine, current: tuple[str, ...] | str | None) -> None:
     if not isinstance(current, tuple):
         return
-    unknown = [rev for rev in current if _script().get_revision(rev) is None] if current else []
+    unknown = [rev for rev in current if not _known(rev)]
     if unknown:
         raise UserError(
             f"state: {_shown(engine.url)} has schema revision {unknown[0]}, newer than this provisioner knows "
             f"(newest: {head_revision()}); it was upgraded by a newer provisioner: run that version or a newer one"
         )
+
+
+def _known(revision: str) -> bool:
+    from alembic.util import CommandError
+
+    try:
+        return _script().get_revision(revision) is not None
+    except CommandError:
+        return False
 
 
 def _heads() -> tuple[str, ...]:
