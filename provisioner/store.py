@@ -256,7 +256,9 @@ def connect(url: str) -> Engine:
             parsed = parsed.set(drivername="postgresql+psycopg")
         # Timestamps are stored without a zone and mean UTC, whatever the server's TimeZone says.
         kwargs["connect_args"] = {"options": "-c TimeZone=UTC"}
-        kwargs["pool_pre_ping"] = True
+        # No pre-ping: it costs a round trip per transaction (0.7 ms of a 1.8 ms outcome here). After a
+        # server restart the first use of the old pool fails once and SQLAlchemy drops that pool; the
+        # operation it was recording stays running and is taken back when its lease ends.
     try:
         engine = create_engine(parsed, **kwargs)
     except ImportError as exc:
