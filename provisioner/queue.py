@@ -341,9 +341,16 @@ def applied_since_plan(conn: Any, target: str, decisions: Sequence[Decision]) ->
 
 
 def open_rows(conn: Any, target: str, kinds: Sequence[str]) -> dict[str, list[Any]]:
-    """A target's open operations of some kinds, by identity (or group) key."""
-    query = select(OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.payload_hash, OP.c.status, OP.c.last_error).where(
-        OP.c.target == target, OP.c.status.in_(OPEN), OP.c.kind.in_(kinds)
+    """A target's open operations of some kinds, by identity (or group) key.
+
+    Read ``FOR UPDATE`` on PostgreSQL: until the caller's transaction ends, no
+    other instance claims them, so a row the plan supersedes is not being sent
+    meanwhile (SQLite's ``BEGIN IMMEDIATE`` already keeps claimers out).
+    """
+    query = (
+        select(OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.payload_hash, OP.c.status, OP.c.last_error)
+        .where(OP.c.target == target, OP.c.status.in_(OPEN), OP.c.kind.in_(kinds))
+        .with_for_update()
     )
     by_key: dict[str, list[Any]] = {}
     for row in conn.execute(query):

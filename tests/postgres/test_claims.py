@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select, text
 
 from provisioner import queue
+from provisioner.cli import main
 from provisioner.lock import PlannerLock
 from provisioner.planner import Decision, Kind, Reason
 from provisioner.queue import OP, claim, enqueue, identify, recover_orphans, renew_leases
@@ -125,3 +128,27 @@ def test_one_planner_per_target_and_another_takes_over_when_it_goes(engine: Engi
     finally:
         first.close()
         second.close()
+
+
+def test_status_shows_which_instance_runs_what(engine: Engine, pg_url: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    plan(engine, 3)
+    identify("host-a", timedelta(minutes=10))
+    claim(engine, "app", limit=2)
+    identify("host-b", timedelta(minutes=10))
+    claim(engine, "app", limit=1)
+    config = tmp_path / "config.yaml"
+    (tmp_path / "hr.csv").write_text("employee_id,email\n")
+    config.write_text(
+        f"""state: {pg_url}
+sources:
+  hr: {{type: csv, path: hr.csv, key: employee_id}}
+targets:
+  app: {{base_url: "https://scim.example.com", auth: {{type: bearer, token: t}}, source: hr,
+         mapping: {Path(__file__).resolve().parents[2] / "mappings" / "users.yaml"}}}
+"""
+    )
+    assert main(["status", "--json", "--config", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["running_by_instance"] == {"host-a": 2, "host-b": 1}
+    assert main(["status", "--config", str(config)]) == 0
+    assert "running on: host-a 2  host-b 1" in capsys.readouterr().out
