@@ -210,7 +210,8 @@ def main() -> None:
     if args.serve:
         serve(args.serve)
         return
-    print(f"{args.users} creates, {args.concurrency} in flight per daemon, {os.cpu_count()} CPUs")
+    print(f"{args.users} creates, {args.concurrency} in flight per daemon, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at start")
     with tempfile.TemporaryDirectory(prefix="bench-sqlite-") as tmp:
         rate, _ = run_once(f"sqlite:///{Path(tmp) / 'state.db'}", 1, args.users, args.concurrency)
         print(f"  SQLite,     1 daemon : {rate:7.1f} ops/s")
