@@ -13,10 +13,12 @@ from sqlalchemy import Engine, select, text
 
 from provisioner import queue
 from provisioner.cli import main
+from provisioner.demo import DEMO_MAPPING
 from provisioner.lock import PlannerLock
 from provisioner.planner import Decision, Kind, Reason
 from provisioner.queue import OP, claim, enqueue, identify, recover_orphans, renew_leases
 from provisioner.store import open_store, utcnow
+from tests.conftest import hr_row, write_csv
 
 
 @pytest.fixture
@@ -152,3 +154,25 @@ targets:
     assert json.loads(capsys.readouterr().out)[0]["running_by_instance"] == {"host-a": 2, "host-b": 1}
     assert main(["status", "--config", str(config)]) == 0
     assert "running on: host-a 2  host-b 1" in capsys.readouterr().out
+
+
+def test_sync_refuses_a_target_that_a_running_daemon_plans(
+    engine: Engine, pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_csv(tmp_path / "hr.csv", [hr_row("E1", "Ada", "Lovelace")])
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""state: {pg_url}
+sources:
+  hr: {{type: csv, path: hr.csv, key: employee_id}}
+targets:
+  app: {{base_url: "https://scim.example.com", auth: {{type: bearer, token: t}}, source: hr, mapping: {DEMO_MAPPING}}}
+"""
+    )
+    daemon = PlannerLock(engine)
+    try:
+        assert daemon.holds("app")
+        assert main(["sync", "--config", str(config)]) == 3
+        assert "target 'app' is being planned by a running daemon instance" in capsys.readouterr().err
+    finally:
+        daemon.close()
