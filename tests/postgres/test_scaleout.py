@@ -46,7 +46,7 @@ def write_source(path: Path, numbers: range) -> None:
     write_csv(path, [hr_row(f"E{n:05d}", f"First{n}", f"Last{n}", email=f"user{n}@example.com") for n in numbers])
 
 
-def write_configs(folder: Path, state: str, base_url: str, *, every: str) -> dict[str, Path]:
+def write_configs(folder: Path, state: str, base_url: str, *, every: str, lease: str) -> dict[str, Path]:
     configs = {}
     for name in INSTANCES:
         path = folder / f"{name}.yaml"
@@ -62,7 +62,7 @@ targets:
     source: hr
     mapping: {DEMO_MAPPING}
     max_concurrency: 2
-daemon: {{listen: null, shutdown_grace: 20, retry_interval: 1, instance: {name}, lease: 2s}}
+daemon: {{listen: null, shutdown_grace: 20, retry_interval: 1, instance: {name}, lease: {lease}}}
 """
         )
         configs[name] = path
@@ -123,7 +123,8 @@ def test_three_daemons_send_each_operation_exactly_once(
     tmp_path: Path, pg_url: str, server: ScimServer, proxy: FaultProxy
 ) -> None:
     write_source(tmp_path / "hr.csv", range(USERS))
-    configs = write_configs(tmp_path, pg_url, proxy.base_url, every="1h")
+    # A lease no busy machine outlasts between renewals: this test is about sharing, not taking back.
+    configs = write_configs(tmp_path, pg_url, proxy.base_url, every="1h", lease="60s")
     daemons = {name: start(path, server.token) for name, path in configs.items()}
     try:
         wait_for(lambda: statuses(pg_url).get("succeeded", 0) >= USERS and not statuses(pg_url).get("running"))
@@ -146,7 +147,8 @@ def test_kill_9_of_the_planner_mid_cycle_others_finish_its_rows_and_take_over_pl
     tmp_path: Path, pg_url: str, server: ScimServer, proxy: FaultProxy
 ) -> None:
     write_source(tmp_path / "hr.csv", range(USERS))
-    configs = write_configs(tmp_path, pg_url, proxy.base_url, every="2s")
+    # A short lease: the survivors take the victim's rows back quickly.
+    configs = write_configs(tmp_path, pg_url, proxy.base_url, every="2s", lease="3s")
     daemons = {name: start(path, server.token) for name, path in configs.items()}
     try:
 
