@@ -138,7 +138,8 @@ def test_three_daemons_send_each_operation_exactly_once(
     sent_by = dict(query(pg_url, "SELECT claimed_by, count(*) FROM operation GROUP BY claimed_by"))
     assert set(sent_by) <= set(INSTANCES)
     for name, path in configs.items():
-        assert f'"instance": "{name}"'.encode() in path.with_suffix(".log").read_bytes(), "each log line names its instance"
+        log = path.with_suffix(".log").read_bytes()
+        assert f'"instance": "{name}"'.encode() in log, "each log line names its instance"
     print(f"\nrequests received by the target: {dict(Counter(e.method for e in proxy.events))}; "
           f"operations sent by instance: {sent_by}")  # fmt: skip
 

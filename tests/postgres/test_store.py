@@ -161,7 +161,9 @@ def test_instances_starting_at_once_migrate_once_and_all_start(tmp_path: Path, p
 def test_a_postgresql_url_without_the_driver_names_the_postgres_extra(tmp_path: Path) -> None:
     blocked = tmp_path / "blocked"
     (blocked / "psycopg").mkdir(parents=True)
-    (blocked / "psycopg" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'psycopg'\", name='psycopg')\n")
+    # What Python raises for a package that is not installed, for this one only.
+    missing = "raise ModuleNotFoundError(\"No module named 'psycopg'\", name='psycopg')\n"
+    (blocked / "psycopg" / "__init__.py").write_text(missing)
     env = {**os.environ, "PYTHONPATH": f"{blocked}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     config = write_config(tmp_path, "postgresql://provisioner@127.0.0.1:1/state")
     result = cli(config, "status", env=env)
