@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from connectors import ScimError
-from provisioner import logs, metrics, probe, redaction
+from provisioner import logs, metrics, probe, redaction, store
 from provisioner.config import Config, config_warnings, load_config, parse_duration
 from provisioner.daemon import Daemon, check_alerts, keep_leases
 from provisioner.group_executor import plan_groups_once
@@ -55,7 +55,6 @@ from provisioner.quarantine import all_states, set_paused
 from provisioner.quirks import describe as describe_quirk
 from provisioner.quirks import learned as learned_quirks
 from provisioner.quirks import unstored_writes
-from provisioner import store
 from provisioner.store import as_utc, check_state_driver, open_store
 from provisioner.sync import (
     TargetReport,

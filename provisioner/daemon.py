@@ -198,6 +198,7 @@ class Daemon:
         self.planning[name] = planner
         if not planner:
             await self.send_due(name)
+            self.last_cycle[name] = {"status": "sent only: another instance plans", "at": datetime.now(UTC)}
             return
         report = await sync_target(
             self.engine, self.config, name, self.mappings[name], stop=self.stopping, memo=self.memos[name]
