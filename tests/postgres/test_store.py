@@ -83,6 +83,23 @@ def legacy_state_file(tmp_path: Path) -> str:
     return url
 
 
+def test_tables_a_state_file_got_from_create_all_before_migrations_are_kept(tmp_path: Path) -> None:
+    """Before migrations, a newer version's create_all added its new tables on start: adoption keeps them."""
+    url = legacy_state_file(tmp_path)
+    engine = store.connect(url)
+    with engine.begin() as conn:
+        store.metadata().tables["unmatched_account"].create(conn)
+        conn.execute(text("INSERT INTO unmatched_account (target, scim_id, first_seen_at, last_seen_at) "
+                          "VALUES ('app', 'orphan-1', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"))  # fmt: skip
+    engine.dispose()
+
+    engine = store.open_store(url)
+
+    assert store.schema_revision(engine) == store.head_revision()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT scim_id FROM unmatched_account")).all() == [("orphan-1",)]
+
+
 def test_a_state_file_made_before_migrations_is_adopted_without_losing_data(tmp_path: Path) -> None:
     url = legacy_state_file(tmp_path)
     assert store.schema_revision(store.connect(url)) == "legacy"
