@@ -204,6 +204,10 @@ class Daemon:
             self.engine, self.config, name, self.mappings[name], stop=self.stopping, memo=self.memos[name]
         )
         self._remember(name, report)
+        busy = count_status(self.engine, name, "running") or count_status(self.engine, name, "pending")
+        if self.planners.shared and busy:
+            # Other instances are still sending: their new accounts would read as unlinked. Next cycle.
+            return
         await self.reconcile_if_due(name)
 
     async def reconcile_if_due(self, name: str, now: datetime | None = None) -> bool:
