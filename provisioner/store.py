@@ -35,7 +35,7 @@ log = structlog.get_logger("provisioner.store")
 
 # The modules whose models are tables of the state database (besides this one).
 TABLE_MODULES = ("provisioner.alerts", "provisioner.quarantine")
-# The revision a state file made by ``create_all`` (before migrations) is adopted at.
+# The schema ``create_all`` made before migrations existed.
 BASELINE = "0001"
 # Advisory lock key (any constant 64-bit number) held while migrating a PostgreSQL database.
 MIGRATION_LOCK = 0x7072_6F76_6D69_6772  # "provmigr"
@@ -285,19 +285,16 @@ def head_revision() -> str:
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Migrate the database to the newest revision under a lock; return (revision before, revision after).
 
-    A state file made by ``create_all`` before migrations existed is stamped at
-    :data:`BASELINE` first (its tables are that revision's), then upgraded like
-    any other: nothing in it is lost.
+    A state file made by ``create_all`` before migrations existed is migrated
+    like an empty database: every revision creates only what is missing
+    (``provisioner.migrations.idempotent``), so its tables and data are kept.
     """
     from alembic import command
 
     with _migration_lock(engine) as conn:
         current = _current(conn)
         _check_known(engine, current)
-        config = _alembic_config(conn)
-        if current == "legacy":
-            command.stamp(config, BASELINE)
-        command.upgrade(config, "heads")
+        command.upgrade(_alembic_config(conn), "heads")
         after = _current(conn)
     if current != after:
         log.info("state database upgraded", before=_text(current), after=_text(after))
@@ -310,7 +307,7 @@ def _current(conn: Connection) -> tuple[str, ...] | str | None:
     tables = set(inspect(conn).get_table_names())
     if "alembic_version" in tables:
         return tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
-    if "operation" in tables:
+    if tables:
         return "legacy"
     return None
 

@@ -1,7 +1,7 @@
 """The schema as ``create_all`` made it before migrations (``schema_info`` version 1).
 
-State files made then have exactly these tables; they are stamped at this
-revision, not migrated through it.
+State files made then hold these tables already: every step here creates only
+what is missing, so such a file is migrated like an empty one, its data kept.
 
 Revision ID: 0001
 Revises:
@@ -13,6 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from provisioner.migrations import idempotent
+
 revision = '0001'
 down_revision = None
 branch_labels = None
@@ -20,13 +22,14 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table('schema_info',
+    created = idempotent.create_table('schema_info',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('version', sa.Integer(), nullable=False),
     sa.PrimaryKeyConstraint('id')
     )
-    op.bulk_insert(sa.table('schema_info', sa.column('id'), sa.column('version')), [{'id': 1, 'version': 1}])
-    op.create_table('account_link',
+    if created:
+        op.bulk_insert(sa.table('schema_info', sa.column('id'), sa.column('version')), [{'id': 1, 'version': 1}])
+    idempotent.create_table('account_link',
     sa.Column('target', sa.String(), nullable=False),
     sa.Column('identity_key', sa.String(), nullable=False),
     sa.Column('scim_id', sa.String(), nullable=False),
@@ -38,10 +41,9 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('target', 'identity_key')
     )
-    with op.batch_alter_table('account_link', schema=None) as batch_op:
-        batch_op.create_index('ux_account_link_scim_id', ['target', 'scim_id'], unique=True)
+    idempotent.create_index('ux_account_link_scim_id', 'account_link', ['target', 'scim_id'], unique=True)
 
-    op.create_table('alert_state',
+    idempotent.create_table('alert_state',
     sa.Column('key', sa.String(), nullable=False),
     sa.Column('rule', sa.String(), nullable=False),
     sa.Column('target', sa.String(), nullable=False),
@@ -55,10 +57,9 @@ def upgrade() -> None:
     sa.Column('resolved_at', sa.DateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('key')
     )
-    with op.batch_alter_table('alert_state', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_alert_state_target'), ['target'], unique=False)
+    idempotent.create_index('ix_alert_state_target', 'alert_state', ['target'], unique=False)
 
-    op.create_table('group_link',
+    idempotent.create_table('group_link',
     sa.Column('target', sa.String(), nullable=False),
     sa.Column('group_key', sa.String(), nullable=False),
     sa.Column('scim_id', sa.String(), nullable=False),
@@ -68,14 +69,14 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('target', 'group_key')
     )
-    op.create_table('group_member_state',
+    idempotent.create_table('group_member_state',
     sa.Column('target', sa.String(), nullable=False),
     sa.Column('group_key', sa.String(), nullable=False),
     sa.Column('member_id', sa.String(), nullable=False),
     sa.Column('identity_key', sa.String(), nullable=True),
     sa.PrimaryKeyConstraint('target', 'group_key', 'member_id')
     )
-    op.create_table('operation',
+    idempotent.create_table('operation',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('run_id', sa.String(), nullable=False),
     sa.Column('target', sa.String(), nullable=False),
@@ -98,12 +99,11 @@ def upgrade() -> None:
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id')
     )
-    with op.batch_alter_table('operation', schema=None) as batch_op:
-        batch_op.create_index('ix_operation_account', ['target', 'identity_key'], unique=False)
-        batch_op.create_index('ix_operation_due', ['target', 'status', 'next_attempt_at'], unique=False)
-        batch_op.create_index(batch_op.f('ix_operation_run_id'), ['run_id'], unique=False)
+    idempotent.create_index('ix_operation_account', 'operation', ['target', 'identity_key'], unique=False)
+    idempotent.create_index('ix_operation_due', 'operation', ['target', 'status', 'next_attempt_at'], unique=False)
+    idempotent.create_index('ix_operation_run_id', 'operation', ['run_id'], unique=False)
 
-    op.create_table('run',
+    idempotent.create_table('run',
     sa.Column('id', sa.String(), nullable=False),
     sa.Column('target', sa.String(), nullable=False),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=False),
@@ -113,10 +113,9 @@ def upgrade() -> None:
     sa.Column('error', sa.String(), nullable=True),
     sa.PrimaryKeyConstraint('id')
     )
-    with op.batch_alter_table('run', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_run_target'), ['target'], unique=False)
+    idempotent.create_index('ix_run_target', 'run', ['target'], unique=False)
 
-    op.create_table('target_state',
+    idempotent.create_table('target_state',
     sa.Column('target', sa.String(), nullable=False),
     sa.Column('paused', sa.Boolean(), nullable=False),
     sa.Column('pause_note', sa.String(), nullable=True),
@@ -132,7 +131,7 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('target')
     )
-    op.create_table('attempt',
+    idempotent.create_table('attempt',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('operation_id', sa.Integer(), nullable=False),
     sa.Column('number', sa.Integer(), nullable=False),
@@ -149,8 +148,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['operation_id'], ['operation.id'], ),
     sa.PrimaryKeyConstraint('id')
     )
-    with op.batch_alter_table('attempt', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_attempt_operation_id'), ['operation_id'], unique=False)
+    idempotent.create_index('ix_attempt_operation_id', 'attempt', ['operation_id'], unique=False)
 
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from provisioner.migrations import idempotent
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -22,9 +24,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("operation") as batch_op:
-        batch_op.add_column(sa.Column("claimed_by", sa.String(), nullable=True))
-    op.drop_table("schema_info")
+    idempotent.add_column("operation", sa.Column("claimed_by", sa.String(), nullable=True))
+    if "schema_info" in sa.inspect(op.get_bind()).get_table_names():
+        op.drop_table("schema_info")
 
 
 def downgrade() -> None:
