@@ -243,7 +243,7 @@ def connect(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise UserError("state: not a database URL (sqlite:///file.db or postgresql://user@host/db)") from None
+        raise ConfigError("state: not a database URL (sqlite:///file.db or postgresql://user@host/db)") from None
     backend = parsed.get_backend_name()
     kwargs: dict[str, Any] = {}
     if backend == "sqlite":
@@ -262,7 +262,7 @@ def connect(url: str) -> Engine:
     try:
         engine = create_engine(parsed, **kwargs)
     except ImportError as exc:
-        raise UserError(
+        raise ConfigError(
             f"state: {_shown(parsed)} needs a database driver that is not installed ({exc.name or exc}); "
             "install provisioner with the `postgres` extra: pip install 'provisioner[postgres]'"
         ) from None
