@@ -35,8 +35,10 @@ def test_the_database_and_its_wal_and_shm_files_are_created_0600(tmp_path: Path,
         conn.execute(text("SELECT count(*) FROM operation"))
         files = sorted(tmp_path.glob("state.db*"))
 
-        assert [p.name for p in files] == ["state.db", "state.db-shm", "state.db-wal"]
-        assert {p.name: mode(p) for p in files} == dict.fromkeys(("state.db", "state.db-shm", "state.db-wal"), 0o600)
+        # The lock file: the schema was created under the state lock.
+        names = ("state.db", "state.db-shm", "state.db-wal", "state.db.lock")
+        assert [p.name for p in files] == list(names)
+        assert {p.name: mode(p) for p in files} == dict.fromkeys(names, 0o600)
     engine.dispose()
 
 
