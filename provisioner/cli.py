@@ -609,10 +609,20 @@ def _print_reconcile(report: Any) -> None:
             continue
         drift = f"  drift: {', '.join(f.drift)}" if f.drift else ""
         print(f"  {f.situation.value:<9} {f.identity or '-':<12} {f.user_name or '-'}  id {f.id or '-'}{drift}")
+    if report.groups:
+        groups = report.group_counts()
+        print("  groups: " + "  ".join(f"{k} {v}" for k, v in groups.items()))
+        for g in report.groups:
+            if g.situation.value == "linked" and not g.foreign_members:
+                continue
+            foreign = f"  foreign members: {', '.join(g.foreign_members)}" if g.foreign_members else ""
+            print(f"  group {g.situation.value:<9} {g.display_name or '-'}  id {g.id or '-'}{foreign}")
     if report.repairs is None:
         print("  report only: nothing was written; --repair queues and sends the configured reactions")
         return
     queued = "  ".join(f"{k} {v}" for k, v in report.repairs.counts().items()) or "nothing"
+    if report.foreign_removals:
+        queued += f"  (foreign group members to remove {report.foreign_removals})"
     print(f"  repair (run {report.run_id}): queued {queued}")
     if report.held:
         print(f"  held by the deletion brake: {report.held} (provisioner plan --held, then approve {report.run_id})")

@@ -275,6 +275,9 @@ class TargetConfig(_Strict):
     # Each linked group's members are read from the target at most this often and drift is corrected
     # (a member removed by hand is added back); "0s": every cycle; null: never.
     group_reconcile_every: str | None = "1d"
+    # Members of a managed group that are not accounts we manage (added by hand, by another tool):
+    # additive leaves them and reconciliation reports them; exact has `reconcile --repair` remove them.
+    group_members: Literal["exact", "additive"] = "additive"
     # Deviations of this target from the RFCs, declared (learned ones are added at run time).
     quirks: QuirksConfig = QuirksConfig()
     # An attribute or schema extension the target does not declare (/ResourceTypes, /Schemas):

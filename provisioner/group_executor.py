@@ -651,6 +651,21 @@ class GroupExecutor:
                 unique.setdefault(str(group.get("id")), group)
         return list(unique.values())
 
+    async def members_in_target(
+        self, client: ScimClient, link: GroupLink, resource: dict[str, Any] | None = None
+    ) -> set[str] | None:
+        """The account ids (or, for accounts we do not know, the values) of a linked group's members in the target.
+
+        ``resource``: the group as a page listed it; when it carries ``members``
+        no request is sent. A read without ``members`` is "not reported" (RFC 7643
+        §4.2), asked again as :meth:`_members` does; None when the target never
+        says (``group_members_returned: false`` and no filter to ask with).
+        """
+        if resource is not None and isinstance(resource.get("members"), list):
+            return self._ids(resource)
+        members, read = await self._members(client, link)
+        return members if read is not None or not self.state.get(link.group_key) else None
+
     async def _members(self, client: ScimClient, link: GroupLink, fresh: ScimResult | None = None) -> tuple[set[str], ScimResult | None]:
         """The group's member ids in the target, and the read that said so (None: the stored state, trusted).
 

@@ -130,6 +130,34 @@ class Finding:
         }
 
 
+@dataclass(slots=True)
+class GroupFinding:
+    """One group of the target and its situation.
+
+    ``linked``: a group a rule defines, by its stored group link;
+    ``unlinked``: no link yet, but its displayName is one a rule defines (the
+    next cycle links it); ``unmatched``: no rule defines it; ``deleted``: linked,
+    and the target answers 404. ``foreign_members``: members of a linked group
+    that are not accounts we manage (account ids, or the values the target lists).
+    """
+
+    situation: Situation
+    group: str | None
+    id: str | None
+    display_name: str | None
+    foreign_members: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The shape ``reconcile --json`` prints for one group."""
+        return {
+            "situation": self.situation.value,
+            "group": self.group,
+            "id": self.id,
+            "displayName": self.display_name,
+            "foreign_members": list(self.foreign_members),
+        }
+
+
 # --- comparing ---------------------------------------------------------------------------------
 
 # String attributes compared case-insensitively: userName is caseExact false (RFC 7643 §4.1.1), and
@@ -463,6 +491,9 @@ class ReconcileReport:
     # Outcomes of the operations sent after a repair, by status; and how many wait for approval.
     statuses: dict[str, int] = field(default_factory=dict)
     held: int = 0
+    # The target's groups (empty when the target manages none), and the member removals queued for them.
+    groups: list[GroupFinding] = field(default_factory=list)
+    foreign_removals: int = 0
 
     def counts(self) -> dict[str, int]:
         """Accounts by situation."""
@@ -475,7 +506,16 @@ class ReconcileReport:
 
     def as_dict(self) -> dict[str, Any]:
         """The object ``reconcile --json`` prints."""
-        return {"target": self.target, "counts": self.counts(), "accounts": [f.as_dict() for f in self.findings]}
+        return {"target": self.target, "counts": self.counts(), "accounts": [f.as_dict() for f in self.findings],
+                "groups": [g.as_dict() for g in self.groups]}  # fmt: skip
+
+    def group_counts(self) -> dict[str, int]:
+        """Groups by situation (``deleted`` included), and foreign members of linked groups."""
+        tally = dict.fromkeys(("linked", "unlinked", "unmatched", "deleted"), 0)
+        for g in self.groups:
+            tally[g.situation.value] += 1
+        tally["foreign_members"] = sum(len(g.foreign_members) for g in self.groups)
+        return tally
 
 
 def desired_states(
@@ -569,6 +609,8 @@ async def reconcile_target(
                 classifier.gone(key)
             else:
                 classifier.observe(result.resource or {"id": scim_id})
+        if target.groups is not None:
+            report.groups = await _read_groups(engine, config, name, mapping, client, session.quirks)
         report.requests = len(client.history)
     finally:
         await client.aclose()
@@ -579,6 +621,96 @@ async def reconcile_target(
     if repair:
         await _repair(engine, config, name, mapping, report, identities, links, now, send=send)
     return report
+
+
+async def _read_groups(
+    engine: Engine, config: Config, name: str, mapping: AttributeMapping, client: Any, quirks: Any
+) -> list[GroupFinding]:
+    """Every group of the target, paged (``attributes=displayName,members``), with its situation.
+
+    Members are read the way the group step reads them: a group listed without
+    ``members`` is asked again, and a target that never reports them
+    (``group_members_returned: false``) gives no foreign members rather than a guess.
+    """
+    from provisioner.group_executor import ENDPOINT, GroupExecutor, held_identities
+    from provisioner.groups import desired_groups, load_groups
+
+    target = config.targets[name]
+    assert target.groups is not None
+    links = load_links(engine, name)
+    # Accounts we manage: every linked account. The member state is not enough: foreign members
+    # queued for removal are recorded there, and must stay foreign until they are gone.
+    ours = {link.scim_id for link in links.values()}
+    desired = desired_groups(load_groups(target.groups), mapping, read_source(config.sources[target.source]),
+                             links, remove_leavers=target.remove_leavers_from_groups,
+                             held=held_identities(engine, name))  # fmt: skip
+    executor = GroupExecutor(engine, name, target, lambda: client, quirks=quirks)
+    executor.load()
+    by_id = {link.scim_id: key for key, link in executor.links.items()}
+    # displayName is caseExact false for Groups too (RFC 7643 §4.2): a defined name in another case is ours.
+    defined = {display.casefold(): key for key, display in desired.names.items()}
+    found: list[GroupFinding] = []
+    seen: set[str] = set()
+
+    async def observe(group: dict[str, Any]) -> None:
+        scim_id = str(group.get("id") or "")
+        if not scim_id or scim_id in seen:
+            return
+        seen.add(scim_id)
+        display = group.get("displayName")
+        display = display if isinstance(display, str) else None
+        key = by_id.get(scim_id)
+        if key is not None:
+            members = await executor.members_in_target(client, executor.links[key], group)
+            foreign = sorted((members or set()) - ours)
+            found.append(GroupFinding(Situation.LINKED, key, scim_id, display, foreign))
+        elif display is not None and display.casefold() in defined:
+            found.append(GroupFinding(Situation.UNLINKED, defined[display.casefold()], scim_id, display))
+        else:
+            found.append(GroupFinding(Situation.UNMATCHED, None, scim_id, display))
+
+    async for group in client.iter_resources(ENDPOINT, attributes="displayName,members",
+                                             page_size=target.reconcile.page_size):  # fmt: skip
+        await observe(group)
+    for key, link in executor.links.items():
+        if link.scim_id in seen:
+            continue
+        # Not on any page: only a 404 for the id itself says the group is gone.
+        try:
+            result = await client.get(ENDPOINT, link.scim_id)
+        except NotFound:
+            found.append(GroupFinding(Situation.DELETED, key, link.scim_id, link.display_name))
+        else:
+            await observe(result.resource or {"id": link.scim_id})
+    return found
+
+
+def _remove_foreign_members(engine: Engine, name: str, run_id: str, groups: Iterable[GroupFinding]) -> int:
+    """Queue one ``group_members`` operation per linked group with foreign members (``group_members: exact``).
+
+    The foreign members are first recorded in the group's member state, as a
+    full compare records what it reads: the executor removes only members it
+    knows the group holds. Returns the members queued for removal.
+    """
+    from provisioner.group_executor import GMEMBER, enqueue_groups
+    from provisioner.groups import GroupDecision, GroupKind, GroupPlan, GroupReason
+
+    plan = GroupPlan(name)
+    with engine.begin() as conn:
+        for g in groups:
+            if g.situation is not Situation.LINKED or not g.foreign_members or g.group is None:
+                continue
+            known = {row[0] for row in conn.execute(
+                select(GMEMBER.c.member_id).where(GMEMBER.c.target == name, GMEMBER.c.group_key == g.group))}  # fmt: skip
+            new = [m for m in g.foreign_members if m not in known]
+            if new:
+                conn.execute(insert(GMEMBER), [{"target": name, "group_key": g.group, "member_id": m,
+                                                "identity_key": None} for m in new])  # fmt: skip
+            plan.decisions.append(GroupDecision(g.group, GroupKind.MEMBERS, GroupReason.DRIFT, g.display_name or g.group,
+                                                remove=tuple(g.foreign_members)))  # fmt: skip
+    if plan.decisions:
+        enqueue_groups(engine, run_id, name, plan, {})
+    return sum(len(d.remove) for d in plan.decisions)
 
 
 async def _repair(
@@ -624,9 +756,17 @@ async def _repair(
     if report.held:
         log.warning("reconciliation held", target=name, run_id=report.run_id, leavers=report.held,
                     hint="provisioner plan --held, then provisioner approve RUN_ID or reject RUN_ID")  # fmt: skip
+    if target.groups is not None and target.group_members == "exact":
+        report.foreign_removals = _remove_foreign_members(engine, name, report.run_id, report.groups)
     if send and repairs.decisions:
         sent = await send_due(engine, config, name, mapping)
         report.statuses = dict(sent.statuses)
+    if send and report.foreign_removals:
+        from provisioner.group_executor import send_due_groups
+
+        sent_groups = await send_due_groups(engine, config, name)
+        for status, n in sent_groups.statuses.items():
+            report.statuses[status] = report.statuses.get(status, 0) + n
 
 
 def _fix_links(engine: Engine, name: str, repairs: Repairs) -> None:

@@ -100,7 +100,8 @@ def test_each_hand_change_is_named_in_midpoints_situations_and_nothing_is_writte
     code, result = reconcile(workspace, capsys)
 
     assert code == 0
-    assert set(result) == {"target", "counts", "accounts"} and result["target"] == "app"
+    assert set(result) == {"target", "counts", "accounts", "groups"} and result["target"] == "app"
+    assert result["groups"] == []  # the target manages no groups
     accounts = by_user(result)
     assert accounts["bob.disabled@example.com"] == {
         "situation": "linked", "identity": "E2", "id": changed["E2"], "userName": "bob.disabled@example.com",
@@ -367,3 +368,107 @@ def test_an_orphan_adopted_before_its_disable_is_sent_is_left_alone(
     assert [(op["status"], op["note"]) for op in disable] == [
         ("succeeded", "account is now linked to identity E3; left as it is")
     ]
+
+
+GROUPS = """groups:
+  - name: all-staff
+  - name: "dept-{{ department | lower }}"
+"""
+
+
+class HandGroups(Hand):
+    """Group changes made by hand."""
+
+    def group(self, display_name: str, members: list[str] = ()) -> str:  # type: ignore[assignment]
+        body = {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": display_name,
+                "members": [{"value": m} for m in members]}  # fmt: skip
+        response = self.http.post("Groups", json=body)
+        assert response.status_code == 201, response.text
+        return str(response.json()["id"])
+
+    def add_member(self, group_id: str, member: str) -> None:
+        body = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                "Operations": [{"op": "add", "path": "members", "value": [{"value": member}]}]}  # fmt: skip
+        assert self.http.patch(f"Groups/{group_id}", json=body).status_code in (200, 204)
+
+    def members(self, group_id: str) -> set[str]:
+        response = self.http.get(f"Groups/{group_id}")
+        response.raise_for_status()
+        return {m["value"] for m in response.json().get("members") or []}
+
+
+@pytest.fixture
+def grouped(workspace: Workspace, scim: ScimReader) -> dict[str, str]:
+    """Three people in managed groups, then a foreign member added to one and a group made by hand."""
+    (workspace.root / "groups.yaml").write_text(GROUPS, encoding="utf-8")
+    workspace.write_config(groups="groups.yaml")
+    workspace.write_source(PEOPLE[:3])
+    workspace.sync_now()
+    hand = HandGroups(workspace)
+    ids = dict(workspace.query("SELECT group_key, scim_id FROM group_link"))
+    ids["stranger"] = hand.create("stranger@example.com")
+    hand.add_member(ids["all-staff"], ids["stranger"])
+    ids["by-hand"] = hand.group("by-hand", [ids["stranger"]])
+    return ids
+
+
+def groups_of(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {g["displayName"]: g for g in result["groups"]}
+
+
+def test_groups_no_rule_defines_and_members_we_did_not_add_are_reported_and_left_by_default(
+    workspace: Workspace, grouped: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    hand = HandGroups(workspace)
+    ours = {scim_id for (scim_id,) in workspace.query("SELECT scim_id FROM account_link")}
+    before_ops = workspace.operations()
+
+    code, result = reconcile(workspace, capsys)
+
+    assert code == 0
+    groups = groups_of(result)
+    assert groups["all-staff"] == {"situation": "linked", "group": "all-staff", "id": grouped["all-staff"],
+                                   "displayName": "all-staff", "foreign_members": [grouped["stranger"]]}  # fmt: skip
+    assert groups["dept-engineering"]["situation"] == "linked"
+    assert groups["dept-engineering"]["foreign_members"] == []
+    assert groups["by-hand"] == {"situation": "unmatched", "group": None, "id": grouped["by-hand"],
+                                 "displayName": "by-hand", "foreign_members": []}  # fmt: skip
+    # The accounts' shape is as it was; the stranger is an unmatched account too.
+    assert by_user(result)["stranger@example.com"]["situation"] == "unmatched"
+    assert workspace.operations() == before_ops
+    # additive (the default): even a repair leaves the foreign member where it is.
+    assert reconcile(workspace, capsys, "--repair")[0] == 0
+    assert hand.members(grouped["all-staff"]) == ours | {grouped["stranger"]}
+    assert workspace.operations() == before_ops
+    capsys.readouterr()
+    assert main(["reconcile", "--config", str(workspace.config_path)]) == 0
+    out = capsys.readouterr().out
+    assert "groups: linked 2  unlinked 0  unmatched 1  deleted 0  foreign_members 1" in out
+    assert f"group unmatched by-hand  id {grouped['by-hand']}" in out
+
+
+def test_exact_group_members_removes_foreign_members_through_the_queue_and_converges(
+    workspace: Workspace, grouped: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    hand = HandGroups(workspace)
+    ours = {scim_id for (scim_id,) in workspace.query("SELECT scim_id FROM account_link")}
+    workspace.write_config(groups="groups.yaml", group_members="exact")
+
+    _, preview = reconcile(workspace, capsys)
+    assert hand.members(grouped["all-staff"]) == ours | {grouped["stranger"]}  # no --repair: no write
+    assert groups_of(preview)["all-staff"]["foreign_members"] == [grouped["stranger"]]
+
+    assert reconcile(workspace, capsys, "--repair")[0] == 0
+
+    assert hand.members(grouped["all-staff"]) == ours
+    # An ordinary, audited queue operation did it.
+    removals = [op for op in workspace.operations() if op["kind"] == "group_members" and op["reason"] == "drift"
+                and op["identity_key"] == "all-staff" and "-1 members" in (op["note"] or "")]  # fmt: skip
+    assert [op["status"] for op in removals] == ["succeeded"]
+    # Groups no rule defines are never touched, and their members stay.
+    assert hand.members(grouped["by-hand"]) == {grouped["stranger"]}
+    _, again = reconcile(workspace, capsys)
+    assert groups_of(again)["all-staff"]["foreign_members"] == []
+    # The next cycle neither adds the stranger back nor removes one of ours.
+    workspace.sync_now()
+    assert hand.members(grouped["all-staff"]) == ours
