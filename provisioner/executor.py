@@ -272,8 +272,11 @@ class Executor:
                 return Outcome(op.id, "succeeded", note="no account linked; nothing to disable")
             result = await self._set_active(client, link, active=False)
             return Outcome(op.id, "succeeded", link=_linked(link, result, active=False))
+        # A link carries the id of the account reconciliation found; it is not part of what is sent.
+        account = str(op.payload["id"]) if op.kind is Kind.LINK and (op.payload or {}).get("id") else None
+        source = {k: v for k, v in (op.payload or {}).items() if k != "id"} if account else (op.payload or {})
         # References to accounts created earlier in this cycle resolve now; the rest drop out.
-        payload, _ = resolve_refs(op.payload or {}, lambda key: links[key].scim_id if key in links else None)
+        payload, _ = resolve_refs(source, lambda key: links[key].scim_id if key in links else None)
         # Write-only values are stored masked: rendered again from the source now, or left out.
         payload = self._with_write_only(op.identity_key, payload)
         # The hash is the desired payload's: an extension held back is not a change to send every cycle.
@@ -281,6 +284,10 @@ class Executor:
         applied_hash = payload_hash(without(payload, self.create_only))
         payload = await self._supported(client, payload)
         if link is None:
+            if account is not None:
+                existing = await self._found_account(client, account, payload)
+                if existing is not None:
+                    return await self._adopt(client, op, existing, payload, applied_hash, "adopted the account reconciliation found")
             return await self._create(client, op, payload, applied_hash)
         payload = without(payload, self.create_only)
         try:
@@ -307,6 +314,25 @@ class Executor:
             return Outcome(op.id, "succeeded", note="unmatched account deleted")
         await self._set_active(client, found, active=False)
         return Outcome(op.id, "succeeded", note="unmatched account disabled")
+
+    async def _found_account(self, client: ScimClient, scim_id: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """The account reconciliation found for a link, read by its id; None when gone or no longer matching.
+
+        By id, not by filter: a target whose filters compare userName case-sensitively
+        (against RFC 7643 §4.1.1) finds nothing for an account whose case differs.
+        """
+        value = payload.get(self.match_attribute)
+        if not isinstance(value, str) or not value:
+            return None
+        try:
+            result = await client.get(self.endpoint, scim_id)
+        except NotFound:
+            return None
+        resource = result.resource or {}
+        case_exact = self.match_attribute.casefold() != "username"
+        if not resource.get("id") or not matches(resource, self.match_attribute, value, case_exact=case_exact):
+            return None
+        return resource
 
     async def _create(self, client: ScimClient, op: ClaimedOperation, payload: dict[str, Any], applied_hash: str) -> Outcome:
         """POST the account; adopt an existing one when the target already has it."""

@@ -24,7 +24,7 @@ cycle's operations are.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -34,7 +34,7 @@ import orjson
 import structlog
 from sqlalchemy import Engine, delete, func, insert, select, update
 
-from connectors import NotFound
+from connectors import NotFound, PermanentError
 from provisioner import metrics
 from provisioner.config import Config, ReconcileConfig, parse_duration
 from provisioner.errors import SafetyStop
@@ -433,6 +433,8 @@ def plan_repairs(
             if identity.link is not None:
                 repairs.drop.append(identity.key)  # its linked account is gone (deleted): adopt this one
             payload, sendable = _sendable(desired, lookup)
+            # The account found travels with the operation: adopted by its id, not looked up again.
+            payload = {**payload, "id": f.id} if f.id else payload
             repairs.decisions.append(Decision(identity.key, Kind.LINK, Reason.RECONCILE, payload, payload_hash(sendable)))
         elif f.situation is Situation.UNMATCHED and policy.unmatched != "report" and f.id:
             orphan = {"id": f.id, "userName": f.user_name}
@@ -598,8 +600,7 @@ async def reconcile_target(
     session = TargetSession(target, quirks=load_quirks(engine, name, target))
     client = session.client()
     try:
-        pages = client.iter_resources(mapping.endpoint, attributes=attributes, page_size=target.reconcile.page_size)
-        async for resource in pages:
+        async for resource in _pages(client, mapping.endpoint, attributes, target.reconcile.page_size, name):
             classifier.observe(resource)
         for key, scim_id in classifier.unseen_links():
             # Not on any page: only a 404 for the id itself says the account is gone.
@@ -621,6 +622,30 @@ async def reconcile_target(
     if repair:
         await _repair(engine, config, name, mapping, report, identities, links, now, send=send)
     return report
+
+
+async def _pages(client: Any, endpoint: str, attributes: list[str], page_size: int, name: str) -> AsyncIterator[dict[str, Any]]:
+    """Every resource of an endpoint, asked with ``attributes=`` to keep pages small (RFC 7644 §3.4.2.5).
+
+    Sub-attribute and extension paths in ``attributes`` are RFC 7644 §3.10, but
+    some targets answer them with a 400 (SCIMMY: ``name.givenName`` or the
+    enterprise extension's URN). A 400 to the first page is answered by asking
+    again without ``attributes``: larger pages, the same accounts. A 400 after
+    resources were listed is raised (the read is partial; nothing is concluded).
+    """
+    listed = False
+    try:
+        async for resource in client.iter_resources(endpoint, attributes=attributes, page_size=page_size):
+            listed = True
+            yield resource
+        return
+    except PermanentError as exc:
+        if listed or exc.status != 400:
+            raise
+        log.warning("the target refused the attributes asked for; reading whole resources", target=name,
+                    endpoint=endpoint, error=str(exc))  # fmt: skip
+    async for resource in client.iter_resources(endpoint, page_size=page_size):
+        yield resource
 
 
 async def _read_groups(
@@ -669,8 +694,7 @@ async def _read_groups(
         else:
             found.append(GroupFinding(Situation.UNMATCHED, None, scim_id, display))
 
-    async for group in client.iter_resources(ENDPOINT, attributes="displayName,members",
-                                             page_size=target.reconcile.page_size):  # fmt: skip
+    async for group in _pages(client, ENDPOINT, ["displayName", "members"], target.reconcile.page_size, name):
         await observe(group)
     for key, link in executor.links.items():
         if link.scim_id in seen:
