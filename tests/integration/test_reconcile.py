@@ -453,6 +453,7 @@ def groups_of(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {g["displayName"]: g for g in result["groups"]}
 
 
+@SERVERS
 def test_groups_no_rule_defines_and_members_we_did_not_add_are_reported_and_left_by_default(
     workspace: Workspace, grouped: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -484,6 +485,7 @@ def test_groups_no_rule_defines_and_members_we_did_not_add_are_reported_and_left
     assert f"group unmatched by-hand  id {grouped['by-hand']}" in out
 
 
+@SERVERS
 def test_exact_group_members_removes_foreign_members_through_the_queue_and_converges(
     workspace: Workspace, grouped: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
