@@ -618,6 +618,11 @@ def _print_reconcile(report: Any) -> None:
             foreign = f"  foreign members: {', '.join(g.foreign_members)}" if g.foreign_members else ""
             print(f"  group {g.situation.value:<9} {g.display_name or '-'}  id {g.id or '-'}{foreign}")
     if report.repairs is None:
+        # The adoption preview (a target with accounts, before the first cycle): what a repair and the
+        # cycles after it would do, accounts linked by the match attribute and identities created.
+        create = report.without_account + counts["deleted"]
+        print(f"  would link {counts['unlinked']}, create {create}, unmatched {counts['unmatched']}, "
+              f"disputed {counts['disputed']}")  # fmt: skip
         print("  report only: nothing was written; --repair queues and sends the configured reactions")
         return
     queued = "  ".join(f"{k} {v}" for k, v in report.repairs.counts().items()) or "nothing"

@@ -341,8 +341,11 @@ class Classifier:
         return self.findings
 
     def without_account(self) -> int:
-        """Identities in scope with no account at all: the next cycle creates them."""
-        claimed = {f.identity for f in self.findings if f.situation in (Situation.LINKED, Situation.UNLINKED)}
+        """Identities in scope with no account at all: the next cycle creates them.
+
+        Identities in a dispute are not counted: an account claims them already.
+        """
+        claimed = {key for f in self.findings if f.identity is not None for key in f.identity.split(", ")}
         return sum(
             1 for i in self.identities.values() if i.desired is not None and i.link is None and i.key not in claimed
         )

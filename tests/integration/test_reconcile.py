@@ -270,19 +270,28 @@ def test_onboarding_preview_before_the_first_cycle(
     for row in PEOPLE[:3]:
         hand.create(row["email"].upper())
     hand.create("stranger@example.com")
+    # Two new records render the userName of one account: whose it is is not ours to guess.
+    workspace.write_source([*PEOPLE, hr_row("E6", "Sam", "Shared", email="shared@example.com"),
+                            hr_row("E7", "Sue", "Shared", email="Shared@example.com")])  # fmt: skip
+    hand.create("shared@example.com")
+    before = sorted(scim.all(), key=lambda u: u["id"])
     capsys.readouterr()
     assert main(["reconcile", "--config", str(workspace.config_path)]) == 0
     out = capsys.readouterr().out
-    assert "app: linked 0  unlinked 3  unmatched 1  deleted 0  disputed 0" in out
+    assert "app: linked 0  unlinked 3  unmatched 1  deleted 0  disputed 1" in out
     assert "identities with no account yet: 2" in out
+    # Before anything is written: E1-E3 linked by userName, E4-E5 created, the stranger and the shared one reported.
+    assert "would link 3, create 2, unmatched 1, disputed 1" in out
     assert "nothing was written" in out
     assert workspace.count("operation") == 0
+    assert workspace.count("account_link") == 0
+    assert sorted(scim.all(), key=lambda u: u["id"]) == before
     # Repaired, the three are adopted (userName matched case-insensitively), the stranger left alone.
     ids = {u["userName"].lower(): u["id"] for u in scim.all()}
     assert main(["reconcile", "--config", str(workspace.config_path), "--repair"]) == 0
     links = dict(workspace.query("SELECT identity_key, scim_id FROM account_link"))
     assert links == {row["employee_id"]: ids[row["email"]] for row in PEOPLE[:3]}
-    assert len(scim.all()) == 4
+    assert len(scim.all()) == 5
 
 
 def test_the_daemon_reconciles_when_due_publishes_gauges_and_alerts(
