@@ -23,6 +23,7 @@ cycle's operations are.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -86,22 +87,38 @@ class Identity:
     # The payload's value of the mapping's match attribute, and its userName.
     match_value: str | None = None
     user_name: str | None = None
+    # A compact identity keeps no payload (``desired`` is None) but a digest of what the
+    # comparison looks at, and the shape that says what that is (interned: shared by most
+    # identities). A target account whose digest differs is compared again with the payload
+    # rendered anew (:func:`rerender`): 16 bytes held per identity instead of the whole payload.
+    digest: bytes | None = None
+    shape: tuple[tuple[str, str, tuple[str, ...]], ...] | None = None
 
     @classmethod
     def of(
         cls, key: str, payload: dict[str, Any] | None, link: Link | None = None, *, known: bool = True,
-        match: str = "userName",
+        match: str = "userName", shapes: dict[Any, Any] | None = None,
     ) -> Identity:
-        """An identity from its desired payload (None: no active account)."""
+        """An identity from its desired payload (None: no active account); compact when given ``shapes`` to intern into."""
         if payload is None:
             return cls(key, None, link, known)
         value, user_name = payload.get(match), payload.get("userName")
-        return cls(key, dumps(payload), link, known, value if isinstance(value, str) and value else None,
-                   user_name if isinstance(user_name, str) else None)  # fmt: skip
+        value = value if isinstance(value, str) and value else None
+        user_name = user_name if isinstance(user_name, str) else None
+        if shapes is None:
+            return cls(key, dumps(payload), link, known, value, user_name)
+        shape = shape_of(payload)
+        shape = shapes.setdefault(shape, shape)
+        return cls(key, None, link, known, value, user_name, fingerprint(shape, flatten(payload)), shape)
+
+    @property
+    def wants_account(self) -> bool:
+        """Whether the source wants this identity to have an active account."""
+        return self.desired is not None or self.digest is not None
 
     @property
     def payload(self) -> dict[str, Any] | None:
-        """The desired payload, decoded anew on each access."""
+        """The desired payload, decoded anew on each access (None for a compact identity)."""
         return loads(self.desired)
 
 
@@ -231,6 +248,60 @@ def _item(attribute: str, item: Any, keys: set[str]) -> bytes:
     return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
 
 
+def shape_of(desired: Mapping[str, Any]) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """What a comparison with ``desired`` looks at: (path, "value" | "list" | "map", the keys compared).
+
+    Paths holding unresolved references are left out, as :func:`drift` skips them.
+    """
+    shape = []
+    for path, want in flatten(desired).items():
+        if refs_in(want):
+            continue
+        if isinstance(want, list):
+            keys = tuple(sorted({k for item in want if isinstance(item, Mapping) for k in item}))
+            shape.append((path, "list", keys))
+        elif isinstance(want, Mapping):
+            shape.append((path, "map", tuple(sorted(k for k, v in want.items() if not refs_in(v)))))
+        else:
+            shape.append((path, "value", ()))
+    return tuple(shape)
+
+
+def fingerprint(shape: tuple[tuple[str, str, tuple[str, ...]], ...], values: Mapping[str, Any]) -> bytes:
+    """A digest of the values at the shape's paths, normalized as :func:`same` compares them.
+
+    ``values``: flattened paths (a desired payload's :func:`~provisioner.payload.flatten`)
+    or a target resource read through :func:`get_path`. Equal digests mean no drift;
+    different ones are checked again with :func:`drift` (the normalization is at
+    least as strict as :func:`same`, never looser).
+    """
+    parts: list[Any] = []
+    for path, kind, keys in shape:
+        value = values.get(path) if isinstance(values, dict) else None
+        parts.append(_canonical(path, kind, keys, value))
+    return hashlib.blake2b(orjson.dumps(parts, default=repr), digest_size=16).digest()
+
+
+def resource_fingerprint(shape: tuple[tuple[str, str, tuple[str, ...]], ...], resource: Mapping[str, Any]) -> bytes:
+    """:func:`fingerprint` of a target resource."""
+    return fingerprint(shape, {path: get_path(resource, path) for path, _, _ in shape})
+
+
+def _canonical(path: str, kind: str, keys: tuple[str, ...], value: Any) -> Any:
+    attribute = path.rpartition(":")[2].split(".")[0].lower() if path.startswith("urn:") else path.split(".")[0].lower()
+    if kind == "list":
+        if not isinstance(value, list):
+            return ["not a list", repr(type(value))]
+        return sorted(_item(attribute, x, set(keys)).decode() for x in value)
+    if kind == "map":
+        if not isinstance(value, Mapping):
+            return ["not a map", repr(type(value))]
+        return [[k, type(v).__name__, v] for k in keys for v in (_get(value, k),)]
+    if isinstance(value, str) and path.lower() in _CASELESS_PATHS:
+        return ["str", value.casefold()]
+    return [type(value).__name__, value]
+
+
 def drift(desired: Mapping[str, Any], resource: Mapping[str, Any]) -> dict[str, Any]:
     """The attribute paths the mapping sets whose value in ``resource`` differs, with the target's values.
 
@@ -274,6 +345,9 @@ class Classifier:
         self.seen_ids: set[str] = set()
         # Accounts the match attribute gives to exactly one identity: decided once every account is seen.
         self.candidates: dict[str, list[Finding]] = {}
+        # Linked accounts of compact identities whose digest differs: the values at the shape's paths,
+        # kept until :meth:`compare` checks them against payloads rendered anew.
+        self.suspects: dict[str, tuple[Finding, dict[str, Any]]] = {}
 
     def _norm(self, value: str) -> str:
         # userName is caseExact false (RFC 7643 §4.1.1); other match attributes (externalId) are exact.
@@ -311,6 +385,13 @@ class Classifier:
         finding = Finding(Situation.LINKED, identity.key, scim_id, user_name, active=active)
         if not identity.known:
             return finding
+        if identity.digest is not None and identity.shape is not None:
+            if resource_fingerprint(identity.shape, resource) != identity.digest:
+                seen: dict[str, Any] = {}
+                for path, _, _ in identity.shape:
+                    _set_path(seen, path, get_path(resource, path))
+                self.suspects[identity.key] = (finding, seen)
+            return finding
         payload = identity.payload
         if payload is not None:
             finding.observed = drift(payload, resource)
@@ -319,6 +400,15 @@ class Classifier:
             finding.observed = {"active": active}
         finding.drift = list(finding.observed)
         return finding
+
+    def compare(self, payloads: Mapping[str, dict[str, Any]]) -> None:
+        """Name the drift of the suspect accounts, from their identities' payloads rendered anew."""
+        for key, (finding, seen) in self.suspects.items():
+            payload = payloads.get(key)
+            if payload is not None:
+                finding.observed = drift(payload, seen)
+                finding.drift = list(finding.observed)
+        self.suspects.clear()
 
     def unseen_links(self) -> list[tuple[str, str]]:
         """(identity key, SCIM id) of every linked account the pages did not contain."""
@@ -347,7 +437,7 @@ class Classifier:
         """
         claimed = {key for f in self.findings if f.identity is not None for key in f.identity.split(", ")}
         return sum(
-            1 for i in self.identities.values() if i.desired is not None and i.link is None and i.key not in claimed
+            1 for i in self.identities.values() if i.wants_account and i.link is None and i.key not in claimed
         )
 
 
@@ -432,7 +522,8 @@ def plan_repairs(
             repairs.decisions.append(Decision(identity.key, Kind.CREATE, Reason.RECONCILE, payload, payload_hash(sendable)))
         elif f.situation is Situation.UNLINKED and policy.unlinked == "link" and identity is not None:
             desired = identity.payload
-            assert desired is not None
+            if desired is None:
+                continue  # its record no longer renders: nothing to adopt the account with
             if identity.link is not None:
                 repairs.drop.append(identity.key)  # its linked account is gone (deleted): adopt this one
             payload, sendable = _sendable(desired, lookup)
@@ -528,13 +619,18 @@ def desired_states(
     records: Iterable[IdentityRecord | BadRecord],
     links: Mapping[str, Link],
     min_records: int = 1,
+    *,
+    compact: bool = False,
 ) -> tuple[dict[str, Identity], int, list[str]]:
     """Every identity of the source and of the links, rendered; unreadable records counted.
 
     Returns (identities by key, unreadable records, the attribute paths to ask
-    the target for). Raises SafetyStop when the source has fewer usable records
+    the target for). ``compact``: identities keep a digest of their payload, not
+    the payload (see :class:`Identity`; :func:`rerender` gives payloads back).
+    Raises SafetyStop when the source has fewer usable records
     than ``min_records``: an empty export must not make every account an orphan.
     """
+    shapes: dict[Any, Any] | None = {} if compact else None
     lookup = {key: link.scim_id for key, link in links.items()}
     identities: dict[str, Identity] = {}
     unreadable = 0
@@ -557,7 +653,8 @@ def desired_states(
         if rendered.payload:
             payload = resolve_refs(rendered.payload, lookup.get, keep_unresolved=True)[0]
             paths.update(flatten(payload))
-        identities[record.key] = Identity.of(record.key, payload, links.get(record.key), match=mapping.match)
+        identities[record.key] = Identity.of(record.key, payload, links.get(record.key), match=mapping.match,
+                                             shapes=shapes)  # fmt: skip
     if usable < max(min_records, 1):
         raise SafetyStop(
             f"the source has {usable} usable records (min_records {min_records}); "
@@ -567,6 +664,27 @@ def desired_states(
         if key not in identities:
             identities[key] = Identity.of(key, None, link)
     return identities, unreadable, sorted(paths)
+
+
+def rerender(
+    mapping: AttributeMapping, records: Iterable[IdentityRecord | BadRecord], links: Mapping[str, Link], keys: set[str]
+) -> dict[str, dict[str, Any]]:
+    """The desired payloads of these identities, rendered again from the source as :func:`desired_states` does.
+
+    A record that no longer renders (the source changed since) is left out.
+    """
+    lookup = {key: link.scim_id for key, link in links.items()}
+    payloads: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if isinstance(record, BadRecord) or record.key not in keys or record.key in payloads:
+            continue
+        try:
+            rendered = mapping.render(record.attributes)
+        except MappingError:
+            continue
+        if rendered.payload:
+            payloads[record.key] = resolve_refs(rendered.payload, lookup.get, keep_unresolved=True)[0]
+    return payloads
 
 
 async def reconcile_target(
@@ -596,7 +714,7 @@ async def reconcile_target(
     report = ReconcileReport(name, f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")
     links = load_links(engine, name)
     identities, report.unreadable_records, attributes = desired_states(
-        mapping, read_source(source), links, source.min_records
+        mapping, read_source(source), links, source.min_records, compact=True
     )
     classifier = Classifier(identities.values(), mapping.match)
     # The target's declared and learned deviations (a target that ignores filters or rejects count) hold here too.
@@ -621,6 +739,15 @@ async def reconcile_target(
         await session.aclose()
     report.findings = classifier.finish()
     report.without_account = classifier.without_account()
+    # Payloads only for the accounts that need one: drift suspected, or (to repair) adopted or recreated.
+    needed = set(classifier.suspects)
+    if repair:
+        needed |= {f.identity for f in report.findings
+                   if f.identity and f.situation in (Situation.UNLINKED, Situation.DELETED)}  # fmt: skip
+    payloads = rerender(mapping, read_source(source), links, needed) if needed else {}
+    classifier.compare(payloads)
+    for key, payload in payloads.items():
+        identities[key] = Identity.of(key, payload, identities[key].link, match=mapping.match)
     log.info("reconciled", target=name, counts=report.counts(), drifted=report.drifted, requests=report.requests)
     if repair:
         await _repair(engine, config, name, mapping, report, identities, links, now, send=send)

@@ -21,9 +21,7 @@ from tests.conftest import ENTERPRISE, hr_row, write_csv
 WORK = {"value": "ada@example.com", "type": "work", "primary": True}
 
 
-@pytest.mark.parametrize(
-    ("want", "have", "drifted"),
-    [
+DRIFT_CASES = [
         pytest.param({"userName": "ada@example.com"}, {"userName": "Ada@Example.com"}, [], id="userName-is-caseless"),
         pytest.param({"title": "Engineer"}, {"title": "engineer"}, ["title"], id="other-strings-are-exact"),
         pytest.param({"active": True}, {}, ["active"], id="absent-is-drift"),
@@ -46,12 +44,39 @@ WORK = {"value": "ada@example.com", "type": "work", "primary": True}
         pytest.param({ENTERPRISE: {"manager": {"value": Ref("E9")}}}, {}, [], id="unresolved-reference-skipped"),
         pytest.param({ENTERPRISE: {"department": "Eng"}}, {ENTERPRISE.lower(): {"Department": "Eng"}}, [],
                      id="attribute-names-are-caseless"),  # fmt: skip
-    ],
-)
+]
+
+
+@pytest.mark.parametrize(("want", "have", "drifted"), DRIFT_CASES)
 def test_drift_compares_only_what_the_mapping_sets_as_scim_means_it(
     want: dict[str, Any], have: dict[str, Any], drifted: list[str]
 ) -> None:
     assert list(drift(want, have)) == drifted
+
+
+@pytest.mark.parametrize(("want", "have", "drifted"), DRIFT_CASES)
+def test_a_compact_identity_finds_the_same_drift_from_a_digest_and_a_payload_rendered_anew(
+    want: dict[str, Any], have: dict[str, Any], drifted: list[str]
+) -> None:
+    """The digest only picks which accounts to compare again: the drift named is the full comparison's."""
+    shapes: dict[Any, Any] = {}
+    identity = Identity.of("E1", want, Link("E1", "u1", "h", True), shapes=shapes)
+    assert identity.desired is None and identity.digest is not None and identity.wants_account
+    classifier = Classifier([identity])
+    classifier.observe({"id": "u1", **have})
+    # A drifted account is always compared again; one that holds what the mapping sets is settled by
+    # its digest, without a payload.
+    assert (identity.key in classifier.suspects) is bool(drifted)
+    classifier.compare({"E1": want})
+    [finding] = classifier.finish()
+    assert finding.situation is Situation.LINKED and finding.drift == drifted
+
+
+def test_identities_with_one_shape_share_it() -> None:
+    shapes: dict[Any, Any] = {}
+    a = Identity.of("E1", {"userName": "a@x", "active": True}, shapes=shapes)
+    b = Identity.of("E2", {"userName": "b@x", "active": True}, shapes=shapes)
+    assert a.shape is b.shape and len(shapes) == 1 and a.digest != b.digest
 
 
 def _identity(key: str, user_name: str, scim_id: str | None = None, *, active: bool = True) -> Identity:
