@@ -130,11 +130,16 @@ class Finding:
     identity: str | None
     id: str | None
     user_name: str | None
-    drift: list[str] = field(default_factory=list)
     # The account's ``active`` as the target says (None: not said, or the account is gone).
     active: bool | None = None
-    # The target's values of the drifted paths (None: absent), for a repair that PATCHes only those.
-    observed: dict[str, Any] = field(default_factory=dict)
+    # The drifted paths with the target's values (None: absent), for a repair that PATCHes only those.
+    # None when nothing drifted: most accounts, so no empty dict is held for each.
+    observed: dict[str, Any] | None = None
+
+    @property
+    def drift(self) -> list[str]:
+        """The attribute paths whose value in the target differs from the desired payload."""
+        return list(self.observed) if self.observed else []
 
     def as_dict(self) -> dict[str, Any]:
         """The shape ``reconcile --json`` prints for one account."""
@@ -333,13 +338,21 @@ class Classifier:
         self.match_attribute = match_attribute
         self.identities: dict[str, Identity] = {}
         self.by_id: dict[str, str] = {}
-        self.by_match: dict[str, list[str]] = {}
+        # Match value -> its identity; the rare value several identities render, in ``shared``.
+        self.by_match: dict[str, str] = {}
+        self.shared: dict[str, list[str]] = {}
         for identity in identities:
             self.identities[identity.key] = identity
             if identity.link is not None:
                 self.by_id[identity.link.scim_id] = identity.key
             if identity.match_value is not None:
-                self.by_match.setdefault(self._norm(identity.match_value), []).append(identity.key)
+                norm = self._norm(identity.match_value)
+                if norm in self.shared:
+                    self.shared[norm].append(identity.key)
+                elif norm in self.by_match:
+                    self.shared[norm] = [self.by_match.pop(norm), identity.key]
+                else:
+                    self.by_match[norm] = identity.key
         self.findings: list[Finding] = []
         self.seen_links: set[str] = set()
         self.seen_ids: set[str] = set()
@@ -369,7 +382,7 @@ class Classifier:
             self.findings.append(self._linked(self.identities[key], scim_id, user_name, active, resource))
             return
         value = _get(resource, self.match_attribute)
-        owners = self.by_match.get(self._norm(value), []) if isinstance(value, str) and value else []
+        owners = self._owners(value) if isinstance(value, str) and value else []
         if not owners:
             self.findings.append(Finding(Situation.UNMATCHED, None, scim_id, user_name, active=active))
         elif len(owners) > 1:
@@ -378,6 +391,12 @@ class Classifier:
             finding = Finding(Situation.UNLINKED, owners[0], scim_id, user_name, active=active)
             self.findings.append(finding)
             self.candidates.setdefault(owners[0], []).append(finding)
+
+    def _owners(self, value: str) -> list[str]:
+        norm = self._norm(value)
+        if norm in self.shared:
+            return self.shared[norm]
+        return [self.by_match[norm]] if norm in self.by_match else []
 
     def _linked(
         self, identity: Identity, scim_id: str, user_name: str | None, active: bool | None, resource: Mapping[str, Any]
@@ -394,11 +413,10 @@ class Classifier:
             return finding
         payload = identity.payload
         if payload is not None:
-            finding.observed = drift(payload, resource)
+            finding.observed = drift(payload, resource) or None
         elif active is True and identity.link is not None and not identity.link.active:
             # Disabled by us as a leaver, active again in the target.
             finding.observed = {"active": active}
-        finding.drift = list(finding.observed)
         return finding
 
     def compare(self, payloads: Mapping[str, dict[str, Any]]) -> None:
@@ -406,8 +424,7 @@ class Classifier:
         for key, (finding, seen) in self.suspects.items():
             payload = payloads.get(key)
             if payload is not None:
-                finding.observed = drift(payload, seen)
-                finding.drift = list(finding.observed)
+                finding.observed = drift(payload, seen) or None
         self.suspects.clear()
 
     def unseen_links(self) -> list[tuple[str, str]]:
@@ -509,7 +526,7 @@ def plan_repairs(
                 continue
             payload, sendable = _sendable(desired, lookup)
             applied = orjson.loads(orjson.dumps(sendable))
-            for path, value in f.observed.items():
+            for path, value in (f.observed or {}).items():
                 _set_path(applied, path, value)
             repairs.observed[identity.key] = applied
             repairs.decisions.append(Decision(identity.key, Kind.UPDATE, Reason.RECONCILE, payload, payload_hash(sendable)))
