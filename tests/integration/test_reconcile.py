@@ -520,3 +520,36 @@ def test_exact_group_members_removes_foreign_members_through_the_queue_and_conve
     # The next cycle neither adds the stranger back nor removes one of ours.
     workspace.sync_now()
     assert hand.members(grouped["all-staff"]) == ours
+
+
+def test_a_target_whose_group_reads_omit_members_gives_no_foreign_members_rather_than_a_guess(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import TOKEN_VARIABLE
+    from tests.servers.deviant import start_deviant_server
+
+    server = start_deviant_server({"group_members_not_returned"})
+    try:
+        monkeypatch.setenv(TOKEN_VARIABLE, server.token)
+        workspace = Workspace(tmp_path, server)  # type: ignore[arg-type]
+        (workspace.root / "groups.yaml").write_text(GROUPS, encoding="utf-8")
+        workspace.write_config(groups="groups.yaml", group_members="exact")
+        workspace.write_source(PEOPLE[:3])
+        workspace.sync_now()
+        hand = HandGroups(workspace)
+        staff = dict(workspace.query("SELECT group_key, scim_id FROM group_link"))["all-staff"]
+        stranger = hand.create("stranger@example.com")
+        hand.add_member(staff, stranger)
+        before = len(workspace.operations())
+
+        code, result = reconcile(workspace, capsys, "--repair")
+
+        assert code == 0
+        # The target never says who is in the group: the stranger cannot be seen, so nothing is removed.
+        assert groups_of(result)["all-staff"]["situation"] == "linked"
+        assert groups_of(result)["all-staff"]["foreign_members"] == []
+        assert not [op for op in workspace.operations()[before:] if op["kind"] == "group_members"]
+        [group] = [g for g in server.dump()["Groups"] if g["id"] == staff]
+        assert stranger in {m["value"] for m in group.get("members") or []}
+    finally:
+        server.stop()
