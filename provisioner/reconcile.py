@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -364,14 +364,19 @@ class Classifier:
 
     def _norm(self, value: str) -> str:
         # userName is caseExact false (RFC 7643 §4.1.1); other match attributes (externalId) are exact.
-        return value.casefold() if self.match_attribute.lower() == "username" else value
+        if self.match_attribute.lower() != "username":
+            return value
+        folded = value.casefold()
+        return value if folded == value else folded  # the string already held, not a copy of it
 
     def observe(self, resource: Mapping[str, Any]) -> None:
         """Classify one account of the target (a resource with at least ``id``)."""
         scim_id = str(resource.get("id") or "")
         if not scim_id or scim_id in self.seen_ids:
             return  # a page repeated an account: it counts once
-        self.seen_ids.add(scim_id)
+        linked = self.by_id.get(scim_id)
+        link = self.identities[linked].link if linked is not None else None
+        self.seen_ids.add(link.scim_id if link is not None else scim_id)
         user_name = _get(resource, "userName")
         user_name = user_name if isinstance(user_name, str) else None
         active = _get(resource, "active")
@@ -401,6 +406,10 @@ class Classifier:
     def _linked(
         self, identity: Identity, scim_id: str, user_name: str | None, active: bool | None, resource: Mapping[str, Any]
     ) -> Finding:
+        # The link's id string, already held, rather than the page's copy (100,000 of them add up).
+        scim_id = identity.link.scim_id if identity.link is not None and identity.link.scim_id == scim_id else scim_id
+        if user_name is not None and user_name == identity.user_name:
+            user_name = identity.user_name
         finding = Finding(Situation.LINKED, identity.key, scim_id, user_name, active=active)
         if not identity.known:
             return finding
@@ -654,6 +663,9 @@ def desired_states(
     usable = 0
     paths: set[str] = {"userName", "active", mapping.match}
     for record in records:
+        if record.key in links:
+            # The link's key string, already held, for the identity too.
+            record = replace(record, key=links[record.key].identity_key)
         if isinstance(record, BadRecord) or record.key in identities:
             unreadable += 1
             if record.key:
