@@ -831,7 +831,7 @@ async def _read_groups(
     executor = GroupExecutor(engine, name, target, lambda: client, quirks=quirks)
     executor.load()
     by_id = {link.scim_id: key for key, link in executor.links.items()}
-    # displayName is caseExact false for Groups too (RFC 7643 §4.2): a defined name in another case is ours.
+    # displayName is caseExact false in the Group schema (RFC 7643 §8.7.1): a defined name in another case is ours.
     defined = {display.casefold(): key for key, display in desired.names.items()}
     found: list[GroupFinding] = []
     seen: set[str] = set()
