@@ -29,10 +29,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,6 +44,7 @@ from provisioner.queue import recover_orphans
 from provisioner.store import open_store
 from provisioner.sync import load_target_mapping, sync_target
 from tests.conftest import hr_row, write_csv
+from tests.daemons import kill_daemon, start_daemon
 from tests.faultproxy import ALL_KINDS, FaultProxy
 
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
@@ -151,18 +149,11 @@ def statuses(folder: Path) -> dict[str, int]:
         return {}
 
 
-def start_daemon(config: Path, token: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "CRASH_TOKEN": token}
-    command = [sys.executable, "-m", "provisioner", "--log-format", "json", "run", "--config", str(config)]
-    log = (config.parent / "daemon.log").open("ab")
-    return subprocess.Popen(command, env=env, stdout=log, stderr=log)
-
-
 def kill_at_random(folder: Path, config: Path, token: str, rng: random.Random, share: float, figures: Figures) -> None:
     """Start the daemon, let a random share of ``share`` × users succeed (or 30 s pass), then kill -9 it."""
     before = statuses(folder).get("succeeded", 0)
     goal = before + max(1, int(figures.users * share * rng.uniform(0.3, 1.0)))
-    daemon = start_daemon(config, token)
+    daemon = start_daemon(config, {"CRASH_TOKEN": token})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and daemon.poll() is None:
         if statuses(folder).get("succeeded", 0) >= goal:
@@ -170,8 +161,7 @@ def kill_at_random(folder: Path, config: Path, token: str, rng: random.Random, s
         time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 0.2))
     in_flight = {k: v for k, v in statuses(folder).items() if k in ("pending", "running", "retry_wait")}
-    os.kill(daemon.pid, signal.SIGKILL)
-    daemon.wait(timeout=10)
+    kill_daemon(daemon)
     figures.kills += 1
     figures.kills_mid_work += bool(in_flight)
 

@@ -93,13 +93,11 @@ async def test_a_50_mb_answer_to_a_lookup_is_refused_without_reading_it_all(
     assert len(scim.history[-1].response_body or "") <= 2000
 
 
-async def test_a_target_dripping_its_answer_is_cut_off_by_the_deadline(
-    raw_server: Callable[[Writer], Awaitable[RawServer]],
-) -> None:
-    """Each byte comes well within the read timeout; the whole answer never does."""
+async def dripping(raw_server: Callable[[Writer], Awaitable[RawServer]], content_type: bytes) -> RawServer:
+    """A server whose answer declares 1000 bytes of ``content_type`` and sends one every 20 ms."""
 
     async def drip(writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/scim+json\r\nContent-Length: 1000\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type + b"\r\nContent-Length: 1000\r\n\r\n")
         for _ in range(1000):
             writer.write(b" ")
             await writer.drain()
@@ -107,6 +105,15 @@ async def test_a_target_dripping_its_answer_is_cut_off_by_the_deadline(
             await asyncio.sleep(0.02)
 
     server = await raw_server(drip)
+    return server
+
+
+async def test_a_target_dripping_its_answer_is_cut_off_by_the_deadline(
+    raw_server: Callable[[Writer], Awaitable[RawServer]],
+) -> None:
+    """Each byte comes well within the read timeout; the whole answer never does."""
+
+    server = await dripping(raw_server, b"application/scim+json")
     async with client_for(server.base_url, timeout=httpx.Timeout(5.0), deadline=0.3) as scim:
         with pytest.raises(TransientError, match="no complete answer within 0.3s") as raised:
             await scim.get("Users", "u1")
@@ -157,15 +164,7 @@ async def test_an_answer_within_the_cap_is_read_whole(respx_mock: respx.MockRout
 async def test_a_token_endpoint_dripping_its_answer_is_cut_off_too(
     raw_server: Callable[[Writer], Awaitable[RawServer]],
 ) -> None:
-    async def drip(writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
-        for _ in range(1000):
-            writer.write(b" ")
-            await writer.drain()
-            server.sent += 1
-            await asyncio.sleep(0.02)
-
-    server = await raw_server(drip)
+    server = await dripping(raw_server, b"application/json")
     tokens = OAuth2ClientCredentials(server.base_url + "/token", "client", "s3cret-value", timeout=httpx.Timeout(0.3),
                                      allow_insecure_http=True)  # fmt: skip
     async with tokens:

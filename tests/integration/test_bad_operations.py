@@ -51,15 +51,26 @@ def behind(workspace: Workspace, proxy_url: str, token: str, **options: str) -> 
     workspace.write_config(retry=RETRY, **options)
 
 
-def test_one_record_whose_writes_always_fail_never_quarantines_the_target(
-    workspace: Workspace, scim_server: ScimServer, scim: ScimReader, fault_proxy: Any
-) -> None:
-    """The issue's set-up: good1@ and bad@, three rounds of retry + sync, then good2@ joins and group Eng is due."""
+def bad_record_synced(workspace: Workspace, scim_server: ScimServer, fault_proxy: Any) -> tuple[Any, Any]:
+    """good1@ and bad@ synced once behind a proxy refusing bad@'s writes; the proxy and the state's engine."""
     proxy = fault_proxy(scim_server.base_url, answer=bad_writes)
     behind(workspace, proxy.base_url, scim_server.token)
     workspace.write_source([GOOD1, BAD])
     workspace.sync_now()
-    engine = open_store(f"sqlite:///{workspace.db_path}")
+    return proxy, open_store(f"sqlite:///{workspace.db_path}")
+
+
+def good2_joins_and_group_eng_is_due(workspace: Workspace, proxy_url: str, token: str) -> None:
+    (workspace.root / "groups.yaml").write_text(ENG)
+    behind(workspace, proxy_url, token, groups="groups.yaml")
+    workspace.write_source([GOOD1, BAD, GOOD2])
+
+
+def test_one_record_whose_writes_always_fail_never_quarantines_the_target(
+    workspace: Workspace, scim_server: ScimServer, scim: ScimReader, fault_proxy: Any
+) -> None:
+    """The issue's set-up: good1@ and bad@, three rounds of retry + sync, then good2@ joins and group Eng is due."""
+    proxy, engine = bad_record_synced(workspace, scim_server, fault_proxy)
 
     for _ in range(3):
         retry_now(engine, Selection(status="retry_wait"))
@@ -67,9 +78,7 @@ def test_one_record_whose_writes_always_fail_never_quarantines_the_target(
 
     health = state(engine, "app")
     assert health is not None and not health.quarantined, health.quarantine_reason
-    (workspace.root / "groups.yaml").write_text(ENG)
-    behind(workspace, proxy.base_url, scim_server.token, groups="groups.yaml")
-    workspace.write_source([GOOD1, BAD, GOOD2])
+    good2_joins_and_group_eng_is_due(workspace, proxy.base_url, scim_server.token)
 
     report = workspace.sync_now()
 
@@ -90,16 +99,10 @@ def test_a_quarantined_target_is_probed_by_new_work_and_group_operations_probe_t
     workspace: Workspace, scim_server: ScimServer, scim: ScimReader, fault_proxy: Any
 ) -> None:
     """Quarantined (a real outage earlier), with bad@ due: good2@'s create probes, and group Eng is created."""
-    proxy = fault_proxy(scim_server.base_url, answer=bad_writes)
-    behind(workspace, proxy.base_url, scim_server.token)
-    workspace.write_source([GOOD1, BAD])
-    workspace.sync_now()
-    engine = open_store(f"sqlite:///{workspace.db_path}")
+    proxy, engine = bad_record_synced(workspace, scim_server, fault_proxy)
     quarantine(engine)
     retry_now(engine, Selection(status="retry_wait"))
-    (workspace.root / "groups.yaml").write_text(ENG)
-    behind(workspace, proxy.base_url, scim_server.token, groups="groups.yaml")
-    workspace.write_source([GOOD1, BAD, GOOD2])
+    good2_joins_and_group_eng_is_due(workspace, proxy.base_url, scim_server.token)
 
     report = workspace.sync_now()
 

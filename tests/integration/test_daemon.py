@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import hr_row, write_csv
+from tests.daemons import kill_daemon, start_daemon, stop_daemon, wait_for
 from provisioner.demo import DEMO_MAPPING, ScimServer, free_port, start_scim_server
 
 USERS = 300
@@ -57,14 +58,6 @@ daemon: {{listen: "127.0.0.1:{free_port()}", shutdown_grace: 20, retry_interval:
     return path
 
 
-def start_daemon(config: Path, token: str) -> subprocess.Popen[bytes]:
-    """Start `provisioner run`; its log goes to a file beside the config (a pipe nobody reads would fill up)."""
-    env = {**os.environ, "APP_TOKEN": token}
-    command = [sys.executable, "-m", "provisioner", "--log-format", "json", "run", "--config", str(config)]
-    log = (config.parent / "daemon.log").open("ab")
-    return subprocess.Popen(command, env=env, stdout=log, stderr=log)
-
-
 def statuses(folder: Path) -> dict[str, int]:
     database = folder / "state.db"
     if not database.exists():
@@ -74,15 +67,6 @@ def statuses(folder: Path) -> dict[str, int]:
             return dict(conn.execute("SELECT status, count(*) FROM operation GROUP BY status").fetchall())
         except sqlite3.OperationalError:
             return {}
-
-
-def wait_for(predicate, timeout: float = 60.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def server_users(server: ScimServer) -> list[dict[str, object]]:
@@ -113,22 +97,21 @@ def assert_target_complete(server: ScimServer) -> None:
 
 
 def finish_with_a_new_daemon(folder: Path, config: Path, server: ScimServer) -> None:
-    daemon = start_daemon(config, server.token)
+    daemon = start_daemon(config, {"APP_TOKEN": server.token})
     try:
-        wait_for(lambda: statuses(folder).get("succeeded", 0) >= USERS and not statuses(folder).get("running"))
+        wait_for("every operation done",
+                 lambda: statuses(folder).get("succeeded", 0) >= USERS and not statuses(folder).get("running"))
         # The second cycle of the restarted daemon must find nothing left to do.
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=30) == 0
+        assert stop_daemon(daemon) == 0
 
 
 def test_kill_9_mid_cycle_loses_nothing_and_duplicates_nothing(tmp_path: Path, server: ScimServer) -> None:
     write_source(tmp_path / "hr.csv", USERS)
     config = write_config(tmp_path, server)
-    daemon = start_daemon(config, server.token)
-    wait_for(lambda: statuses(tmp_path).get("succeeded", 0) >= 40)
-    os.kill(daemon.pid, signal.SIGKILL)
-    daemon.wait(timeout=10)
+    daemon = start_daemon(config, {"APP_TOKEN": server.token})
+    wait_for("40 operations done", lambda: statuses(tmp_path).get("succeeded", 0) >= 40)
+    kill_daemon(daemon)
     interrupted = statuses(tmp_path)
     assert interrupted.get("succeeded", 0) < USERS, f"the kill came too late to test anything: {interrupted}"
 
@@ -142,11 +125,10 @@ def test_kill_9_mid_cycle_loses_nothing_and_duplicates_nothing(tmp_path: Path, s
 def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path: Path, server: ScimServer) -> None:
     write_source(tmp_path / "hr.csv", USERS)
     config = write_config(tmp_path, server)
-    daemon = start_daemon(config, server.token)
-    wait_for(lambda: statuses(tmp_path).get("succeeded", 0) >= 40)
+    daemon = start_daemon(config, {"APP_TOKEN": server.token})
+    wait_for("40 operations done", lambda: statuses(tmp_path).get("succeeded", 0) >= 40)
 
-    daemon.send_signal(signal.SIGTERM)
-    assert daemon.wait(timeout=30) == 0
+    assert stop_daemon(daemon) == 0
     stopped = statuses(tmp_path)
     assert "running" not in stopped, stopped
     assert stopped.get("succeeded", 0) < USERS and stopped.get("pending", 0) > 0, stopped
@@ -160,9 +142,9 @@ def test_a_second_daemon_on_the_same_state_file_is_refused_with_a_clear_message(
 ) -> None:
     write_source(tmp_path / "hr.csv", 5)
     config = write_config(tmp_path, server)
-    first = start_daemon(config, server.token)
+    first = start_daemon(config, {"APP_TOKEN": server.token})
     try:
-        wait_for(lambda: statuses(tmp_path).get("succeeded", 0) >= 5)
+        wait_for("the first cycle", lambda: statuses(tmp_path).get("succeeded", 0) >= 5)
         env = {**os.environ, "APP_TOKEN": server.token}
         command = [sys.executable, "-m", "provisioner", "run", "--config", str(config)]
         second = subprocess.run(command, env=env, capture_output=True, timeout=30)
@@ -171,8 +153,7 @@ def test_a_second_daemon_on_the_same_state_file_is_refused_with_a_clear_message(
         assert b"another provisioner process" in err and str(first.pid).encode() in err
         assert b"Traceback" not in err
     finally:
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=30) == 0
+        assert stop_daemon(first) == 0
 
 
 class _HangingTarget(BaseHTTPRequestHandler):
@@ -199,11 +180,11 @@ def test_a_second_signal_exits_at_once_while_requests_hang(tmp_path: Path) -> No
     target = ScimServer(hanging.server_address[1], "token-for-the-hanging-target", process=None)  # type: ignore[arg-type]
     write_source(tmp_path / "hr.csv", 20)
     config = write_config(tmp_path, target)
-    daemon = start_daemon(config, target.token)
+    daemon = start_daemon(config, {"APP_TOKEN": target.token})
     try:
-        wait_for(lambda: statuses(tmp_path).get("running", 0) > 0)
+        wait_for("a request in flight", lambda: statuses(tmp_path).get("running", 0) > 0)
         daemon.send_signal(signal.SIGTERM)
-        wait_for(lambda: b"stopping" in (tmp_path / "daemon.log").read_bytes())
+        wait_for("the daemon stopping", lambda: b"stopping" in (tmp_path / "daemon.log").read_bytes())
 
         daemon.send_signal(signal.SIGTERM)
 

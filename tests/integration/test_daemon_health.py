@@ -8,14 +8,10 @@ connections in every way a socket can be dropped.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import socket
 import sqlite3
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,6 +29,7 @@ from provisioner.demo import DEMO_MAPPING, ScimServer, free_port, start_scim_ser
 from provisioner.quarantine import TABLE, set_paused
 from provisioner.store import open_store
 from tests.conftest import TOKEN_VARIABLE, Workspace, hr_row, write_csv
+from tests.daemons import start_daemon, stop_daemon, wait_for
 from tests.faultproxy import FaultProxy
 
 USERS = 40
@@ -67,22 +64,6 @@ daemon: {{listen: "127.0.0.1:{metrics_port}", shutdown_grace: 20, retry_interval
         encoding="utf-8",
     )
     return config
-
-
-def start_daemon(config: Path, token: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "APP_TOKEN": token}
-    log = (config.parent / "daemon.log").open("ab")
-    command = [sys.executable, "-m", "provisioner", "--log-format", "json", "run", "--config", str(config)]
-    return subprocess.Popen(command, env=env, stdout=log, stderr=log)
-
-
-def wait_for(what: str, predicate, timeout: float = 90.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not reached in time: {what}")
 
 
 def users_in(server: ScimServer) -> list[str]:
@@ -152,17 +133,16 @@ def test_clients_that_drop_their_connection_never_stop_the_daemon(tmp_path: Path
     """A raw socket sends GET /metrics and resets before reading: the daemon lives (no SIGPIPE, exit 141)."""
     port = free_port()
     config = write_world(tmp_path, server.base_url, port)
-    daemon = start_daemon(config, server.token)
+    daemon = start_daemon(config, {"APP_TOKEN": server.token})
     try:
-        wait_for("the metrics server", lambda: _answers(port))
+        wait_for("the metrics server", lambda: _answers(port), 90)
         for number in range(300):
             rude_request(port, "/metrics", ["reset", "close", "partial"][number % 3])
         assert daemon.poll() is None, f"the daemon died with exit {daemon.returncode}"
         assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
-        wait_for("the first cycle", lambda: statuses(tmp_path)["succeeded"] >= USERS)
+        wait_for("the first cycle", lambda: statuses(tmp_path)["succeeded"] >= USERS, 90)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        code = daemon.wait(timeout=60)
+        code = stop_daemon(daemon, timeout=60)
     assert code == 0
     log = (tmp_path / "daemon.log").read_text()
     assert "Traceback" not in log and "BrokenPipe" not in log
@@ -188,11 +168,11 @@ def test_the_daemon_against_a_faulty_target_while_clients_drop_reaches_the_truth
     kinds = {"429": 1, "503": 1, "502": 1, "reset": 1, "invalid_json": 1, "412": 1}
     with FaultProxy(server.base_url, rate=0.2, seed=11, kinds=kinds).start() as proxy:
         config = write_world(tmp_path, proxy.base_url, port)
-        daemon = start_daemon(config, server.token)
+        daemon = start_daemon(config, {"APP_TOKEN": server.token})
         seen: list[tuple[int, str, list[str]]] = []
         try:
             with RudeClients(port) as rude:
-                wait_for("the metrics server", lambda: _answers(port))
+                wait_for("the metrics server", lambda: _answers(port), 90)
 
                 def done() -> bool:
                     health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
@@ -201,13 +181,12 @@ def test_the_daemon_against_a_faulty_target_while_clients_drop_reaches_the_truth
                     assert daemon.poll() is None, f"the daemon died with exit {daemon.returncode}"
                     return len(users_in(server)) == USERS and statuses(tmp_path)["succeeded"] >= USERS
 
-                wait_for("every account created", done)
+                wait_for("every account created", done, 90)
             assert sum(rude.made.values()) >= 20, rude.made
             assert proxy.stats.injected > 0
             assert daemon.poll() is None
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            code = daemon.wait(timeout=60)
+            code = stop_daemon(daemon, timeout=60)
     assert code == 0
     names = users_in(server)
     assert sorted(names) == sorted(f"user{n}@example.com" for n in range(USERS))

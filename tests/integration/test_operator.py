@@ -7,13 +7,11 @@ operator's chat channel would show.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import hr_row, write_csv
+from tests.daemons import start_daemon, stop_daemon, wait_for
 from provisioner.demo import DEMO_MAPPING, ScimServer, free_port, start_scim_server
 
 
@@ -76,15 +75,6 @@ def people(count: int, **overrides: dict[str, str]) -> list[dict[str, str]]:
 write = write_csv
 
 
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"waited {timeout:.0f} s for: {what}")
-
-
 def test_the_daemon_over_changing_sources_with_alerts_metrics_and_a_clean_stop(
     tmp_path: Path, server: ScimServer, receiver: Receiver
 ) -> None:
@@ -110,12 +100,7 @@ alerts:
     # E004 has E003's e-mail: one userName for two people, so both are held for review before
     # anything is sent (two failed rows), and neither gets an account.
     write(source, people(20, E004={"email": "person3@example.com"}))
-    env = {**os.environ, "APP_TOKEN": server.token}
-    log = (tmp_path / "daemon.log").open("ab")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "provisioner", "--log-format", "json", "run", "--config", "config.yaml"],
-        cwd=tmp_path, env=env, stdout=log, stderr=log,
-    )  # fmt: skip
+    daemon = start_daemon(tmp_path / "config.yaml", {"APP_TOKEN": server.token})
     http = httpx.Client(base_url=server.base_url + "/", headers={"Authorization": f"Bearer {server.token}"})
 
     def users() -> dict[str, dict[str, object]]:
@@ -161,8 +146,7 @@ alerts:
         assert (health.status_code, health.json()["status"]) == (503, "failed")
         assert health.json()["targets"]["app"]["failed"] == 2
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        code = daemon.wait(timeout=30)
+        code = stop_daemon(daemon)
         http.close()
         print("\nalerts as they arrived:\n  " + "\n  ".join(receiver.texts()))
     assert code == 0

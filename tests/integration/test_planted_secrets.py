@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import pytest
 
 from provisioner.demo import DEMO_MAPPING, ScimServer, free_port, start_scim_server
 from tests.conftest import HR_COLUMNS, hr_row, write_csv
+from tests.daemons import start_daemon, stop_daemon
 from tests.connectors.tokenserver import CLIENT_ID, TokenServer, serve_tokens
 
 CLIENT_SECRET = "CS-planted-0c4f1e9a77d2"
@@ -264,16 +264,13 @@ def test_no_planted_secret_is_found_in_the_state_logs_outputs_or_alerts(world: d
 
     # The daemon: a few rounds, its alerts, then SIGTERM.
     log_path = world["root"] / "daemon.log"
-    with log_path.open("ab") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "provisioner", "--log-format", "json", "run", "--config",
-                                   "config.yaml"], cwd=world["root"], env=world["env"], stdout=log, stderr=log)  # fmt: skip
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and log_path.read_text().count('"event": "cycle"') < 2:
-                time.sleep(0.2)
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            assert daemon.wait(timeout=60) == 0
+    daemon = start_daemon(world["root"] / "config.yaml", world["env"], log=log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and log_path.read_text().count('"event": "cycle"') < 2:
+            time.sleep(0.2)
+    finally:
+        assert stop_daemon(daemon, timeout=60) == 0
     outputs["daemon log"] = log_path.read_text()
 
     # The password reached the target, where it belongs.

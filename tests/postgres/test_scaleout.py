@@ -7,11 +7,8 @@ request the target received.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +18,7 @@ import pytest
 
 from provisioner.demo import DEMO_MAPPING, ScimServer, start_scim_server
 from tests.conftest import hr_row, write_csv
+from tests.daemons import kill_daemon, start_daemon, wait_for
 from tests.faultproxy import FaultProxy
 from tests.integration.test_daemon import server_users
 
@@ -70,10 +68,7 @@ daemon: {{listen: null, shutdown_grace: 20, retry_interval: 1, instance: {name},
 
 
 def start(config: Path, token: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "APP_TOKEN": token}
-    command = [sys.executable, "-m", "provisioner", "--log-format", "json", "run", "--config", str(config)]
-    log = config.with_suffix(".log").open("ab")
-    return subprocess.Popen(command, env=env, stdout=log, stderr=log)
+    return start_daemon(config, {"APP_TOKEN": token}, log=config.with_suffix(".log"))
 
 
 def query(url: str, sql: str) -> list[tuple[object, ...]]:
@@ -95,15 +90,6 @@ def created(url: str) -> int:
     except psycopg.errors.UndefinedTable:
         return 0
     return int(str(rows[0][0]))
-
-
-def wait_for(predicate, timeout: float = 90.0, state=None) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not reached in time; {state() if state else ''}")
 
 
 def writes(proxy: FaultProxy) -> Counter[str]:
@@ -137,7 +123,8 @@ def test_three_daemons_send_each_operation_exactly_once(
     configs = write_configs(tmp_path, pg_url, proxy.base_url, every="1h", lease="60s")
     daemons = {name: start(path, server.token) for name, path in configs.items()}
     try:
-        wait_for(lambda: created(pg_url) >= USERS and not statuses(pg_url).get("running"), state=lambda: table(pg_url))
+        wait_for("every account created", lambda: created(pg_url) >= USERS and not statuses(pg_url).get("running"),
+                 90, state=lambda: table(pg_url))
     finally:
         stop_all(daemons)
 
@@ -179,26 +166,26 @@ def test_kill_9_mid_cycle_the_others_finish_its_rows_after_the_lease_and_take_ov
             rows = query(pg_url, "SELECT claimed_by, count(*) FROM operation WHERE status = 'running' GROUP BY 1")
             return {str(name): int(str(count)) for name, count in rows}
 
-        wait_for(lambda: planner() and holders() and created(pg_url) >= 20, state=lambda: table(pg_url))
+        wait_for("a planner, rows held and 20 accounts", lambda: planner() and holders() and created(pg_url) >= 20,
+                 90, state=lambda: table(pg_url))
         held, planning = holders(), planner()
         # Mid-cycle: an instance holding running rows, the planner when it holds some.
         victim = planning if held.get(str(planning)) else max(held, key=held.__getitem__)
         assert victim is not None
-        os.kill(daemons[victim].pid, signal.SIGKILL)
-        daemons[victim].wait(timeout=10)
+        kill_daemon(daemons[victim])
         stranded = query(pg_url, f"SELECT count(*) FROM operation WHERE status = 'running' AND claimed_by = '{victim}'")
         assert stranded[0][0], "the kill came too late to test anything"
         if planning != victim:
             # Planning must be taken over too: the planner goes as well, whatever it was doing.
-            os.kill(daemons[str(planning)].pid, signal.SIGKILL)
-            daemons[str(planning)].wait(timeout=10)
+            kill_daemon(daemons[str(planning)])
 
         # The survivors take the victims' rows back once their lease has run out, and finish them.
-        wait_for(lambda: created(pg_url) >= USERS and not statuses(pg_url).get("running"), state=lambda: table(pg_url))
+        wait_for("every account created", lambda: created(pg_url) >= USERS and not statuses(pg_url).get("running"),
+                 90, state=lambda: table(pg_url))
         # One of them plans now: people who join after the kill are created too.
         write_source(tmp_path / "hr.csv", range(USERS + 20))
-        wait_for(lambda: created(pg_url) >= USERS + 20 and not statuses(pg_url).get("running"),
-                 state=lambda: table(pg_url))  # fmt: skip
+        wait_for("the joiners created", lambda: created(pg_url) >= USERS + 20 and not statuses(pg_url).get("running"),
+                 90, state=lambda: table(pg_url))  # fmt: skip
     finally:
         stop_all(daemons)
 
