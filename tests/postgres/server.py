@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
+from tests.system_packages import ensure_installed
+
 SUPERUSER = "provisioner"
 
 
@@ -32,17 +34,28 @@ class PostgresUnavailable(RuntimeError):
 
 
 def find_bindir() -> Path:
-    """The folder of ``initdb`` and ``pg_ctl``; raise PostgresUnavailable when there is none."""
+    """The folder of ``initdb`` and ``pg_ctl`` (installed from Debian's ``postgresql`` when missing and root).
+
+    Raise PostgresUnavailable when there is none.
+    """
+    ensure_installed(["postgresql"], lambda: _bindir() is not None)
+    folder = _bindir()
+    if folder is not None:
+        return folder
+    raise PostgresUnavailable(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found: install them "
+        "(apt-get install -y postgresql; .ci/run does it)"
+    )
+
+
+def _bindir() -> Path | None:
     found = shutil.which("initdb")
     candidates = [Path(found).resolve().parent] if found else []
     candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
     for folder in candidates:
         if (folder / "initdb").exists() and (folder / "pg_ctl").exists():
             return folder
-    raise PostgresUnavailable(
-        "PostgreSQL server binaries (initdb, pg_ctl) not found: install them "
-        "(apt-get install -y postgresql; .ci/run does it)"
-    )
+    return None
 
 
 def _free_port() -> int:

@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from tests.system_packages import ensure_installed
+
 APP = Path(__file__).resolve().parent / "scimmy"
 
 
@@ -35,7 +37,7 @@ class NodeMissing(RuntimeError):
 
 def install(app: Path = APP) -> None:
     """Run ``npm ci`` in the app's folder once (when ``node_modules`` is missing); raise NodeMissing or RuntimeError."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
+    if not ensure_installed(["nodejs", "npm"], lambda: bool(shutil.which("node") and shutil.which("npm"))):
         raise NodeMissing(
             "Node.js is not installed: the SCIMMY tests need node 18+ and npm (apt-get install nodejs npm)"
         )
