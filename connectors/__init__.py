@@ -27,6 +27,7 @@ from connectors._protocol import (
     equals_filter,
     parse_retry_after,
     quote_filter_value,
+    resource_matches,
 )
 from connectors._quirks import Quirks
 from connectors._retry import RetryPolicy
@@ -62,4 +63,5 @@ __all__ = [
     "equals_filter",
     "parse_retry_after",
     "quote_filter_value",
+    "resource_matches",
 ]

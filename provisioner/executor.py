@@ -31,6 +31,7 @@ from connectors import (
     ScimError,
     ScimResult,
     TransientError,
+    resource_matches,
 )
 from provisioner import metrics
 from provisioner.config import TargetConfig
@@ -55,7 +56,6 @@ from provisioner.reactions import (
     USERNAME_IMMUTABLE,
     Step,
     dropped,
-    matches,
     on_user_error,
     replace_all,
     unsupported_extensions,
@@ -112,6 +112,8 @@ class Executor:
         self.config = config
         self.endpoint = endpoint
         self.match_attribute = match_attribute
+        # userName is caseExact false (RFC 7643 §4.1.1); other match attributes (externalId) compare exactly.
+        self.match_case_exact = match_attribute.casefold() != "username"
         # Attributes sent on create only (the mapping's `when: create`): never on adopt or update.
         self.create_only = create_only
         self.client_factory = client_factory
@@ -329,8 +331,8 @@ class Executor:
         except NotFound:
             return None
         resource = result.resource or {}
-        case_exact = self.match_attribute.casefold() != "username"
-        if not resource.get("id") or not matches(resource, self.match_attribute, value, case_exact=case_exact):
+        if not resource.get("id") or not resource_matches(resource, self.match_attribute, value,
+                                                           case_exact=self.match_case_exact):
             return None
         return resource
 
@@ -430,12 +432,8 @@ class Executor:
 
         userName compares case-insensitively (RFC 7643 §4.1.1), other attributes exactly.
         """
-        case_exact = self.match_attribute.casefold() != "username"
-        unique: dict[str, dict[str, Any]] = {}
-        for resource in await client.find(self.endpoint, self.match_attribute, value, case_exact=case_exact):
-            if matches(resource, self.match_attribute, value, case_exact=case_exact):
-                unique.setdefault(str(resource.get("id")), resource)
-        return list(unique.values())
+        # find() keeps only results that really match, once each by id.
+        return await client.find(self.endpoint, self.match_attribute, value, case_exact=self.match_case_exact)
 
     async def _adopt(
         self,

@@ -65,7 +65,7 @@ from provisioner.groups import (
 from provisioner.mapping import AttributeMapping
 from provisioner.planner import Kind, Link, Plan
 from provisioner.payload import dumps, loads
-from provisioner.reactions import MembersRead, Step, group_members, matches, next_removal_form, on_member_removal
+from provisioner.reactions import MembersRead, Step, group_members, next_removal_form, on_member_removal
 from provisioner.quarantine import Admission, Tally, admission
 from provisioner.quirks import load_quirks
 from provisioner.executor import call_record, judge, put_off, target_answers
@@ -613,15 +613,13 @@ class GroupExecutor:
         (checked by the caller).
         """
         name = op.display_name
-        results = await client.find(ENDPOINT, "displayName", name, case_exact=True)
-        # find() checks its results already; checked again here because linking the wrong group is worse than none.
-        exact = list({str(g["id"]): g for g in results if g.get("id") and g.get("displayName") == name}.values())
+        exact = await self._find_group(client, name)
         if len(exact) == 1:
             return exact
         where = f"POST /Groups answered 409 ({conflict.detail or conflict.scim_type or 'conflict'}) for {name!r}"
         if not exact:
             raise Conflict(f"{where}, but no group of exactly that displayName can be found to link "
-                           f"({len(results)} results for the lookup); create or rename it by hand") from conflict  # fmt: skip
+                           f"({len(exact)} results for the lookup); create or rename it by hand") from conflict  # fmt: skip
         ids = ", ".join(str(g["id"]) for g in exact)
         raise Conflict(f"{where}, and {len(exact)} groups have exactly that displayName ({ids}); "
                        "expected one to link") from conflict  # fmt: skip
@@ -645,11 +643,8 @@ class GroupExecutor:
         A target that ignores the filter answers with other groups; linking one of
         them would rename it and hand its access to our members.
         """
-        unique: dict[str, dict[str, Any]] = {}
-        for group in await client.find(ENDPOINT, "displayName", display_name):
-            if matches(group, "displayName", display_name):
-                unique.setdefault(str(group.get("id")), group)
-        return list(unique.values())
+        # find() keeps only results that really match, once each by id.
+        return await client.find(ENDPOINT, "displayName", display_name, case_exact=True)
 
     async def members_in_target(
         self, client: ScimClient, link: GroupLink, resource: dict[str, Any] | None = None

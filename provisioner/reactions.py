@@ -10,7 +10,7 @@ contradicted by a read-back, and a 501/405 says "use another form" (RFC 9110
 
 Users (:func:`user_write_method`, :func:`on_user_error`) and groups
 (:func:`next_removal_form`, :func:`on_member_removal`, :func:`group_members`),
-plus the checks both share (:func:`matches`, :func:`dropped`).
+plus the check both share (:func:`dropped`); lookup results are checked by ``connectors.resource_matches``.
 """
 
 from __future__ import annotations
@@ -48,19 +48,6 @@ class Step(StrEnum):
 
 
 # ---------------------------------------------------------------- lookups and writes, any kind
-
-
-def matches(resource: dict[str, Any], attribute: str, value: str, *, case_exact: bool = True) -> bool:
-    """Whether a lookup result really has ``attribute`` equal to ``value``.
-
-    userName is compared case-insensitively (RFC 7643 §4.1.1, ``caseExact: false``);
-    externalId and a group's displayName exactly. A result that does not match
-    means the target ignored or mangled the filter: never adopt, link or write it.
-    """
-    found = resource.get(attribute)
-    if not isinstance(found, str):
-        return False
-    return found == value if case_exact else found.casefold() == value.casefold()
 
 
 def dropped(sent: dict[str, Any], stored: dict[str, Any] | None) -> list[str]:

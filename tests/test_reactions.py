@@ -6,12 +6,13 @@ from typing import Any
 
 import pytest
 
+from connectors import resource_matches
+
 from provisioner.reactions import (
     MembersRead,
     Step,
     dropped,
     group_members,
-    matches,
     next_removal_form,
     on_member_removal,
     on_user_error,
@@ -37,7 +38,7 @@ from provisioner.reactions import (
 def test_a_lookup_result_counts_only_if_it_matches(
     resource: dict[str, Any], attribute: str, value: str, case_exact: bool, expected: bool
 ) -> None:
-    assert matches(resource, attribute, value, case_exact=case_exact) is expected
+    assert resource_matches(resource, attribute, value, case_exact=case_exact) is expected
 
 
 @pytest.mark.parametrize(
