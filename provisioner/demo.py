@@ -34,6 +34,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop_process(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """Stop a child process if it still runs: terminate, wait 5 s, then kill."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @dataclass
 class ScimServer:
     """A scim2-server process on 127.0.0.1, in memory, stopped on exit."""
@@ -49,13 +60,7 @@ class ScimServer:
 
     def stop(self) -> None:
         """Stop the server (its data goes with it)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def __enter__(self) -> ScimServer:
         return self

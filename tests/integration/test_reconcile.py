@@ -20,7 +20,7 @@ from provisioner.alerts import AlertsConfig, evaluate
 from provisioner.reconcile import publish_last
 from provisioner.store import open_store
 from tests.conftest import ENTERPRISE, ScimReader, Workspace, empty_server, hr_row
-from tests.servers.scimmy_server import NodeMissing, ScimmyServer, start_scimmy_server
+from tests.servers.scimmy_server import ScimmyServer, running_scimmy
 
 PEOPLE = [
     hr_row("E1", "Ada", "Boss"),
@@ -38,14 +38,7 @@ SERVERS = pytest.mark.parametrize("scim_server", ["scim2-server", "scimmy"], ind
 @pytest.fixture(scope="module")
 def module_scimmy() -> Iterator[ScimmyServer]:
     """One SCIMMY app (Node.js) for the module, started only when a test asks for it."""
-    try:
-        server = start_scimmy_server()
-    except NodeMissing as error:
-        pytest.fail(str(error))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running_scimmy()
 
 
 @pytest.fixture

@@ -20,12 +20,15 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from provisioner.demo import stop_process
 from tests.system_packages import ensure_installed
 
 APP = Path(__file__).resolve().parent / "scimmy"
@@ -95,13 +98,7 @@ class ScimmyServer:
 
     def stop(self) -> None:
         """Stop the app (its data goes with it)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         if self.process.stdout:
             self.process.stdout.close()
         if self.log is not None:
@@ -145,3 +142,15 @@ def start_scimmy_server(token: str | None = None, wait: float = 30.0) -> ScimmyS
         Path(errors.name).unlink(missing_ok=True)
         raise RuntimeError(f"the SCIMMY app did not start within {wait:.0f} s: {line or stderr.strip()[-2000:]}")
     return ScimmyServer(int(line.split()[1]), token, process, Path(errors.name))
+
+
+def running_scimmy() -> Iterator[ScimmyServer]:
+    """The body of a fixture: start the app (failing the test without Node.js), yield it, stop it."""
+    try:
+        server = start_scimmy_server()
+    except NodeMissing as error:
+        pytest.fail(str(error))
+    try:
+        yield server
+    finally:
+        server.stop()

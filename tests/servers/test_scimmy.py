@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.servers import scimmy_server
-from tests.servers.scimmy_server import NodeMissing, ScimmyServer, start_scimmy_server
+from tests.servers.scimmy_server import NodeMissing, ScimmyServer, running_scimmy
 
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
@@ -19,14 +19,7 @@ PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 
 @pytest.fixture(scope="module")
 def scimmy() -> Iterator[ScimmyServer]:
-    try:
-        server = start_scimmy_server()
-    except NodeMissing as error:
-        pytest.fail(str(error))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running_scimmy()
 
 
 @pytest.fixture
