@@ -33,6 +33,7 @@ from provisioner.demo import DEMO_MAPPING, ScimServer, free_port, start_scim_ser
 from tests.conftest import HR_COLUMNS, hr_row, write_csv
 from tests.daemons import start_daemon, stop_daemon
 from tests.connectors.tokenserver import CLIENT_ID, TokenServer, serve_tokens
+from tests.webhook import Receiver
 
 CLIENT_SECRET = "CS-planted-0c4f1e9a77d2"
 ACCESS_TOKEN = "AT-planted-5e8b2d0c91f4aa"
@@ -108,32 +109,6 @@ class _HostileHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(content)))
         self.end_headers()
         self.wfile.write(content)
-
-
-class Receiver:
-    """A webhook endpoint on 127.0.0.1 that keeps every body and header it is sent."""
-
-    def __init__(self) -> None:
-        self.bodies: list[str] = []
-        self.authorizations: list[str] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                outer.authorizations.append(self.headers.get("Authorization", ""))
-                outer.bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
 
 
 @pytest.fixture
