@@ -53,7 +53,8 @@ from connectors import AttributeInfo, Schema
 from provisioner.errors import ConfigError
 from provisioner.functions import library
 from provisioner.schema import COMMON_ATTRIBUTES, CORE_USER, ENTERPRISE_USER, RFC7643_SCHEMAS
-from provisioner.yamlfile import Loc, YamlDocument, load_yaml
+from provisioner.extends import Document, load_layers
+from provisioner.yamlfile import Loc
 
 
 _MANAGED_BY_ENGINE = {
@@ -65,7 +66,7 @@ _MANAGED_BY_ENGINE = {
 }
 _COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JINJA_LITERALS = {"true", "false", "none", "True", "False", "None"}
-_MAPPING_KEYS = {"resource", "match", "scope", "leaver_when", "attributes", "tables"}
+_MAPPING_KEYS = {"extends", "resource", "match", "scope", "leaver_when", "attributes", "tables"}
 # An attribute written as {value: …, when: create, default: …}: its value and how it is sent.
 _OPTION_KEYS = {"when", "default", "omit_if_empty"}
 # RFC 7643 §4.1: every core and enterprise User attribute a mapping sets is text, except the
@@ -404,12 +405,16 @@ def compile_mapping(
     §6), None when unknown. The mapping is None when a mistake leaves nothing
     to compile (no ``attributes``); with mistakes, it is only fit for reading
     its ``names`` and trying records (the broken values render as nothing).
-    A YAML syntax error raises ConfigError: nothing after it can be read.
+    A YAML syntax error raises ConfigError: nothing after it can be read; so
+    do a base that ``extends`` names and that does not exist, and a cycle of
+    ``extends`` (:mod:`provisioner.extends`). Mistakes are positioned in the
+    file that writes them, the base's or the child's.
     """
-    doc = load_yaml(path)
+    doc, merging = load_layers(path)
     if not isinstance(doc.data, dict):
         return None, [Diagnostic(f"{path}:1:1", "a mapping must be a YAML mapping with an 'attributes' key")]
     compiler = _Compiler(doc, schemas, extensions)
+    compiler.diagnostics += [Diagnostic(where, message) for where, message in merging]
     compiler.tables(doc.data.get("tables"))
     for key in doc.data:
         if key not in _MAPPING_KEYS:
@@ -446,7 +451,7 @@ def compile_mapping(
 
 class _Compiler:
     def __init__(
-        self, doc: YamlDocument, schemas: Mapping[str, Schema] | None, extensions: Iterable[str] | None
+        self, doc: Document, schemas: Mapping[str, Schema] | None, extensions: Iterable[str] | None
     ) -> None:
         self.doc = doc
         self.discovered = schemas is not None
