@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -38,7 +38,7 @@ from provisioner.config import TargetConfig
 from provisioner.quarantine import Admission, Tally, admission, observe, state
 from provisioner.quirks import DROPPED_NOTE, load_quirks
 from provisioner.targets import discover
-from provisioner.payload import flatten, patch_operations, payload_hash, refs_in, resolve_refs, without
+from provisioner.payload import changed_paths, flatten, keep_omitted, patch_operations, payload_hash, refs_in, resolve_refs, without
 from provisioner.rebase import rebase_operations
 from provisioner.planner import Kind
 from provisioner.queue import (
@@ -104,6 +104,7 @@ class Executor:
         quirks: Quirks | None = None,
         write_only: WriteOnlySource | None = None,
         create_only: frozenset[tuple[str, ...]] = frozenset(),
+        omit_if_empty: frozenset[tuple[str, ...]] = frozenset(),
     ) -> None:
         self.engine = engine
         # The target's deviations, declared and learned (shared with its clients when they come from one session).
@@ -116,6 +117,8 @@ class Executor:
         self.match_case_exact = match_attribute.casefold() != "username"
         # Attributes sent on create only (the mapping's `when: create`): never on adopt or update.
         self.create_only = create_only
+        # Attributes whose empty value keeps the target's (the mapping's `omit_if_empty`): never removed.
+        self.omit_if_empty = omit_if_empty
         self.client_factory = client_factory
         # Write-only values (password) by identity key, rendered from the source for the operations that need them.
         self.write_only = write_only
@@ -292,6 +295,13 @@ class Executor:
                     return await self._adopt(client, op, existing, payload, applied_hash, "adopted the account reconciliation found")
             return await self._create(client, op, payload, applied_hash)
         payload = without(payload, self.create_only)
+        if self.omit_if_empty:
+            payload, kept = keep_omitted(link.applied, payload, self.omit_if_empty)
+            if kept and op.kind is Kind.UPDATE and link.active and not _differs(link.applied, payload):
+                # Only omit_if_empty attributes went empty: the target keeps its values, nothing to send.
+                state = replace(link, applied=payload, applied_hash=applied_hash)
+                return Outcome(op.id, "succeeded", note=f"kept {', '.join(kept)} (omit_if_empty); nothing to send",
+                               link=state)  # fmt: skip
         try:
             result = await self._update(client, link, payload, enable=op.kind is Kind.ENABLE)
         except NotFound:
@@ -451,6 +461,8 @@ class Executor:
         version = (existing.get("meta") or {}).get("version")
         found = LinkState(scim_id, bool(existing.get("active", True)), version, None, None, None)
         payload = without(payload, self.create_only)  # adopting is not creating
+        # What the account holds where the record is empty and the mapping says omit_if_empty: kept.
+        payload, _ = keep_omitted(existing, payload, self.omit_if_empty)
         result = await self._write(client, found, payload, None, adopting=True)
         outcome = Outcome(op.id, "succeeded", note=note, link=_linked(found, result, active=True, applied=payload, applied_hash=applied_hash))
         return await self._verify(client, found.scim_id, payload, result, outcome)
@@ -748,6 +760,11 @@ def _waves(by_key: dict[str, list[ClaimedOperation]], links: dict[str, LinkState
         for key in ready:
             del waiting[key]
     return waves
+
+
+def _differs(applied: dict[str, Any] | None, payload: dict[str, Any]) -> bool:
+    """Whether ``payload`` changes anything of what was last applied (write-only values are masked there)."""
+    return any(path not in WRITE_ONLY for path in changed_paths(applied, payload))
 
 
 def _linked(

@@ -15,7 +15,11 @@ A value in ``attributes`` is one of:
   attribute is not text: write ``true`` or quote the text.
 
 Empty results (``None``, ``""``, empty lists and objects) leave the attribute
-out. ``ref(key)`` names another identity; the planner replaces it with that
+out of what is sent: a create does not set it, and an update clears the value
+the target holds (PATCH ``remove``, or a PUT without it), unless the attribute
+says ``omit_if_empty: true``: then an update leaves the target's value as it is.
+
+``ref(key)`` names another identity; the planner replaces it with that
 account's id in the target once the account exists there.
 
 A mapping is compiled once; rendering a record is a walk over compiled nodes.
@@ -150,6 +154,9 @@ class AttributeMapping:
     names: tuple[tuple[str, str], ...] = ()
     # Attributes sent only when the account is created (``when: create``): ("password",) or (urn, name).
     create_only: frozenset[tuple[str, ...]] = frozenset()
+    # Attributes whose empty value leaves the target's as it is (``omit_if_empty``): ("nickName",),
+    # (urn, name) or ("name", "givenName"), as payload.keep_omitted takes them.
+    omit_if_empty: frozenset[tuple[str, ...]] = frozenset()
 
     def render(self, record: Mapping[str, Any]) -> Rendered:
         """Render one record; raise MappingError naming file:line and the attribute."""
@@ -445,6 +452,7 @@ def compile_mapping(
         uses_refs=any("ref(" in part for part in compiler.parts),
         names=tuple(compiler.names),
         create_only=frozenset(compiler.create_only),
+        omit_if_empty=frozenset(compiler.omit_if_empty),
     )
     return mapping, compiler.diagnostics
 
@@ -464,6 +472,7 @@ class _Compiler:
         self.diagnostics: list[Diagnostic] = []
         self.used_schemas: dict[str, Loc] = {}
         self.create_only: set[tuple[str, ...]] = set()
+        self.omit_if_empty: set[tuple[str, ...]] = set()
         self.env = _Sandbox()
         self.env.globals["ref"] = lambda key: Ref(str(key)) if key not in (None, "") else None
 
@@ -522,9 +531,14 @@ class _Compiler:
                           "top-level attribute or an extension's, not to a sub-attribute")  # fmt: skip
         elif when != "always":
             self.fail(self.doc.at_value((*loc, "when")), f"attribute '{path}': when must be 'create' or 'always', not {when!r}")
-        if "omit_if_empty" in value:
-            self.fail(self.doc.at((*loc, "omit_if_empty")), f"attribute '{path}': 'omit_if_empty' is not supported; "
-                      "an empty value is always left out of what is sent")  # fmt: skip
+        omit = value.get("omit_if_empty", False)
+        if not isinstance(omit, bool):
+            self.fail(self.doc.at_value((*loc, "omit_if_empty")), f"attribute '{path}': omit_if_empty must be true or false")
+        elif omit and (len(loc) > 3 or any(isinstance(part, int) for part in loc)):
+            self.fail(self.doc.at((*loc, "omit_if_empty")), f"attribute '{path}': 'omit_if_empty' applies to an "
+                      "attribute or a sub-attribute of a single-valued one, not inside a multi-valued attribute")  # fmt: skip
+        elif omit:
+            self.omit_if_empty.add(tuple(str(part) for part in loc[1:]))
         if "default" in value:
             node = _Defaulted(node, self.compile(value["default"], (*loc, "default"), path, declared))
         return node

@@ -38,6 +38,46 @@ def without(payload: Mapping[str, Any], paths: Iterable[tuple[str, ...]]) -> dic
     return out
 
 
+def keep_omitted(
+    previous: Mapping[str, Any] | None, payload: Mapping[str, Any], paths: Iterable[tuple[str, ...]]
+) -> tuple[dict[str, Any], list[str]]:
+    """The payload with, at each of ``paths`` it leaves empty, the value ``previous`` holds there.
+
+    What an update sends for attributes the mapping marks ``omit_if_empty``:
+    an empty value is no instruction to clear the target's, so a PATCH has no
+    ``remove`` for it and a PUT carries the value as it is. ``paths``: ``("nickName",)``,
+    ``(extension urn, name)``, ``("name", "givenName")``; ``previous``: the
+    payload last applied, or the account read from the target. Returns the
+    payload and the paths kept (as :func:`flatten` names them).
+    """
+    out = dict(payload)
+    kept: list[str] = []
+    if not previous:
+        return out, kept
+    for path in sorted(paths):
+        have: Any = previous
+        for name in path:
+            have = have.get(name) if isinstance(have, Mapping) else None
+        if have in (None, "", [], {}):
+            continue
+        if len(path) == 1:
+            if path[0] not in out:
+                out[path[0]] = have
+                kept.append(path[0])
+            continue
+        inner = out.get(path[0])
+        if isinstance(inner, Mapping) and path[1] in inner:
+            continue
+        out[path[0]] = {**(inner if isinstance(inner, Mapping) else {}), path[1]: have}
+        if path[0].startswith("urn:"):
+            kept.append(f"{path[0]}:{path[1]}")
+            if isinstance(out.get("schemas"), list) and path[0] not in out["schemas"]:
+                out["schemas"] = [*out["schemas"], path[0]]
+        else:
+            kept.append(f"{path[0]}.{path[1]}")
+    return out, kept
+
+
 def payload_hash(payload: Mapping[str, Any]) -> str:
     """A stable digest of a payload: key order does not matter, values do."""
     return hashlib.blake2b(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()

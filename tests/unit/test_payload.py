@@ -10,6 +10,7 @@ from provisioner.mapping import Ref
 from provisioner.payload import (
     changed_paths,
     dumps,
+    keep_omitted,
     loads,
     patch_operations,
     payload_hash,
@@ -238,3 +239,25 @@ def test_without_drops_create_only_attributes_and_an_emptied_extension() -> None
     assert without(payload, [("password",), (urn, "costCenter")]) == {"schemas": ["core"], "userName": "a"}
     assert without(payload, []) == payload
 
+
+
+def test_keep_omitted_puts_back_what_was_applied_where_the_payload_went_empty() -> None:
+    """What a PUT then carries, and why a PATCH has no remove for it."""
+    ext = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+    applied = {"schemas": [CORE], "userName": "ada", "title": "Engineer", "name": {"givenName": "Ada"},
+               ext: {"division": "R&D"}}  # fmt: skip
+    payload = {"schemas": [CORE], "userName": "ada", "name": {"familyName": "Lovelace"}}
+
+    kept, paths = keep_omitted(applied, payload, [("title",), ("name", "givenName"), (ext, "division"), ("nickName",)])
+
+    assert kept == {"schemas": [CORE, ext], "userName": "ada", "title": "Engineer",
+                    "name": {"familyName": "Lovelace", "givenName": "Ada"}, ext: {"division": "R&D"}}  # fmt: skip
+    assert paths == ["name.givenName", "title", f"{ext}:division"]
+    assert patch_operations(applied, kept) == [{"op": "replace", "path": "name.familyName", "value": "Lovelace"}]
+
+
+def test_keep_omitted_never_overrides_a_value_the_payload_has() -> None:
+    kept, paths = keep_omitted({"title": "Engineer"}, {"title": "Lead"}, [("title",)])
+
+    assert kept == {"title": "Lead"} and paths == []
+    assert keep_omitted(None, {"userName": "ada"}, [("title",)]) == ({"userName": "ada"}, [])
