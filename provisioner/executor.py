@@ -38,7 +38,18 @@ from provisioner.config import TargetConfig
 from provisioner.quarantine import Admission, Tally, admission, observe, state
 from provisioner.quirks import DROPPED_NOTE, load_quirks
 from provisioner.targets import discover
-from provisioner.payload import changed_paths, flatten, keep_omitted, patch_operations, payload_hash, refs_in, resolve_refs, without
+from provisioner.functions import Unique
+from provisioner.payload import (
+    changed_paths,
+    flatten,
+    keep_omitted,
+    patch_operations,
+    payload_hash,
+    refs_in,
+    resolve_refs,
+    unchosen,
+    without,
+)
 from provisioner.rebase import rebase_operations
 from provisioner.planner import Kind
 from provisioner.queue import (
@@ -51,6 +62,7 @@ from provisioner.queue import (
     load_link_states,
     record,
     release,
+    remember_payload,
 )
 from provisioner.reactions import (
     USERNAME_IMMUTABLE,
@@ -72,6 +84,8 @@ ClientFactory = Callable[[], ScimClient]
 WriteOnlySource = Callable[[list[str]], dict[str, dict[str, Any]]]
 # 412 rounds: refetch the version and resend, at most this often before review.
 PRECONDITION_ROUNDS = 3
+# A unique_username() value taken between its lookup and the create (a 409): choices tried at most.
+CONFLICT_ROUNDS = 3
 # Attributes whose values never reach the queue or the logs.
 _SECRET_ATTRIBUTES = WRITE_ONLY
 
@@ -123,6 +137,8 @@ class Executor:
         # Write-only values (password) by identity key, rendered from the source for the operations that need them.
         self.write_only = write_only
         self.write_only_values: dict[str, dict[str, Any]] = {}
+        # unique_username() values chosen by this executor's creates (casefolded): never chosen twice.
+        self._chosen: set[str] = set()
         self.capabilities: Capabilities | None = None
         # Which schemas the target's resource type lists (None: not asked yet; False: it did not say).
         self._extensions: Callable[[str], bool] | Literal[False] | None = None
@@ -286,15 +302,17 @@ class Executor:
         payload = self._with_write_only(op.identity_key, payload)
         # The hash is the desired payload's: an extension held back is not a change to send every cycle.
         # Like the planner's, it leaves out create-only attributes: a change of them alone is no update.
-        applied_hash = payload_hash(without(payload, self.create_only))
+        applied_hash = payload_hash(without(unchosen(payload), self.create_only))
         payload = await self._supported(client, payload)
         if link is None:
             if account is not None:
                 existing = await self._found_account(client, account, payload)
                 if existing is not None:
                     return await self._adopt(client, op, existing, payload, applied_hash, "adopted the account reconciliation found")
+            if any(isinstance(v, Unique) for v in payload.values()):
+                return await self._create_unique(client, op, payload, applied_hash)
             return await self._create(client, op, payload, applied_hash)
-        payload = without(payload, self.create_only)
+        payload = _keep_chosen(link.applied, without(payload, self.create_only))
         if self.omit_if_empty:
             payload, kept = keep_omitted(link.applied, payload, self.omit_if_empty)
             if kept and op.kind is Kind.UPDATE and link.active and not _differs(link.applied, payload):
@@ -346,8 +364,66 @@ class Executor:
             return None
         return resource
 
-    async def _create(self, client: ScimClient, op: ClaimedOperation, payload: dict[str, Any], applied_hash: str) -> Outcome:
-        """POST the account; adopt an existing one when the target already has it."""
+    async def _create_unique(
+        self, client: ScimClient, op: ClaimedOperation, payload: dict[str, Any], applied_hash: str
+    ) -> Outcome:
+        """Create an account whose unique_username() values are chosen now, against the target.
+
+        Each choice is written to the queue row before the POST: a retry (the
+        answer lost, a 503) sends the same value, and adopts the account the first
+        try made rather than making a second one. A 409 on a fresh choice means
+        someone took the value since it was looked up: the next one is tried.
+        """
+        for _ in range(CONFLICT_ROUNDS):
+            retried = all(v.chosen for v in payload.values() if isinstance(v, Unique))
+            chosen = {name: await self._choose(client, op, name, value)
+                      for name, value in payload.items() if isinstance(value, Unique)}  # fmt: skip
+            stored = {k: replace(v, chosen=chosen[k]) if k in chosen else v for k, v in (op.payload or {}).items()}
+            remember_payload(self.engine, op.id, stored)
+            try:
+                return await self._create(client, op, {**payload, **chosen}, applied_hash, adopt_on_conflict=retried)
+            except Conflict:
+                if retried:
+                    raise
+                payload = {k: replace(v, chosen=None) if isinstance(v, Unique) else v for k, v in payload.items()}
+        raise Conflict(f"unique_username: {CONFLICT_ROUNDS} values in a row were taken between lookup and create")
+
+    async def _choose(self, client: ScimClient, op: ClaimedOperation, name: str, unique: Unique) -> str:
+        """The first value of ``unique`` that no account of the target holds, but one linked to this identity.
+
+        Looked up with ``filter=name eq "value"`` (RFC 7644 §3.4.2.2, escaped), the
+        answer checked by :meth:`~connectors.ScimClient.find`; compared without case
+        (RFC 7643 §4.1.1 userName, and a value free only in its case is not free).
+        Values chosen by this round's other creates are skipped: two joiners who both
+        render ``jane.doe`` get ``jane.doe`` and ``jane.doe2``. Raises PermanentError
+        when every value is taken.
+        """
+        if unique.chosen:
+            self._chosen.add(unique.chosen.casefold())
+            return unique.chosen
+        tried = 0
+        for value in unique.values():
+            if value.casefold() in self._chosen:
+                continue
+            self._chosen.add(value.casefold())  # before the lookup: a concurrent create skips it meanwhile
+            tried += 1
+            found = await client.find(self.endpoint, name, value, case_exact=False)
+            owners = {linked_identity(self.engine, self.target, str(r.get("id"))) for r in found}
+            if not found or owners == {op.identity_key}:
+                return value
+        raise PermanentError(f"unique_username: every {name} tried is taken in the target ({tried} looked up, "
+                             f"{unique.candidates[0]}{unique.suffix} to the last numbered one)")  # fmt: skip
+
+    async def _create(
+        self,
+        client: ScimClient,
+        op: ClaimedOperation,
+        payload: dict[str, Any],
+        applied_hash: str,
+        *,
+        adopt_on_conflict: bool = True,
+    ) -> Outcome:
+        """POST the account; adopt an existing one when the target already has it (``adopt_on_conflict``: on a 409)."""
         if self._match_first(op):
             existing = await self._find_existing(client, payload, required=False)
             if existing is not None:
@@ -355,6 +431,8 @@ class Executor:
         try:
             result = await self._post(client, payload)
         except Conflict as conflict:
+            if not adopt_on_conflict:
+                raise
             try:
                 existing = await self._find_existing(client, payload, required=True)
                 assert existing is not None
@@ -760,6 +838,19 @@ def _waves(by_key: dict[str, list[ClaimedOperation]], links: dict[str, LinkState
         for key in ready:
             del waiting[key]
     return waves
+
+
+def _keep_chosen(applied: dict[str, Any] | None, payload: dict[str, Any]) -> dict[str, Any]:
+    """unique_username() values of an existing account: the one it was created with, never a new choice."""
+    if not any(isinstance(v, Unique) for v in payload.values()):
+        return payload
+    kept = {}
+    for name, value in payload.items():
+        if not isinstance(value, Unique):
+            kept[name] = value
+        elif isinstance((applied or {}).get(name), str):
+            kept[name] = applied[name]  # type: ignore[index]
+    return kept
 
 
 def _differs(applied: dict[str, Any] | None, payload: dict[str, Any]) -> bool:

@@ -37,7 +37,8 @@ record, never the cycle.
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -189,6 +190,55 @@ def now() -> str:
     return datetime.now(UTC).strftime(SCIM_DATETIME)
 
 
+# unique_username: how many numbered forms of the first candidate may be tried after the candidates.
+MAX_NUMBERED = 99
+
+
+@dataclass(frozen=True, slots=True)
+class Unique:
+    """A value to pick when the account is created: the first candidate the target does not hold.
+
+    What ``unique_username`` renders to. The mapping is pure, so the choice is
+    not made there: the executor makes it just before the create is sent, by
+    looking each candidate up in the target, and keeps it (``chosen``) in the
+    queue row so that a retry sends the same one.
+    """
+
+    candidates: tuple[str, ...]
+    suffix: str = ""
+    numbered: bool = True
+    chosen: str | None = None
+
+    def values(self) -> Iterator[str]:
+        """Every value to try, in order: the candidates, then the first one numbered 2, 3, … :data:`MAX_NUMBERED`."""
+        for candidate in self.candidates:
+            yield f"{candidate}{self.suffix}"
+        if self.numbered and self.candidates:
+            for number in range(2, MAX_NUMBERED + 1):
+                yield f"{self.candidates[0]}{number}{self.suffix}"
+
+    def __str__(self) -> str:
+        return self.chosen or f"unique_username({', '.join(self.candidates)}{', ' + self.suffix if self.suffix else ''})"
+
+
+def unique_username(candidates: Any, suffix: Any = "", numbered: bool = True) -> Unique | None:
+    """Entra's SelectUniqueValue: the first of ``candidates`` no other account in the target holds.
+
+    ``candidates``: one text or a list of them, tried in order (empty ones
+    skipped); then, unless ``numbered`` is false, the first one numbered:
+    ``jane.doe``, ``jane.doe2``, ``jane.doe3`` … up to :data:`MAX_NUMBERED`.
+    ``suffix`` is written after the number: ``unique_username('jane.doe',
+    '@example.com')`` tries ``jane.doe@example.com``, then
+    ``jane.doe2@example.com``. Chosen when the account is created, never
+    changed afterwards; None (no value) when every candidate is empty.
+    """
+    items = candidates if isinstance(candidates, (list, tuple)) else [candidates]
+    texts = tuple(dict.fromkeys(str(c).strip() for c in items if not is_empty(c)))
+    if not texts:
+        return None
+    return Unique(texts, "" if is_empty(suffix) else str(suffix), bool(numbered))
+
+
 def library(tables: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Callable[..., Any]], dict[str, Callable[..., Any]]]:
     """(globals, filters) for one mapping's environment; ``tables`` are its ``tables:`` key."""
 
@@ -203,6 +253,7 @@ def library(tables: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Callable
         "lower": lower, "upper": upper, "trim": trim, "replace": replace, "regex_replace": regex_replace,
         "left": left, "mid": mid, "strip_spaces": strip_spaces, "normalize_diacritics": normalize_diacritics,
         "format_date": format_date, "switch": switch, "lookup": lookup, "is_present": is_present, "now": now,
+        "unique_username": unique_username,
     }  # fmt: skip
     # As filters, only where Jinja has none of that name or ours reads the same way (value first).
     filters = {name: functions[name] for name in (

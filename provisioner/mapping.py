@@ -55,7 +55,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from connectors import AttributeInfo, Schema
 from provisioner.errors import ConfigError
-from provisioner.functions import library
+from provisioner.functions import Unique, library
 from provisioner.schema import COMMON_ATTRIBUTES, CORE_USER, ENTERPRISE_USER, RFC7643_SCHEMAS
 from provisioner.extends import Document, load_layers
 from provisioner.yamlfile import Loc
@@ -150,6 +150,8 @@ class AttributeMapping:
     _required: dict[str, str]
     # Whether any expression calls ref(): payloads of mappings without references skip resolving.
     uses_refs: bool = False
+    # Whether any expression calls unique_username(): its value is chosen when the account is created.
+    uses_unique: bool = False
     # Every source column read, bare or inside an expression, with its file:line:column.
     names: tuple[tuple[str, str], ...] = ()
     # Attributes sent only when the account is created (``when: create``): ("password",) or (urn, name).
@@ -173,6 +175,8 @@ class AttributeMapping:
             if isinstance(value, str) and not value.strip():
                 # A target answers 400 at best; at worst it stores an account nobody can match again.
                 raise MappingError(f"{where}: attribute '{name}': is required but the record gives it only blanks")
+        if self.uses_unique:
+            _check_unique(payload, str(self.path))
         schemas = [CORE_USER] + [k for k in payload if k.startswith("urn:")]
         return Rendered(payload={"schemas": schemas, **payload, "active": True}, in_scope=True, leaver=False)
 
@@ -450,6 +454,7 @@ def compile_mapping(
         _root=root,
         _required={name: doc.at(("attributes", name)) for name in dict.fromkeys(["userName", match])},
         uses_refs=any("ref(" in part for part in compiler.parts),
+        uses_unique=any("unique_username" in part for part in compiler.parts),
         names=tuple(compiler.names),
         create_only=frozenset(compiler.create_only),
         omit_if_empty=frozenset(compiler.omit_if_empty),
@@ -757,6 +762,22 @@ def _value(leaf: _Leaf, record: Mapping[str, Any], slots: dict[str, Any]) -> Any
     return value
 
 
+def _check_unique(payload: dict[str, Any], where: str) -> None:
+    """unique_username() values are chosen per attribute of the account: top-level ones only."""
+
+    def nested(value: Any) -> bool:
+        if isinstance(value, Unique):
+            return True
+        if isinstance(value, dict):
+            return any(nested(v) for v in value.values())
+        return isinstance(value, list) and any(nested(v) for v in value)
+
+    for name, value in payload.items():
+        if not isinstance(value, Unique) and nested(value):
+            raise MappingError(f"{where}: attribute '{name}': unique_username() gives a top-level attribute "
+                               "(userName), not a value inside one")  # fmt: skip
+
+
 def _explain(error: Exception) -> str:
     if isinstance(error, jinja2.UndefinedError):
         message = str(error.message)
@@ -826,7 +847,7 @@ def _json_value(value: Any, left: list[int]) -> Any:
         if left[0] < 0:
             raise _BadValue(f"the value is longer than {MAX_VALUE_CHARS} characters")
         return str(value)  # Markup and other str subclasses become plain text
-    if value is None or isinstance(value, (bool, int, Ref)):
+    if value is None or isinstance(value, (bool, int, Ref, Unique)):
         left[0] -= 8
         return value
     if isinstance(value, float):

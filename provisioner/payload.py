@@ -6,11 +6,13 @@ Pure functions; the planner and the executor share them.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
 
+from provisioner.functions import Unique
 from provisioner.mapping import Ref
 
 # Attributes that are not the account's data: never diffed, never patched.
@@ -85,6 +87,8 @@ def payload_hash(payload: Mapping[str, Any]) -> str:
 
 # How an unresolved reference is written in a queue row (a key no SCIM schema uses).
 _REF_MARKER = "__provisioner_ref__"
+# How a unique_username() value (its candidates, and once chosen its choice) is written in a queue row.
+_UNIQUE_MARKER = "__provisioner_unique__"
 
 
 def dumps(value: Any) -> str:
@@ -102,6 +106,9 @@ def loads(text: str | None) -> Any:
 def _encode_ref(value: Any) -> Any:
     if isinstance(value, Ref):
         return {_REF_MARKER: value.key}
+    if isinstance(value, Unique):
+        return {_UNIQUE_MARKER: {"candidates": list(value.candidates), "suffix": value.suffix,
+                                 "numbered": value.numbered, "chosen": value.chosen}}  # fmt: skip
     raise TypeError(f"cannot store {type(value).__name__} as JSON")
 
 
@@ -109,6 +116,9 @@ def _decode_refs(value: Any) -> Any:
     if isinstance(value, dict):
         if len(value) == 1 and _REF_MARKER in value:
             return Ref(value[_REF_MARKER])
+        if len(value) == 1 and isinstance(value.get(_UNIQUE_MARKER), dict):
+            unique = value[_UNIQUE_MARKER]
+            return Unique(tuple(unique["candidates"]), unique["suffix"], unique["numbered"], unique["chosen"])
         return {k: _decode_refs(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_decode_refs(v) for v in value]
@@ -119,6 +129,8 @@ def readable(value: Any, note: str = "resolved when sent") -> Any:
     """A payload for people: each unresolved reference shown as ``ref(KEY): note``."""
     if isinstance(value, Ref):
         return f"ref({value.key}): {note}"
+    if isinstance(value, Unique):
+        return value.chosen or f"{value}: the first one free, chosen when the account is created"
     if isinstance(value, dict):
         return {k: readable(v, note) for k, v in value.items()}
     if isinstance(value, list):
@@ -171,6 +183,14 @@ def resolve_refs(value: Any, lookup: Callable[[str], str | None], *, keep_unreso
                 items.append(new)
         return items, missing
     return value, 0
+
+
+def unchosen(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload with every top-level unique_username() value as the mapping renders it, its choice forgotten.
+
+    What hashes compare: the planner's desired payload has no choice yet, a queue row's may.
+    """
+    return {k: replace(v, chosen=None) if isinstance(v, Unique) and v.chosen else v for k, v in payload.items()}
 
 
 def flatten(payload: Mapping[str, Any]) -> dict[str, Any]:

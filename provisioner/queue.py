@@ -711,6 +711,16 @@ def _link_row(target: str, key: str, link: LinkState, now: datetime) -> dict[str
     }
 
 
+def remember_payload(engine: Engine, operation_id: int, payload: Mapping[str, Any]) -> None:
+    """Store what an operation sends where its plan left a choice (a unique_username()), so that a retry sends the same.
+
+    ``payload`` as the row holds it: write-only values masked.
+    """
+    with engine.begin() as conn:
+        conn.execute(update(Operation.__table__).where(Operation.__table__.c.id == operation_id)
+                     .values(payload=dumps(mask_write_only(dict(payload)))))  # fmt: skip
+
+
 def give_up_if_too_old(claimed: ClaimedOperation, now: datetime | None = None) -> bool:
     """Whether a transient failure has been retried for longer than the maximum age."""
     return (now or utcnow()) - claimed.created_at > MAX_RETRY_AGE

@@ -39,6 +39,7 @@ from connectors import NotFound, PermanentError
 from provisioner import metrics
 from provisioner.config import Config, ReconcileConfig, parse_duration
 from provisioner.errors import SafetyStop
+from provisioner.functions import Unique
 from provisioner.mapping import AttributeMapping, MappingError
 from provisioner.payload import dumps, flatten, loads, payload_hash, refs_in, resolve_refs
 from provisioner.planner import Decision, Kind, Link, Reason, brake_trips
@@ -260,7 +261,7 @@ def shape_of(desired: Mapping[str, Any]) -> tuple[tuple[str, str, tuple[str, ...
     """
     shape = []
     for path, want in flatten(desired).items():
-        if refs_in(want):
+        if refs_in(want) or isinstance(want, Unique):  # a unique_username() is chosen once, on create
             continue
         if isinstance(want, list):
             keys = tuple(sorted({k for item in want if isinstance(item, Mapping) for k in item}))
@@ -314,7 +315,7 @@ def drift(desired: Mapping[str, Any], resource: Mapping[str, Any]) -> dict[str, 
     """
     drifted: dict[str, Any] = {}
     for path, want in flatten(desired).items():
-        if refs_in(want):
+        if refs_in(want) or isinstance(want, Unique):  # a unique_username() is chosen once, on create
             continue
         have = get_path(resource, path)
         if not same(path, want, have):

@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from connectors import (
     AuthError,
@@ -59,6 +61,37 @@ def test_a_quote_in_the_value_cannot_end_the_string() -> None:
 
     inner = quoted[1:-1]
     assert all(inner[i - 1] == "\\" for i, char in enumerate(inner) if char == '"')
+
+
+def _string_literal_end(text: str, start: int) -> int:
+    """Where the string literal opened at ``text[start]`` closes, read as a SCIM filter parser reads it.
+
+    RFC 7644 §3.4.2.2: a compValue string is a JSON string (RFC 8259 §7): a backslash escapes
+    the character after it, and the first unescaped quote ends the literal.
+    """
+    assert text[start] == '"'
+    i = start + 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == '"':
+            return i
+        i += 1
+    raise AssertionError("the literal never closes")
+
+
+@given(st.text(max_size=80))
+def test_any_value_stays_inside_its_string_literal_and_reads_back_as_itself(value: str) -> None:
+    """No value (quotes, backslashes, control characters, ' or ' clauses) can end the literal early."""
+    text = equals_filter("userName", value)
+
+    prefix = "userName eq "
+    assert text.startswith(prefix)
+    end = _string_literal_end(text, len(prefix))
+    assert end == len(text) - 1  # nothing after the literal: no clause smuggled in
+    assert json.loads(text[len(prefix):]) == value
+    assert not any(ord(c) < 0x20 for c in text)  # control characters are escaped, never raw
 
 
 def test_equals_filter_quotes_the_value() -> None:
