@@ -5,27 +5,10 @@ mapping as a Jinja global (``lower(email)``) and, where Jinja has no filter of
 that name, as a filter too (``email | strip_spaces``). "Empty" means None,
 undefined, ``""``, text of spaces only, or an empty list.
 
-=====================  ===============================================  ====================
-function               example                                          gives
-=====================  ===============================================  ====================
-coalesce(a, b, …)      ``coalesce(nick, first_name)``                   first non-empty
-default(v, d)          ``nick | default('none')``                       ``d`` when v empty
-join(sep, a, b, …)     ``join('.', first_name, last_name)``             ``Ada.Lovelace``
-split(v, sep)          ``split('a;b', ';')``                            ``['a', 'b']``
-append(v, suffix)      ``append(login, '@example.com')``                ``ada@example.com``
-lower / upper / trim   ``lower(' Ada ')`` / ``trim(' Ada ')``           `` ada `` / ``Ada``
-replace(v, old, new)   ``replace('a-b', '-', '.')``                     ``a.b``
-regex_replace(v,p,r)   ``regex_replace('+1 (555) 01', '[^0-9+]', '')``  ``+155501``
-left(v, n)             ``left('Lovelace', 3)``                          ``Lov``
-mid(v, start, n)       ``mid('Lovelace', 2, 3)`` (start counts from 1)  ``ove``
-strip_spaces(v)        ``strip_spaces('Mary Ann')``                     ``MaryAnn``
-normalize_diacritics   ``normalize_diacritics('José Müller')``          ``Jose Muller``
-format_date(v, fmt)    ``format_date('01.03.2024', '%d.%m.%Y')``        ``2024-03-01T00:00:00Z``
-switch(v, d, k, r, …)  ``switch(country, 'Other', 'NO', 'Norway')``     ``Norway``
-lookup(v, table, d)    ``lookup(department, 'cost_centers', 'CC-0')``   the table's row
-is_present(v)          ``is_present(phone)``                            ``true`` / ``false``
-now()                  ``now()``                                        ``2024-03-01T09:30:00Z``
-=====================  ===============================================  ====================
+The list of functions with one example each is :data:`EXAMPLES`; the
+README's table is generated from it (:func:`markdown_table`; a test keeps
+the two equal, runs every example, and rewrites the README's table with
+``PROVISIONER_REGOLD=1``).
 
 ``lookup`` reads a table of the mapping's ``tables:`` key. ``now()`` changes
 every run: use it for an attribute sent ``when: create``, or every cycle
@@ -237,6 +220,65 @@ def unique_username(candidates: Any, suffix: Any = "", numbered: bool = True) ->
     if not texts:
         return None
     return Unique(texts, "" if is_empty(suffix) else str(suffix), bool(numbered))
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One function of the library as the docs list it, with an example that the tests run."""
+
+    signature: str
+    expression: str
+    record: dict[str, Any]
+    # What the docs say it gives; ``expected`` is what the expression renders to (None: not fixed, as now()).
+    gives: str
+    expected: Any = None
+
+
+EXAMPLES: tuple[Example, ...] = (
+    Example("coalesce(a, b, …)", "coalesce(nick, first_name)", {"nick": "", "first_name": "Ada"},
+            "`Ada`: the first non-empty value", "Ada"),
+    Example("default(v, d)", "nick | default('none')", {"nick": " "},
+            "`none`: `d` when `v` is empty (Jinja's own: only when undefined)", "none"),
+    Example("join(sep, a, b, …)", "join('.', first_name, last_name)", {"first_name": "Ada", "last_name": "Lovelace"},
+            "`Ada.Lovelace` (empty values skipped)", "Ada.Lovelace"),
+    Example("split(v, sep)", "split(groups, ';')", {"groups": "a; b"}, "`['a', 'b']`, parts trimmed", ["a", "b"]),
+    Example("append(v, suffix)", "append(login, '@example.com')", {"login": "ada"},
+            "`ada@example.com`; empty stays empty", "ada@example.com"),
+    Example("lower(v)", "lower(email)", {"email": "Ada@Example.com"}, "`ada@example.com`", "ada@example.com"),
+    Example("upper(v)", "upper(country)", {"country": "no"}, "`NO`", "NO"),
+    Example("trim(v)", "trim(title)", {"title": "  Engineer "}, "`Engineer`", "Engineer"),
+    Example("replace(v, old, new)", "replace(phone, '-', ' ')", {"phone": "555-0100"}, "`555 0100`", "555 0100"),
+    Example("regex_replace(v, pattern, repl)", "regex_replace(phone, '[^0-9+]', '')", {"phone": "+1 (555) 01-00"},
+            "`+15550100` (100 ms, 500-character pattern at most)", "+15550100"),
+    Example("left(v, n)", "left(last_name, 3)", {"last_name": "Lovelace"}, "`Lov`", "Lov"),
+    Example("mid(v, start, n)", "mid(last_name, 2, 3)", {"last_name": "Lovelace"},
+            "`ove` (start counts from 1, as Entra's `Mid`)", "ove"),
+    Example("strip_spaces(v)", "strip_spaces(first_name)", {"first_name": "Mary Ann"}, "`MaryAnn`", "MaryAnn"),
+    Example("normalize_diacritics(v)", "lower(normalize_diacritics(join('.', first_name, last_name)))",
+            {"first_name": "José", "last_name": "Müller"}, "`jose.muller`", "jose.muller"),
+    Example("format_date(v, format)", "format_date(hired, '%d.%m.%Y')", {"hired": "01.03.2024"},
+            "`2024-03-01T00:00:00Z` (SCIM dateTime, UTC)", "2024-03-01T00:00:00Z"),
+    Example("switch(v, default, key, result, …)", "switch(country, 'Other', 'NO', 'Norway')", {"country": "NO"},
+            "`Norway`", "Norway"),
+    Example("lookup(v, table, default)", "lookup(department, 'cost_centers', 'CC-0')", {"department": "Sales"},
+            "`CC-200`: the row of a table under the mapping's `tables:` key", "CC-200"),
+    Example("is_present(v)", "is_present(phone)", {"phone": " "}, "`false`", False),
+    Example("now()", "now()", {},
+            "the time now as a SCIM dateTime: use it `when: create`, or every cycle updates every account"),
+    Example("unique_username(candidates, suffix)", "unique_username(lower(join('.', first_name, last_name)), "
+            "'@example.com')", {"first_name": "Jane", "last_name": "Doe"},
+            "`jane.doe@example.com`, or `jane.doe2@example.com`, `jane.doe3@…` when another account of the target "
+            "holds it; chosen on create, never changed (a list of candidates is tried in order first)"),
+)  # fmt: skip
+
+
+def markdown_table() -> str:
+    """The README's table of functions, from :data:`EXAMPLES`."""
+    lines = ["| function | example | gives |", "|---|---|---|"]
+    for example in EXAMPLES:
+        expression = example.expression.replace("|", "\\|")
+        lines.append(f"| `{example.signature}` | `{expression}` | {example.gives} |")
+    return "\n".join(lines) + "\n"
 
 
 def library(tables: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Callable[..., Any]], dict[str, Callable[..., Any]]]:
