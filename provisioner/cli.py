@@ -216,6 +216,8 @@ def _parser() -> argparse.ArgumentParser:
     sync = commands.add_parser("sync", help="run one cycle for every configured target, then exit")
     _config_options(sync)
     sync.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sync.add_argument("--only", nargs="+", metavar="KEY",
+                      help="plan and send only these identities (and their group memberships), each step printed")  # fmt: skip
     sync.set_defaults(handler=_sync)
 
     plan = commands.add_parser("plan", help="print what a cycle would do; sends nothing")
@@ -430,9 +432,48 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _sync(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if args.only:
+        return _sync_only(config, args)
     code, reports, healths = _run_sync(config, args.target)
     _print_summary(reports, healths, as_json=args.json)
     return code
+
+
+def _sync_only(config: Config, args: argparse.Namespace) -> int:
+    """``sync --only KEY…``: provision these identities now (provisioner.ondemand); the exit code is about them alone."""
+    from provisioner.ondemand import sync_only
+
+    targets = selected_targets(config, args.target)
+    mappings = {name: load_target_mapping(config, name) for name in targets}
+
+    def echo(line: str) -> None:
+        if not args.json:
+            print(line, flush=True)
+
+    with StateLock(config.state):
+        engine = open_store(config.state)
+        planners = PlannerLock(engine)
+        try:
+            busy = [name for name in targets if not planners.holds(name)]
+            if busy:
+                raise UserError(f"target {busy[0]!r} is being planned by a running daemon instance; "
+                                "let it run the cycle (`provisioner status` shows its progress)")  # fmt: skip
+            recover_orphans(engine)
+            reports = [asyncio.run(sync_only(engine, config, name, mappings[name], args.only, echo)) for name in targets]
+        finally:
+            planners.close()
+    if args.json:
+        print(orjson.dumps([{"target": r.target, "run_id": r.run_id, "ok": r.ok, "missing": r.missing,
+                             "rejected": r.rejected, "held": r.held, "statuses": r.statuses} for r in reports],
+                           option=orjson.OPT_INDENT_2).decode())  # fmt: skip
+    for report in reports:
+        if not args.json:
+            outcome = "ok" if report.ok else "not ok"
+            counts = "  ".join(f"{status} {count}" for status, count in sorted(report.statuses.items()))
+            print(f"{report.target}: {outcome}  {counts}  (run {report.run_id})")
+    if any(r.held for r in reports):
+        return EXIT_SAFETY_STOP
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED_OPERATIONS
 
 
 def _run(args: argparse.Namespace) -> int:

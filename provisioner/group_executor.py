@@ -23,7 +23,7 @@ import asyncio
 import time
 from urllib.parse import quote
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -196,9 +196,12 @@ class GroupOperation:
     failed_before: bool = False
 
 
-def claim_groups(engine: Engine, target: str, *, now: datetime | None = None, limit: int | None = None) -> list[GroupOperation]:
-    """Take due group operations of a target (pending, due retries, expired leases), oldest first."""
-    rows = claim_rows(engine, target, GROUP_KINDS, now=now, limit=limit)
+def claim_groups(
+    engine: Engine, target: str, *, now: datetime | None = None, limit: int | None = None,
+    groups: Collection[str] | None = None,
+) -> list[GroupOperation]:
+    """Take due group operations of a target (pending, due retries, expired leases), oldest first; only ``groups``' when given."""
+    rows = claim_rows(engine, target, GROUP_KINDS, now=now, limit=limit, identities=groups)
     claimed = []
     for row in rows:
         payload = loads(row["payload"]) or {}

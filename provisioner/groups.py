@@ -27,8 +27,8 @@ operations by their kinds (``GROUP_KINDS``): each executor claims only its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -415,6 +415,29 @@ def plan_groups(
         else:
             plan.decisions.append(decision)
     return plan
+
+
+def only_members(plan: GroupPlan, members: Collection[str], links: Mapping[str, GroupLink]) -> GroupPlan:
+    """The part of a group plan that concerns some members only: their additions and removals. Pure.
+
+    What ``sync --only`` sends: a group created for them holds them alone (the
+    others join at the next cycle), and nothing else of the plan is kept (no
+    other member, no rename, no deletion). Nothing is ``settled``: open
+    operations of other groups are left as they are.
+    """
+    wanted = set(members)
+    out = GroupPlan(plan.target)
+    for decision in plan.decisions:
+        if decision.kind is GroupKind.DELETE:
+            continue
+        add = tuple(i for i in decision.add if i in wanted)
+        remove = tuple(i for i in decision.remove if i in wanted)
+        if not add and not remove:
+            continue
+        link = links.get(decision.group_key)
+        name = link.display_name if link is not None else decision.display_name
+        out.decisions.append(replace(decision, add=add, remove=remove, display_name=name))
+    return out
 
 
 def batches(add: list[str], remove: list[str], size: int) -> list[tuple[list[str], list[str]]]:

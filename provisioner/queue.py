@@ -437,9 +437,10 @@ def claim_rows(
     now: datetime | None = None,
     lease: timedelta | None = None,
     limit: int | None = None,
+    identities: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Take due rows of some kinds in the order they became due: pending, retry_wait that is due, or
-    running with an expired lease.
+    running with an expired lease. ``identities``: only the rows of these identity (or group) keys.
 
     A row becomes due when it is created, when its retry time comes, or when it is
     given back unsent (:func:`release` stamps that time): a row given back waits its
@@ -469,6 +470,8 @@ def claim_rows(
             and_(OP.c.status == "running", OP.c.lease_until < now),
         ),
     )
+    if identities is not None:
+        due = and_(due, OP.c.identity_key.in_(list(identities)))
     order = (func.coalesce(OP.c.next_attempt_at, OP.c.created_at), OP.c.id)
     query = select(OP).where(due).order_by(*order).limit(limit).with_for_update(skip_locked=True)
     with engine.begin() as conn:
@@ -490,9 +493,10 @@ def claim(
     now: datetime | None = None,
     lease: timedelta | None = None,
     limit: int | None = None,
+    identities: Collection[str] | None = None,
 ) -> list[ClaimedOperation]:
     """Take due account operations of a target, oldest first (see :func:`claim_rows`)."""
-    rows = claim_rows(engine, target, ACCOUNT_KINDS, now=now, lease=lease, limit=limit)
+    rows = claim_rows(engine, target, ACCOUNT_KINDS, now=now, lease=lease, limit=limit, identities=identities)
     return [
         ClaimedOperation(
             id=row["id"],

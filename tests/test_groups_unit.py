@@ -344,3 +344,20 @@ def test_a_batch_that_failed_keeps_the_batches_before_it_and_the_retry_sends_onl
     row, _ = get_operation(engine, 2)
     assert row["status"] == "failed"
     assert len(load_member_state(engine, "app")["eng"]) == 200
+
+
+def test_only_members_keeps_the_changes_of_those_members_and_nothing_else() -> None:
+    from provisioner.groups import GroupDecision, GroupKind, GroupLink, GroupPlan, GroupReason, only_members
+
+    plan = GroupPlan("app", [
+        GroupDecision("eng", GroupKind.MEMBERS, GroupReason.RENAME, "Engineering", add=("u1", "u2"), remove=("u3",)),
+        GroupDecision("new", GroupKind.CREATE, GroupReason.NEW, "new", add=("u2",)),
+        GroupDecision("ops", GroupKind.CREATE, GroupReason.NEW, "ops", add=("u9",)),
+        GroupDecision("old", GroupKind.DELETE, GroupReason.UNDEFINED, "old"),
+    ], settled=["sales"])  # fmt: skip
+
+    kept = only_members(plan, {"u1", "u3"}, {"eng": GroupLink("eng", "g1", "eng")})
+
+    # The rename is not theirs: the group keeps its name; u2's addition waits for the next cycle.
+    assert kept.decisions == [GroupDecision("eng", GroupKind.MEMBERS, GroupReason.RENAME, "eng", add=("u1",), remove=("u3",))]
+    assert kept.settled == []
