@@ -559,7 +559,7 @@ def _plan(args: argparse.Namespace) -> int:
         plan, active = plan_once(engine, config, name, mapping)
         # A cycle sends users first, then plans groups: joiners and rehires are members by then.
         groups = plan_groups_once(engine, config, name, mapping, plan) if config.targets[name].groups else None
-        plans.append(describe_plan(engine, plan, active, config.targets[name], groups))
+        plans.append(describe_plan(engine, plan, active, config.targets[name], groups, mapping.omit_if_empty))
     if args.json:
         print(orjson.dumps(plans, option=orjson.OPT_INDENT_2).decode())
         return _plan_exit(plans)

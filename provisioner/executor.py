@@ -42,6 +42,7 @@ from provisioner.functions import Unique
 from provisioner.payload import (
     changed_paths,
     flatten,
+    keep_chosen,
     keep_omitted,
     patch_operations,
     payload_hash,
@@ -312,7 +313,7 @@ class Executor:
             if any(isinstance(v, Unique) for v in payload.values()):
                 return await self._create_unique(client, op, payload, applied_hash)
             return await self._create(client, op, payload, applied_hash)
-        payload = _keep_chosen(link.applied, without(payload, self.create_only))
+        payload = keep_chosen(link.applied, without(payload, self.create_only))
         if self.omit_if_empty:
             payload, kept = keep_omitted(link.applied, payload, self.omit_if_empty)
             if kept and op.kind is Kind.UPDATE and link.active and not _differs(link.applied, payload):
@@ -838,19 +839,6 @@ def _waves(by_key: dict[str, list[ClaimedOperation]], links: dict[str, LinkState
         for key in ready:
             del waiting[key]
     return waves
-
-
-def _keep_chosen(applied: dict[str, Any] | None, payload: dict[str, Any]) -> dict[str, Any]:
-    """unique_username() values of an existing account: the one it was created with, never a new choice."""
-    if not any(isinstance(v, Unique) for v in payload.values()):
-        return payload
-    kept = {}
-    for name, value in payload.items():
-        if not isinstance(value, Unique):
-            kept[name] = value
-        elif isinstance((applied or {}).get(name), str):
-            kept[name] = applied[name]  # type: ignore[index]
-    return kept
 
 
 def _differs(applied: dict[str, Any] | None, payload: dict[str, Any]) -> bool:

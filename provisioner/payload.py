@@ -193,6 +193,20 @@ def unchosen(payload: Mapping[str, Any]) -> dict[str, Any]:
     return {k: replace(v, chosen=None) if isinstance(v, Unique) and v.chosen else v for k, v in payload.items()}
 
 
+def keep_chosen(applied: Mapping[str, Any] | None, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """An update's payload: each unique_username() value is the one the account was created with.
+
+    Never a new choice for an existing account; left out when what was applied is not known.
+    """
+    kept: dict[str, Any] = {}
+    for name, value in payload.items():
+        if not isinstance(value, Unique):
+            kept[name] = value
+        elif applied is not None and isinstance(applied.get(name), str):
+            kept[name] = applied[name]
+    return kept
+
+
 def flatten(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Attribute paths as SCIM PATCH names them, down to simple values or multi-valued lists.
 

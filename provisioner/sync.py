@@ -24,7 +24,7 @@ from provisioner.executor import Executor
 from provisioner.group_executor import send_due_groups, sync_groups
 from provisioner.groups import GroupPlan, load_groups
 from provisioner.mapping import AttributeMapping, MappingError, load_mapping
-from provisioner.payload import changed_paths, dumps
+from provisioner.payload import changed_paths, dumps, keep_chosen, keep_omitted, readable
 from provisioner.planner import Kind, Plan, RenderMemo, brake_trips, plan_target
 from provisioner.queue import Rejections, claim, count_status, enqueue, load_link_states, load_links
 from provisioner.redaction import WRITE_ONLY
@@ -315,9 +315,17 @@ def _describe_groups(plan: GroupPlan) -> dict[str, object]:
 
 
 def describe_plan(
-    engine: Engine, plan: Plan, active: int, target: TargetConfig, group_plan: GroupPlan | None = None
+    engine: Engine,
+    plan: Plan,
+    active: int,
+    target: TargetConfig,
+    group_plan: GroupPlan | None = None,
+    omit_if_empty: frozenset[tuple[str, ...]] = frozenset(),
 ) -> dict[str, object]:
-    """A plan as an operator reads it: counts, each operation with the attributes it changes."""
+    """A plan as an operator reads it: counts, each operation with the attributes it changes.
+
+    ``omit_if_empty``: the mapping's attributes whose empty value keeps the target's, not a change.
+    """
     updates = [d.identity_key for d in plan.decisions if d.kind in (Kind.UPDATE, Kind.ENABLE)]
     states = load_link_states(engine, plan.target, updates) if updates else {}
     operations = []
@@ -327,11 +335,17 @@ def describe_plan(
             "kind": decision.kind.value,
             "reason": decision.reason.value,
         }
-        if decision.payload is not None:
-            item["userName"] = decision.payload.get("userName")
         if decision.kind in (Kind.UPDATE, Kind.ENABLE) and decision.payload is not None:
             state = states.get(decision.identity_key)
-            item["changes"] = changed_paths(state.applied if state else None, decision.payload)
+            applied = state.applied if state else None
+            # What the update sends: the userName the account was created with, values kept by omit_if_empty.
+            payload = keep_chosen(applied, decision.payload)
+            payload = keep_omitted(applied, payload, omit_if_empty)[0] if omit_if_empty else payload
+            item["userName"] = payload.get("userName")
+            item["changes"] = changed_paths(applied, payload)
+        elif decision.payload is not None:
+            # A unique_username() is shown as its candidates until the create chooses one.
+            item["userName"] = readable(decision.payload.get("userName"))
         operations.append(item)
     leavers = sum(d.kind in (Kind.DISABLE, Kind.DELETE) for d in plan.decisions)
     return {

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
+from provisioner.cli import main
 from tests.conftest import ENTERPRISE, ScimReader, Workspace, hr_row
 
 OPTIONS = """  title:
@@ -70,13 +73,17 @@ def test_an_update_leaves_the_targets_value_where_the_record_went_empty(workspac
 
 
 def test_only_omitted_values_going_empty_sends_nothing_and_a_new_value_is_sent(
-    workspace: Workspace, scim: ScimReader
+    workspace: Workspace, scim: ScimReader, capsys: pytest.CaptureFixture[str]
 ) -> None:
     setup(workspace)
     workspace.write_source([ada(title="Engineer")])
     workspace.sync_now()
 
     workspace.write_source([ada(title="")])
+    capsys.readouterr()
+    assert main(["plan", "--config", str(workspace.config_path), "--json"]) == 0
+    [planned] = json.loads(capsys.readouterr().out)
+    assert [op["changes"] for op in planned["operations"]] == [[]]  # the plan does not show title as cleared
     report = workspace.sync_now()
     again = workspace.sync_now()
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
+from provisioner.cli import main
 from provisioner.payload import loads
 from tests.conftest import ScimReader, Workspace, hr_row
 
@@ -56,14 +58,23 @@ def test_two_joiners_rendering_the_same_username_in_one_cycle_get_two(workspace:
     assert sorted(mine.values()) == ["jane.doe2@example.com", "jane.doe3@example.com"]
 
 
-def test_an_existing_account_keeps_its_username(workspace: Workspace, scim: ScimReader) -> None:
+def test_an_existing_account_keeps_its_username(
+    workspace: Workspace, scim: ScimReader, capsys: pytest.CaptureFixture[str]
+) -> None:
     setup(workspace)
     workspace.write_source([hr_row("E1", "Jane", "Doe")])
+    capsys.readouterr()
+    assert main(["plan", "--config", str(workspace.config_path), "--json"]) == 0
+    [joiner] = json.loads(capsys.readouterr().out)[0]["operations"]
+    assert joiner["userName"] == "unique_username(jane.doe, @example.com): the first one free, chosen when the account is created"
     workspace.sync_now()
 
     # The name it was chosen from changes and the free one would now be different: the account keeps its own.
     someone_else(scim, "jane.smith@example.com")
     workspace.write_source([hr_row("E1", "Jane", "Smith", title="Lead")])
+    assert main(["plan", "--config", str(workspace.config_path), "--json"]) == 0
+    [mover] = json.loads(capsys.readouterr().out)[0]["operations"]
+    assert mover["userName"] == "jane.doe@example.com" and "userName" not in mover["changes"]
     report = workspace.sync_now()
     again = workspace.sync_now()
 
