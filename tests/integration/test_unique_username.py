@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from provisioner.cli import main
 from provisioner.payload import loads
 from tests.conftest import ScimReader, Workspace, hr_row
+from tests.faultproxy import fault_proxy  # noqa: F401 - a fixture, found by name
 
 EXPRESSION = """  userName: "unique_username(lower(join('.', first_name, last_name)), '@example.com')"\n"""
 
@@ -84,3 +86,22 @@ def test_an_existing_account_keeps_its_username(
     assert user["title"] == "Lead" and user["name"]["familyName"] == "Smith"
     sent = [json.loads(body) for (body,) in workspace.query("SELECT request_body FROM attempt WHERE method IN ('PATCH', 'PUT')")]
     assert "unique" not in json.dumps(sent)
+
+
+def test_a_create_whose_answer_is_lost_keeps_its_choice_and_makes_no_second_account(
+    workspace: Workspace, scim: ScimReader, fault_proxy: Any
+) -> None:
+    """The POST is applied, its answer lost: the engine finds the account it made, never tries jane.doe3."""
+    setup(workspace)
+    someone_else(scim, "jane.doe@example.com")
+    proxy = fault_proxy(workspace.server.base_url, rate=1.0, kinds={"lost_response": 1}, max_faults=1,
+                        applies_to=lambda method, path: method == "POST" and "/Users" in path)  # fmt: skip
+    workspace.config_path.write_text(workspace.config_path.read_text().replace(workspace.server.base_url, proxy.base_url))
+    workspace.write_source([hr_row("E1", "Jane", "Doe")])
+
+    report = workspace.sync_now()
+
+    assert proxy.stats.faults["lost_response"] == 1
+    assert report.done["create"] == 1 and report.failed == 0
+    assert sorted(user["userName"] for user in scim.all()) == ["jane.doe2@example.com", "jane.doe@example.com"]
+    assert scim.user("jane.doe2@example.com")["externalId"] == "E1"
