@@ -23,6 +23,10 @@ The outcome names only these identities: the exit code is 4 when any of
 their operations failed or waits for a retry, or a record of theirs was
 rejected or missing; 5 when a leaver of theirs is held by the deletion
 brake; 0 otherwise. Other identities' failures do not count here.
+
+It is not a cycle: the operations carry a run id of their own (``approve
+RUN_ID`` releases a held leaver), but ``provisioner status``, the health and
+the last-successful-cycle metric keep naming the last full cycle.
 """
 
 from __future__ import annotations
@@ -35,10 +39,8 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, select
 
-from connectors import ScimClient
-from connectors._client import Exchange
+from connectors import Exchange, ScimClient
 from provisioner.config import Config
-from provisioner.errors import UserError
 from provisioner.executor import Executor
 from provisioner.group_executor import (
     GroupExecutor,
@@ -64,8 +66,8 @@ from provisioner.queue import (
 from provisioner.quirks import load_quirks
 from provisioner.redaction import mask_write_only
 from provisioner.sources import BadRecord, IdentityRecord, read_source
-from provisioner.store import Operation, utcnow
-from provisioner.sync import TargetReport, _finish_run, _start_run, new_run_id, render_write_only
+from provisioner.store import Operation
+from provisioner.sync import new_run_id, render_write_only
 from provisioner.targets import TargetSession
 
 Echo = Callable[[str], None]
@@ -95,60 +97,46 @@ async def sync_only(
 ) -> OnDemandReport:
     """Plan and send the identities ``keys`` (and their group memberships) in target ``name``, printing each step.
 
-    Raises UserError when the source cannot be read.
+    Raises SourceError (a UserError) when the source cannot be read.
     """
     target = config.targets[name]
     wanted = list(dict.fromkeys(keys))
     report = OnDemandReport(name, new_run_id())
-    run = TargetReport(name, report.run_id)
-    _start_run(engine, report.run_id, name, utcnow())
-    try:
-        records = _records(config, name, set(wanted))
-        found = {r.key for r in records}
-        report.missing = [key for key in wanted if key not in found]
-        for key in report.missing:
-            echo(f"{name}: {key}: not in the source; nothing planned (a full sync handles leavers)")
-        for record in records:
-            _echo_render(echo, name, mapping, record)
-        all_links = load_links(engine, name)
-        links = {key: link for key, link in all_links.items() if key in found}
-        plan = plan_target(name, mapping, records, links, target.leaver, min_records=0)
-        decided = {d.identity_key: d for d in plan.decisions}
-        for key in wanted:
-            if key in decided:
-                d = decided[key]
-                echo(f"{name}: {key}: planned {d.kind.value} ({d.reason.value})")
-            elif key in plan.settled:
-                echo(f"{name}: {key}: planned nothing: the account already holds what the record renders to")
-        for rejected in plan.rejected:
-            echo(f"{name}: {rejected.identity_key}: rejected: {rejected.message}")
-        active = sum(link.active for link in all_links.values())
+    records = _records(config, name, set(wanted))
+    found = {r.key for r in records}
+    report.missing = [key for key in wanted if key not in found]
+    for key in report.missing:
+        echo(f"{name}: {key}: not in the source; nothing planned (a full sync handles leavers)")
+    for record in records:
+        _echo_render(echo, name, mapping, record)
+    all_links = load_links(engine, name)
+    links = {key: link for key, link in all_links.items() if key in found}
+    plan = plan_target(name, mapping, records, links, target.leaver, min_records=0)
+    decided = {d.identity_key: d for d in plan.decisions}
+    for key in wanted:
+        if key in decided:
+            d = decided[key]
+            echo(f"{name}: {key}: planned {d.kind.value} ({d.reason.value})")
+        elif key in plan.settled:
+            echo(f"{name}: {key}: planned nothing: the account already holds what the record renders to")
+    for rejected in plan.rejected:
+        echo(f"{name}: {rejected.identity_key}: rejected: {rejected.message}")
+    active = sum(link.active for link in all_links.values())
 
-        def brake(leavers: int) -> bool:
-            return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
+    def brake(leavers: int) -> bool:
+        return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
 
-        rejections = Rejections()
-        # No `present`: it would close the open rejections of everyone not asked for.
-        enqueue(engine, report.run_id, name, plan.decisions, plan.rejected, brake=brake, settled=plan.settled,
-                record_hashes=plan.record_hashes, rejections=rejections)  # fmt: skip
-        report.rejected = len(plan.rejected)
-        for key, kind in _send_again(engine, name, plan.present & found):
-            echo(f"{name}: {key}: an earlier {kind} that failed or waits for a retry is sent now")
-        await _send_accounts(engine, config, name, mapping, found, echo)
-        if target.groups is not None:
-            await _send_groups(engine, config, name, mapping, found, report.run_id, echo)
-        report.statuses = _statuses(engine, name, report.run_id, found)
-        report.held = report.statuses.pop("held", 0)
-        run.rejected = report.rejected
-        run.held = report.held
-        run.statuses.update(report.statuses)
-    except UserError as exc:
-        _finish_run(engine, run, status="refused", error=str(exc))
-        raise
-    except BaseException:
-        _finish_run(engine, run, status="error")
-        raise
-    _finish_run(engine, run)
+    # No `present`: it would close the open rejections of everyone not asked for.
+    enqueue(engine, report.run_id, name, plan.decisions, plan.rejected, brake=brake, settled=plan.settled,
+            record_hashes=plan.record_hashes, rejections=Rejections())  # fmt: skip
+    report.rejected = len(plan.rejected)
+    for key, kind in _send_again(engine, name, plan.present & found):
+        echo(f"{name}: {key}: an earlier {kind} that failed or waits for a retry is sent now")
+    await _send_accounts(engine, config, name, mapping, found, echo)
+    if target.groups is not None:
+        await _send_groups(engine, config, name, mapping, found, report.run_id, echo)
+    report.statuses = _statuses(engine, name, report.run_id, found)
+    report.held = report.statuses.pop("held", 0)
     if report.held:
         echo(f"{name}: {report.held} leaver operation(s) held by the deletion brake: provisioner approve {report.run_id}")
     return report
