@@ -256,8 +256,9 @@ async def _send_groups(
             result = await executor.run(claim_groups(engine, name, groups=groups))
             if not result.statuses or result.skipped:
                 break
+        names = {d.group_key: d.display_name for d in plan.decisions}
         for key, status, error in _group_outcomes(engine, name, run_id, groups):
-            echo(f"{name}: group {key}: {status}" + (f": {error}" if error else ""))
+            echo(f"{name}: group {names.get(key, key)}: {status}" + (f": {error}" if error else ""))
     finally:
         await session.aclose()
 
