@@ -68,6 +68,13 @@ class LayeredDocument:
                 return found
         return self._default
 
+    def documents(self) -> list[Document]:
+        """Every document the merge reads from, each once."""
+        found: dict[int, Document] = {id(self._default): self._default}
+        for doc in self._owners.values():
+            found.setdefault(id(doc), doc)
+        return list(found.values())
+
     def at(self, loc: Loc) -> str:
         return self.owner(loc).at(loc)
 
@@ -91,10 +98,14 @@ class _Plain(Mapping[Loc, str]):
         return isinstance(loc, tuple) and loc in self._layered.owner(loc).plain
 
     def __iter__(self) -> Iterator[Loc]:
-        raise TypeError("a layered document's plain texts are looked up, not listed")
+        layered = self._layered
+        for doc in layered.documents():
+            for loc in doc.plain:
+                if layered.owner(loc) is doc:
+                    yield loc
 
     def __len__(self) -> int:
-        raise TypeError("a layered document's plain texts are looked up, not listed")
+        return sum(1 for _ in self)
 
 
 def load_layers(path: Path) -> tuple[Document, list[tuple[str, str]]]:

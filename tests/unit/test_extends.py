@@ -108,3 +108,17 @@ def test_null_without_a_base_is_still_no_value(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"a\.yaml:3:10: attribute 'title': expected a column name"):
         load_mapping(path)
+
+
+def test_the_plain_texts_of_a_merged_mapping_are_those_of_the_files_that_write_them(tmp_path: Path) -> None:
+    """What a digest of the parsed mapping reads: YAML 1.1 texts (``NO``, ``0123``) of every file, once each."""
+    from provisioner.extends import load_layers
+
+    write(tmp_path, "base.yaml", "attributes:\n  userName: email\n  locale: NO\n  externalId: 0123\n")
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\nattributes:\n  externalId: 0456\n")
+
+    doc, problems = load_layers(child)
+
+    assert problems == []
+    assert dict(doc.plain.items()) == {("attributes", "locale"): "NO", ("attributes", "externalId"): "0456"}
+    assert load_mapping(child).render({"email": "a@x"}).payload["externalId"] == "0456"
