@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import quote
 from typing import Annotated, Any, Literal
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from provisioner import redaction
@@ -148,18 +149,142 @@ def parse_rate(text: str) -> tuple[float, float]:
     return float(match.group(1)), {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)[0]]
 
 
-class SourceConfig(_Strict):
-    """Where identity records come from."""
+class _SourceCommon(_Strict):
+    """What every kind of source has: the key column, the truncation guard, the schedule."""
 
-    type: Literal["csv", "jsonl"]
-    path: Path
+    # The column (SCIM: attribute) naming each person; records sharing a key are all rejected.
     key: str = Field(min_length=1)
-    delimiter: str = Field(default=",", min_length=1, max_length=1)
-    encoding: str = "utf-8-sig"
     # A source with fewer usable records than this fails the cycle before planning
     # (a truncated export must not look like mass leavers). An empty source always fails.
     min_records: int = Field(default=1, ge=1)
     schedule: ScheduleConfig = ScheduleConfig()
+
+
+class SourceConfig(_SourceCommon):
+    """A CSV or JSON Lines file, read anew every cycle."""
+
+    type: Literal["csv", "jsonl"]
+    path: Path
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    encoding: str = "utf-8-sig"
+
+    def describe(self) -> str:
+        """How messages name this source: its file."""
+        return str(self.path)
+
+
+class SqlSourceConfig(_SourceCommon):
+    """A query run against any database SQLAlchemy reaches; its result columns are the record's columns."""
+
+    type: Literal["sql"]
+    # A SQLAlchemy URL (sqlite:///hr.db, postgresql+psycopg://reader@db/hr). A password in it must be
+    # ${ENV} or ${file:PATH}, or given apart in `password` (any characters, no URL escaping).
+    url: SecretStr
+    password: SecretStr | None = None
+    query: str = Field(min_length=1)
+    # Rows fetched from the database at a time (a server-side cursor where the driver has one).
+    chunk_size: int = Field(default=1000, ge=1, le=100_000)
+    # Seconds to connect; statements run as long as the database lets them.
+    connect_timeout: float = Field(default=30.0, gt=0, le=600)
+
+    @field_validator("url")
+    @classmethod
+    def _database_url(cls, value: SecretStr) -> SecretStr:
+        try:
+            make_url(value.get_secret_value())
+        except (ArgumentError, ValueError):
+            raise ValueError("not a database URL like sqlite:///hr.db or postgresql+psycopg://reader@host/hr") from None
+        return value
+
+    def engine_url(self) -> URL:
+        """The URL to connect with, ``password`` included."""
+        url = make_url(self.url.get_secret_value())
+        return url.set(password=self.password.get_secret_value()) if self.password is not None else url
+
+    def describe(self) -> str:
+        """How messages name this source: its URL with the password hidden."""
+        return make_url(self.url.get_secret_value()).render_as_string(hide_password=True)
+
+
+class ScimSourceConfig(_SourceCommon):
+    """An HR system's SCIM 2.0 endpoint, read page by page (RFC 7644 §3.4.2); auth as a target's."""
+
+    type: Literal["scim"]
+    base_url: str
+    auth: AuthConfig
+    # The resource endpoint read: Users (RFC 7644 §3.2).
+    endpoint: str = "Users"
+    # A SCIM filter (RFC 7644 §3.4.2.2), e.g. for a delta: meta.lastModified gt "2026-01-01T00:00:00Z".
+    filter: str | None = None
+    # Only these attributes are asked for (RFC 7644 §3.4.2.5); null: what the server returns by default.
+    attributes: list[str] | None = None
+    page_size: int = Field(default=100, ge=1, le=10_000)
+    timeout: float = Field(default=30.0, gt=0, le=600)
+    max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    allow_insecure_http: bool | list[str] = False
+    rate_limit: str | None = None
+    retry: RetryConfig = RetryConfig()
+    # What TargetSession needs of a target: one request at a time is plenty for paging.
+    max_concurrency: int = Field(default=1, ge=1, le=16)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return _http_base_url(value)
+
+    @field_validator("allow_insecure_http")
+    @classmethod
+    def _hosts(cls, value: bool | list[str]) -> bool | list[str]:
+        return _insecure_hosts(value)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        return _rate_limit(value)
+
+    def insecure_http_allowed(self, url: str) -> bool:
+        """Whether ``url`` may be sent over plain http:// (see ``allow_insecure_http``)."""
+        return _insecure_http_allowed(self.allow_insecure_http, url)
+
+    def describe(self) -> str:
+        """How messages name this source: the endpoint it reads."""
+        return f"{self.base_url}/{self.endpoint.strip('/')}"
+
+
+AnySourceConfig = Annotated[SourceConfig | SqlSourceConfig | ScimSourceConfig, Field(discriminator="type")]
+
+
+def _http_base_url(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def _insecure_hosts(value: bool | list[str]) -> bool | list[str]:
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("an empty host list allows nothing: write false, or name the hosts")
+        return [host.strip().lower().strip("[]") for host in value]
+    return value
+
+
+def _rate_limit(value: str | None) -> str | None:
+    if value is not None:
+        parse_rate(value)
+    return value
+
+
+def _insecure_http_allowed(allowed: bool | list[str], url: str) -> bool:
+    if not is_clear_text(url):
+        return True
+    host = url_host(url) or ""
+    if allowed is True:
+        return is_loopback(host)
+    if isinstance(allowed, list):
+        return host in allowed
+    return False
 
 
 class QuirksConfig(_Strict):
@@ -290,9 +415,7 @@ class TargetConfig(_Strict):
     @field_validator("rate_limit")
     @classmethod
     def _rate(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_rate(value)
-        return value
+        return _rate_limit(value)
 
     @field_validator("group_reconcile_every")
     @classmethod
@@ -313,36 +436,23 @@ class TargetConfig(_Strict):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/")
+        return _http_base_url(value)
 
     @field_validator("allow_insecure_http")
     @classmethod
     def _insecure_hosts(cls, value: bool | list[str]) -> bool | list[str]:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("an empty host list allows nothing: write false, or name the hosts")
-            return [host.strip().lower().strip("[]") for host in value]
-        return value
+        return _insecure_hosts(value)
 
     def insecure_http_allowed(self, url: str) -> bool:
         """Whether ``url`` may be sent over plain http:// (see ``allow_insecure_http``)."""
-        if not is_clear_text(url):
-            return True
-        host = url_host(url) or ""
-        if self.allow_insecure_http is True:
-            return is_loopback(host)
-        if isinstance(self.allow_insecure_http, list):
-            return host in self.allow_insecure_http
-        return False
+        return _insecure_http_allowed(self.allow_insecure_http, url)
 
 
 class Config(_Strict):
     """The whole config file."""
 
     state: str = "sqlite:///provisioner.db"
-    sources: dict[str, SourceConfig]
+    sources: dict[str, AnySourceConfig]
     targets: dict[str, TargetConfig]
     daemon: DaemonConfig = DaemonConfig()
     alerts: AlertsConfig = AlertsConfig()
@@ -365,15 +475,20 @@ def load_config(path: Path, *, secrets: bool = True) -> Config:
     except ValidationError as exc:
         raise ConfigError(_describe(exc, doc)) from None
     _check_references(config, doc)
+    _refuse_written_passwords(config, doc)
     _register_secrets(config)
     resolved = _resolve_paths(config, path.resolve().parent)
     _check_state(resolved.state, doc)
-    for name, target in resolved.targets.items():
-        _refuse_clear_text(name, target, doc)
-        _refuse_unverified_ca(name, target, doc)
-        if target.ca_bundle is not None and not target.ca_bundle.is_file():
-            loc = ("targets", name, "ca_bundle")
-            raise ConfigError(f"{doc.where(loc)}: {_dotted(loc)}: no such file: {target.ca_bundle}")
+    endpoints: list[tuple[Loc, TargetConfig | ScimSourceConfig]] = [
+        (("targets", name), target) for name, target in resolved.targets.items()
+    ]
+    endpoints += [(("sources", n), s) for n, s in resolved.sources.items() if isinstance(s, ScimSourceConfig)]
+    for loc, endpoint in endpoints:
+        _refuse_clear_text(loc, endpoint, doc)
+        _refuse_unverified_ca(loc, endpoint, doc)
+        if endpoint.ca_bundle is not None and not endpoint.ca_bundle.is_file():
+            at = (*loc, "ca_bundle")
+            raise ConfigError(f"{doc.where(at)}: {_dotted(at)}: no such file: {endpoint.ca_bundle}")
     return resolved
 
 
@@ -419,6 +534,15 @@ def _describe(exc: ValidationError, doc: YamlDocument) -> str:
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key"
+        elif error["type"] == "union_tag_invalid":
+            # A discriminated union (a source's or an auth's type) reports its tag at the parent.
+            loc = _yaml_loc((*error["loc"], "type"), doc)
+            named = loc
+            expected = error.get("ctx", {}).get("expected_tags", "")
+            message = f"unknown type {error.get('ctx', {}).get('tag')!r}; one of {expected}"
+        elif error["type"] == "union_tag_not_found":
+            named = (*loc, "type")
+            message = "required key is missing"
         elif error["type"] == "missing":
             # The missing key has no line of its own: point at its parent, name the key.
             named = (*loc, error["loc"][-1])
@@ -449,10 +573,10 @@ def _check_references(config: Config, doc: YamlDocument) -> None:
             raise ConfigError(f"{doc.where(loc)}: {_dotted(loc)}: no source named '{target.source}' (known: {known})")
 
 
-def _refuse_clear_text(name: str, target: TargetConfig, doc: YamlDocument) -> None:
-    urls: list[tuple[Loc, str]] = [(("targets", name, "base_url"), target.base_url)]
+def _refuse_clear_text(at: Loc, target: TargetConfig | ScimSourceConfig, doc: YamlDocument) -> None:
+    urls: list[tuple[Loc, str]] = [((*at, "base_url"), target.base_url)]
     if isinstance(target.auth, OAuth2Config):
-        urls.append((("targets", name, "auth", "token_url"), target.auth.token_url))
+        urls.append(((*at, "auth", "token_url"), target.auth.token_url))
     for loc, url in urls:
         if target.insecure_http_allowed(url):
             continue
@@ -469,9 +593,9 @@ def _refuse_clear_text(name: str, target: TargetConfig, doc: YamlDocument) -> No
         )
 
 
-def _refuse_unverified_ca(name: str, target: TargetConfig, doc: YamlDocument) -> None:
+def _refuse_unverified_ca(at: Loc, target: TargetConfig | ScimSourceConfig, doc: YamlDocument) -> None:
     if not target.verify_tls and target.ca_bundle is not None:
-        loc = ("targets", name, "verify_tls")
+        loc = (*at, "verify_tls")
         raise ConfigError(
             f"{doc.where(loc)}: {_dotted(loc)}: verify_tls: false would ignore ca_bundle; "
             "keep verify_tls: true to trust the ca_bundle, or remove ca_bundle"
@@ -505,16 +629,53 @@ def config_warnings(config: Config) -> list[str]:
     return found
 
 
+def _refuse_written_passwords(config: Config, doc: YamlDocument) -> None:
+    """A SQL source's password comes from the environment or a file, never from the config file's text."""
+    raw_sources = doc.data.get("sources") if isinstance(doc.data, dict) else None
+    for name, source in config.sources.items():
+        if not isinstance(source, SqlSourceConfig) or not isinstance(raw_sources, dict):
+            continue
+        raw = raw_sources.get(name) if isinstance(raw_sources.get(name), dict) else {}
+        written = []
+        url = raw.get("url")
+        if isinstance(url, str):
+            try:
+                in_url = make_url(url).password
+            except (ArgumentError, ValueError):
+                in_url = None
+            if in_url and "${" not in str(in_url):
+                written.append("url")
+        password = raw.get("password")
+        if isinstance(password, str) and password and "${" not in password:
+            written.append("password")
+        for key in written:
+            loc = ("sources", name, key)
+            raise ConfigError(
+                f"{doc.where(loc)}: {_dotted(loc)}: a password written in the config file; "
+                "read it from the environment or a file: ${HR_DB_PASSWORD} or ${file:/run/secrets/hr-db}"
+            )
+
+
 def _register_secrets(config: Config) -> None:
     # A PostgreSQL state URL may carry a password: it is a secret like a target's token.
     password = re.match(r"^[\w+]+://[^:/@]*:([^@/]+)@", config.state)
     if password:
         redaction.register(password.group(1))
-    for target in config.targets.values():
-        if isinstance(target.auth, BearerAuthConfig):
-            redaction.register(target.auth.token.get_secret_value())
-        elif isinstance(target.auth, OAuth2Config):
-            redaction.register(target.auth.client_secret.get_secret_value())
+    auths: list[AuthConfig] = [target.auth for target in config.targets.values()]
+    for source in config.sources.values():
+        if isinstance(source, ScimSourceConfig):
+            auths.append(source.auth)
+        elif isinstance(source, SqlSourceConfig):
+            url_password = source.engine_url().password
+            if url_password:
+                redaction.register(str(url_password))
+                # As it is written inside a URL: escaped.
+                redaction.register(quote(str(url_password), safe=""))
+    for auth in auths:
+        if isinstance(auth, BearerAuthConfig):
+            redaction.register(auth.token.get_secret_value())
+        elif isinstance(auth, OAuth2Config):
+            redaction.register(auth.client_secret.get_secret_value())
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
@@ -522,7 +683,14 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         p = p.expanduser()
         return p if p.is_absolute() else base / p
 
-    sources = {n: s.model_copy(update={"path": resolve(s.path)}) for n, s in config.sources.items()}
+    sources: dict[str, SourceConfig | SqlSourceConfig | ScimSourceConfig] = {}
+    for n, s in config.sources.items():
+        if isinstance(s, SourceConfig):
+            sources[n] = s.model_copy(update={"path": resolve(s.path)})
+        elif isinstance(s, ScimSourceConfig):
+            sources[n] = s.model_copy(update={"ca_bundle": s.ca_bundle and resolve(s.ca_bundle)})
+        else:
+            sources[n] = s.model_copy(update={"url": SecretStr(_relative_sqlite(s.url.get_secret_value(), resolve))})
     targets = {
         n: t.model_copy(
             update={
@@ -533,8 +701,13 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         )
         for n, t in config.targets.items()
     }
-    state = config.state
-    match = re.match(r"^(sqlite(?:\+\w+)?:///)(?!/)(.+)$", state)
-    if match and match.group(2) != ":memory:":
-        state = f"{match.group(1)}{resolve(Path(match.group(2)))}"
+    state = _relative_sqlite(config.state, resolve)
     return config.model_copy(update={"sources": sources, "targets": targets, "state": state})
+
+
+def _relative_sqlite(url: str, resolve: Any) -> str:
+    """A SQLite URL's relative file path made relative to the config file's folder."""
+    match = re.match(r"^(sqlite(?:\+\w+)?:///)(?!/)(.+)$", url)
+    if match and match.group(2) != ":memory:":
+        return f"{match.group(1)}{resolve(Path(match.group(2)))}"
+    return url

@@ -20,7 +20,7 @@ from connectors import (
     TargetLimiter,
 )
 from provisioner import redaction
-from provisioner.config import BearerAuthConfig, OAuth2Config, TargetConfig, parse_rate
+from provisioner.config import BearerAuthConfig, OAuth2Config, ScimSourceConfig, TargetConfig, parse_rate
 
 log = structlog.get_logger("provisioner.targets")
 
@@ -67,9 +67,12 @@ async def discover_schemas(config: TargetConfig) -> tuple[dict[str, Schema] | No
 
 @dataclass(slots=True)
 class TargetSession:
-    """What the clients of one target share during a round of sending; create it inside the event loop."""
+    """What the clients of one target share during a round of sending; create it inside the event loop.
 
-    config: TargetConfig
+    An HR system read as a SCIM source (``ScimSourceConfig``) is reached the same way.
+    """
+
+    config: TargetConfig | ScimSourceConfig
     # The target's deviations, declared or learned; every client of the session shares them.
     quirks: Quirks = field(default_factory=Quirks)
     limiter: TargetLimiter = field(init=False)
@@ -146,7 +149,7 @@ def _masked(token: str) -> str:
     return token
 
 
-def _tls(config: TargetConfig) -> bool | ssl.SSLContext:
+def _tls(config: TargetConfig | ScimSourceConfig) -> bool | ssl.SSLContext:
     """One TLS context for all the target's clients: building one per client costs ~30 ms of CPU."""
     if not config.verify_tls:
         return False
@@ -156,7 +159,7 @@ def _tls(config: TargetConfig) -> bool | ssl.SSLContext:
 
 
 def _auth(
-    config: TargetConfig, limiter: TargetLimiter, verify: bool | ssl.SSLContext
+    config: TargetConfig | ScimSourceConfig, limiter: TargetLimiter, verify: bool | ssl.SSLContext
 ) -> httpx.Auth | MaskedTokens | None:
     auth = config.auth
     if isinstance(auth, BearerAuthConfig):

@@ -9,6 +9,7 @@ import pytest
 from provisioner.config import SourceConfig
 from provisioner.errors import SourceError
 from provisioner.sources import BadRecord, IdentityRecord, read_source, source_columns
+from provisioner.sources.csv import read_csv
 
 HEADER = "employee_id,first_name,email"
 
@@ -138,17 +139,21 @@ def test_source_columns_are_the_header(tmp_path: Path) -> None:
 
 
 def test_records_are_streamed_and_a_broken_line_far_down_is_a_source_error_naming_it(tmp_path: Path) -> None:
-    """The first record is read before the end of the file is; undecodable bytes there name their line."""
+    """The CSV reader yields its first record before the end of the file is read; undecodable bytes there
+    name their line, and read_source gives no record of such a file at all."""
     path = tmp_path / "hr.csv"
     rows = "".join(f"E{i},Person{i},p{i}@example.com\n" for i in range(20_000))
     path.write_bytes(f"{HEADER}\n{rows}".encode() + b"E-bad,\xff\xfe,x\n")
-    records = iter(read_source(SourceConfig(type="csv", path=path, key="employee_id")))
+    config = SourceConfig(type="csv", path=path, key="employee_id")
+    records = iter(read_csv(config))
 
     first = next(records)
 
     assert isinstance(first, IdentityRecord) and first.key == "E0"
     with pytest.raises(SourceError, match=rf"^{path}:\d+: cannot parse"):
         list(records)
+    with pytest.raises(SourceError, match=rf"^{path}:\d+: cannot parse"):
+        next(iter(read_source(config)))
 
 
 # --- JSON Lines ------------------------------------------------------------------------------------

@@ -1,13 +1,11 @@
-"""Identity sources: records streamed from a CSV or JSON Lines file, one at a time.
+"""CSV sources: rows streamed one at a time, each line read in bounded pieces.
 
-A source that cannot be opened or decoded at all raises SourceError and the
-cycle is refused. Anything wrong with one record — a row with too many or too
-few fields, a line that is not JSON, a missing key, a cell over
-:data:`MAX_CELL_CHARS` or a record over :data:`MAX_RECORD_CHARS` — is a
-:class:`BadRecord` naming its line (and its key when it can be read): that
+Anything wrong with one row — too many or too few fields, a cell over
+:data:`MAX_CELL_CHARS`, a record over :data:`MAX_RECORD_CHARS`, a missing key —
+is a :class:`BadRecord` naming its line (and its key when it can be read): that
 record goes to review, the others go on. Lines are read in pieces of at most
-:data:`MAX_RECORD_CHARS` characters, so a 100 MB line costs no more memory
-than a short one.
+:data:`MAX_RECORD_CHARS` characters, so a 100 MB line costs no more memory than
+a short one. A file that cannot be opened or decoded raises SourceError.
 """
 
 from __future__ import annotations
@@ -15,83 +13,36 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import orjson
 
 from provisioner.config import SourceConfig
 from provisioner.errors import SourceError
+from provisioner.sources._records import MAX_RECORD_CHARS, BadRecord, IdentityRecord, checked, open_text
 
-# A cell longer than this is not an HR value (a pasted document, a broken export): its record is rejected.
-MAX_CELL_CHARS = 65_536
-# A record (all its lines) longer than this is rejected without being parsed into cells.
-MAX_RECORD_CHARS = 1_048_576
 # The csv module refuses fields over its own limit (131,072 by default) with csv.Error;
 # we never raise that process-wide limit: a field over it is a bad record like any other.
 _CSV_PREFIX_CHARS = 100_000
 
 
-@dataclass(frozen=True, slots=True)
-class IdentityRecord:
-    """One person as the source sees them; ``origin`` is ``file:line`` for error messages."""
-
-    key: str
-    attributes: dict[str, Any]
-    origin: str
-
-
-@dataclass(frozen=True, slots=True)
-class BadRecord:
-    """A line of the source that is not a usable record; it goes to review, the rest go on.
-
-    ``key`` is empty when the line's key could not be read. ``text`` is what
-    was read of the line(s), for telling whether a rejected line has changed.
-    """
-
-    key: str
-    reason: str
-    origin: str
-    text: str | None = field(default=None, compare=False, repr=False)
-
-
-def read_source(config: SourceConfig) -> Iterator[IdentityRecord | BadRecord]:
-    """Stream a source's records; a file that cannot be opened raises SourceError."""
-    if config.type == "csv":
-        return _read_csv(config)
-    return _read_jsonl(config)
-
-
-def source_columns(config: SourceConfig) -> set[str] | None:
-    """The columns a CSV source declares in its header (None for sources without a header)."""
-    if config.type != "csv":
-        return None
-    with _open(config.path, config.encoding) as handle:
-        try:
-            header = next(csv.reader(handle, delimiter=config.delimiter), [])
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise SourceError(f"{config.path}:1: cannot parse the header as {config.encoding} CSV: {exc}") from None
-    return {name.strip() for name in header}
-
-
-def _open(path: Path, encoding: str) -> Any:
-    try:
-        return path.open(encoding=encoding, newline="")
-    except FileNotFoundError:
-        raise SourceError(f"{path}: source file not found") from None
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read source: {exc.strerror}") from None
-
-
-def _read_csv(config: SourceConfig) -> Iterator[IdentityRecord | BadRecord]:
-    with _open(config.path, config.encoding) as handle:
+def read_csv(config: SourceConfig) -> Iterator[IdentityRecord | BadRecord]:
+    """Stream a CSV file's rows as records, header first; SourceError when the file cannot be read."""
+    with open_text(config.path, config.encoding) as handle:
         lines = _Lines(handle)
         reader = csv.reader(lines, delimiter=config.delimiter)
         try:
             yield from _csv_records(config, lines, reader)
         except UnicodeDecodeError as exc:
             raise SourceError(f"{config.path}:{lines.number}: cannot parse as {config.encoding} CSV: {exc}") from None
+
+
+def csv_columns(config: SourceConfig) -> set[str]:
+    """The columns a CSV file declares in its header (empty for an empty file)."""
+    with open_text(config.path, config.encoding) as handle:
+        try:
+            header = next(csv.reader(handle, delimiter=config.delimiter), [])
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise SourceError(f"{config.path}:1: cannot parse the header as {config.encoding} CSV: {exc}") from None
+    return {name.strip() for name in header}
 
 
 def _csv_records(config: SourceConfig, lines: _Lines, reader: Any) -> Iterator[IdentityRecord | BadRecord]:
@@ -127,7 +78,7 @@ def _csv_records(config: SourceConfig, lines: _Lines, reader: Any) -> Iterator[I
             # A row cut short (a truncated export): missing columns must not read as empty values.
             yield BadRecord(key, "fewer fields than the header has", origin, "\x1f".join(row))
         else:
-            yield _checked(config.key, dict(zip(names, row)), origin)
+            yield checked(config.key, dict(zip(names, row)), origin)
 
 
 class _Oversized(Exception):
@@ -253,51 +204,3 @@ def _key_of_prefix(prefix: str, key_index: int, delimiter: str) -> str:
     return fields[key_index].strip() if key_index < len(fields) - 1 else ""
 
 
-def _read_jsonl(config: SourceConfig) -> Iterator[IdentityRecord | BadRecord]:
-    with _open(config.path, config.encoding) as handle:
-        try:
-            yield from _jsonl_records(config, handle)
-        except UnicodeDecodeError as exc:
-            raise SourceError(f"{config.path}: cannot read as {config.encoding}: {exc}") from None
-
-
-def _jsonl_records(config: SourceConfig, handle: Any) -> Iterator[IdentityRecord | BadRecord]:
-    number = 0
-    while line := handle.readline(MAX_RECORD_CHARS + 1):
-        number += 1
-        origin = f"{config.path}:{number}"
-        if len(line) > MAX_RECORD_CHARS and not line.endswith(("\n", "\r")):
-            while (rest := handle.readline(MAX_RECORD_CHARS)) and not rest.endswith(("\n", "\r")):
-                pass
-            yield BadRecord("", f"the line holds more than {MAX_RECORD_CHARS} characters", origin)
-            continue
-        if not line.strip():
-            continue
-        try:
-            data = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            yield BadRecord("", f"not valid JSON: {exc}", origin, line)
-            continue
-        if not isinstance(data, dict):
-            yield BadRecord("", "a line must hold a JSON object", origin, line)
-            continue
-        yield _checked(config.key, data, origin)
-
-
-def _checked(key_name: str, attributes: dict[str, Any], origin: str) -> IdentityRecord | BadRecord:
-    """A record, or a BadRecord when its key is missing or a cell is over MAX_CELL_CHARS."""
-    key = attributes.get(key_name)
-    if isinstance(key, (dict, list)):
-        return BadRecord("", f"the key '{key_name}' is not a single value", origin, _text(attributes))
-    if key is None or str(key).strip() == "":
-        return BadRecord("", f"the key '{key_name}' is empty", origin, _text(attributes))
-    key = str(key).strip()
-    for column, value in attributes.items():
-        if isinstance(value, str) and len(value) > MAX_CELL_CHARS:
-            reason = f"column '{column}' holds {len(value)} characters, more than a cell may ({MAX_CELL_CHARS})"
-            return BadRecord(key, reason, origin, _text(attributes))
-    return IdentityRecord(key, attributes, origin)
-
-
-def _text(attributes: dict[str, Any]) -> str:
-    return orjson.dumps(attributes, option=orjson.OPT_SORT_KEYS).decode()

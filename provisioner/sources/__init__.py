@@ -1,0 +1,71 @@
+"""Identity sources: records streamed from a file, a database query or an HR system's SCIM endpoint.
+
+One module per kind — :mod:`~provisioner.sources.csv`, :mod:`~provisioner.sources.jsonl`,
+:mod:`~provisioner.sources.sql`, :mod:`~provisioner.sources.scim` — each turning
+its source into :class:`IdentityRecord` and :class:`BadRecord` items, one at a time.
+
+A source that cannot be read at all (a missing file, a database that refuses
+the query, an HR endpoint that is down) raises SourceError, and the cycle is
+refused. Anything wrong with one record is a :class:`BadRecord` naming where it
+is (``file:line``, ``url:row``, the resource's URL) and, when it can be read,
+its key: that record goes to review, the others go on. That includes a key
+several records share: every one of them is rejected, none is guessed
+(:mod:`provisioner.sources._unique`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from provisioner.config import ScimSourceConfig, SourceConfig, SqlSourceConfig
+from provisioner.sources._records import MAX_CELL_CHARS, MAX_RECORD_CHARS, BadRecord, IdentityRecord
+from provisioner.sources._unique import unique_keys
+from provisioner.sources.csv import csv_columns, read_csv
+from provisioner.sources.jsonl import read_jsonl
+from provisioner.sources.scim import read_scim, scim_columns
+from provisioner.sources.sql import read_sql, sql_columns
+
+__all__ = [
+    "MAX_CELL_CHARS",
+    "MAX_RECORD_CHARS",
+    "BadRecord",
+    "IdentityRecord",
+    "read_source",
+    "source_columns",
+]
+
+
+def read_source(config: SourceConfig | SqlSourceConfig | ScimSourceConfig) -> Iterator[IdentityRecord | BadRecord]:
+    """Stream a source's records, each key at most once as an IdentityRecord.
+
+    Raises SourceError (when the iteration starts) for a source that cannot be read.
+    """
+    return unique_keys(_records(config))
+
+
+def _records(config: SourceConfig | SqlSourceConfig | ScimSourceConfig) -> Iterator[IdentityRecord | BadRecord]:
+    """The records as the source has them, duplicates included."""
+    if isinstance(config, SqlSourceConfig):
+        return read_sql(config)
+    if isinstance(config, ScimSourceConfig):
+        return read_scim(config)
+    if config.type == "csv":
+        return read_csv(config)
+    return read_jsonl(config)
+
+
+def source_columns(config: SourceConfig | SqlSourceConfig | ScimSourceConfig) -> set[str] | None:
+    """The columns a source's records have, when it says before they are read; None when it cannot say.
+
+    CSV: its header. SQL: the query's result columns (the query is run with no
+    row fetched). SCIM: the names the records take (see :mod:`provisioner.sources.scim`)
+    from the server's ``/Schemas``, None when it has none. JSON Lines: None.
+    Raises SourceError when the source cannot be read.
+    """
+    if isinstance(config, SqlSourceConfig):
+        return sql_columns(config)
+    if isinstance(config, ScimSourceConfig):
+        return scim_columns(config)
+    if config.type == "csv":
+        return csv_columns(config)
+    return None

@@ -1,0 +1,74 @@
+"""One record per key: a key that several records of a snapshot share is none of theirs.
+
+A source may hand out the same key twice (two HR rows for one employee
+number, a view that joins one row too many). Which of them is the person is a
+guess, and a guess that can flip from one cycle to the next (rows reordered)
+moves an account between two people. So every record with a shared key becomes
+a :class:`BadRecord` naming the key — each with its own ``file:line`` — and
+goes to review; the records with a key of their own go on.
+
+A record can only be known to be unique once the whole snapshot is read, so the
+snapshot is read once into a spool — an anonymous temporary file (mode 0600,
+already unlinked: nothing of it outlives the process) — while only the keys stay
+in memory; the records are then streamed back from it. Every kind of source is
+read once per pass: a file replaced, a table changed or an HR system edited
+meanwhile cannot make the two passes disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Iterable, Iterator
+
+import orjson
+
+from provisioner.sources._records import BadRecord, IdentityRecord, record_text
+
+_RECORD, _BAD = 0, 1
+
+
+def unique_keys(records: Iterable[IdentityRecord | BadRecord]) -> Iterator[IdentityRecord | BadRecord]:
+    """The records in source order, each record of a key several of them share turned into a BadRecord.
+
+    A BadRecord of the source that names a key counts as one of that key's
+    records (the key's other records are not used either) and is passed on as it
+    is. Each duplicate's ``text`` is a digest of all the records of its key, so
+    that a resolved rejection comes back when any of them changes.
+    """
+    first: dict[str, bytes] = {}
+    shared: dict[str, list[bytes]] = {}
+    with tempfile.TemporaryFile() as spool:
+        for record in records:
+            if isinstance(record, IdentityRecord):
+                line = orjson.dumps((_RECORD, record.key, record.origin, record.attributes))
+                digest_of = record_text(record.attributes).encode()
+            else:
+                line = orjson.dumps((_BAD, record.key, record.origin, record.reason, record.text))
+                digest_of = (record.text or record.reason).encode()
+            spool.write(line)
+            spool.write(b"\n")
+            if not record.key:
+                continue
+            digest = hashlib.blake2b(digest_of, digest_size=16).digest()
+            if record.key in first:
+                shared.setdefault(record.key, [first[record.key]]).append(digest)
+            else:
+                first[record.key] = digest
+        first.clear()
+        together = {key: hashlib.blake2b(b"".join(sorted(d)), digest_size=16).hexdigest() for key, d in shared.items()}
+        spool.seek(0)
+        for line in spool:
+            item = orjson.loads(line)
+            if item[0] == _BAD:
+                yield BadRecord(item[1], item[3], item[2], item[4])
+            elif item[1] in together:
+                yield BadRecord(item[1], _duplicate(item[1], len(shared[item[1]])), item[2], together[item[1]])
+            else:
+                yield IdentityRecord(item[1], item[3], item[2])
+
+
+def _duplicate(key: str, count: int) -> str:
+    # The other records' positions are left out on purpose: the message is compared from one
+    # cycle to the next (queue.rejection_cause), and rows above them come and go.
+    return f"duplicate key '{key}': {count} records of the source have it; none is used until only one does"
