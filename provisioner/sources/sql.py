@@ -56,26 +56,21 @@ def read_sql(config: SqlSourceConfig) -> Iterator[IdentityRecord | BadRecord]:
 
 
 def sql_columns(config: SqlSourceConfig) -> set[str]:
-    """The query's result columns, read without fetching a row; SourceError when the query fails.
+    """The query's result columns, from its cursor's description, without fetching a row.
 
-    The query is wrapped (``SELECT * FROM (query) WHERE 1 = 0``) so that the
-    database only plans it; a database that refuses the wrapping (Oracle's
-    derived tables, SQL Server's ORDER BY in a subquery) is asked the query
-    itself and only its cursor's description is read.
+    The query is run as a cycle runs it (a server-side cursor where the driver
+    has one): PostgreSQL describes the cursor once declared, SQLite steps to the
+    first row. SourceError when the query fails.
     """
     where = config.describe()
     engine = _engine(config)
-    query = config.query.strip().rstrip(";")
     try:
         with engine.connect() as conn:
+            result = _run(conn, config.query, 1)
             try:
-                names = list(conn.execute(text(f"SELECT * FROM ({query}) AS source_query WHERE 1 = 0")).keys())
-            except SQLAlchemyError:
-                conn.rollback()
-                result = _run(conn, config.query, 1)
-                names = list(result.keys())
+                return set(_names(list(result.keys()), config))
+            finally:
                 result.close()
-            return set(_names(names, config))
     except SQLAlchemyError as exc:
         raise SourceError(f"{where}: {_reason(exc)}") from None
     finally:
@@ -84,6 +79,9 @@ def sql_columns(config: SqlSourceConfig) -> set[str]:
 
 def _engine(config: SqlSourceConfig) -> Engine:
     url = config.engine_url()
+    if url.drivername == "postgresql":
+        # The driver the `postgres` extra installs (as for the state database); SQLAlchemy would look for psycopg2.
+        url = url.set(drivername="postgresql+psycopg")
     backend = url.get_backend_name()
     if backend == "sqlite" and url.database and url.database != ":memory:" and not url.database.startswith("file:"):
         # SQLite creates a missing file: an HR database that is not there would read as an empty one.
