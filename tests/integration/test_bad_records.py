@@ -178,6 +178,57 @@ def test_a_newcomer_with_a_linked_user_name_holds_both_and_touches_no_account(le
     assert failed_rows(lenient) == []
 
 
+# --- issue 11: one key, two records ------------------------------------------------------------------
+
+
+def test_two_records_with_one_key_are_both_rejected_by_plan_and_sync_and_never_guessed(
+    workspace: Workspace, scim: ScimReader
+) -> None:
+    """Neither record is the person: both are reported at their own line, the others go through."""
+    twin = hr_row("E1001", "Augusta", "King")
+    workspace.write_source([ADA, GRACE, twin])
+    duplicate = "duplicate key 'E1001': 2 records of the source have it; none is used until only one does"
+
+    plan = provisioner(workspace, "plan", "--json")
+    synced = provisioner(workspace, "sync")
+
+    assert plan.returncode == 4, plan.stderr  # records that will fail: as sync says
+    [planned] = json.loads(plan.stdout)
+    assert [op["identity_key"] for op in planned["operations"]] == ["E1002"]
+    assert planned["rejected"] == [
+        {"identity_key": "E1001", "reason": f"{workspace.source_path}:2: {duplicate}"},
+        {"identity_key": "E1001", "reason": f"{workspace.source_path}:4: {duplicate}"},
+    ]
+    assert synced.returncode == 4, synced.stdout + synced.stderr
+    assert "Traceback" not in synced.stderr
+    assert [user["userName"] for user in scim.all()] == ["grace.hopper@example.com"]
+    assert sorted(str(op["last_error"]) for op in failed_rows(workspace)) == [
+        f"{workspace.source_path}:2: {duplicate}", f"{workspace.source_path}:4: {duplicate}",
+    ]  # fmt: skip
+
+    workspace.write_source([ADA, GRACE])
+    fixed = workspace.sync_now()
+
+    assert fixed.summary()["created"] == 1 and fixed.rejected == 0
+    assert failed_rows(workspace) == []
+
+
+def test_a_linked_identity_whose_key_turns_up_twice_keeps_its_account_untouched(
+    workspace: Workspace, scim: ScimReader
+) -> None:
+    """Not a leaver, not a mover: the account stays as it is until the source says who it is."""
+    workspace.write_source([ADA, GRACE])
+    workspace.sync_now()
+    before = scim.user("ada.lovelace@example.com")
+
+    workspace.write_source([{**ADA, "title": "Analyst"}, GRACE, hr_row("E1001", "Ada", "Lovelace", status="terminated")])
+    report = workspace.sync_now()
+
+    assert report.summary()["updated"] == report.summary()["disabled"] == report.summary()["deleted"] == 0
+    assert report.rejected == 2
+    assert scim.user("ada.lovelace@example.com") == before
+
+
 # --- item 8: blank required attributes -----------------------------------------------------------------
 
 

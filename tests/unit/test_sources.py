@@ -292,3 +292,61 @@ def test_jsonl_key_that_is_an_object_is_a_bad_record(tmp_path: Path) -> None:
     assert list(read_source(source)) == [
         BadRecord("", "the key 'employee_id' is not a single value", f"{source.path}:1")
     ]
+
+
+# --- one key, several records ----------------------------------------------------------------------
+
+
+def duplicate(key: str, count: int) -> str:
+    return f"duplicate key '{key}': {count} records of the source have it; none is used until only one does"
+
+
+def test_every_record_of_a_shared_key_is_a_bad_record_at_its_own_line_and_the_others_go_on(tmp_path: Path) -> None:
+    source = csv_source(tmp_path, f"{HEADER}\nE1,Ada,a@x\nE2,Alan,b@x\nE1,Augusta,c@x\nE3,Grace,d@x\n E1 ,Ada,e@x\n")
+
+    records = list(read_source(source))
+
+    assert records == [
+        BadRecord("E1", duplicate("E1", 3), f"{source.path}:2"),
+        IdentityRecord("E2", {"employee_id": "E2", "first_name": "Alan", "email": "b@x"}, f"{source.path}:3"),
+        BadRecord("E1", duplicate("E1", 3), f"{source.path}:4"),
+        IdentityRecord("E3", {"employee_id": "E3", "first_name": "Grace", "email": "d@x"}, f"{source.path}:5"),
+        BadRecord("E1", duplicate("E1", 3), f"{source.path}:6"),
+    ]
+
+
+def test_a_bad_record_naming_a_key_takes_that_key_from_its_other_records(tmp_path: Path) -> None:
+    """A row cut short still names its person: the complete row of that key is not guessed to be them."""
+    source = csv_source(tmp_path, f"{HEADER}\nE1,Ada\nE1,Ada,a@x\n")
+
+    records = list(read_source(source))
+
+    assert records == [
+        BadRecord("E1", "fewer fields than the header has", f"{source.path}:2"),
+        BadRecord("E1", duplicate("E1", 2), f"{source.path}:3"),
+    ]
+
+
+def test_keys_of_json_lines_are_compared_as_text(tmp_path: Path) -> None:
+    source = jsonl_source(tmp_path, '{"employee_id": 42}\n{"employee_id": "42"}\n{"employee_id": 7}\n')
+
+    records = list(read_source(source))
+
+    assert [(type(r).__name__, r.key, r.origin) for r in records] == [
+        ("BadRecord", "42", f"{source.path}:1"), ("BadRecord", "42", f"{source.path}:2"),
+        ("IdentityRecord", "7", f"{source.path}:3"),
+    ]  # fmt: skip
+
+
+def test_a_change_to_any_record_of_a_shared_key_changes_what_each_rejection_is_of(tmp_path: Path) -> None:
+    """A resolved rejection comes back when any of the key's records changes, not only the last one."""
+    texts = [
+        list(read_source(csv_source(tmp_path, f"{HEADER}\nE1,Ada,a@x\nE1,Augusta,c@x\n"))),
+        list(read_source(csv_source(tmp_path, f"{HEADER}\nE1,Ada,CHANGED@x\nE1,Augusta,c@x\n"))),
+        list(read_source(csv_source(tmp_path, f"{HEADER}\nE1,Augusta,c@x\nE1,Ada,a@x\n"))),
+    ]
+
+    first, changed, reordered = ([r.text for r in records] for records in texts)
+    assert first[0] == first[1] and changed[0] == changed[1]
+    assert first[0] != changed[0]
+    assert reordered[0] == first[0]
