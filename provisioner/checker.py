@@ -10,7 +10,8 @@ the first. What is checked, for each target:
   ones missing, extensions the target does not declare, two primaries;
 - expressions that do not compile, unknown functions, filters and tests;
 - every column the mapping reads, bare or inside an expression, against the
-  source's header (CSV) or the keys of its first records (JSON Lines);
+  source's columns (a CSV header, a SQL query's result columns, a SCIM
+  server's schemas) or, when it cannot say, the keys of its first records;
 - the first :data:`SAMPLE_RECORDS` records of the source, rendered: a value
   that fails on every one of them fails on the whole population.
 """
@@ -18,7 +19,6 @@ the first. What is checked, for each target:
 from __future__ import annotations
 
 import difflib
-import itertools
 from collections.abc import Iterable, Mapping
 
 from connectors import Schema
@@ -26,7 +26,7 @@ from provisioner.config import Config
 from provisioner.errors import ConfigError, SourceError
 from provisioner.groups import load_groups
 from provisioner.mapping import AttributeMapping, Diagnostic, compile_mapping
-from provisioner.sources import IdentityRecord, read_source, source_columns
+from provisioner.sources import IdentityRecord, first_records, source_columns
 
 # Records of the source rendered to find values that fail on all of them.
 SAMPLE_RECORDS = 100
@@ -60,11 +60,11 @@ def check_target(
         source = config.sources[target.source]
         try:
             columns = source_columns(source)
-            sample = [r for r in itertools.islice(read_source(source), SAMPLE_RECORDS) if isinstance(r, IdentityRecord)]
+            sample = [r for r in first_records(source, SAMPLE_RECORDS) if isinstance(r, IdentityRecord)]
         except SourceError as exc:
             found.append(_from_error(exc))
         else:
-            found += _unknown_columns(mapping, columns, sample, str(source.path))
+            found += _unknown_columns(mapping, columns, sample, source.describe())
             # A value already said to be wrong is not said again as "fails on every record".
             broken = {d.sort_key[:2] for d in found}
             found += [d for d in _failing_everywhere(mapping, sample) if d.sort_key[:2] not in broken]

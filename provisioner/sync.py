@@ -18,8 +18,8 @@ from typing import Any
 import structlog
 from sqlalchemy import Engine, func, insert, select, update
 
-from provisioner.config import Config, TargetConfig
-from provisioner.errors import ConfigError, UserError
+from provisioner.config import Config, ScimSourceConfig, SqlSourceConfig, TargetConfig
+from provisioner.errors import ConfigError, SourceError, UserError
 from provisioner.executor import Executor
 from provisioner.group_executor import send_due_groups, sync_groups
 from provisioner.groups import GroupPlan, load_groups
@@ -98,21 +98,33 @@ def selected_targets(config: Config, names: list[str] | None) -> list[str]:
 def load_target_mapping(config: Config, name: str) -> AttributeMapping:
     """Compile a target's mapping (and check its groups file) before anything is sent.
 
-    Also checks that the mapping reads only columns the source has.
+    Also checks that the mapping reads only columns the source has, where the
+    source says for certain: a CSV header, a SQL query's result columns. A
+    database that cannot be reached now is the cycle's to report (it refuses
+    and alerts), not a reason to refuse to start; a SCIM source's columns come
+    from schemas that do not list every type of a multi-valued attribute, so
+    only ``check`` compares them.
     """
     target = config.targets[name]
     mapping = load_mapping(target.mapping)
     if target.groups is not None:
         load_groups(target.groups)
-    columns = source_columns(config.sources[target.source])
+    source = config.sources[target.source]
+    if isinstance(source, ScimSourceConfig):
+        return mapping
+    try:
+        columns = source_columns(source)
+    except SourceError:
+        if isinstance(source, SqlSourceConfig):
+            return mapping
+        raise
     # An empty file has no header to check; the planner refuses it as an empty source.
     if columns:
         missing = mapping.missing_columns(columns)
         if missing:
-            source = config.sources[target.source]
             where = next(where for name, where in mapping.names if name == missing[0])
             raise ConfigError(
-                f"{where}: reads column '{missing[0]}', which {source.path} does not have "
+                f"{where}: reads column '{missing[0]}', which {source.describe()} does not have "
                 f"(columns: {', '.join(sorted(columns))})"
             )
     return mapping

@@ -15,6 +15,7 @@ several records share: every one of them is rejected, none is guessed
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 from provisioner.config import ScimSourceConfig, SourceConfig, SqlSourceConfig
@@ -30,6 +31,7 @@ __all__ = [
     "MAX_RECORD_CHARS",
     "BadRecord",
     "IdentityRecord",
+    "first_records",
     "read_source",
     "source_columns",
 ]
@@ -41,6 +43,22 @@ def read_source(config: SourceConfig | SqlSourceConfig | ScimSourceConfig) -> It
     Raises SourceError (when the iteration starts) for a source that cannot be read.
     """
     return unique_keys(_records(config))
+
+
+def first_records(
+    config: SourceConfig | SqlSourceConfig | ScimSourceConfig, count: int
+) -> list[IdentityRecord | BadRecord]:
+    """The first ``count`` records as the source has them, without reading the rest (duplicates not looked for).
+
+    For a quick look (``check`` renders them); SourceError as :func:`read_source`.
+    """
+    records = _records(config)
+    try:
+        return list(itertools.islice(records, count))
+    finally:
+        close = getattr(records, "close", None)
+        if close is not None:
+            close()
 
 
 def _records(config: SourceConfig | SqlSourceConfig | ScimSourceConfig) -> Iterator[IdentityRecord | BadRecord]:

@@ -1,0 +1,81 @@
+"""A SQL source end to end: `check` knows its columns, `sync` provisions its rows, mistakes exit 3 in one line."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from tests.conftest import HR_COLUMNS, ScimReader, Workspace, hr_row
+from tests.integration.test_cli import line_of, provisioner
+
+
+def sql_workspace(workspace: Workspace, rows: list[dict[str, str]], source: str | None = None) -> None:
+    """The workspace's target fed by a SQLite HR database (hr.db, relative to the config) instead of hr.csv."""
+    with sqlite3.connect(workspace.root / "hr.db") as conn:
+        conn.execute(f"CREATE TABLE people ({', '.join(f'{c} TEXT' for c in HR_COLUMNS)})")
+        conn.executemany(f"INSERT INTO people VALUES ({', '.join('?' for _ in HR_COLUMNS)})",
+                         [tuple(row[c] for c in HR_COLUMNS) for row in rows])  # fmt: skip
+    source = source or "    url: sqlite:///hr.db\n    query: SELECT * FROM people WHERE status != 'draft'\n"
+    text = workspace.config_path.read_text(encoding="utf-8")
+    text = text.replace(f"    type: csv\n    path: {workspace.source_path.name}\n", f"    type: sql\n{source}")
+    workspace.config_path.write_text(text, encoding="utf-8")
+
+
+ADA = hr_row("E1001", "Ada", "Lovelace")
+GRACE = hr_row("E1002", "Grace", "Hopper")
+
+
+def test_check_and_sync_provision_the_query_rows(workspace: Workspace, scim: ScimReader) -> None:
+    sql_workspace(workspace, [ADA, GRACE, hr_row("E1003", "Draft", "Row", status="draft")])
+
+    checked = provisioner(workspace, "check")
+    synced = provisioner(workspace, "sync")
+
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    assert sorted(user["userName"] for user in scim.all()) == ["ada.lovelace@example.com", "grace.hopper@example.com"]
+
+
+def test_check_names_a_mapped_column_the_query_does_not_return(workspace: Workspace) -> None:
+    sql_workspace(workspace, [ADA], "    url: sqlite:///hr.db\n    query: SELECT employee_id, first_name, "
+                  "last_name, email AS mail, status, department FROM people\n")  # fmt: skip
+
+    checked = provisioner(workspace, "check")
+
+    assert checked.returncode == 3, checked.stdout + checked.stderr
+    assert f"sqlite:///{workspace.root / 'hr.db'} has no column 'email' (did you mean 'mail'?)" in checked.stderr
+    assert "Traceback" not in checked.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "key", "message"),
+    [
+        pytest.param("    url: sqlite:///hr.db\n", "hr:", "sources.hr.query: required key is missing", id="no-query"),
+        pytest.param("    url: nonsense\n    query: SELECT 1\n", "url:", "sources.hr.url: Value error, not a database URL",
+                     id="bad-url"),
+    ],
+)  # fmt: skip
+def test_a_bad_sql_source_exits_3_in_one_line_naming_file_line_and_key(
+    workspace: Workspace, source: str, key: str, message: str
+) -> None:
+    sql_workspace(workspace, [ADA], source)
+
+    result = provisioner(workspace, "check")
+
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert f"{workspace.config_path}:{line_of(workspace.config_path, key)}: {message}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_query_that_fails_is_reported_by_check_and_refused_by_sync(workspace: Workspace, scim: ScimReader) -> None:
+    sql_workspace(workspace, [ADA], "    url: sqlite:///hr.db\n    query: SELECT * FROM persons\n")
+
+    checked = provisioner(workspace, "check")
+    synced = provisioner(workspace, "sync")
+
+    assert checked.returncode == 3 and "no such table: persons" in checked.stdout + checked.stderr
+    assert synced.returncode == 3, synced.stdout + synced.stderr
+    assert "no such table: persons" in synced.stderr
+    assert "Traceback" not in checked.stderr + synced.stderr
+    assert scim.all() == []
