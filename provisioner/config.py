@@ -626,6 +626,14 @@ def config_warnings(config: Config) -> list[str]:
                 f"daemon.listen {listen} serves /metrics and /healthz on every network interface; "
                 "bind 127.0.0.1 (the default) unless a scraper elsewhere must reach it"
             )
+    for name, source in config.sources.items():
+        if isinstance(source, ScimSourceConfig) and source.filter and "lastmodified" in source.filter.lower():
+            # Every cycle reads a whole snapshot: whoever the filter leaves out is a leaver.
+            found.append(
+                f"sources.{name}.filter reads only the users changed since a date; every user it leaves out "
+                "is a leaver in each cycle (the deletion brake holds mass leavers): a source's filter must "
+                "select the whole population"
+            )
     return found
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.config import BearerAuthConfig, load_config
+from provisioner import redaction
+from provisioner.config import BearerAuthConfig, config_warnings, load_config
 from provisioner.demo import PROJECT_ROOT
 from provisioner.errors import ConfigError
 from provisioner.redaction import redact
@@ -384,3 +385,36 @@ def test_a_state_url_without_its_driver_is_a_config_error_not_an_import_error() 
         check_state_driver("postgresql+pg8000://db.example.com/provisioner")
     with pytest.raises(ConfigError, match="driver"):
         open_store("postgresql+pg8000://db.example.com/provisioner")
+
+
+def test_a_scim_source_filtering_on_last_modified_is_warned_about(tmp_path: Path) -> None:
+    """A delta filter makes every user it leaves out a leaver: check says so before a cycle does."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "sources:\n  hr:\n    type: scim\n    base_url: https://hr.example.com/scim/v2\n"
+        "    auth: {type: bearer, token: hr-token-value}\n    key: employeeNumber\n"
+        "    filter: 'meta.lastModified gt \"2026-01-01T00:00:00Z\"'\n"
+        "targets:\n  app:\n    base_url: https://scim.example.com/v2\n    auth: {type: none}\n"
+        "    source: hr\n    mapping: users.yaml\n",
+        encoding="utf-8",
+    )
+
+    config = load_config(path)
+
+    [warning] = config_warnings(config)
+    assert warning.startswith("sources.hr.filter reads only the users changed since a date")
+    assert redaction.is_registered("hr-token-value")
+
+
+def test_a_scim_source_over_http_is_refused_like_a_target(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "sources:\n  hr:\n    type: scim\n    base_url: http://hr.example.com/scim/v2\n"
+        "    auth: {type: bearer, token: hr-token-value}\n    key: employeeNumber\n"
+        "targets:\n  app:\n    base_url: https://scim.example.com/v2\n    auth: {type: none}\n"
+        "    source: hr\n    mapping: users.yaml\n",
+        encoding="utf-8",
+    )
+
+    with pytest.raises(ConfigError, match=rf"^{path}:4: sources\.hr\.base_url: http://hr\.example\.com/scim/v2 is http://"):
+        load_config(path)
