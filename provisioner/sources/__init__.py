@@ -21,10 +21,9 @@ from collections.abc import Iterator
 from provisioner.config import ScimSourceConfig, SourceConfig, SqlSourceConfig
 from provisioner.sources._records import MAX_CELL_CHARS, MAX_RECORD_CHARS, BadRecord, IdentityRecord
 from provisioner.sources._unique import unique_keys
-from provisioner.sources.csv import csv_columns, read_csv
-from provisioner.sources.jsonl import read_jsonl
-from provisioner.sources.scim import read_scim, scim_columns
-from provisioner.sources.sql import read_sql, sql_columns
+
+# Each kind's module is imported when a source of that kind is read: a CSV source does not
+# load the SCIM client (httpx, authlib) or a database driver at start-up.
 
 __all__ = [
     "MAX_CELL_CHARS",
@@ -64,11 +63,19 @@ def first_records(
 def _records(config: SourceConfig | SqlSourceConfig | ScimSourceConfig) -> Iterator[IdentityRecord | BadRecord]:
     """The records as the source has them, duplicates included."""
     if isinstance(config, SqlSourceConfig):
+        from provisioner.sources.sql import read_sql
+
         return read_sql(config)
     if isinstance(config, ScimSourceConfig):
+        from provisioner.sources.scim import read_scim
+
         return read_scim(config)
     if config.type == "csv":
+        from provisioner.sources.csv import read_csv
+
         return read_csv(config)
+    from provisioner.sources.jsonl import read_jsonl
+
     return read_jsonl(config)
 
 
@@ -81,9 +88,15 @@ def source_columns(config: SourceConfig | SqlSourceConfig | ScimSourceConfig) ->
     Raises SourceError when the source cannot be read.
     """
     if isinstance(config, SqlSourceConfig):
+        from provisioner.sources.sql import sql_columns
+
         return sql_columns(config)
     if isinstance(config, ScimSourceConfig):
+        from provisioner.sources.scim import scim_columns
+
         return scim_columns(config)
     if config.type == "csv":
+        from provisioner.sources.csv import csv_columns
+
         return csv_columns(config)
     return None
