@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from collections.abc import Iterable, Iterator
+from typing import IO
 
 import orjson
 
@@ -36,27 +37,25 @@ def unique_keys(records: Iterable[IdentityRecord | BadRecord]) -> Iterator[Ident
     is. Each duplicate's ``text`` is a digest of all the records of its key, so
     that a resolved rejection comes back when any of them changes.
     """
-    first: dict[str, bytes] = {}
-    shared: dict[str, list[bytes]] = {}
+    # Where each key's first record starts in the spool; the records of a shared key, all of them.
+    first: dict[str, int] = {}
+    shared: dict[str, list[int]] = {}
     with tempfile.TemporaryFile() as spool:
+        offset = 0
         for record in records:
             if isinstance(record, IdentityRecord):
                 line = orjson.dumps((_RECORD, record.key, record.origin, record.attributes))
-                digest_of = record_text(record.attributes).encode()
             else:
                 line = orjson.dumps((_BAD, record.key, record.origin, record.reason, record.text))
-                digest_of = (record.text or record.reason).encode()
-            spool.write(line)
-            spool.write(b"\n")
-            if not record.key:
-                continue
-            digest = hashlib.blake2b(digest_of, digest_size=16).digest()
-            if record.key in first:
-                shared.setdefault(record.key, [first[record.key]]).append(digest)
-            else:
-                first[record.key] = digest
+            spool.write(line + b"\n")
+            if record.key:
+                at = first.setdefault(record.key, offset)
+                if at != offset:
+                    shared.setdefault(record.key, [at]).append(offset)
+            offset += len(line) + 1
         first.clear()
-        together = {key: hashlib.blake2b(b"".join(sorted(d)), digest_size=16).hexdigest() for key, d in shared.items()}
+        # Duplicates are rare: their digests are made from the spool, not for every record on the way in.
+        together = {key: _digest(spool, offsets) for key, offsets in shared.items()}
         spool.seek(0)
         for line in spool:
             item = orjson.loads(line)
@@ -66,6 +65,17 @@ def unique_keys(records: Iterable[IdentityRecord | BadRecord]) -> Iterator[Ident
                 yield BadRecord(item[1], _duplicate(item[1], len(shared[item[1]])), item[2], together[item[1]])
             else:
                 yield IdentityRecord(item[1], item[3], item[2])
+
+
+def _digest(spool: IO[bytes], offsets: list[int]) -> str:
+    """One digest of the records at these spool offsets, whatever their order or their lines."""
+    digests = []
+    for offset in offsets:
+        spool.seek(offset)
+        item = orjson.loads(spool.readline())
+        text = record_text(item[3]) if item[0] == _RECORD else (item[4] or item[3])
+        digests.append(hashlib.blake2b(text.encode(), digest_size=16).digest())
+    return hashlib.blake2b(b"".join(sorted(digests)), digest_size=16).hexdigest()
 
 
 def _duplicate(key: str, count: int) -> str:
