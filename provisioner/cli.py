@@ -687,7 +687,10 @@ def _preview(args: argparse.Namespace) -> int:
     wanted = set(args.keys)
     found: dict[str, dict[str, Any]] = {}
     for record in read_source(config.sources[config.targets[name].source]):
-        if isinstance(record, BadRecord) or record.key not in wanted or record.key in found:
+        if record.key not in wanted or record.key in found:
+            continue
+        if isinstance(record, BadRecord):  # a row that cannot be read, or one of several with this key
+            found[record.key] = {"origin": record.origin, "error": record.reason}
             continue
         found[record.key] = preview_record(mapping, record, links)
         # A password the mapping renders is a secret like any other: printed masked.

@@ -65,6 +65,20 @@ def test_preview_of_a_record_the_mapping_cannot_render_names_file_line_and_attri
     assert "Traceback" not in done.stderr
 
 
+def test_preview_of_a_key_two_records_share_says_so_at_each_line(tmp_path: Path) -> None:
+    folder = workspace(tmp_path)
+    source = folder / "hr.csv"
+    lines = source.read_text().splitlines(keepends=True)
+    source.write_text("".join(lines) + lines[1].replace("Ada", "Augusta"))
+
+    done = provisioner(folder, "preview", "E1001")
+
+    assert done.returncode == 3, done.stderr
+    result = json.loads(done.stdout)
+    assert result["origin"].endswith("hr.csv:2")
+    assert result["error"].startswith("duplicate key 'E1001': 2 records of the source have it")
+
+
 def test_plan_lists_group_operations_without_contacting_the_target(tmp_path: Path) -> None:
     folder = workspace(tmp_path)
     env_token = {"NEVER_SET_TOKEN": "x"}
