@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from urllib.parse import quote
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -214,7 +214,8 @@ class ScimSourceConfig(_SourceCommon):
     auth: AuthConfig
     # The resource endpoint read: Users (RFC 7644 §3.2).
     endpoint: str = "Users"
-    # A SCIM filter (RFC 7644 §3.4.2.2), e.g. for a delta: meta.lastModified gt "2026-01-01T00:00:00Z".
+    # A SCIM filter (RFC 7644 §3.4.2.2) selecting the source's population: `active eq true`. Every cycle
+    # reads a whole snapshot, so a user it leaves out is a leaver (a delta filter is warned about).
     filter: str | None = None
     # Only these attributes are asked for (RFC 7644 §3.4.2.5); null: what the server returns by default.
     attributes: list[str] | None = None

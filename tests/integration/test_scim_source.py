@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
+from provisioner.checker import check_target
 from provisioner.config import ScimSourceConfig, load_config
-from provisioner.demo import ScimServer, start_scim_server
+from provisioner.demo import ScimServer, free_port, start_scim_server
 from provisioner.errors import SourceError
 from provisioner.sources import BadRecord, IdentityRecord, read_source, source_columns
 from tests.conftest import ENTERPRISE, TOKEN_VARIABLE, ScimReader, Workspace, empty_server
@@ -201,13 +202,10 @@ def scim_source_workspace(workspace: Workspace, hr: HrSystem) -> None:
 
 
 def run(workspace: Workspace, hr: HrSystem, *args: str) -> subprocess.CompletedProcess[str]:
-    import os
-
-    os.environ["HR_SCIM_TOKEN"] = hr.server.token
-    try:
+    """The CLI, with the HR system's token in the environment the config reads it from."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HR_SCIM_TOKEN", hr.server.token)
         return provisioner(workspace, *args)
-    finally:
-        del os.environ["HR_SCIM_TOKEN"]
 
 
 def test_check_and_sync_provision_the_hr_systems_users_into_the_target(
@@ -240,3 +238,24 @@ def test_check_names_a_column_the_hr_systems_schema_does_not_have(workspace: Wor
     assert checked.returncode != 0
     assert "'employeNumber' (did you mean 'employeeNumber'?)" in checked.stdout + checked.stderr
     assert "Traceback" not in checked.stderr
+
+
+def test_check_of_an_hr_system_that_does_not_answer_is_one_diagnostic_naming_it(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workspace.mapping_path.write_text(MAPPING, encoding="utf-8")
+    text = workspace.config_path.read_text(encoding="utf-8").replace(
+        f"    type: csv\n    path: {workspace.source_path.name}\n    key: employee_id\n",
+        f"    type: scim\n    base_url: http://127.0.0.1:{free_port()}/v2\n    allow_insecure_http: true\n"
+        "    auth: {type: bearer, token: hr-token-never-shown}\n    key: employeeNumber\n"
+        "    retry: {max_attempts: 1}\n",
+    )
+    workspace.config_path.write_text(text, encoding="utf-8")
+    monkeypatch.setenv(TOKEN_VARIABLE, workspace.server.token)
+    config = load_config(workspace.config_path)
+
+    [diagnostic] = check_target(config, "app")
+
+    assert str(diagnostic).startswith(f"{config.sources['hr'].describe()}: ")
+    assert "hr-token-never-shown" not in str(diagnostic)
+    assert "\n" not in str(diagnostic)
