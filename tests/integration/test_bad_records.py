@@ -221,7 +221,8 @@ def test_a_linked_identity_whose_key_turns_up_twice_keeps_its_account_untouched(
     workspace.sync_now()
     before = scim.user("ada.lovelace@example.com")
 
-    workspace.write_source([{**ADA, "title": "Analyst"}, GRACE, hr_row("E1001", "Ada", "Lovelace", status="terminated")])
+    terminated = hr_row("E1001", "Ada", "Lovelace", status="terminated")
+    workspace.write_source([{**ADA, "title": "Analyst"}, GRACE, terminated])
     report = workspace.sync_now()
 
     assert report.summary()["updated"] == report.summary()["disabled"] == report.summary()["deleted"] == 0

@@ -1,4 +1,4 @@
-"""Identity sources: CSV and JSON Lines streamed as records; unusable lines become BadRecords, not crashes."""
+"""Identity sources: CSV and JSON Lines read as records; unusable lines and shared keys become BadRecords."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ def sql_source(url: str, query: str, **options: object) -> SqlSourceConfig:
     return SqlSourceConfig.model_validate({"type": "sql", "url": url, "query": query, "key": "employee_id", **options})
 
 
-QUERY = "SELECT emp_no AS employee_id, first AS first_name, last AS last_name, hired, fte FROM employees ORDER BY emp_no"
+QUERY = ("SELECT emp_no AS employee_id, first AS first_name, last AS last_name, hired, fte "
+         "FROM employees ORDER BY emp_no")
 
 
 def test_rows_become_records_named_by_the_query_with_their_row_number(tmp_path: Path) -> None:
@@ -108,8 +109,8 @@ def test_a_row_without_a_key_is_a_bad_record_and_the_others_go_on(tmp_path: Path
 @pytest.mark.parametrize(
     ("query", "message"),
     [
-        pytest.param("SELECT first FROM employees", "the key column 'employee_id' is not among the query's columns (first)",
-                     id="no-key-column"),
+        pytest.param("SELECT first FROM employees",
+                     "the key column 'employee_id' is not among the query's columns (first)", id="no-key-column"),
         pytest.param("SELECT emp_no AS employee_id, first AS employee_id FROM employees",
                      "the query returns two columns named 'employee_id'", id="two-columns-one-name"),
         pytest.param("SELECT * FROM nowhere", "no such table: nowhere", id="bad-query"),
