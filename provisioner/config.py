@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from apscheduler.triggers.cron import CronTrigger
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -245,6 +245,15 @@ class ScimSourceConfig(_SourceCommon):
     def _rate(cls, value: str | None) -> str | None:
         return _rate_limit(value)
 
+    @field_validator("attributes")
+    @classmethod
+    def _asks_for_key(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        # Without the key every record would be rejected, and the cycle refused as an empty source.
+        key = info.data.get("key")
+        if value is None or not key or key == "id" or any(_may_hold(entry, key) for entry in value):
+            return value
+        raise ValueError(f"none of these attributes gives the key '{key}'; add it (id is always returned)")
+
     def insecure_http_allowed(self, url: str) -> bool:
         """Whether ``url`` may be sent over plain http:// (see ``allow_insecure_http``)."""
         return _insecure_http_allowed(self.allow_insecure_http, url)
@@ -252,6 +261,20 @@ class ScimSourceConfig(_SourceCommon):
     def describe(self) -> str:
         """How messages name this source: the endpoint it reads."""
         return f"{self.base_url}/{self.endpoint.strip('/')}"
+
+
+def _may_hold(entry: str, key: str) -> bool:
+    """Whether asking for attribute ``entry`` (RFC 7644 §3.4.2.5) brings the record column ``key``.
+
+    ``key`` is a column of :mod:`provisioner.sources.scim`'s records: an attribute
+    (``externalId``), an extension's by its short name (``employeeNumber``), or a
+    multi-valued one by type (``emails_work``). A whole extension (its URN) may hold it.
+    """
+    name = entry.rsplit(":", 1)[-1] if entry.lower().startswith("urn:") else entry
+    if entry.lower().startswith("urn:") and name[:1].isupper():
+        return True  # the extension's URN itself (…:2.0:User): all its attributes
+    name = name.split(".", 1)[0].casefold()
+    return name in (key.casefold(), key.split("_", 1)[0].casefold())
 
 
 AnySourceConfig = Annotated[SourceConfig | SqlSourceConfig | ScimSourceConfig, Field(discriminator="type")]

@@ -418,3 +418,39 @@ def test_a_scim_source_over_http_is_refused_like_a_target(tmp_path: Path) -> Non
 
     with pytest.raises(ConfigError, match=rf"^{path}:4: sources\.hr\.base_url: http://hr\.example\.com/scim/v2 is http://"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "key", "ok"),
+    [
+        pytest.param("[userName, externalId]", "externalId", True, id="core"),
+        pytest.param("[userName]", "id", True, id="id-always-returned"),
+        pytest.param("[\"urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:employeeNumber\"]",
+                     "employeeNumber", True, id="extension-attribute"),
+        pytest.param("[\"urn:ietf:params:scim:schemas:extension:enterprise:2.0:User\"]", "employeeNumber", True,
+                     id="whole-extension"),
+        pytest.param("[emails.value]", "emails_work", True, id="typed"),
+        pytest.param("[userName, name]", "employeeNumber", False, id="missing"),
+    ],
+)  # fmt: skip
+def test_a_scim_source_asking_for_attributes_must_ask_for_its_key(
+    tmp_path: Path, attributes: str, key: str, ok: bool
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "sources:\n  hr:\n    type: scim\n    base_url: https://hr.example.com/scim/v2\n"
+        f"    auth: {{type: none}}\n    key: {key}\n    attributes: {attributes}\n"
+        "targets:\n  app:\n    base_url: https://scim.example.com/v2\n    auth: {type: none}\n"
+        "    source: hr\n    mapping: users.yaml\n",
+        encoding="utf-8",
+    )
+
+    if ok:
+        assert load_config(path).sources["hr"].key == key
+        return
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value) == (
+        f"{path}:7: sources.hr.attributes: Value error, none of these attributes gives the key '{key}'; "
+        "add it (id is always returned)"
+    )
