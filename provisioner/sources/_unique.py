@@ -24,6 +24,7 @@ from typing import IO
 
 import orjson
 
+from provisioner.errors import SourceError
 from provisioner.sources._records import BadRecord, IdentityRecord, record_text
 
 _RECORD, _BAD = 0, 1
@@ -40,14 +41,21 @@ def unique_keys(records: Iterable[IdentityRecord | BadRecord]) -> Iterator[Ident
     # Where each key's first record starts in the spool; the records of a shared key, all of them.
     first: dict[str, int] = {}
     shared: dict[str, list[int]] = {}
-    with tempfile.TemporaryFile() as spool:
+    try:
+        spool = tempfile.TemporaryFile()
+    except OSError as exc:
+        raise _spool_error(exc) from None
+    with spool:
         offset = 0
         for record in records:
             if isinstance(record, IdentityRecord):
                 line = orjson.dumps((_RECORD, record.key, record.origin, record.attributes))
             else:
                 line = orjson.dumps((_BAD, record.key, record.origin, record.reason, record.text))
-            spool.write(line + b"\n")
+            try:
+                spool.write(line + b"\n")
+            except OSError as exc:  # a full disk: no partial snapshot is ever planned
+                raise _spool_error(exc) from None
             if record.key:
                 at = first.setdefault(record.key, offset)
                 if at != offset:
@@ -76,6 +84,13 @@ def _digest(spool: IO[bytes], offsets: list[int]) -> str:
         text = record_text(item[3]) if item[0] == _RECORD else (item[4] or item[3])
         digests.append(hashlib.blake2b(text.encode(), digest_size=16).digest())
     return hashlib.blake2b(b"".join(sorted(digests)), digest_size=16).hexdigest()
+
+
+def _spool_error(exc: OSError) -> SourceError:
+    return SourceError(
+        f"cannot keep the source's snapshot in a temporary file in {tempfile.gettempdir()} "
+        f"({exc.strerror or exc}); set TMPDIR to a writable folder with room for it"
+    )
 
 
 def _duplicate(key: str, count: int) -> str:

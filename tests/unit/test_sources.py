@@ -350,3 +350,13 @@ def test_a_change_to_any_record_of_a_shared_key_changes_what_each_rejection_is_o
     assert first[0] == first[1] and changed[0] == changed[1]
     assert first[0] != changed[0]
     assert reordered[0] == first[0]
+
+
+def test_a_snapshot_that_cannot_be_spooled_is_a_source_error_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = csv_source(tmp_path, f"{HEADER}\nE1,Ada,a@x\n")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "gone"))
+
+    with pytest.raises(SourceError, match=r"^cannot keep the source's snapshot in a temporary file in .*/gone \("):
+        list(read_source(source))
