@@ -18,7 +18,11 @@ MAX_RECORD_CHARS = 1_048_576
 
 @dataclass(frozen=True, slots=True)
 class IdentityRecord:
-    """One person as the source sees them; ``origin`` is ``file:line`` (or ``source:row N``) for error messages."""
+    """One person as the source sees them.
+
+    ``origin`` says where, for messages: ``file:line`` (CSV, JSON Lines), the
+    database URL and row number ``url:row`` (SQL), the resource's URL (SCIM).
+    """
 
     key: str
     attributes: dict[str, Any]
@@ -65,4 +69,5 @@ def checked(key_name: str, attributes: dict[str, Any], origin: str) -> IdentityR
 
 
 def record_text(attributes: dict[str, Any]) -> str:
+    """A record's columns as canonical JSON text (keys sorted): what tells whether a rejected record changed."""
     return orjson.dumps(attributes, option=orjson.OPT_SORT_KEYS).decode()
