@@ -26,10 +26,10 @@ from provisioner.sources._unique import unique_keys
 # load the SCIM client (httpx, authlib) or a database driver at start-up.
 
 __all__ = [
-    "MAX_CELL_CHARS",
-    "MAX_RECORD_CHARS",
     "BadRecord",
     "IdentityRecord",
+    "MAX_CELL_CHARS",
+    "MAX_RECORD_CHARS",
     "first_records",
     "read_source",
     "source_columns",
