@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, MutableSet, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -421,10 +421,13 @@ class ScimClient:
         filter: str | None = None,
         attributes: Sequence[str] | str | None = None,
         page_size: int = 100,
+        seen: MutableSet[str] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Every resource of an endpoint (or of a ``filter``), page by page (RFC 7644 §3.4.2.4).
 
-        Each resource is yielded once, by ``id``. ``attributes`` asks only for those
+        Each resource is yielded once, by ``id``: the ids listed are kept in
+        ``seen`` (a set of its own when not given; a caller listing 100,000
+        accounts may pass one kept on disk). ``attributes`` asks only for those
         (RFC 7644 §3.4.2.5; ``id`` always comes back). The target's paging is checked,
         not believed:
 
@@ -443,7 +446,7 @@ class ScimClient:
           a short listing that would read as "absent".
         """
         fields = attributes if isinstance(attributes, str) or attributes is None else ",".join(attributes)
-        seen: set[str] = set()
+        seen = set() if seen is None else seen
         # Items of the pages that brought something new: a target may list one resource twice
         # in a page and count it twice in totalResults.
         received = 0
@@ -601,7 +604,7 @@ async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, boo
     return bytes(body), True
 
 
-def _unseen(page: list[dict[str, Any]], seen: set[str]) -> list[dict[str, Any]]:
+def _unseen(page: list[dict[str, Any]], seen: MutableSet[str]) -> list[dict[str, Any]]:
     """The resources of ``page`` whose id is not in ``seen``, once each; ``seen`` takes their ids."""
     fresh = []
     for resource in page:

@@ -122,6 +122,14 @@ class Rejection(NamedTuple):
 CASE_EXACT = frozenset({"externalId"})
 
 
+def match_key(attribute: str, value: str) -> str:
+    """A match value as the target compares it: ``Ana@X `` and ``ana@x`` are one userName, two externalIds.
+
+    RFC 7643 §2.2: caseExact is false unless the schema says otherwise; see ``CASE_EXACT``.
+    """
+    return value if attribute in CASE_EXACT else value.strip().casefold()
+
+
 @dataclass(slots=True)
 class Plan:
     """Everything one planning pass decided for one target."""
@@ -257,7 +265,7 @@ def shared_match_values(values: Iterable[tuple[str, str | None]], attribute: str
     by_value: dict[str, list[str]] = {}
     for key, value in values:
         if value is not None:
-            by_value.setdefault(value if attribute in CASE_EXACT else value.strip().casefold(), []).append(key)
+            by_value.setdefault(match_key(attribute, value), []).append(key)
     shared: dict[str, list[str]] = {}
     for keys in by_value.values():
         if len(keys) > 1:

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Iterable, Mapping
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, MutableSet, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol, overload
 
 import orjson
 import structlog
@@ -42,7 +43,7 @@ from provisioner.errors import SafetyStop
 from provisioner.functions import Unique
 from provisioner.mapping import AttributeMapping, MappingError
 from provisioner.payload import dumps, flatten, loads, payload_hash, refs_in, resolve_refs
-from provisioner.planner import Decision, Kind, Link, Reason, brake_trips
+from provisioner.planner import Decision, Kind, Link, Reason, brake_trips, match_key
 from provisioner.queue import enqueue, load_links
 from provisioner.quirks import load_quirks
 from provisioner.sources import BadRecord, IdentityRecord, read_source
@@ -74,8 +75,7 @@ class Identity:
     """What the source says of one identity in a target.
 
     ``desired``: the desired SCIM payload as compact JSON (references resolved
-    where their accounts are linked, else kept as ``Ref``; 100,000 payloads as
-    objects would cost ~300 MB); None when the identity must not have an active
+    where their accounts are linked, else kept as ``Ref``); None when the identity must not have an active
     account (a leaver, out of scope, gone from the source). ``known`` is False
     for a record that could not be read or rendered: its desired state is
     unknown, so nothing is compared or repaired for it. Build with :meth:`of`.
@@ -88,10 +88,9 @@ class Identity:
     # The payload's value of the mapping's match attribute, and its userName.
     match_value: str | None = None
     user_name: str | None = None
-    # A compact identity keeps no payload (``desired`` is None) but a digest of what the
-    # comparison looks at, and the shape that says what that is (interned: shared by most
-    # identities). A target account whose digest differs is compared again with the payload
-    # rendered anew (:func:`rerender`): 16 bytes held per identity instead of the whole payload.
+    # A digest of what the comparison looks at, and the shape that says what that is (interned:
+    # shared by most identities). An account whose digest matches holds what the mapping sets,
+    # with no payload decoded; one whose digest differs is compared with the payload (:func:`drift`).
     digest: bytes | None = None
     shape: tuple[tuple[str, str, tuple[str, ...]], ...] | None = None
 
@@ -100,7 +99,7 @@ class Identity:
         cls, key: str, payload: dict[str, Any] | None, link: Link | None = None, *, known: bool = True,
         match: str = "userName", shapes: dict[Any, Any] | None = None,
     ) -> Identity:
-        """An identity from its desired payload (None: no active account); compact when given ``shapes`` to intern into."""
+        """An identity from its desired payload (None: no active account); with a digest when given ``shapes`` to intern into."""
         if payload is None:
             return cls(key, None, link, known)
         value, user_name = payload.get(match), payload.get("userName")
@@ -110,16 +109,16 @@ class Identity:
             return cls(key, dumps(payload), link, known, value, user_name)
         shape = shape_of(payload)
         shape = shapes.setdefault(shape, shape)
-        return cls(key, None, link, known, value, user_name, fingerprint(shape, flatten(payload)), shape)
+        return cls(key, dumps(payload), link, known, value, user_name, fingerprint(shape, flatten(payload)), shape)
 
     @property
     def wants_account(self) -> bool:
         """Whether the source wants this identity to have an active account."""
-        return self.desired is not None or self.digest is not None
+        return self.desired is not None
 
     @property
     def payload(self) -> dict[str, Any] | None:
-        """The desired payload, decoded anew on each access (None for a compact identity)."""
+        """The desired payload, decoded anew on each access."""
         return loads(self.desired)
 
 
@@ -325,151 +324,345 @@ def drift(desired: Mapping[str, Any], resource: Mapping[str, Any]) -> dict[str, 
 
 # --- classifying -------------------------------------------------------------------------------
 
+# Pages of SQLite's cache the spill may hold in memory (KiB); past it, rows go to its temporary file.
+SPILL_CACHE_KIB = 16 * 1024
+
+_SPILL_SCHEMA = """
+CREATE TABLE identity (
+    key TEXT PRIMARY KEY,
+    scim_id TEXT,                        -- the stored link's account id
+    link_active INTEGER,                 -- the link's active flag (NULL: no link)
+    sourced INTEGER NOT NULL DEFAULT 0,  -- the source named it (a second record with its key is unreadable)
+    known INTEGER NOT NULL DEFAULT 1,
+    desired TEXT,                        -- compact JSON; NULL: no active account wanted
+    digest BLOB,
+    shape INTEGER,
+    match TEXT,                          -- the match value, as the target compares it (planner.match_key)
+    user_name TEXT,
+    state INTEGER NOT NULL DEFAULT 0     -- 0: its linked account not seen yet, 1: seen, 2: gone (404)
+) WITHOUT ROWID;
+CREATE INDEX identity_scim_id ON identity (scim_id);
+CREATE INDEX identity_match ON identity (match);
+CREATE TABLE seen (id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE listed (id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE claim (key TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE finding (
+    n INTEGER PRIMARY KEY,
+    situation TEXT NOT NULL,
+    identity TEXT,
+    id TEXT,
+    user_name TEXT,
+    active INTEGER,
+    observed TEXT
+);
+CREATE INDEX finding_candidate ON finding (identity) WHERE situation = 'unlinked';
+"""
+
+
+class Spill:
+    """One reconciliation's per-account state, kept in a private temporary SQLite database, not in memory.
+
+    ``sqlite3.connect("")`` opens a database that lives in SQLite's page cache
+    (capped at ``SPILL_CACHE_KIB``) and moves to a temporary file past it; the
+    file is deleted when the connection closes (https://sqlite.org/inmemorydb.html,
+    "Temporary Databases"). Memory stays flat as accounts grow: at 100,000
+    accounts the rows (desired payloads included) are ~80 MB on disk.
+    No journal and no sync: nothing in it outlives the run.
+    """
+
+    def __init__(self) -> None:
+        self.db = sqlite3.connect("", check_same_thread=False)
+        self.db.execute(f"PRAGMA cache_size = -{SPILL_CACHE_KIB}")
+        self.db.execute("PRAGMA journal_mode = OFF")
+        self.db.execute("PRAGMA synchronous = OFF")
+        self.db.executescript(_SPILL_SCHEMA)
+        # Shapes are few (most identities share one): kept in memory, referred to by number.
+        self.shapes: list[tuple[tuple[str, str, tuple[str, ...]], ...]] = []
+        self._shape_ids: dict[Any, int] = {}
+
+    def shape_id(self, shape: tuple[tuple[str, str, tuple[str, ...]], ...]) -> int:
+        number = self._shape_ids.get(shape)
+        if number is None:
+            number = self._shape_ids[shape] = len(self.shapes)
+            self.shapes.append(shape)
+        return number
+
+    def scim_id_of(self, key: str) -> str | None:
+        """The linked account id of an identity (a reference's lookup), or None."""
+        row = self.db.execute("SELECT scim_id FROM identity WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class ListedIds(MutableSet[str]):
+    """The ids a listing has yielded, kept in the spill: ``iter_resources(seen=)`` skips a page's repeats with it."""
+
+    def __init__(self, spill: Spill) -> None:
+        self.db = spill.db
+
+    def __contains__(self, value: object) -> bool:
+        return self.db.execute("SELECT 1 FROM listed WHERE id = ?", (value,)).fetchone() is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (row[0] for row in self.db.execute("SELECT id FROM listed"))
+
+    def __len__(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM listed").fetchone()[0])
+
+    def add(self, value: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO listed VALUES (?)", (value,))
+
+    def discard(self, value: str) -> None:
+        self.db.execute("DELETE FROM listed WHERE id = ?", (value,))
+
+
+class KeyLookup(Protocol):
+    """identity key -> linked SCIM id (a dict does, and so does the spill): how references are resolved."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
+class _Lookup:
+    """identity key -> linked SCIM id, read from the spill: what ``resolve_refs`` asks with ``.get``."""
+
+    def __init__(self, spill: Spill) -> None:
+        self.get = spill.scim_id_of
+
+
+def _bit(value: bool | None) -> int | None:
+    return None if value is None else int(value)
+
+
+class Findings(Sequence[Finding]):
+    """The findings of one reconciliation, read from its spill in the order the accounts were seen."""
+
+    _COLUMNS = "situation, identity, id, user_name, active, observed"
+
+    def __init__(self, spill: Spill) -> None:
+        self.spill = spill
+
+    @staticmethod
+    def _finding(row: tuple[Any, ...]) -> Finding:
+        situation, identity, scim_id, user_name, active, observed = row
+        return Finding(Situation(situation), identity, scim_id, user_name,
+                       active=None if active is None else bool(active), observed=loads(observed))  # fmt: skip
+
+    def __iter__(self) -> Iterator[Finding]:
+        cursor = self.spill.db.execute(f"SELECT {self._COLUMNS} FROM finding ORDER BY n")
+        while rows := cursor.fetchmany(1000):
+            yield from map(self._finding, rows)
+
+    def __len__(self) -> int:
+        return int(self.spill.db.execute("SELECT count(*) FROM finding").fetchone()[0])
+
+    @overload
+    def __getitem__(self, index: int) -> Finding: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Finding]: ...
+    def __getitem__(self, index: int | slice) -> Finding | list[Finding]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        index = index + len(self) if index < 0 else index
+        row = self.spill.db.execute(f"SELECT {self._COLUMNS} FROM finding ORDER BY n LIMIT 1 OFFSET ?",
+                                    (index,)).fetchone()  # fmt: skip
+        if row is None:
+            raise IndexError(index)
+        return self._finding(row)
+
+    def attention(self) -> list[Finding]:
+        """Every finding but the linked accounts without drift: what a repair may act on (few, as a rule)."""
+        query = f"SELECT {self._COLUMNS} FROM finding WHERE situation != 'linked' OR observed IS NOT NULL ORDER BY n"
+        return [self._finding(row) for row in self.spill.db.execute(query)]
+
+    def counts(self) -> dict[str, int]:
+        """Accounts by situation, every situation present."""
+        tally = dict.fromkeys((s.value for s in Situation), 0)
+        tally.update(self.spill.db.execute("SELECT situation, count(*) FROM finding GROUP BY situation").fetchall())
+        return tally
+
+    def drifted(self) -> int:
+        """Linked accounts with drift."""
+        query = "SELECT count(*) FROM finding WHERE situation = 'linked' AND observed IS NOT NULL"
+        return int(self.spill.db.execute(query).fetchone()[0])
+
 
 class Classifier:
     """Names the situation of each account, fed one account at a time. Purely computational.
 
-    Feed every account of the target to :meth:`observe`, then ask
-    :meth:`unseen_links` which linked accounts were not among them, confirm each
-    with the target (:meth:`observe` what a GET returns, or :meth:`gone` on a
-    404), and call :meth:`finish`.
+    Give it the stored links (:meth:`add_links`) and the identities
+    (:meth:`add`, or :func:`read_identities` for a whole source), feed every
+    account of the target to :meth:`observe`, then ask :meth:`unseen_links`
+    which linked accounts were not among them, confirm each with the target
+    (:meth:`observe` what a GET returns, or :meth:`gone` on a 404), and call
+    :meth:`finish`.
+
+    Its state (identities, the ids seen, the findings) is in a :class:`Spill`:
+    memory does not grow with the accounts. An account is classified as it is
+    observed; only ``disputed`` needs every account seen (an identity's second
+    account may come pages later), and :meth:`finish` settles it in one query.
     """
 
-    def __init__(self, identities: Iterable[Identity], match_attribute: str = "userName") -> None:
+    def __init__(self, identities: Iterable[Identity] = (), match_attribute: str = "userName",
+                 spill: Spill | None = None) -> None:  # fmt: skip
         self.match_attribute = match_attribute
-        self.identities: dict[str, Identity] = {}
-        self.by_id: dict[str, str] = {}
-        # Match value -> its identity; the rare value several identities render, in ``shared``.
-        self.by_match: dict[str, str] = {}
-        self.shared: dict[str, list[str]] = {}
+        self.spill = spill if spill is not None else Spill()
+        self.db = self.spill.db
         for identity in identities:
-            self.identities[identity.key] = identity
-            if identity.link is not None:
-                self.by_id[identity.link.scim_id] = identity.key
-            if identity.match_value is not None:
-                norm = self._norm(identity.match_value)
-                if norm in self.shared:
-                    self.shared[norm].append(identity.key)
-                elif norm in self.by_match:
-                    self.shared[norm] = [self.by_match.pop(norm), identity.key]
-                else:
-                    self.by_match[norm] = identity.key
-        self.findings: list[Finding] = []
-        self.seen_links: set[str] = set()
-        self.seen_ids: set[str] = set()
-        # Accounts the match attribute gives to exactly one identity: decided once every account is seen.
-        self.candidates: dict[str, list[Finding]] = {}
-        # Linked accounts of compact identities whose digest differs: the values at the shape's paths,
-        # kept until :meth:`compare` checks them against payloads rendered anew.
-        self.suspects: dict[str, tuple[Finding, dict[str, Any]]] = {}
+            self.add(identity)
 
-    def _norm(self, value: str) -> str:
-        # userName is caseExact false (RFC 7643 §4.1.1); other match attributes (externalId) are exact.
-        if self.match_attribute.lower() != "username":
-            return value
-        folded = value.casefold()
-        return value if folded == value else folded  # the string already held, not a copy of it
+    def _match(self, value: Any) -> str | None:
+        return match_key(self.match_attribute, value) if isinstance(value, str) and value else None
+
+    def add_links(self, links: Iterable[Link]) -> None:
+        """The stored links of the target (before the source's identities)."""
+        self.db.executemany(
+            "INSERT INTO identity (key, scim_id, link_active) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET scim_id = excluded.scim_id, link_active = excluded.link_active",
+            ((link.identity_key, link.scim_id, int(link.active)) for link in links),
+        )
+
+    def add(self, identity: Identity) -> None:
+        """One identity; a later one with the same key replaces it (a link given by :meth:`add_links` is kept)."""
+        link = identity.link
+        shape = self.spill.shape_id(identity.shape) if identity.shape is not None else None
+        self.db.execute(
+            "INSERT INTO identity (key, scim_id, link_active, sourced, known, desired, digest, shape, match, user_name)"
+            " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+            " scim_id = coalesce(excluded.scim_id, scim_id), link_active = coalesce(excluded.link_active, link_active),"
+            " sourced = 1, known = excluded.known, desired = excluded.desired, digest = excluded.digest,"
+            " shape = excluded.shape, match = excluded.match, user_name = excluded.user_name",
+            (identity.key, link.scim_id if link else None, _bit(link.active) if link else None, int(identity.known),
+             identity.desired, identity.digest, shape, self._match(identity.match_value), identity.user_name),
+        )  # fmt: skip
+
+    def sourced(self, key: str) -> bool:
+        """Whether an identity with this key was given already (a duplicate key in the source)."""
+        row = self.db.execute("SELECT sourced FROM identity WHERE key = ?", (key,)).fetchone()
+        return bool(row and row[0])
+
+    def link_of(self, key: str) -> Link | None:
+        """The stored link of an identity, or None."""
+        row = self.db.execute("SELECT scim_id, link_active FROM identity WHERE key = ?", (key,)).fetchone()
+        return Link(key, row[0], None, bool(row[1])) if row and row[0] is not None else None
 
     def observe(self, resource: Mapping[str, Any]) -> None:
         """Classify one account of the target (a resource with at least ``id``)."""
         scim_id = str(resource.get("id") or "")
-        if not scim_id or scim_id in self.seen_ids:
+        if not scim_id:
+            return
+        if self.db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (scim_id,)).rowcount == 0:
             return  # a page repeated an account: it counts once
-        linked = self.by_id.get(scim_id)
-        link = self.identities[linked].link if linked is not None else None
-        self.seen_ids.add(link.scim_id if link is not None else scim_id)
         user_name = _get(resource, "userName")
         user_name = user_name if isinstance(user_name, str) else None
         active = _get(resource, "active")
         active = active if isinstance(active, bool) else None
-        key = self.by_id.get(scim_id)
-        if key is not None:
-            self.seen_links.add(key)
-            self.findings.append(self._linked(self.identities[key], scim_id, user_name, active, resource))
+        row = self.db.execute(
+            "SELECT key, link_active, known, desired IS NOT NULL, digest, shape FROM identity WHERE scim_id = ? LIMIT 1",
+            (scim_id,),
+        ).fetchone()
+        if row is not None:
+            key, link_active, known, wanted, digest, shape = row
+            self.db.execute("UPDATE identity SET state = 1 WHERE key = ?", (key,))
+            observed = self._drift(key, bool(link_active), bool(known), wanted, digest, shape, active, resource)
+            self._found(Situation.LINKED, key, scim_id, user_name, active, observed)
             return
-        value = _get(resource, self.match_attribute)
-        owners = self._owners(value) if isinstance(value, str) and value else []
+        value = self._match(_get(resource, self.match_attribute))
+        owners = [r[0] for r in self.db.execute("SELECT key FROM identity WHERE match = ?", (value,))] if value else []
+        if owners:
+            self.db.executemany("INSERT OR IGNORE INTO claim VALUES (?)", ((key,) for key in owners))
         if not owners:
-            self.findings.append(Finding(Situation.UNMATCHED, None, scim_id, user_name, active=active))
+            self._found(Situation.UNMATCHED, None, scim_id, user_name, active)
         elif len(owners) > 1:
-            self.findings.append(Finding(Situation.DISPUTED, ", ".join(sorted(owners)), scim_id, user_name, active=active))
+            self._found(Situation.DISPUTED, ", ".join(sorted(owners)), scim_id, user_name, active)
         else:
-            finding = Finding(Situation.UNLINKED, owners[0], scim_id, user_name, active=active)
-            self.findings.append(finding)
-            self.candidates.setdefault(owners[0], []).append(finding)
+            # Unlinked, unless its identity turns out to have another account: settled by finish().
+            self._found(Situation.UNLINKED, owners[0], scim_id, user_name, active)
 
-    def _owners(self, value: str) -> list[str]:
-        norm = self._norm(value)
-        if norm in self.shared:
-            return self.shared[norm]
-        return [self.by_match[norm]] if norm in self.by_match else []
-
-    def _linked(
-        self, identity: Identity, scim_id: str, user_name: str | None, active: bool | None, resource: Mapping[str, Any]
-    ) -> Finding:
-        # The link's id string, already held, rather than the page's copy (100,000 of them add up).
-        scim_id = identity.link.scim_id if identity.link is not None and identity.link.scim_id == scim_id else scim_id
-        if user_name is not None and user_name == identity.user_name:
-            user_name = identity.user_name
-        finding = Finding(Situation.LINKED, identity.key, scim_id, user_name, active=active)
-        if not identity.known:
-            return finding
-        if identity.digest is not None and identity.shape is not None:
-            if resource_fingerprint(identity.shape, resource) != identity.digest:
-                seen: dict[str, Any] = {}
-                for path, _, _ in identity.shape:
-                    _set_path(seen, path, get_path(resource, path))
-                self.suspects[identity.key] = (finding, seen)
-            return finding
-        payload = identity.payload
-        if payload is not None:
-            finding.observed = drift(payload, resource) or None
-        elif active is True and identity.link is not None and not identity.link.active:
+    def _drift(
+        self, key: str, link_active: bool, known: bool, wanted: bool, digest: bytes | None, shape: int | None,
+        active: bool | None, resource: Mapping[str, Any],
+    ) -> dict[str, Any] | None:
+        if not known:
+            return None
+        if not wanted:
             # Disabled by us as a leaver, active again in the target.
-            finding.observed = {"active": active}
-        return finding
+            return {"active": active} if active is True and not link_active else None
+        if digest is not None and shape is not None and resource_fingerprint(self.spill.shapes[shape], resource) == digest:
+            return None  # the digest settles the common case without decoding the payload
+        desired = loads(self.db.execute("SELECT desired FROM identity WHERE key = ?", (key,)).fetchone()[0])
+        return drift(desired, resource) or None
 
-    def compare(self, payloads: Mapping[str, dict[str, Any]]) -> None:
-        """Name the drift of the suspect accounts, from their identities' payloads rendered anew."""
-        for key, (finding, seen) in self.suspects.items():
-            payload = payloads.get(key)
-            if payload is not None:
-                finding.observed = drift(payload, seen) or None
-        self.suspects.clear()
+    def _found(self, situation: Situation, identity: str | None, scim_id: str | None, user_name: str | None,
+               active: bool | None, observed: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self.db.execute(
+            "INSERT INTO finding (situation, identity, id, user_name, active, observed) VALUES (?, ?, ?, ?, ?, ?)",
+            (situation.value, identity, scim_id, user_name, _bit(active), dumps(observed) if observed else None),
+        )
 
     def unseen_links(self) -> list[tuple[str, str]]:
         """(identity key, SCIM id) of every linked account the pages did not contain."""
-        return [(key, scim_id) for scim_id, key in self.by_id.items() if key not in self.seen_links]
+        query = "SELECT key, scim_id FROM identity WHERE scim_id IS NOT NULL AND state = 0 ORDER BY key"
+        return [(key, scim_id) for key, scim_id in self.db.execute(query)]
 
     def gone(self, key: str) -> None:
         """The target answered 404 for this identity's linked account."""
-        identity = self.identities[key]
-        assert identity.link is not None
-        self.seen_links.add(key)
-        self.findings.append(Finding(Situation.DELETED, key, identity.link.scim_id, identity.user_name))
+        scim_id, user_name = self.db.execute("SELECT scim_id, user_name FROM identity WHERE key = ?", (key,)).fetchone()
+        assert scim_id is not None
+        self.db.execute("UPDATE identity SET state = 2 WHERE key = ?", (key,))
+        self._found(Situation.DELETED, key, scim_id, user_name, None)
 
-    def finish(self) -> list[Finding]:
+    def finish(self) -> Findings:
         """Every finding; an identity's extra accounts become ``disputed``."""
-        present = {f.identity for f in self.findings if f.situation is Situation.LINKED}
-        for key, found in self.candidates.items():
-            if key in present or len(found) > 1:
-                for finding in found:
-                    finding.situation = Situation.DISPUTED
-        return self.findings
+        self.db.execute(
+            "UPDATE finding SET situation = 'disputed' WHERE situation = 'unlinked' AND identity IN ("
+            " SELECT key FROM identity WHERE state = 1"
+            " UNION SELECT identity FROM finding WHERE situation = 'unlinked' GROUP BY identity HAVING count(*) > 1)"
+        )
+        return Findings(self.spill)
+
+    def identities(self, keys: Iterable[str]) -> dict[str, Identity]:
+        """These identities as given (their payloads decoded on access), by key; unknown keys left out."""
+        found: dict[str, Identity] = {}
+        for key in set(keys):
+            row = self.db.execute(
+                "SELECT scim_id, link_active, known, desired, match, user_name FROM identity WHERE key = ?", (key,)
+            ).fetchone()
+            if row is not None:
+                scim_id, link_active, known, desired, match, user_name = row
+                link = Link(key, scim_id, None, bool(link_active)) if scim_id is not None else None
+                found[key] = Identity(key, desired, link, bool(known), match, user_name)
+        return found
+
+    def linked_ids(self) -> Iterator[str]:
+        """The SCIM id of every linked account."""
+        cursor = self.db.execute("SELECT scim_id FROM identity WHERE scim_id IS NOT NULL")
+        while rows := cursor.fetchmany(1000):
+            yield from (row[0] for row in rows)
+
+    def is_linked(self, scim_id: str) -> bool:
+        """Whether an account id is one of our links."""
+        return self.db.execute("SELECT 1 FROM identity WHERE scim_id = ? LIMIT 1", (scim_id,)).fetchone() is not None
+
+    def active_links(self) -> int:
+        """Linked accounts we keep active: what the deletion brake's share is measured against."""
+        return int(self.db.execute("SELECT count(*) FROM identity WHERE link_active = 1").fetchone()[0])
 
     def without_account(self) -> int:
         """Identities in scope with no account at all: the next cycle creates them.
 
         Identities in a dispute are not counted: an account claims them already.
         """
-        claimed = {key for f in self.findings if f.identity is not None for key in f.identity.split(", ")}
-        return sum(
-            1 for i in self.identities.values() if i.wants_account and i.link is None and i.key not in claimed
-        )
+        query = ("SELECT count(*) FROM identity WHERE desired IS NOT NULL AND scim_id IS NULL "
+                 "AND key NOT IN (SELECT key FROM claim)")  # fmt: skip
+        return int(self.db.execute(query).fetchone()[0])
 
 
 def counts(findings: Iterable[Finding]) -> dict[str, int]:
     """Accounts by situation, every situation present."""
+    if isinstance(findings, Findings):
+        return findings.counts()
     tally = dict.fromkeys((s.value for s in Situation), 0)
     for finding in findings:
         tally[finding.situation.value] += 1
@@ -507,7 +700,7 @@ def plan_repairs(
     *,
     first_seen: Mapping[str, datetime],
     now: datetime,
-    lookup: Mapping[str, str],
+    lookup: KeyLookup,
     unreadable_records: int = 0,
 ) -> Repairs:
     """The queue operations that carry out ``policy`` for these findings. Purely computational.
@@ -576,7 +769,7 @@ def plan_repairs(
     return repairs
 
 
-def _sendable(payload: dict[str, Any], lookup: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _sendable(payload: dict[str, Any], lookup: KeyLookup) -> tuple[dict[str, Any], dict[str, Any]]:
     """The payload to queue (references kept for the executor) and what would be sent now (its hash)."""
     kept, unresolved = resolve_refs(payload, lookup.get, keep_unresolved=True)
     return kept, (resolve_refs(kept, lookup.get)[0] if unresolved else kept)
@@ -605,7 +798,8 @@ class ReconcileReport:
 
     target: str
     run_id: str
-    findings: list[Finding] = field(default_factory=list)
+    # Every account's finding (a :class:`Findings` read from the run's spill, or a plain list).
+    findings: Sequence[Finding] = field(default_factory=list)
     without_account: int = 0
     unreadable_records: int = 0
     requests: int = 0
@@ -617,6 +811,8 @@ class ReconcileReport:
     # The target's groups (empty when the target manages none), and the member removals queued for them.
     groups: list[GroupFinding] = field(default_factory=list)
     foreign_removals: int = 0
+    # Where the findings are kept; closed by :meth:`close` (or when the report is collected).
+    spill: Spill | None = None
 
     def counts(self) -> dict[str, int]:
         """Accounts by situation."""
@@ -625,96 +821,98 @@ class ReconcileReport:
     @property
     def drifted(self) -> int:
         """Linked accounts with drift."""
+        if isinstance(self.findings, Findings):
+            return self.findings.drifted()
         return sum(1 for f in self.findings if f.situation is Situation.LINKED and f.drift)
+
+    def close(self) -> None:
+        """Let go of the spill (its temporary file is deleted); the findings cannot be read after."""
+        if self.spill is not None:
+            self.spill.close()
 
     def as_dict(self) -> dict[str, Any]:
         """The object ``reconcile --json`` prints."""
         return {"target": self.target, "counts": self.counts(), "accounts": [f.as_dict() for f in self.findings],
                 "groups": [g.as_dict() for g in self.groups]}  # fmt: skip
 
+    def recorded_counts(self, groups: bool) -> dict[str, Any]:
+        """What a run records and the gauges publish: accounts by situation, and with ``groups`` its group counts."""
+        return {**self.counts(), "groups": self.group_counts()} if groups else self.counts()
+
     def group_counts(self) -> dict[str, int]:
         """Groups by situation (``deleted`` included), and foreign members of linked groups."""
-        tally = dict.fromkeys(("linked", "unlinked", "unmatched", "deleted"), 0)
+        tally = dict.fromkeys(GROUP_SITUATIONS, 0)
         for g in self.groups:
             tally[g.situation.value] += 1
         tally["foreign_members"] = sum(len(g.foreign_members) for g in self.groups)
         return tally
 
 
-def desired_states(
+def read_identities(
+    classifier: Classifier,
     mapping: AttributeMapping,
     records: Iterable[IdentityRecord | BadRecord],
-    links: Mapping[str, Link],
     min_records: int = 1,
     *,
-    compact: bool = False,
-) -> tuple[dict[str, Identity], int, list[str]]:
-    """Every identity of the source and of the links, rendered; unreadable records counted.
+    groups: GroupDefinitions | None = None,
+) -> tuple[int, list[str], dict[str, str]]:
+    """Render every record of the source into ``classifier``, in one pass; unreadable records counted.
 
-    Returns (identities by key, unreadable records, the attribute paths to ask
-    the target for). ``compact``: identities keep a digest of their payload, not
-    the payload (see :class:`Identity`; :func:`rerender` gives payloads back).
-    Raises SafetyStop when the source has fewer usable records
+    Give the links first (:meth:`Classifier.add_links`): references resolve
+    through them, and an identity gone from the source keeps its link with no
+    desired state (a leaver). Returns (unreadable records, the attribute paths
+    to ask the target for, the group names the rules define: key →
+    displayName, as the group step counts them — static groups, and the groups
+    of identities in scope whose account is linked and active; empty without
+    ``groups``). Raises SafetyStop when the source has fewer usable records
     than ``min_records``: an empty export must not make every account an orphan.
     """
-    shapes: dict[Any, Any] | None = {} if compact else None
-    lookup = {key: link.scim_id for key, link in links.items()}
-    identities: dict[str, Identity] = {}
+    lookup = _Lookup(classifier.spill)
+    shapes: dict[Any, Any] = {}
     unreadable = 0
     usable = 0
     paths: set[str] = {"userName", "active", mapping.match}
+    names: dict[str, str] = dict(groups.static_groups()) if groups is not None else {}
     for record in records:
-        if record.key in links:
-            # The link's key string, already held, for the identity too.
-            record = replace(record, key=links[record.key].identity_key)
-        if isinstance(record, BadRecord) or record.key in identities:
+        if isinstance(record, BadRecord) or classifier.sourced(record.key):
             unreadable += 1
             if record.key:
-                identities[record.key] = Identity.of(record.key, None, links.get(record.key), known=False)
+                classifier.add(Identity.of(record.key, None, known=False))
             continue
         usable += 1
         try:
             rendered = mapping.render(record.attributes)
         except MappingError:
             unreadable += 1
-            identities[record.key] = Identity.of(record.key, None, links.get(record.key), known=False)
+            classifier.add(Identity.of(record.key, None, known=False))
             continue
         payload = None
         if rendered.payload:
             payload = resolve_refs(rendered.payload, lookup.get, keep_unresolved=True)[0]
             paths.update(flatten(payload))
-        identities[record.key] = Identity.of(record.key, payload, links.get(record.key), match=mapping.match,
-                                             shapes=shapes)  # fmt: skip
+            link = classifier.link_of(record.key) if groups is not None else None
+            if groups is not None and link is not None and link.active:
+                try:
+                    for key, display in groups.groups_of(record.attributes).items():
+                        names.setdefault(key, display)
+                except MappingError:
+                    pass  # the group step reviews it; its groups are not counted as defined
+        classifier.add(Identity.of(record.key, payload, match=mapping.match, shapes=shapes))
     if usable < max(min_records, 1):
         raise SafetyStop(
             f"the source has {usable} usable records (min_records {min_records}); "
             "refusing to reconcile: every account would look like an orphan"
         )
-    for key, link in links.items():
-        if key not in identities:
-            identities[key] = Identity.of(key, None, link)
-    return identities, unreadable, sorted(paths)
+    return unreadable, sorted(paths), names
 
 
-def rerender(
-    mapping: AttributeMapping, records: Iterable[IdentityRecord | BadRecord], links: Mapping[str, Link], keys: set[str]
-) -> dict[str, dict[str, Any]]:
-    """The desired payloads of these identities, rendered again from the source as :func:`desired_states` does.
-
-    A record that no longer renders (the source changed since) is left out.
-    """
-    lookup = {key: link.scim_id for key, link in links.items()}
-    payloads: dict[str, dict[str, Any]] = {}
-    for record in records:
-        if isinstance(record, BadRecord) or record.key not in keys or record.key in payloads:
-            continue
-        try:
-            rendered = mapping.render(record.attributes)
-        except MappingError:
-            continue
-        if rendered.payload:
-            payloads[record.key] = resolve_refs(rendered.payload, lookup.get, keep_unresolved=True)[0]
-    return payloads
+def _links(engine: Engine, name: str) -> Iterator[Link]:
+    """The target's stored links, streamed from the state database."""
+    columns = (LINK_TABLE.c.identity_key, LINK_TABLE.c.scim_id, LINK_TABLE.c.active)
+    with engine.connect() as conn:
+        rows = conn.execution_options(yield_per=1000).execute(select(*columns).where(LINK_TABLE.c.target == name))
+        for key, scim_id, active in rows:
+            yield Link(key, scim_id, None, bool(active))
 
 
 async def reconcile_target(
@@ -735,56 +933,73 @@ async def reconcile_target(
     sighting of unmatched accounts, a ``reconcile_run`` row; then the target's
     due operations are sent (``send``), as ``sync`` sends them.
 
+    The source is read once, the target's pages once (requests ≈ accounts ÷
+    ``page_size``, plus one GET per linked account no page listed). The state
+    per account is kept in a :class:`Spill` that the report holds until
+    :meth:`ReconcileReport.close`: memory stays flat as accounts grow.
+
     Raises connectors errors when the target cannot be read (nothing is
     concluded from a partial read), SafetyStop for an empty source.
     """
+    from provisioner.groups import load_groups
+
     target = config.targets[name]
     source = config.sources[target.source]
     now = now or utcnow()
     report = ReconcileReport(name, f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")
-    links = load_links(engine, name)
-    identities, report.unreadable_records, attributes = desired_states(
-        mapping, read_source(source), links, source.min_records, compact=True
-    )
-    classifier = Classifier(identities.values(), mapping.match)
-    # The target's declared and learned deviations (a target that ignores filters or rejects count) hold here too.
-    session = TargetSession(target, quirks=load_quirks(engine, name, target))
-    client = session.client()
+    classifier = Classifier(match_attribute=mapping.match)
+    report.spill = classifier.spill
     try:
-        async for resource in _pages(client, mapping.endpoint, attributes, target.reconcile.page_size, name):
-            classifier.observe(resource)
-        for key, scim_id in classifier.unseen_links():
-            # Not on any page: only a 404 for the id itself says the account is gone.
-            try:
-                result = await client.get(mapping.endpoint, scim_id)
-            except NotFound:
-                classifier.gone(key)
-            else:
-                classifier.observe(result.resource or {"id": scim_id})
-        if target.groups is not None:
-            report.groups = await _read_groups(engine, config, name, mapping, client, session.quirks)
-        report.requests = len(client.history)
-    finally:
-        await client.aclose()
-        await session.aclose()
-    report.findings = classifier.finish()
-    report.without_account = classifier.without_account()
-    # Payloads only for the accounts that need one: drift suspected, or (to repair) adopted or recreated.
-    needed = set(classifier.suspects)
-    if repair:
-        needed |= {f.identity for f in report.findings
-                   if f.identity and f.situation in (Situation.UNLINKED, Situation.DELETED)}  # fmt: skip
-    payloads = rerender(mapping, read_source(source), links, needed) if needed else {}
-    classifier.compare(payloads)
-    for key, payload in payloads.items():
-        identities[key] = Identity.of(key, payload, identities[key].link, match=mapping.match)
-    log.info("reconciled", target=name, counts=report.counts(), drifted=report.drifted, requests=report.requests)
-    if repair:
-        await _repair(engine, config, name, mapping, report, identities, links, now, send=send)
+        classifier.add_links(_links(engine, name))
+        definitions = load_groups(target.groups) if target.groups is not None else None
+        report.unreadable_records, attributes, defined = read_identities(
+            classifier, mapping, read_source(source), source.min_records, groups=definitions
+        )
+        # The target's declared and learned deviations (a target that ignores filters or rejects count) hold here too.
+        session = TargetSession(target, quirks=load_quirks(engine, name, target))
+        client = session.client()
+        try:
+            listed = ListedIds(classifier.spill)
+            async for resource in _pages(client, mapping.endpoint, attributes, target.reconcile.page_size, name, listed):
+                classifier.observe(resource)
+                if len(client.history) >= 100:
+                    _tally(report, client)
+            for key, scim_id in classifier.unseen_links():
+                # Not on any page: only a 404 for the id itself says the account is gone.
+                try:
+                    result = await client.get(mapping.endpoint, scim_id)
+                except NotFound:
+                    classifier.gone(key)
+                else:
+                    classifier.observe(result.resource or {"id": scim_id})
+                if len(client.history) >= 100:
+                    _tally(report, client)
+            if target.groups is not None:
+                report.groups = await _read_groups(engine, config, name, defined, classifier, client, session.quirks)
+            _tally(report, client)
+        finally:
+            await client.aclose()
+            await session.aclose()
+        report.findings = classifier.finish()
+        report.without_account = classifier.without_account()
+        log.info("reconciled", target=name, counts=report.counts(), drifted=report.drifted, requests=report.requests)
+        if repair:
+            await _repair(engine, config, name, mapping, report, classifier, now, send=send)
+    except BaseException:
+        report.close()
+        raise
     return report
 
 
-async def _pages(client: Any, endpoint: str, attributes: list[str], page_size: int, name: str) -> AsyncIterator[dict[str, Any]]:
+def _tally(report: ReconcileReport, client: Any) -> None:
+    """Count the client's requests and let go of their record (each keeps up to 4 KB of its answer)."""
+    report.requests += len(client.history)
+    client.history.clear()
+
+
+async def _pages(
+    client: Any, endpoint: str, attributes: list[str], page_size: int, name: str, seen: MutableSet[str] | None = None
+) -> AsyncIterator[dict[str, Any]]:
     """Every resource of an endpoint, asked with ``attributes=`` to keep pages small (RFC 7644 §3.4.2.5).
 
     Sub-attribute and extension paths in ``attributes`` are RFC 7644 §3.10, but
@@ -792,10 +1007,11 @@ async def _pages(client: Any, endpoint: str, attributes: list[str], page_size: i
     enterprise extension's URN). A 400 to the first page is answered by asking
     again without ``attributes``: larger pages, the same accounts. A 400 after
     resources were listed is raised (the read is partial; nothing is concluded).
+    ``seen``: where the listing keeps the ids it yielded (see ``iter_resources``).
     """
     listed = False
     try:
-        async for resource in client.iter_resources(endpoint, attributes=attributes, page_size=page_size):
+        async for resource in client.iter_resources(endpoint, attributes=attributes, page_size=page_size, seen=seen):
             listed = True
             yield resource
         return
@@ -804,36 +1020,31 @@ async def _pages(client: Any, endpoint: str, attributes: list[str], page_size: i
             raise
         log.warning("the target refused the attributes asked for; reading whole resources", target=name,
                     endpoint=endpoint, error=str(exc))  # fmt: skip
-    async for resource in client.iter_resources(endpoint, page_size=page_size):
+    async for resource in client.iter_resources(endpoint, page_size=page_size, seen=seen):
         yield resource
 
 
 async def _read_groups(
-    engine: Engine, config: Config, name: str, mapping: AttributeMapping, client: Any, quirks: Any
+    engine: Engine, config: Config, name: str, defined: Mapping[str, str], classifier: Classifier, client: Any,
+    quirks: Any,
 ) -> list[GroupFinding]:
     """Every group of the target, paged (``attributes=displayName,members``), with its situation.
 
-    Members are read the way the group step reads them: a group listed without
-    ``members`` is asked again, and a target that never reports them
-    (``group_members_returned: false``) gives no foreign members rather than a guess.
+    ``defined``: the groups the rules define, key → displayName (from the one
+    read of the source, :func:`read_identities`). Members are read the way the
+    group step reads them: a group listed without ``members`` is asked again,
+    and a target that never reports them (``group_members_returned: false``)
+    gives no foreign members rather than a guess.
     """
-    from provisioner.group_executor import ENDPOINT, GroupExecutor, held_identities
-    from provisioner.groups import desired_groups, load_groups
+    from provisioner.group_executor import ENDPOINT, GroupExecutor
 
     target = config.targets[name]
     assert target.groups is not None
-    links = load_links(engine, name)
-    # Accounts we manage: every linked account. The member state is not enough: foreign members
-    # queued for removal are recorded there, and must stay foreign until they are gone.
-    ours = {link.scim_id for link in links.values()}
-    desired = desired_groups(load_groups(target.groups), mapping, read_source(config.sources[target.source]),
-                             links, remove_leavers=target.remove_leavers_from_groups,
-                             held=held_identities(engine, name))  # fmt: skip
     executor = GroupExecutor(engine, name, target, lambda: client, quirks=quirks)
     executor.load()
     by_id = {link.scim_id: key for key, link in executor.links.items()}
     # displayName is caseExact false in the Group schema (RFC 7643 §8.7.1): a defined name in another case is ours.
-    defined = {display.casefold(): key for key, display in desired.names.items()}
+    by_name = {display.casefold(): key for key, display in defined.items()}
     found: list[GroupFinding] = []
     seen: set[str] = set()
 
@@ -847,10 +1058,12 @@ async def _read_groups(
         key = by_id.get(scim_id)
         if key is not None:
             members = await executor.members_in_target(client, executor.links[key], group)
-            foreign = sorted((members or set()) - ours)
+            # Accounts we manage: every linked account. The member state is not enough: foreign members
+            # queued for removal are recorded there, and must stay foreign until they are gone.
+            foreign = sorted(m for m in members or () if not classifier.is_linked(m))
             found.append(GroupFinding(Situation.LINKED, key, scim_id, display, foreign))
-        elif display is not None and display.casefold() in defined:
-            found.append(GroupFinding(Situation.UNLINKED, defined[display.casefold()], scim_id, display))
+        elif display is not None and display.casefold() in by_name:
+            found.append(GroupFinding(Situation.UNLINKED, by_name[display.casefold()], scim_id, display))
         else:
             found.append(GroupFinding(Situation.UNMATCHED, None, scim_id, display))
 
@@ -903,8 +1116,7 @@ async def _repair(
     name: str,
     mapping: AttributeMapping,
     report: ReconcileReport,
-    identities: Mapping[str, Identity],
-    links: Mapping[str, Link],
+    classifier: Classifier,
     now: datetime,
     *,
     send: bool,
@@ -912,17 +1124,19 @@ async def _repair(
     from provisioner.sync import send_due  # sync imports the planner and executor; keep this module light
 
     target = config.targets[name]
-    unmatched = [f for f in report.findings if f.situation is Situation.UNMATCHED and f.id]
+    # Linked accounts without drift need nothing: the reactions are planned from the others alone.
+    findings = report.findings.attention() if isinstance(report.findings, Findings) else list(report.findings)
+    unmatched = [f for f in findings if f.situation is Situation.UNMATCHED and f.id]
     first_seen = _track_unmatched(engine, name, unmatched, now)
-    lookup = {key: link.scim_id for key, link in links.items()}
-    repairs = plan_repairs(report.findings, identities, target.reconcile, first_seen=first_seen, now=now,
-                           lookup=lookup, unreadable_records=report.unreadable_records)  # fmt: skip
+    identities = classifier.identities(f.identity for f in findings if f.identity)
+    repairs = plan_repairs(findings, identities, target.reconcile, first_seen=first_seen, now=now,
+                           lookup=_Lookup(classifier.spill), unreadable_records=report.unreadable_records)  # fmt: skip
     report.repairs = repairs
     report.repaired = True
     for scim_id, why in repairs.spared:
         log.info("unmatched account left as it is", target=name, id=scim_id, reason=why)
     _fix_links(engine, name, repairs)
-    active = sum(link.active for link in links.values())
+    active = classifier.active_links()
 
     def brake(leavers: int) -> bool:
         return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
@@ -931,7 +1145,8 @@ async def _repair(
     with engine.begin() as conn:
         conn.execute(
             insert(RUNS).values(id=report.run_id, target=name, started_at=now, finished_at=utcnow(),
-                                counts=dumps(report.counts()), drifted=report.drifted)  # fmt: skip
+                                counts=dumps(report.recorded_counts(target.groups is not None)),
+                                drifted=report.drifted)  # fmt: skip
         )
         held = select(func.count()).select_from(OPERATIONS).where(
             OPERATIONS.c.run_id == report.run_id, OPERATIONS.c.status == "held"
@@ -997,11 +1212,24 @@ def last_reconciled(engine: Engine, name: str) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-def publish(target: str, counts: Mapping[str, int], drifted: int) -> None:
-    """Set the Prometheus gauges of a target's reconciliation: accounts by situation, drifted accounts."""
+GROUP_SITUATIONS = ("linked", "unlinked", "unmatched", "deleted")
+
+
+def publish(target: str, counts: Mapping[str, Any], drifted: int) -> None:
+    """Set the Prometheus gauges of a target's reconciliation: accounts by situation, drifted accounts; groups.
+
+    ``counts``: accounts by situation, and under ``groups`` (a target that
+    manages groups) groups by situation with ``foreign_members``, as
+    :meth:`ReconcileReport.recorded_counts` gives them.
+    """
     for situation in Situation:
         metrics.RECONCILE_ACCOUNTS.labels(target, situation.value).set(counts.get(situation.value, 0))
     metrics.RECONCILE_DRIFTED.labels(target).set(drifted)
+    groups = counts.get("groups")
+    if isinstance(groups, Mapping):
+        for situation in GROUP_SITUATIONS:
+            metrics.RECONCILE_GROUPS.labels(target, situation).set(groups.get(situation, 0))
+        metrics.RECONCILE_FOREIGN_MEMBERS.labels(target).set(groups.get("foreign_members", 0))
 
 
 def publish_last(engine: Engine, target: str) -> None:
