@@ -58,7 +58,7 @@ Severity = Literal["warning", "critical"]
 Status = Literal["firing", "changed", "reminder", "resolved"]
 Rule = Literal[
     "failed_operations", "failing_target", "auth_failure", "held_cycle", "quarantined", "refused_cycle",
-    "unmatched_accounts", "drifted_accounts", "unstored_writes",
+    "unmatched_accounts", "drifted_accounts", "unmatched_groups", "foreign_members", "unstored_writes",
 ]  # fmt: skip
 
 # The webhook's own retry: 3 attempts, waiting these many seconds between them.
@@ -173,6 +173,11 @@ class AlertRules(_Strict):
     unmatched_accounts: int | None = Field(default=10, ge=0)
     # The last reconciliation found more linked accounts than this whose attributes drifted.
     drifted_accounts: int | None = Field(default=10, ge=0)
+    # The last reconciliation found more groups than this that no rule defines. Off by default:
+    # most targets hold groups made by hand or by other tools, and that is not drift.
+    unmatched_groups: int | None = Field(default=None, ge=0)
+    # The last reconciliation found more members than this in our groups that are not accounts we manage.
+    foreign_members: int | None = Field(default=10, ge=0)
 
 
 class AlertsConfig(_Strict):
@@ -227,6 +232,10 @@ class TargetFacts:
     # None: the target has not been reconciled.
     unmatched_accounts: int | None = None
     drifted_accounts: int | None = None
+    # Of a target that manages groups: groups no rule defines, members of our groups we did not add.
+    # None: not reconciled, or no groups managed.
+    unmatched_groups: int | None = None
+    foreign_members: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +401,9 @@ def _unstored_writes(facts: TargetFacts, rules: AlertRules, now: datetime) -> Co
         details={"unstored_count": facts.unstored_count,
                  "hint": f"provisioner queue list --target {facts.target} (the note says what was dropped)"},  # fmt: skip
     )
-def _reconciled(rule: Literal["unmatched_accounts", "drifted_accounts"], what: str, hint: str) -> Callable[
+def _reconciled(
+    rule: Literal["unmatched_accounts", "drifted_accounts", "unmatched_groups", "foreign_members"], what: str, hint: str
+) -> Callable[
     [TargetFacts, AlertRules, datetime], Condition | None
 ]:
     """A threshold rule over a count the last reconciliation found."""
@@ -427,6 +438,9 @@ _RULES: tuple[Callable[[TargetFacts, AlertRules, datetime], Condition | None], .
     _unstored_writes,
     _reconciled("unmatched_accounts", "accounts that no identity owns", "provisioner reconcile"),
     _reconciled("drifted_accounts", "linked accounts whose attributes drifted", "provisioner reconcile"),
+    _reconciled("unmatched_groups", "groups that no rule defines", "provisioner reconcile"),
+    _reconciled("foreign_members", "members of managed groups that are not accounts we manage",
+                "provisioner reconcile"),
 )
 
 

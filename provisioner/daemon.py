@@ -232,7 +232,10 @@ class Daemon:
             # The next cycle tries again: nothing was concluded from a read that failed.
             log.warning("reconciliation failed", target=name, error=str(exc))
             return False
-        publish(name, report.counts(), report.drifted)
+        try:
+            publish(name, report.recorded_counts(self.config.targets[name].groups is not None), report.drifted)
+        finally:
+            report.close()
         return True
 
     async def send_due(self, name: str) -> None:
@@ -339,6 +342,8 @@ def target_facts(engine: Engine, name: str) -> alerts.TargetFacts:
     held_runs = sorted({str(row["run_id"]) for row in list_operations(engine, status="held", target=name, limit=10_000)})
     reconciled = last_reconciled(engine, name)
     found = orjson.loads(reconciled["counts"]) if reconciled and reconciled["counts"] else {}
+    # Group counts are recorded only for a target that manages groups.
+    groups = found.get("groups") if isinstance(found.get("groups"), dict) else None
     return alerts.TargetFacts(
         target=name,
         failed_count=health.failed,
@@ -354,6 +359,8 @@ def target_facts(engine: Engine, name: str) -> alerts.TargetFacts:
         unstored_count=unstored_writes(engine, since=utcnow() - timedelta(days=1)).get(name, 0),
         unmatched_accounts=found.get("unmatched") if reconciled else None,
         drifted_accounts=int(reconciled["drifted"]) if reconciled else None,
+        unmatched_groups=groups.get("unmatched") if groups else None,
+        foreign_members=groups.get("foreign_members") if groups else None,
     )
 
 

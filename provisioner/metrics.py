@@ -54,6 +54,12 @@ RECONCILE_ACCOUNTS = Gauge("provisioner_reconcile_accounts",
 RECONCILE_DRIFTED = Gauge("provisioner_reconcile_drifted_accounts",
                           "Linked accounts whose attributes drifted, at a target's last reconciliation",
                           ["target"], registry=REGISTRY)  # fmt: skip
+RECONCILE_GROUPS = Gauge("provisioner_reconcile_groups",
+                         "Groups by situation at a target's last reconciliation (unmatched: no rule defines it)",
+                         ["target", "situation"], registry=REGISTRY)  # fmt: skip
+RECONCILE_FOREIGN_MEMBERS = Gauge("provisioner_reconcile_foreign_members",
+                                  "Members of managed groups that are not accounts we manage, at a target's last "
+                                  "reconciliation", ["target"], registry=REGISTRY)  # fmt: skip
 
 
 def set_queue_depth(counts: dict[str, dict[str, int]], statuses: tuple[str, ...]) -> None:

@@ -15,7 +15,7 @@ from provisioner.cli import main
 from provisioner.config import load_config
 from provisioner.daemon import Daemon, target_facts
 from provisioner.demo import free_port
-from provisioner.metrics import RECONCILE_ACCOUNTS, RECONCILE_DRIFTED
+from provisioner.metrics import RECONCILE_ACCOUNTS, RECONCILE_DRIFTED, RECONCILE_FOREIGN_MEMBERS, RECONCILE_GROUPS
 from provisioner.alerts import AlertsConfig, evaluate
 from provisioner.reconcile import publish_last
 from provisioner.store import open_store
@@ -546,3 +546,33 @@ def test_a_target_whose_group_reads_omit_members_gives_no_foreign_members_rather
         assert stranger in {m["value"] for m in group.get("members") or []}
     finally:
         server.stop()
+
+
+def test_the_daemon_publishes_group_situations_and_alerts_on_foreign_members(
+    workspace: Workspace, grouped: dict[str, str]
+) -> None:
+    workspace.config_path.write_text(
+        workspace.config_path.read_text()
+        + "daemon: {listen: null}\nalerts: {rules: {foreign_members: 0, unmatched_groups: 0}}\n"
+    )
+    config = load_config(workspace.config_path)
+    engine = open_store(config.state)
+
+    assert asyncio.run(Daemon(config, engine).reconcile_if_due("app")) is True
+
+    assert RECONCILE_GROUPS.labels("app", "linked")._value.get() == 2
+    assert RECONCILE_GROUPS.labels("app", "unmatched")._value.get() == 1
+    assert RECONCILE_FOREIGN_MEMBERS.labels("app")._value.get() == 1
+    facts = target_facts(engine, "app")
+    assert (facts.unmatched_groups, facts.foreign_members) == (1, 1)
+    conditions = {c.rule: c for c in evaluate([facts], config.alerts)}
+    assert {"unmatched_groups", "foreign_members"} <= set(conditions)
+    assert "1 members of managed groups that are not accounts we manage" in conditions["foreign_members"].message
+    assert "1 groups that no rule defines" in conditions["unmatched_groups"].message
+    # The defaults: foreign members above 10, groups no rule defines not at all.
+    assert not {"unmatched_groups", "foreign_members"} & {c.rule for c in evaluate([facts], AlertsConfig())}
+    # A restarted daemon publishes them again from the recorded run.
+    RECONCILE_FOREIGN_MEMBERS.labels("app").set(0)
+    publish_last(engine, "app")
+    assert RECONCILE_FOREIGN_MEMBERS.labels("app")._value.get() == 1
+    engine.dispose()
