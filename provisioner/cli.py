@@ -672,6 +672,9 @@ def _print_reconcile(report: Any) -> None:
     print(f"  repair (run {report.run_id}): queued {queued}")
     if report.held:
         print(f"  held by the deletion brake: {report.held} (provisioner plan --held, then approve {report.run_id})")
+    if report.held_removals:
+        print(f"  of them, {report.held_removals} group operations removing foreign members "
+              f"(above max_member_removals / max_member_removal_share): the members stay until approved")
     if report.statuses:
         print("  sent: " + "  ".join(f"{k} {v}" for k, v in sorted(report.statuses.items())))
 
@@ -716,7 +719,8 @@ def _held(args: argparse.Namespace) -> int:
     for row in rows:
         runs.setdefault((row["target"], row["run_id"]), []).append(row)
     for (target, run_id), ops in sorted(runs.items()):
-        print(f"{target}: run {run_id} holds {len(ops)} leaver operations")
+        what = "leaver operations" if all(op["kind"] in ("disable", "delete") for op in ops) else "operations"
+        print(f"{target}: run {run_id} holds {len(ops)} {what}")
         for op in sorted(ops, key=lambda o: o["identity_key"]):
             print(f"  {op['kind']:<8} {op['identity_key']}")
         print(f"  release: provisioner approve {run_id}    drop: provisioner reject {run_id}")

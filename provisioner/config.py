@@ -427,6 +427,11 @@ class TargetConfig(_Strict):
     # Members of a managed group that are not accounts we manage (added by hand, by another tool):
     # additive leaves them and reconciliation reports them; exact has `reconcile --repair` remove them.
     group_members: Literal["exact", "additive"] = "additive"
+    # The brake on member removals under `group_members: exact` (the cycle's and reconciliation's):
+    # a run that would remove more members than this (a count, and a share of the members of our
+    # groups) is held for approval, as max_deprovision holds leavers. null: no limit.
+    max_member_removals: int | None = Field(default=50, ge=0)
+    max_member_removal_share: float | None = Field(default=0.10, ge=0, le=1)
     # Deviations of this target from the RFCs, declared (learned ones are added at run time).
     quirks: QuirksConfig = QuirksConfig()
     # An attribute or schema extension the target does not declare (/ResourceTypes, /Schemas):

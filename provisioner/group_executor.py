@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine, and_, delete, select
+from sqlalchemy import Engine, and_, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -63,13 +63,23 @@ from provisioner.groups import (
     GROUP_KINDS,
 )
 from provisioner.mapping import AttributeMapping
-from provisioner.planner import Kind, Link, Plan
+from provisioner.planner import Kind, Link, Plan, brake_trips
 from provisioner.payload import dumps, loads
 from provisioner.reactions import MembersRead, Step, group_members, next_removal_form, on_member_removal
 from provisioner.quarantine import Admission, Tally, admission
 from provisioner.quirks import load_quirks
 from provisioner.executor import call_record, judge, put_off, target_answers
-from provisioner.queue import CallRecord, claim_rows, finish, load_links, open_rows, release, replaced_by, write_plan
+from provisioner.queue import (
+    DEPROVISION,
+    CallRecord,
+    claim_rows,
+    finish,
+    load_links,
+    open_rows,
+    release,
+    replaced_by,
+    write_plan,
+)
 from provisioner.sources import read_source
 from provisioner.store import GroupLink as GroupLinkTable
 from provisioner.store import AccountLink, GroupMemberState, Operation, as_utc, utcnow
@@ -132,14 +142,41 @@ def load_usernames(engine: Engine, target: str) -> dict[str, str]:
 def held_identities(engine: Engine, target: str) -> set[str]:
     """Identities whose deprovisioning is held by the deletion brake: their memberships wait too."""
     with engine.connect() as conn:
-        query = select(OP.c.identity_key).where(OP.c.target == target, OP.c.status == "held")
+        query = select(OP.c.identity_key).where(OP.c.target == target, OP.c.status == "held",
+                                                OP.c.kind.in_(DEPROVISION))  # fmt: skip
         return {row[0] for row in conn.execute(query)}
 
 
-def enqueue_groups(engine: Engine, run_id: str, target: str, plan: GroupPlan, identities: dict[str, str]) -> int:
-    """Write a group plan to the queue; an identical open row is kept, an older different one superseded."""
+def member_brake(target: TargetConfig) -> Callable[[int, int], bool] | None:
+    """The deletion brake on member removals, for ``group_members: exact``; None otherwise.
+
+    It gets the number of members a run would remove and the members of our
+    groups as last known, and says whether the removals must wait for an
+    operator: over ``max_member_removals``, or over ``max_member_removal_share``
+    (:func:`provisioner.planner.brake_trips`, as leavers are braked).
+    """
+    if target.group_members != "exact":
+        return None
+
+    def trips(removals: int, members: int) -> bool:
+        return brake_trips(removals, members, target.max_member_removals, target.max_member_removal_share)
+
+    return trips
+
+
+def enqueue_groups(
+    engine: Engine, run_id: str, target: str, plan: GroupPlan, identities: dict[str, str], *,
+    brake: Callable[[int, int], bool] | None = None,
+) -> int:
+    """Write a group plan to the queue; an identical open row is kept, an older different one superseded.
+
+    ``brake`` (see :func:`member_brake`) gets the number of members the new rows
+    remove and the members of the target's groups in the member state; when it says so, the rows that remove members are written ``held``
+    and wait for ``provisioner approve RUN_ID`` (their additions wait with them).
+    """
     now = utcnow()
     rows: list[dict[str, Any]] = []
+    removals: list[tuple[dict[str, Any], int]] = []
     superseded: list[int] = []
     with engine.begin() as conn:
         open_by_key = open_rows(conn, target, GROUP_KINDS)
@@ -150,8 +187,15 @@ def enqueue_groups(engine: Engine, run_id: str, target: str, plan: GroupPlan, id
                 continue
             superseded.extend(replaced)
             rows.append(_new_row(run_id, target, d, digest, identities, now))
+            if d.remove:
+                removals.append((rows[-1], len(d.remove)))
         for key in plan.settled:
             superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
+        members = lambda: int(conn.execute(  # noqa: E731 - counted only when something is removed
+            select(func.count()).select_from(GMEMBER).where(GMEMBER.c.target == target)).scalar_one())  # fmt: skip
+        if brake is not None and removals and brake(sum(n for _, n in removals), members()):
+            for row, _ in removals:
+                row["status"] = "held"
         write_plan(conn, rows, superseded, now)
     return len(rows)
 
@@ -321,6 +365,19 @@ class GroupReport:
     drifted: int = 0
     skipped: int = 0
     calls: int = 0
+    # Member removals of this run held by the brake (group_members: exact): operations, not members.
+    held: int = 0
+
+
+def _held_removals(engine: Engine, run_id: str, name: str) -> int:
+    """Group operations of a run held by the member brake; said in the log with what releases them."""
+    with engine.connect() as conn:
+        held = int(conn.execute(select(func.count()).select_from(OP).where(
+            OP.c.run_id == run_id, OP.c.target == name, OP.c.status == "held", OP.c.kind.in_(GROUP_KINDS))).scalar_one())  # fmt: skip
+    if held:
+        log.warning("group member removals held", target=name, run_id=run_id, operations=held,
+                    hint=f"provisioner plan --held, then provisioner approve {run_id} or reject {run_id}")  # fmt: skip
+    return held
 
 
 class GroupExecutor:
@@ -1102,7 +1159,8 @@ async def sync_groups(
         plan = plan_groups(name, desired, executor.links, executor.state, drifted=drifted,
                            delete_empty=target.delete_empty_groups)  # fmt: skip
         report.planned = plan.counts()
-        enqueue_groups(engine, run_id, name, plan, desired.identities)
+        enqueue_groups(engine, run_id, name, plan, desired.identities, brake=member_brake(target))
+        report.held = _held_removals(engine, run_id, name)
         await _send_pages(engine, name, executor, report)
     finally:
         if session is not None:

@@ -14,11 +14,14 @@ Situations are midPoint's synchronization situations:
   account the match attribute gives to several identities.
 
 Two layers. :class:`Classifier`, :func:`drift` and :func:`plan_repairs` are
-purely computational, no side effects. :func:`reconcile_target` does the I/O:
-it streams the source and the target's accounts (paged, ``attributes=``),
-confirms missing links with a GET, and with ``repair`` writes each reaction as
-an ordinary queue operation — through the deletion brake, sent the way a
-cycle's operations are.
+purely computational, no side effects (the classifier keeps its per-account
+state in a :class:`Spill`, a private temporary SQLite database, so that memory
+does not grow with the accounts). :func:`reconcile_target` does the I/O: it
+reads the source once and streams the target's accounts (paged,
+``attributes=``), confirms missing links with a GET, and with ``repair``
+writes each reaction as an ordinary queue operation — through the deletion
+brake (member removals under ``group_members: exact`` through the member
+brake), sent the way a cycle's operations are.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from provisioner.functions import Unique
 from provisioner.mapping import AttributeMapping, MappingError
 from provisioner.payload import dumps, flatten, loads, payload_hash, refs_in, resolve_refs
 from provisioner.planner import Decision, Kind, Link, Reason, brake_trips, match_key
-from provisioner.queue import enqueue, load_links
+from provisioner.queue import DEPROVISION, enqueue
 from provisioner.quirks import load_quirks
 from provisioner.sources import BadRecord, IdentityRecord, read_source
 from provisioner.store import AccountLink, Operation, ReconcileRun, UnmatchedAccount, as_utc, utcnow
@@ -811,6 +814,8 @@ class ReconcileReport:
     # The target's groups (empty when the target manages none), and the member removals queued for them.
     groups: list[GroupFinding] = field(default_factory=list)
     foreign_removals: int = 0
+    # Of ``held``: group operations whose member removals the brake held (group_members: exact).
+    held_removals: int = 0
     # Where the findings are kept; closed by :meth:`close` (or when the report is collected).
     spill: Spill | None = None
 
@@ -1082,14 +1087,18 @@ async def _read_groups(
     return found
 
 
-def _remove_foreign_members(engine: Engine, name: str, run_id: str, groups: Iterable[GroupFinding]) -> int:
+def _remove_foreign_members(
+    engine: Engine, config: Config, name: str, run_id: str, groups: Iterable[GroupFinding]
+) -> int:
     """Queue one ``group_members`` operation per linked group with foreign members (``group_members: exact``).
 
     The foreign members are first recorded in the group's member state, as a
     full compare records what it reads: the executor removes only members it
-    knows the group holds. Returns the members queued for removal.
+    knows the group holds. The removals go through the member brake
+    (``max_member_removals`` / ``max_member_removal_share``): above it they are
+    held until an operator approves the run. Returns the members queued for removal.
     """
-    from provisioner.group_executor import GMEMBER, enqueue_groups
+    from provisioner.group_executor import GMEMBER, enqueue_groups, member_brake
     from provisioner.groups import GroupDecision, GroupKind, GroupPlan, GroupReason
 
     plan = GroupPlan(name)
@@ -1106,7 +1115,7 @@ def _remove_foreign_members(engine: Engine, name: str, run_id: str, groups: Iter
             plan.decisions.append(GroupDecision(g.group, GroupKind.MEMBERS, GroupReason.DRIFT, g.display_name or g.group,
                                                 remove=tuple(g.foreign_members)))  # fmt: skip
     if plan.decisions:
-        enqueue_groups(engine, run_id, name, plan, {})
+        enqueue_groups(engine, run_id, name, plan, {}, brake=member_brake(config.targets[name]))
     return sum(len(d.remove) for d in plan.decisions)
 
 
@@ -1142,6 +1151,8 @@ async def _repair(
         return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
 
     enqueue(engine, report.run_id, name, repairs.decisions, brake=brake)
+    if target.groups is not None and target.group_members == "exact":
+        report.foreign_removals = _remove_foreign_members(engine, config, name, report.run_id, report.groups)
     with engine.begin() as conn:
         conn.execute(
             insert(RUNS).values(id=report.run_id, target=name, started_at=now, finished_at=utcnow(),
@@ -1152,15 +1163,15 @@ async def _repair(
             OPERATIONS.c.run_id == report.run_id, OPERATIONS.c.status == "held"
         )
         report.held = int(conn.execute(held).scalar_one())
+        report.held_removals = int(conn.execute(held.where(OPERATIONS.c.kind.notin_(DEPROVISION))).scalar_one())
     if report.held:
-        log.warning("reconciliation held", target=name, run_id=report.run_id, leavers=report.held,
+        log.warning("reconciliation held", target=name, run_id=report.run_id, leavers=report.held - report.held_removals,
+                    group_removals=report.held_removals,
                     hint="provisioner plan --held, then provisioner approve RUN_ID or reject RUN_ID")  # fmt: skip
-    if target.groups is not None and target.group_members == "exact":
-        report.foreign_removals = _remove_foreign_members(engine, name, report.run_id, report.groups)
     if send and repairs.decisions:
         sent = await send_due(engine, config, name, mapping)
         report.statuses = dict(sent.statuses)
-    if send and report.foreign_removals:
+    if send and report.foreign_removals and not report.held_removals:
         from provisioner.group_executor import send_due_groups
 
         sent_groups = await send_due_groups(engine, config, name)

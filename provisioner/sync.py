@@ -165,6 +165,8 @@ async def sync_target(
             report.statuses.update(groups.statuses)
             report.done.update(groups.done)
             report.skipped += groups.skipped
+            # Member removals the brake held (group_members: exact) hold the cycle as leavers do.
+            report.held = count_status(engine, name, "held")
     except UserError as exc:
         # A safety stop, or a source that cannot be read: nothing was planned; alerts say why.
         _finish_run(engine, report, status="refused", error=str(exc))

@@ -576,3 +576,55 @@ def test_the_daemon_publishes_group_situations_and_alerts_on_foreign_members(
     publish_last(engine, "app")
     assert RECONCILE_FOREIGN_MEMBERS.labels("app")._value.get() == 1
     engine.dispose()
+
+
+def test_foreign_member_removals_above_the_brake_are_held_until_an_operator_approves(
+    workspace: Workspace, grouped: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """group_members: exact removes what we did not add, but never many at once without an operator."""
+    hand = HandGroups(workspace)
+    ours = {scim_id for (scim_id,) in workspace.query("SELECT scim_id FROM account_link")}
+    second = hand.create("second.stranger@example.com")
+    hand.add_member(grouped["all-staff"], second)
+    strangers = {grouped["stranger"], second}
+    workspace.write_config(groups="groups.yaml", group_members="exact", max_member_removals=1)
+
+    code, result = reconcile(workspace, capsys, "--repair")
+
+    assert code == 5  # held, as a held cycle exits
+    assert set(groups_of(result)["all-staff"]["foreign_members"]) == strangers
+    assert hand.members(grouped["all-staff"]) == ours | strangers
+    [held] = [op for op in workspace.operations() if op["status"] == "held"]
+    assert (held["kind"], held["identity_key"], held["note"]) == ("group_members", "all-staff",
+                                                                  "group 'all-staff' -2 members")  # fmt: skip
+    run_id = held["run_id"]
+    capsys.readouterr()
+    assert main(["reconcile", "--config", str(workspace.config_path)]) == 0
+    # The cycle does not remove them either, and says it is held; the held row stays the one to approve.
+    assert workspace.sync_now().held == 1
+    assert hand.members(grouped["all-staff"]) == ours | strangers
+    assert [op["run_id"] for op in workspace.operations() if op["status"] == "held"] == [run_id]
+    capsys.readouterr()
+    assert main(["plan", "--config", str(workspace.config_path), "--held"]) == 0
+    listing = capsys.readouterr().out
+    assert f"run {run_id} holds 1 operations" in listing and "group_members all-staff" in listing
+
+    assert main(["approve", "--config", str(workspace.config_path), run_id]) == 0
+    workspace.sync_now()
+
+    assert hand.members(grouped["all-staff"]) == ours
+    assert hand.members(grouped["by-hand"]) == {grouped["stranger"]}  # a group no rule defines is never touched
+    _, again = reconcile(workspace, capsys)
+    assert groups_of(again)["all-staff"]["foreign_members"] == []
+
+
+def test_foreign_member_removals_under_the_brake_are_sent_at_once(
+    workspace: Workspace, grouped: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    hand = HandGroups(workspace)
+    ours = {scim_id for (scim_id,) in workspace.query("SELECT scim_id FROM account_link")}
+    workspace.write_config(groups="groups.yaml", group_members="exact", max_member_removals=1,
+                           max_member_removal_share="null")  # fmt: skip
+    assert reconcile(workspace, capsys, "--repair")[0] == 0
+    assert hand.members(grouped["all-staff"]) == ours
+    assert not [op for op in workspace.operations() if op["status"] == "held"]
