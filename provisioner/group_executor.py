@@ -191,13 +191,16 @@ def enqueue_groups(
                 removals.append((rows[-1], len(d.remove)))
         for key in plan.settled:
             superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
-        members = lambda: int(conn.execute(  # noqa: E731 - counted only when something is removed
-            select(func.count()).select_from(GMEMBER).where(GMEMBER.c.target == target)).scalar_one())  # fmt: skip
-        if brake is not None and removals and brake(sum(n for _, n in removals), members()):
+        if brake is not None and removals and brake(sum(n for _, n in removals), _member_count(conn, target)):
             for row, _ in removals:
                 row["status"] = "held"
         write_plan(conn, rows, superseded, now)
     return len(rows)
+
+
+def _member_count(conn: Any, target: str) -> int:
+    """Members of the target's groups in the member state (ours, and foreign ones known)."""
+    return int(conn.execute(select(func.count()).select_from(GMEMBER).where(GMEMBER.c.target == target)).scalar_one())
 
 
 def _new_row(

@@ -30,10 +30,10 @@ import hashlib
 import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, MutableSet, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import orjson
 import structlog
@@ -52,6 +52,9 @@ from provisioner.quirks import load_quirks
 from provisioner.sources import BadRecord, IdentityRecord, read_source
 from provisioner.store import AccountLink, Operation, ReconcileRun, UnmatchedAccount, as_utc, utcnow
 from provisioner.targets import TargetSession
+
+if TYPE_CHECKING:
+    from provisioner.groups import GroupDefinitions
 
 log = structlog.get_logger("provisioner.reconcile")
 
