@@ -44,11 +44,14 @@ from provisioner.payload import (
     flatten,
     keep_chosen,
     keep_omitted,
+    owed_references,
     patch_operations,
     payload_hash,
     refs_in,
     resolve_refs,
+    settle_references,
     unchosen,
+    with_paths,
     without,
 )
 from provisioner.rebase import rebase_operations
@@ -165,6 +168,10 @@ class Executor:
         for op in operations:
             by_key.setdefault(op.identity_key, []).append(op)
         links = load_link_states(self.engine, self.target, _keys_needed(by_key))
+        # The accounts that attributes owed by these accounts refer to (a disable sends them).
+        owed = {ref for key in by_key if key in links for ref in refs_in(links[key].owed)} - links.keys()
+        if owed:
+            links.update(load_link_states(self.engine, self.target, list(owed)))
         self._load_write_only(operations)
         clients = [self.client_factory() for _ in range(min(self.config.max_concurrency, len(by_key)))]
         tally = Tally()
@@ -289,16 +296,43 @@ class Executor:
                 return Outcome(op.id, "succeeded", note="no account linked; nothing to delete")
             await self._fresh(client, link, lambda etag: client.delete(self.endpoint, link.scim_id, etag=etag))
             return Outcome(op.id, "succeeded", drop_link=True)
+
+        def scim_id(key: str) -> str | None:
+            return links[key].scim_id if key in links else None
+
         if op.kind is Kind.DISABLE:
             if link is None:
                 return Outcome(op.id, "succeeded", note="no account linked; nothing to disable")
-            result = await self._set_active(client, link, active=False)
-            return Outcome(op.id, "succeeded", link=_linked(link, result, active=False))
+            return await self._disable(client, op, link, scim_id)
         # A link carries the id of the account reconciliation found; it is not part of what is sent.
         account = str(op.payload["id"]) if op.kind is Kind.LINK and (op.payload or {}).get("id") else None
         source = {k: v for k, v in (op.payload or {}).items() if k != "id"} if account else (op.payload or {})
-        # References to accounts created earlier in this cycle resolve now; the rest drop out.
-        payload, _ = resolve_refs(source, lambda key: links[key].scim_id if key in links else None)
+        # References to accounts created earlier in this cycle resolve now; the rest drop out, and
+        # the account owes them: its link keeps them until a later write can send them.
+        payload, _ = resolve_refs(source, scim_id)
+        owed = owed_references(without(source, self.create_only), scim_id) or None
+        outcome = await self._provision(client, op, link, account, payload)
+        if outcome.link is not None:
+            outcome.link = replace(outcome.link, owed=self._sendable(owed))
+        return outcome
+
+    def _sendable(self, owed: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Owed attributes but those of an extension the target does not list (they are never sent)."""
+        supports = self._extensions
+        if not owed or not supports:
+            return owed
+        kept = {p: v for p, v in owed.items() if not p.startswith("urn:") or supports(p.rpartition(":")[0])}
+        return kept or None
+
+    async def _provision(
+        self,
+        client: ScimClient,
+        op: ClaimedOperation,
+        link: LinkState | None,
+        account: str | None,
+        payload: dict[str, Any],
+    ) -> Outcome:
+        """Create, adopt or update the account so that it holds ``payload`` (references resolved)."""
         # Write-only values are stored masked: rendered again from the source now, or left out.
         payload = self._with_write_only(op.identity_key, payload)
         # The hash is the desired payload's: an extension held back is not a change to send every cycle.
@@ -332,6 +366,25 @@ class Executor:
             return outcome
         state = _linked(link, result, active=True, applied=payload, applied_hash=applied_hash)
         return await self._verify(client, link.scim_id, payload, result, Outcome(op.id, "succeeded", link=state))
+
+    async def _disable(
+        self, client: ScimClient, op: ClaimedOperation, link: LinkState, scim_id: Callable[[str], str | None]
+    ) -> Outcome:
+        """Disable the account, sending with it what it owes that resolves now (a manager created since).
+
+        A leaver gets no update: without this, a report created before its
+        manager's account existed and leaving before the next update would keep
+        no manager for good, though the link says nothing is left to send.
+        """
+        resolved, still = settle_references(link.owed, scim_id)
+        if not resolved:
+            result = await self._set_active(client, link, active=False)
+            return Outcome(op.id, "succeeded", link=_linked(link, result, active=False))
+        applied = with_paths(link.applied or {}, resolved)
+        result = await self._set_active(client, link, active=False, owed=resolved, applied=applied)
+        # The hash is of what the account holds now, as an update computes it (applied has no create-only attributes).
+        state = _linked(link, result, active=False, applied=applied, applied_hash=payload_hash(applied))
+        return Outcome(op.id, "succeeded", link=replace(state, owed=still or None))
 
     async def _deprovision_unowned(self, client: ScimClient, op: ClaimedOperation, scim_id: str) -> Outcome:
         """Disable or delete an account no identity owns, by its id (a reconciliation's reaction); no link."""
@@ -637,14 +690,24 @@ class Executor:
             log.warning("target did not store attributes", target=self.target, scim_id=scim_id, attributes=lost)
         return outcome
 
-    async def _set_active(self, client: ScimClient, link: LinkState, *, active: bool) -> ScimResult:
+    async def _set_active(
+        self,
+        client: ScimClient,
+        link: LinkState,
+        *,
+        active: bool,
+        owed: dict[str, Any] | None = None,
+        applied: dict[str, Any] | None = None,
+    ) -> ScimResult:
+        """Set ``active``, and the ``owed`` attributes ({path: value}) with it; ``applied``: the payload that leaves."""
         if self._use_patch() or not self.quirks.put:
             operations = [{"op": "replace", "path": "active", "value": active}]
-            desired = {**(link.applied or {}), "active": active}
+            operations += [{"op": "replace", "path": path, "value": value} for path, value in (owed or {}).items()]
+            desired = {**(applied or link.applied or {}), "active": active}
             return await self._fresh(
                 client, link, lambda etag: client.patch(self.endpoint, link.scim_id, operations, etag=etag), desired
             )
-        current = link.applied
+        current = applied or link.applied
         if current is None:
             current = (await client.get(self.endpoint, link.scim_id)).resource or {}
         body = {k: v for k, v in current.items() if k not in ("id", "meta")}
@@ -827,7 +890,8 @@ def _waves(by_key: dict[str, list[ClaimedOperation]], links: dict[str, LinkState
     created in this batch; a reference cycle is sent as it is and resolved next cycle.
     """
     waiting = {
-        key: {ref for op in ops for ref in refs_in(op.payload)} & by_key.keys() - links.keys() - {key}
+        key: ({ref for op in ops for ref in refs_in(op.payload)} | refs_in(links[key].owed if key in links else None))
+        & by_key.keys() - links.keys() - {key}
         for key, ops in by_key.items()
     }
     waves: list[list[str]] = []
@@ -861,6 +925,7 @@ def _linked(
         location=result.location or link.location,
         applied_hash=applied_hash if applied is not None else link.applied_hash,
         applied=applied if applied is not None else link.applied,
+        owed=link.owed,
     )
 
 

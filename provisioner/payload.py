@@ -246,3 +246,54 @@ def patch_operations(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[dic
         elif before.get(path) != after[path]:
             operations.append({"op": "replace", "path": path, "value": after[path]})
     return operations
+
+
+def owed_references(payload: Mapping[str, Any], lookup: Callable[[str], str | None]) -> dict[str, Any]:
+    """The attributes of ``payload`` that hold a reference ``lookup`` cannot resolve now, references kept.
+
+    Keys are attribute paths as :func:`flatten` names them
+    (``urn:…:enterprise:2.0:User:manager``). :func:`resolve_refs` leaves these
+    attributes out of what is sent (a manager whose account does not exist
+    yet): the account owes them, and :func:`settle_references` tells when they can be sent.
+    """
+    return {
+        path: value
+        for path, value in flatten(payload).items()
+        if any(lookup(key) is None for key in refs_in(value))
+    }
+
+
+def settle_references(
+    owed: Mapping[str, Any] | None, lookup: Callable[[str], str | None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Owed attributes (see :func:`owed_references`) split into (resolved now, still owed).
+
+    An attribute is resolved when every reference in it is: resolved ones have
+    SCIM ids in place of their references, ready for a PATCH ``replace``.
+    """
+    resolved: dict[str, Any] = {}
+    still: dict[str, Any] = {}
+    for path, value in (owed or {}).items():
+        new, missing = resolve_refs(value, lookup)
+        if missing:
+            still[path] = value
+        else:
+            resolved[path] = new
+    return resolved, still
+
+
+def with_paths(payload: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload with attributes set at paths as :func:`flatten` names them (an extension set joins ``schemas``)."""
+    out = dict(payload)
+    for path, value in values.items():
+        if path.startswith("urn:"):
+            parent, _, name = path.rpartition(":")
+            if isinstance(out.get("schemas"), list) and parent not in out["schemas"]:
+                out["schemas"] = [*out["schemas"], parent]
+        elif "." in path:
+            parent, _, name = path.partition(".")
+        else:
+            out[path] = value
+            continue
+        out[parent] = {**(out.get(parent) or {}), name: value}
+    return out

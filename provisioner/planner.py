@@ -54,6 +54,9 @@ class Link:
     applied_hash: str | None
     active: bool
     etag: str | None = None
+    # Identities that attributes the account was written without refer to (a manager created
+    # later): the account owes those attributes until a write sends them.
+    owes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,16 +89,24 @@ class Decision:
 LeaverAction = Literal["disable", "delete"]
 
 
-def decide(desired: Desired, link: Link | None, leaver: LeaverAction = "disable") -> Decision | None:
-    """The operation that moves ``link`` to ``desired``, or None when nothing needs doing."""
+def decide(
+    desired: Desired, link: Link | None, leaver: LeaverAction = "disable", *, owed_now: bool = False
+) -> Decision | None:
+    """The operation that moves ``link`` to ``desired``, or None when nothing needs doing.
+
+    ``owed_now``: the account owes attributes whose references resolve now (a
+    report created before its manager's account existed). An update sends them
+    anyway (its payload hash differs); a disabled leaver's account is disabled
+    again, which sends them.
+    """
     key = desired.identity_key
     if desired.payload is None:
         if link is None:
             return None  # a leaver we never provisioned
         if leaver == "delete":
             return Decision(key, Kind.DELETE, Reason.LEAVER)
-        if not link.active:
-            return None  # already disabled
+        if not link.active and not owed_now:
+            return None  # already disabled, owing nothing that can be sent
         return Decision(key, Kind.DISABLE, Reason.LEAVER)
     if link is None:
         return Decision(key, Kind.CREATE, Reason.JOINER, desired.payload, desired.payload_hash)
@@ -210,7 +221,7 @@ def plan_target(
         match = _match_value(desired.payload, mapping.match)
         if match is not None:
             matched.append((record.key, match, record.origin, desired.payload_hash))
-        _add(plan, record.key, decide(desired, link, leaver))
+        _add(plan, record.key, decide(desired, link, leaver, owed_now=_owed_now(link, links)))
         if memo is not None:
             memo.remember(record, desired.payload_hash, refs, links, match)
     plan.present.update(seen)
@@ -227,7 +238,7 @@ def plan_target(
         )
     for key, link in links.items():
         if key not in seen:
-            _add(plan, key, decide(Desired(key, None), link, leaver))
+            _add(plan, key, decide(Desired(key, None), link, leaver, owed_now=_owed_now(link, links)))
     plan.decisions = order_by_references(plan.decisions)
     return plan
 
@@ -425,6 +436,11 @@ def _desired(
     sendable = resolve_refs(payload, scim_id)[0] if unresolved else payload
     desired = Desired(record.key, payload, payload_hash(without(sendable, mapping.create_only)), mapping.create_only)
     return desired, refs_in(rendered.payload)
+
+
+def _owed_now(link: Link | None, links: Mapping[str, Link]) -> bool:
+    """Whether the account owes attributes whose references all name linked accounts now."""
+    return link is not None and bool(link.owes) and link.owes <= links.keys()
 
 
 def _add(plan: Plan, key: str, decision: Decision | None) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, selec
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
-from provisioner.payload import dumps, loads
+from provisioner.payload import dumps, loads, refs_in
 from provisioner.planner import Decision, Kind, Link, Reason
 from provisioner.redaction import has_write_only, mask_write_only, redact, register_write_only
 from provisioner.store import AccountLink, Attempt, Operation, utcnow
@@ -124,6 +124,9 @@ class LinkState:
     location: str | None
     applied_hash: str | None
     applied: dict[str, Any] | None
+    # Attributes the account was written without, their references naming no account yet
+    # ({attribute path: value with references}, see payload.owed_references); None: nothing owed.
+    owed: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +193,19 @@ def rejection_cause(message: str | None) -> str | None:
 
 
 def load_links(engine: Engine, target: str) -> dict[str, Link]:
-    """Every account link of a target, without payloads: one query per planning pass."""
-    columns = (LINK.c.identity_key, LINK.c.scim_id, LINK.c.applied_hash, LINK.c.active, LINK.c.etag)
+    """Every account link of a target, without payloads: one query per planning pass.
+
+    A link whose account owes attributes (see :attr:`LinkState.owed`) says which identities they refer to.
+    """
+    columns = (LINK.c.identity_key, LINK.c.scim_id, LINK.c.applied_hash, LINK.c.active, LINK.c.etag, LINK.c.owed_refs)
     with engine.connect() as conn:
         rows = conn.execute(select(*columns).where(LINK.c.target == target))
-        return {row[0]: Link(row[0], row[1], row[2], bool(row[3]), row[4]) for row in rows}
+        return {row[0]: Link(row[0], row[1], row[2], bool(row[3]), row[4], _owes(row[5])) for row in rows}
+
+
+def _owes(owed_refs: str | None) -> frozenset[str]:
+    """The identities an account's owed attributes refer to (most accounts owe nothing: no parsing)."""
+    return frozenset(refs_in(loads(owed_refs))) if owed_refs else frozenset()
 
 
 def linked_identity(engine: Engine, target: str, scim_id: str) -> str | None:
@@ -218,6 +229,7 @@ def load_link_states(engine: Engine, target: str, keys: Sequence[str]) -> dict[s
                     location=row["location"],
                     applied_hash=row["applied_hash"],
                     applied=loads(row["applied"]),
+                    owed=loads(row["owed_refs"]),
                 )
     return states
 
@@ -593,7 +605,7 @@ _FINISH = (
 )
 _INSERT_CALL = insert(ATTEMPT)
 _DROP_LINK = delete(LINK).where(LINK.c.target == bindparam("t"), LINK.c.identity_key == bindparam("k"))
-_LINK_VALUES = ("scim_id", "active", "etag", "location", "applied_hash", "applied", "updated_at")
+_LINK_VALUES = ("scim_id", "active", "etag", "location", "applied_hash", "applied", "owed_refs", "updated_at")
 
 
 def _upsert_link(dialect: str) -> Any:
@@ -711,6 +723,7 @@ def _link_row(target: str, key: str, link: LinkState, now: datetime) -> dict[str
         "applied_hash": link.applied_hash,
         # Write-only values (password) are never kept once applied.
         "applied": None if link.applied is None else dumps(mask_write_only(link.applied)),
+        "owed_refs": dumps(link.owed) if link.owed else None,
         "updated_at": now,
     }
 

@@ -69,6 +69,10 @@ class AccountLink(SQLModel, table=True):
     applied_hash: str | None = None
     # The payload last applied, as JSON: PATCH sends only what differs from it.
     applied: str | None = None
+    # What that payload was written without because a reference in it named an account not in the
+    # target yet (a manager created later), as JSON {attribute path: value with its references}:
+    # the account owes it, and the next write to the account sends it once it resolves.
+    owed_refs: str | None = None
     updated_at: datetime = Field(default_factory=utcnow)
 
 

@@ -12,10 +12,13 @@ from provisioner.payload import (
     dumps,
     keep_omitted,
     loads,
+    owed_references,
     patch_operations,
     payload_hash,
     refs_in,
     resolve_refs,
+    settle_references,
+    with_paths,
 )
 
 CORE = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -261,3 +264,41 @@ def test_keep_omitted_never_overrides_a_value_the_payload_has() -> None:
 
     assert kept == {"title": "Lead"} and paths == []
     assert keep_omitted(None, {"userName": "ada"}, [("title",)]) == ({"userName": "ada"}, [])
+
+
+# --- owed references ------------------------------------------------------------------------------
+
+
+def test_an_attribute_whose_reference_does_not_resolve_is_owed_with_its_reference() -> None:
+    payload = {**BEFORE, ENT: {"department": "Engineering", "manager": {"value": Ref("E1")}}}
+
+    owed = owed_references(payload, lambda key: None)
+
+    assert owed == {f"{ENT}:manager": {"value": Ref("E1")}}
+    assert owed_references(payload, lambda key: "m-1") == {}
+    assert loads(dumps(owed)) == owed, "a link stores it as JSON"
+
+
+def test_owed_attributes_are_settled_when_every_reference_in_them_resolves() -> None:
+    owed = {f"{ENT}:manager": {"value": Ref("E1")}, "x-buddies": [{"value": Ref("E1")}, {"value": Ref("E9")}]}
+
+    resolved, still = settle_references(owed, {"E1": "m-1"}.get)
+
+    assert resolved == {f"{ENT}:manager": {"value": "m-1"}}
+    assert still == {"x-buddies": owed["x-buddies"]}
+    assert settle_references(None, {"E1": "m-1"}.get) == ({}, {})
+
+
+def test_with_paths_sets_attributes_where_flatten_names_them() -> None:
+    applied = {"schemas": [CORE], "userName": "ada@example.com", "name": {"givenName": "Ada"}}
+
+    out = with_paths(applied, {f"{ENT}:manager": {"value": "m-1"}, "name.familyName": "Lovelace", "title": "Countess"})
+
+    assert out == {
+        "schemas": [CORE, ENT],
+        "userName": "ada@example.com",
+        "name": {"givenName": "Ada", "familyName": "Lovelace"},
+        "title": "Countess",
+        ENT: {"manager": {"value": "m-1"}},
+    }
+    assert applied == {"schemas": [CORE], "userName": "ada@example.com", "name": {"givenName": "Ada"}}, "a copy"

@@ -68,6 +68,20 @@ def test_decisions_that_send_an_account_carry_its_payload_and_hash(
     assert decision == Decision("E1", kind, reason, NEW_PAYLOAD, "h2")
 
 
+@pytest.mark.parametrize(
+    ("active", "owed_now", "expected"),
+    [pytest.param(False, True, Kind.DISABLE, id="disabled-owing-what-resolves-now"),
+     pytest.param(False, False, None, id="disabled-owing-nothing-sendable"),
+     pytest.param(True, False, Kind.DISABLE, id="active")],
+)  # fmt: skip
+def test_a_disabled_leaver_is_disabled_again_only_to_send_what_its_account_owes(
+    active: bool, owed_now: bool, expected: Kind | None
+) -> None:
+    decision = decide(Desired("E1", None), link(active=active), owed_now=owed_now)
+
+    assert (decision.kind if decision else None) is expected
+
+
 @pytest.mark.parametrize("leaver", ["disable", "delete"])
 def test_leaver_decisions_carry_no_payload(leaver: str) -> None:
     decision = decide(Desired("E1", None), link(), leaver)  # type: ignore[arg-type]
@@ -358,3 +372,16 @@ def test_the_record_digest_of_a_rejection_changes_with_the_record(mapping: Attri
 
     assert first.record_hashes["E1"] == again.record_hashes["E1"] != changed.record_hashes["E1"]
     assert "'userName': is required but the record gives it only blanks" in first.rejected[0][1]
+
+
+def test_a_disabled_leaver_owing_its_manager_is_planned_once_the_manager_is_linked(mapping: AttributeMapping) -> None:
+    """Created before its manager's account existed, then left: the manager it owes is sent by a disable."""
+    report = person("E2", manager_id="E1", status="terminated")
+    owing = Link("E2", "id-E2", "h", active=False, owes=frozenset({"E1"}))
+    manager = person("E1")
+
+    before = plan_target("app", mapping, [person("E1"), report], {"E2": owing})
+    after = plan_target("app", mapping, [manager, report], {"E2": owing, "E1": linked(mapping, manager)})
+
+    assert kinds(before.decisions) == {"E1": (Kind.CREATE, Reason.JOINER)}
+    assert kinds(after.decisions) == {"E2": (Kind.DISABLE, Reason.LEAVER)}

@@ -238,6 +238,19 @@ def test_record_writes_the_outcome_its_calls_and_the_link_together(engine: Engin
     assert (stored_call["method"], stored_call["http_status"], stored_call["number"]) == ("POST", 201, 1)
 
 
+def test_a_link_keeps_what_its_account_owes_and_the_planner_sees_whom_it_refers_to(engine: Engine) -> None:
+    """A report written without its manager (not in the target yet): the link keeps the attribute, reference and all."""
+    enqueue(engine, "run-1", "app", [CREATE])
+    [op] = claim(engine, "app")
+    owed = {"urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager": {"value": Ref("E0")}}
+    link = LinkState("scim-1", True, None, None, "h1", CREATE.payload, owed)
+
+    record(engine, "app", "E1", Outcome(op.id, "succeeded", link=link))
+
+    assert load_link_states(engine, "app", ["E1"])["E1"].owed == owed
+    assert load_links(engine, "app")["E1"].owes == {"E0"}
+
+
 def test_record_of_a_delete_drops_the_link(engine: Engine) -> None:
     enqueue(engine, "run-1", "app", [CREATE])
     [op] = claim(engine, "app")
