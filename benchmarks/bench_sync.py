@@ -6,6 +6,7 @@ Prints figures; asserts nothing about time. Run from the repository root:
     .venv/bin/python benchmarks/bench_sync.py --records 100000 --users 2000 --concurrency 4
     .venv/bin/python benchmarks/bench_sync.py --skip-e2e           # planning only
     .venv/bin/python benchmarks/bench_sync.py --skip-plan --profile e2e.prof  # cProfile of the initial cycle
+    .venv/bin/python benchmarks/bench_sync.py --skip-plan --skip-e2e --load 100000  # part c only
 
 Part a (planning, no network): N synthetic HR records written as CSV, the
 shipped ``mappings/users.yaml``, and ``provisioner.planner.plan_target``
@@ -23,6 +24,15 @@ Part b (end to end): ``scim2-server`` on 127.0.0.1, a config for M users,
 give the scale: against a fresh scim2-server (the ceiling that server allows
 here) and against a minimal keep-alive server (the client's own ceiling on
 this machine).
+
+Part c (``--load N``, off by default: the initial load of 100,000 takes
+minutes): the real commands, each in a child process, against a fast
+in-memory SCIM server (asyncio, HTTP/1.1 keep-alive, its own process). An
+initial ``provisioner sync`` of N identities with its peak RSS (the child's
+``ru_maxrss``), then the planning floor (read the source, hash each record,
+compare it with the stored state: one query for the links), then two
+``provisioner sync`` and one ``provisioner plan`` with nothing changed, each
+with its CPU (the command's own, imports left out) and its ratio to the floor.
 """
 
 from __future__ import annotations
@@ -451,6 +461,161 @@ asyncio.run(main())
 """
 
 
+# -- part c: the 100k cycle, as the commands run it ------------------------------------
+
+# A minimal in-memory SCIM 2.0 server: asyncio, HTTP/1.1 keep-alive, one process. POST /Users
+# (a new id each), GET /Users/{id}, GET /Users?filter=userName eq "…" (an index), PUT/PATCH
+# (the stored resource, PUT replacing it), DELETE; /ServiceProviderConfig; 404 for the rest.
+# It costs far less than the engine per request, so the engine is what is measured.
+FAST_SCIM = r"""
+import asyncio, itertools, json, re, sys, urllib.parse
+users, by_name, ids = {}, {}, itertools.count(1)
+SPC = {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"], "patch": {"supported": True},
+       "bulk": {"supported": False, "maxOperations": 0, "maxPayloadSize": 0},
+       "filter": {"supported": True, "maxResults": 200}, "changePassword": {"supported": False},
+       "sort": {"supported": False}, "etag": {"supported": False}, "authenticationSchemes": []}
+LIST = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
+def answer(status, body=None, location=None):
+    data = b"" if body is None else json.dumps(body).encode()
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: application/scim+json\r\nContent-Length: {len(data)}\r\n"
+    if location:
+        head += f"Location: {location}\r\n"
+    return head.encode() + b"\r\n" + data
+def handle_request(method, target, body, host):
+    path, _, query = target.partition("?")
+    parts = path.rstrip("/").split("/")
+    if parts[-1] == "ServiceProviderConfig":
+        return answer(200, SPC)
+    if parts[-1] == "Users":
+        if method == "POST":
+            resource = json.loads(body)
+            name = str(resource.get("userName", "")).lower()
+            if name in by_name:
+                return answer(409, {"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"], "status": "409",
+                                    "scimType": "uniqueness"})
+            rid = str(next(ids))
+            location = f"http://{host}/v2/Users/{rid}"
+            resource.update(id=rid, meta={"resourceType": "User", "location": location})
+            users[rid] = resource
+            by_name[name] = rid
+            return answer(201, resource, location)
+        wanted = re.search(r'userName eq "((?:[^"\\]|\\.)*)"', urllib.parse.unquote_plus(query))
+        found = [users[by_name[wanted.group(1).lower()]]] if wanted and wanted.group(1).lower() in by_name else []
+        return answer(200, {"schemas": [LIST], "totalResults": len(found), "startIndex": 1,
+                            "itemsPerPage": len(found), "Resources": found})
+    if len(parts) >= 2 and parts[-2] == "Users" and parts[-1] in users:
+        rid = parts[-1]
+        if method == "DELETE":
+            by_name.pop(str(users.pop(rid).get("userName", "")).lower(), None)
+            return answer(204)
+        if method == "PUT":
+            resource = json.loads(body)
+            resource.update(id=rid, meta=users[rid]["meta"])
+            users[rid] = resource
+        return answer(200, users[rid])
+    return answer(404, {"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"], "status": "404"})
+async def connection(reader, writer):
+    try:
+        while True:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            method, target, _ = head[0].split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+            body = await reader.readexactly(int(headers.get("content-length", 0) or 0))
+            writer.write(handle_request(method, target, body, headers.get("host", "")))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+async def main():
+    server = await asyncio.start_server(connection, "127.0.0.1", int(sys.argv[1]), backlog=256)
+    print("ready", flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+# Runs one provisioner command in a fresh process and writes what it cost: CPU of the command
+# itself (imports apart), CPU of the imports, peak RSS of the process (ru_maxrss, KiB on Linux).
+COMMAND = r"""
+import json, resource, sys, time
+started = time.process_time()
+from provisioner.cli import main
+imported = time.process_time()
+code = main(sys.argv[2:])
+ran = time.process_time()
+with open(sys.argv[1], "w") as out:
+    json.dump({"code": code, "import_cpu": imported - started, "cpu": ran - imported,
+               "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}, out)
+"""
+
+
+def run_command(work: Path, *args: str) -> dict[str, Any]:
+    """One ``provisioner`` command in a child process; what it cost, and its wall time."""
+    import json
+
+    result = work / "command.json"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", COMMAND, str(result), *args, "--log-level", "warning"], cwd=work,
+                   stdout=subprocess.DEVNULL, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    figures = json.loads(result.read_text())
+    figures["wall"] = time.perf_counter() - started
+    return figures
+
+
+def planning_floor(config_path: Path, target: str) -> Timing:
+    """Read the source, hash every record, compare it with the stored state: what no cycle can skip."""
+    import hashlib
+
+    import orjson
+    from sqlalchemy import select
+
+    from provisioner.queue import LINK
+
+    config = load_config(config_path)
+    engine = open_store(config.state)
+    source = config.sources[config.targets[target].source]
+    with timed() as t:
+        with engine.connect() as conn:
+            rows = conn.execute(select(LINK.c.identity_key, LINK.c.applied_hash).where(LINK.c.target == target))
+            stored = {key: digest for key, digest in rows}
+        same = 0
+        for record in read_source(source):
+            if isinstance(record, IdentityRecord):
+                digest = hashlib.blake2b(orjson.dumps(record.attributes, option=orjson.OPT_SORT_KEYS), digest_size=16)
+                same += stored.get(record.key) == digest.hexdigest()
+    engine.dispose()
+    return t
+
+
+def bench_load(identities: int, concurrency: int, folder: Path) -> None:
+    print(f"\n== c) {identities:,} identities: initial load, then cycles with nothing changed "
+          f"(each command in its own process, fast in-memory SCIM server) ==")
+    work = folder / "load"
+    work.mkdir()
+    write_hr_csv(work / "hr.csv", hr_rows(identities, seed=4))
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-c", FAST_SCIM, str(port)], stdout=subprocess.PIPE) as server:
+        try:
+            assert server.stdout is not None
+            server.stdout.readline()
+            os.environ[TOKEN_VARIABLE] = "bench"
+            config = write_config(work, f"http://127.0.0.1:{port}/v2", concurrency)
+            load = run_command(work, "sync", "--config", str(config))
+            print(f"initial sync      {load['wall']:7.1f} s wall  {load['cpu']:6.1f} s CPU  "
+                  f"peak RSS {load['maxrss_kb'] / 1024:5.0f} MB  (exit {load['code']}; "
+                  f"{identities / load['wall']:.0f} identities/s)")
+            floor = planning_floor(config, "bench")
+            print(f"planning floor    {per_record(floor, identities)}  (read + hash + compare with the stored state)")
+            for label, args in (("no-change sync 1", ("sync",)), ("no-change sync 2", ("sync",)),
+                                ("no-change plan", ("plan",))):  # fmt: skip
+                figures = run_command(work, *args, "--config", str(config))
+                print(f"{label:<17} {figures['cpu'] / identities * 1e6:8.1f} µs CPU/record  "
+                      f"({figures['cpu']:6.2f} s CPU, {figures['wall']:6.2f} s wall with imports, "
+                      f"{figures['import_cpu']:.2f} s CPU of imports, peak RSS {figures['maxrss_kb'] / 1024:.0f} MB, "
+                      f"exit {figures['code']})  {figures['cpu'] / floor.cpu:4.1f}× the floor")
+        finally:
+            server.kill()
+
+
 def configure_logs(mode: str) -> None:
     """The engine logs one line per operation: keep that cost in, but not the terminal's."""
     import logging
@@ -476,6 +641,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=2_000, help="users to sync in part b (default 2000)")
     parser.add_argument("--concurrency", type=int, default=4, help="max_concurrency of the target (default 4)")
     parser.add_argument("--moved", type=float, default=0.1, help="share of users moved in the third cycle (0.1)")
+    parser.add_argument("--load", type=int, default=0,
+                        help="identities of part c, the initial load and no-change cycles (off unless given)")
     parser.add_argument("--skip-plan", action="store_true", help="skip part a")
     parser.add_argument("--skip-e2e", action="store_true", help="skip part b")
     parser.add_argument("--no-tracemalloc", action="store_true", help="skip the traced-memory pass of part a")
@@ -497,6 +664,8 @@ def main() -> None:
             bench_planning(args.records, folder, trace_memory=not args.no_tracemalloc)
         if not args.skip_e2e:
             bench_e2e(args.users, args.concurrency, args.moved, folder, args.profile)
+        if args.load:
+            bench_load(args.load, args.concurrency, folder)
 
 
 if __name__ == "__main__":
