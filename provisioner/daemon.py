@@ -33,6 +33,7 @@ from provisioner.errors import UserError
 from provisioner.health import TargetHealth, cycle_succeeded, overall, target_health
 from provisioner.lock import PlannerLock
 from provisioner.mapping import AttributeMapping
+from provisioner.memo import load_memo
 from provisioner.planner import RenderMemo
 from provisioner.quarantine import Admission, admission
 from provisioner.queue import (
@@ -66,8 +67,9 @@ class Daemon:
         self.targets = [name for name, target in config.targets.items() if target.enabled]
         self.mappings: dict[str, AttributeMapping] = {name: load_target_mapping(config, name) for name in self.targets}
         self.locks = {name: asyncio.Lock() for name in self.targets}
-        # Renders of earlier cycles: a record unchanged since is not rendered again (the mappings are fixed).
-        self.memos = {name: RenderMemo() for name in self.targets}
+        # Renders of earlier cycles: a record unchanged since is not rendered again (the mappings are
+        # fixed). Read from the state database at the first cycle, kept in memory after.
+        self.memos: dict[str, RenderMemo] = {}
         self.stopping = asyncio.Event()
         self.inflight: set[asyncio.Task[Any]] = set()
         self.last_cycle: dict[str, dict[str, Any]] = {}
@@ -200,6 +202,8 @@ class Daemon:
             await self.send_due(name)
             self.last_cycle[name] = {"status": "sent only: another instance plans", "at": datetime.now(UTC)}
             return
+        if name not in self.memos:
+            self.memos[name] = load_memo(self.engine, name)
         report = await sync_target(
             self.engine, self.config, name, self.mappings[name], stop=self.stopping, memo=self.memos[name]
         )

@@ -39,6 +39,8 @@ A record is input like any other, and a bad one fails alone (MappingError):
 from __future__ import annotations
 
 import difflib
+import functools
+import hashlib
 import math
 import re
 import signal
@@ -159,6 +161,12 @@ class AttributeMapping:
     # Attributes whose empty value leaves the target's as it is (``omit_if_empty``): ("nickName",),
     # (urn, name) or ("name", "givenName"), as payload.keep_omitted takes them.
     omit_if_empty: frozenset[tuple[str, ...]] = frozenset()
+    # What a render depends on besides the record: the mapping as parsed and the engine code that
+    # renders and hashes it. Equal digests and equal records render to equal payloads.
+    digest: bytes = b""
+    # Whether a render can differ for the same record (``now()``, ``random``, ``lipsum()``): such a
+    # mapping's renders are never remembered.
+    volatile: bool = False
 
     def render(self, record: Mapping[str, Any]) -> Rendered:
         """Render one record; raise MappingError naming file:line and the attribute."""
@@ -458,8 +466,45 @@ def compile_mapping(
         names=tuple(compiler.names),
         create_only=frozenset(compiler.create_only),
         omit_if_empty=frozenset(compiler.omit_if_empty),
+        digest=_mapping_digest(doc),
+        volatile=any(_volatile(compiler.env, part) for part in compiler.parts),
     )
     return mapping, compiler.diagnostics
+
+
+# Functions and filters whose result is not decided by the record alone.
+_VOLATILE_CALLS = frozenset({"now", "lipsum"})
+_VOLATILE_FILTERS = frozenset({"random"})
+
+
+def _volatile(env: jinja2.Environment, part: str) -> bool:
+    tree = env.parse(part)
+    return any(isinstance(node.node, jinja2.nodes.Name) and node.node.name in _VOLATILE_CALLS
+               for node in tree.find_all(jinja2.nodes.Call)) or any(
+        node.name in _VOLATILE_FILTERS for node in tree.find_all(jinja2.nodes.Filter))  # fmt: skip
+
+
+def _mapping_digest(doc: Document) -> bytes:
+    """A digest of the parsed mapping (tables included) and of the engine code that renders it.
+
+    The text as YAML read it, not the file's bytes: a comment changes nothing. The
+    engine's own modules are part of it, so that a new version's renders are never
+    taken for an old one's.
+    """
+    # Locations mix names and indexes: sorted by their text.
+    text = repr((doc.data, sorted((repr(loc), plain) for loc, plain in doc.plain.items()))).encode()
+    return hashlib.blake2b(text, digest_size=32, key=_engine_digest()).digest()
+
+
+@functools.cache
+def _engine_digest() -> bytes:
+    """A digest of the modules that decide what a record renders and hashes to."""
+    from provisioner import functions, payload, planner
+
+    digest = hashlib.blake2b(digest_size=32)
+    for module in (__file__, functions.__file__, payload.__file__, planner.__file__):
+        digest.update(Path(module).read_bytes())
+    return digest.digest()
 
 
 class _Compiler:

@@ -184,10 +184,13 @@ def plan_target(
 
     A record that cannot be rendered is rejected, never mistaken for a leaver;
     an identity linked in the target but absent from the source is a leaver.
-    ``memo`` (kept by a long-running process) skips rendering records unchanged
-    since a render whose result the target already has.
+    ``memo`` (see RenderMemo; the state database keeps one per target) skips
+    rendering records unchanged since a render whose result the target already has.
     """
     plan = Plan(target)
+    if memo is not None and getattr(mapping, "volatile", False):
+        memo = None  # what it renders changes with the time: nothing to remember
+    salt: bytes = getattr(mapping, "digest", b"")
     seen: set[str] = set()
     # (key, match value, origin, payload hash) of each record that gets an account: duplicates are
     # found once every record is read, and taken out of the plan before anything is written.
@@ -207,7 +210,7 @@ def plan_target(
         seen.add(record.key)
         plan.source_records += 1
         link = links.get(record.key)
-        if memo is not None and memo.settled(record, link, links):
+        if memo is not None and memo.settled(record, link, links, salt):
             match = memo.match_of(record.key)
             if match is not None:
                 matched.append((record.key, match, record.origin, link.applied_hash if link else None))
@@ -223,7 +226,7 @@ def plan_target(
             matched.append((record.key, match, record.origin, desired.payload_hash))
         _add(plan, record.key, decide(desired, link, leaver, owed_now=_owed_now(link, links)))
         if memo is not None:
-            memo.remember(record, desired.payload_hash, refs, links, match)
+            memo.remember(record, desired.payload_hash, refs, links, match, salt)
     plan.present.update(seen)
     _hold_shared_match_values(plan, matched, mapping.match, links)
     active = sum(link.active for link in links.values())
@@ -346,29 +349,56 @@ def preview_record(mapping: AttributeMapping, record: IdentityRecord, links: Map
     }
 
 
+# A memo entry: (record digest keyed with the mapping's, references, payload hash, match value).
+# References are ((identity key, SCIM id or None), …), or their JSON as stored, parsed when first needed.
+MemoEntry = tuple[str, "tuple[tuple[str, str | None], ...] | str | None", "str | None", "str | None"]
+
+
 @dataclass(slots=True)
 class RenderMemo:
     """What the last render of each identity gave, so that an unchanged record is not rendered again.
 
-    An entry holds a digest of the record, the SCIM ids its references resolved
-    to, and the payload hash. A record whose digest and references are the same,
-    and whose account already has that payload applied, needs no render: nothing
-    changed. Valid for one compiled mapping: a long-running process keeps one per
-    target for as long as it keeps the mapping.
+    An entry holds a digest of the record keyed with the mapping's digest
+    (``AttributeMapping.digest``: the mapping as parsed and the engine code that
+    renders it), the SCIM ids its references resolved to, and the payload hash.
+    That is a fact about a pure function, true whatever was sent since. A record
+    whose digest and references are the same, and whose account already has
+    that payload applied (active, the same hash), needs no render: rendering it
+    would decide nothing. Everything else renders: a new or changed record, a
+    changed mapping, a manager whose account changed id, an account relinked,
+    disabled, deleted or never updated (an update that failed leaves the old
+    hash). A record that gets no account (out of scope, a leaver) and has none
+    is settled too. A mapping whose renders the record alone does not decide
+    (``now()``) is never remembered.
+
+    The state database keeps it (``provisioner.memo``), so any cycle skips what
+    an earlier one rendered; ``changed`` holds the keys remembered since it was
+    loaded or saved, ``unresolved`` those remembered with a reference to an
+    account not created yet.
     """
 
-    entries: dict[str, tuple[bytes, tuple[tuple[str, str | None], ...], str | None, str | None]] = field(
-        default_factory=dict
-    )
+    entries: dict[str, MemoEntry] = field(default_factory=dict)
+    changed: set[str] = field(default_factory=set)
+    unresolved: set[str] = field(default_factory=set)
 
-    def settled(self, record: IdentityRecord, link: Link | None, links: Mapping[str, Link]) -> bool:
+    def settled(self, record: IdentityRecord, link: Link | None, links: Mapping[str, Link], salt: bytes = b"") -> bool:
         """Whether the record is unchanged and its account already holds what it renders to."""
         entry = self.entries.get(record.key)
-        if entry is None or link is None or not link.active or link.applied_hash is None:
+        if entry is None:
             return False
         digest, refs, desired_hash, _match = entry
-        if desired_hash != link.applied_hash or digest != _digest_bytes(record):
+        if link is None:
+            # Out of scope or a leaver, and never provisioned: still nothing to do.
+            return desired_hash is None and refs is None and digest == _digest_hex(record, salt)
+        if not link.active or link.applied_hash is None:
             return False
+        if desired_hash != link.applied_hash or digest != _digest_hex(record, salt):
+            return False
+        if refs is None:
+            return True
+        if isinstance(refs, str):
+            refs = tuple((k, v) for k, v in orjson.loads(refs))
+            self.entries[record.key] = (digest, refs, desired_hash, _match)
         return all((links[k].scim_id if k in links else None) == scim_id for k, scim_id in refs)
 
     def remember(
@@ -378,15 +408,30 @@ class RenderMemo:
         refs: set[str],
         links: Mapping[str, Link],
         match: str | None = None,
+        salt: bytes = b"",
     ) -> None:
         """Keep what this record rendered to: its payload hash, match value, and the ids its references had then."""
-        resolved = tuple((k, links[k].scim_id if k in links else None) for k in sorted(refs))
-        self.entries[record.key] = (_digest_bytes(record), resolved, desired_hash, match)
+        resolved = tuple((k, links[k].scim_id if k in links else None) for k in sorted(refs)) or None
+        entry = (_digest_hex(record, salt), resolved, desired_hash, match)
+        if resolved is not None and any(scim_id is None for _k, scim_id in resolved):
+            self.unresolved.add(record.key)
+        old = self.entries.get(record.key)
+        if old is not None and isinstance(old[1], str) and resolved is not None:
+            old = (old[0], tuple((k, v) for k, v in orjson.loads(old[1])), old[2], old[3])
+        if old != entry:
+            self.entries[record.key] = entry
+            self.changed.add(record.key)
 
     def match_of(self, key: str) -> str | None:
         """The match value (userName) the identity's last render gave: duplicates are found without rendering."""
         entry = self.entries.get(key)
         return entry[3] if entry is not None else None
+
+
+def _digest_hex(record: IdentityRecord, salt: bytes) -> str:
+    """The record's digest, keyed with the mapping's: the same record through another mapping differs."""
+    text = orjson.dumps(record.attributes, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(text, digest_size=16, key=salt[:64]).hexdigest()
 
 
 def _digest_bytes(record: IdentityRecord) -> bytes:

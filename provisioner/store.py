@@ -76,6 +76,29 @@ class AccountLink(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+class RenderedRecord(SQLModel, table=True):
+    """What an identity's record last rendered to through a target's mapping (``planner.RenderMemo``).
+
+    A fact about a pure function, true whatever was sent since: this record,
+    rendered through this mapping with these references resolved, hashes to
+    ``payload_hash``. A cycle that finds the same record, mapping and
+    references, and the link holding that hash, settles the identity without
+    rendering it.
+    """
+
+    __tablename__ = "rendered_record"
+
+    target: str = Field(primary_key=True)
+    identity_key: str = Field(primary_key=True)
+    # blake2b of the record's attributes, keyed with the mapping's digest (AttributeMapping.digest), hex.
+    digest: str
+    payload_hash: str | None = None
+    # The match value (userName) it rendered: duplicates are found without rendering.
+    match_value: str | None = None
+    # JSON [[identity key, SCIM id or null], …] of the references it resolved; null: none.
+    refs: str | None = None
+
+
 class GroupLink(SQLModel, table=True):
     """A group of a target: which SCIM group a group definition's key is linked to."""
 

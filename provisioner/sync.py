@@ -24,6 +24,7 @@ from provisioner.executor import Executor
 from provisioner.group_executor import send_due_groups, sync_groups
 from provisioner.groups import GroupPlan, load_groups
 from provisioner.mapping import AttributeMapping, MappingError, load_mapping
+from provisioner.memo import load_memo, save_memo, settle_references
 from provisioner.payload import changed_paths, dumps, keep_chosen, keep_omitted, readable
 from provisioner.planner import Kind, Plan, RenderMemo, brake_trips, plan_target
 from provisioner.queue import Rejections, claim, count_status, enqueue, load_link_states, load_links
@@ -133,10 +134,15 @@ def load_target_mapping(config: Config, name: str) -> AttributeMapping:
 def plan_once(
     engine: Engine, config: Config, name: str, mapping: AttributeMapping, memo: RenderMemo | None = None
 ) -> tuple[Plan, int]:
-    """Plan one target against the current links; writes nothing. Also returns the active account count."""
+    """Plan one target against the current links; writes nothing. Also returns the active account count.
+
+    ``memo``: what earlier cycles rendered (RenderMemo); the state database's when None.
+    """
     target = config.targets[name]
     source = config.sources[target.source]
     links = load_links(engine, name)
+    if memo is None:
+        memo = load_memo(engine, name)
     plan = plan_target(name, mapping, read_source(source), links, target.leaver, source.min_records, memo)
     return plan, sum(link.active for link in links.values())
 
@@ -152,13 +158,20 @@ async def sync_target(
 ) -> TargetReport:
     """Run one cycle for one target and return what it did; ``stop`` ends it early, losing nothing.
 
-    ``memo``: what earlier cycles rendered, kept by a long-running caller (see RenderMemo).
+    ``memo``: what earlier cycles rendered (see RenderMemo); the state database's when None.
+    What this cycle renders is saved to the state database either way.
     """
     report = TargetReport(name, new_run_id())
     _start_run(engine, report.run_id, name, utcnow())
+    if memo is None:
+        memo = load_memo(engine, name)
     try:
         _plan_into_queue(engine, config, name, mapping, report, memo)
         await _send(engine, config, name, mapping, report, stop)
+        if memo.unresolved:
+            # Records sent with a manager created in this cycle: remembered with what they got.
+            settle_references(engine, name, report.run_id, memo, mapping.create_only)
+            save_memo(engine, name, memo)
         if config.targets[name].groups is not None:
             # After the users: a member's account exists before it is added to a group.
             groups = await sync_groups(engine, config, name, mapping, report.run_id, stop=stop)
@@ -201,6 +214,8 @@ def _plan_into_queue(
     memo: RenderMemo | None,
 ) -> None:
     target = config.targets[name]
+    if memo is None:
+        memo = load_memo(engine, name)
     plan, active = plan_once(engine, config, name, mapping, memo)
     if plan.unresolved_refs:
         # Usually managers created in this same cycle (sent first); otherwise a reference to nobody.
@@ -214,6 +229,8 @@ def _plan_into_queue(
     rejections = Rejections()
     enqueue(engine, report.run_id, name, plan.decisions, plan.rejected, brake=brake, settled=plan.settled,
             record_hashes=plan.record_hashes, rejections=rejections, present=plan.present)  # fmt: skip
+    # After the plan is queued: a crash in between loses only renders, which the next cycle makes again.
+    save_memo(engine, name, memo, plan.present)
     for key, message in rejections.new:
         log.warning("record rejected", target=name, run_id=report.run_id, identity=key, reason=message)
     # Counted once per record and cause; one an operator resolved stays out until the record changes.
