@@ -17,7 +17,7 @@ import orjson
 
 from provisioner.errors import SafetyStop
 from provisioner.mapping import AttributeMapping, MappingError
-from provisioner.payload import payload_hash, readable, refs_in, resolve_refs, without
+from provisioner.payload import pack as packed, payload_hash, readable, refs_in, resolve_refs, without
 from provisioner.redaction import mask_write_only
 from provisioner.sources import BadRecord, IdentityRecord
 
@@ -82,6 +82,7 @@ class Decision:
     identity_key: str
     kind: Kind
     reason: Reason
+    # A Packed payload in a plan made with ``pack`` (see plan_target).
     payload: dict[str, Any] | None = None
     payload_hash: str | None = None
 
@@ -179,6 +180,8 @@ def plan_target(
     leaver: LeaverAction = "disable",
     min_records: int = 1,
     memo: RenderMemo | None = None,
+    *,
+    pack: bool = False,
 ) -> Plan:
     """Decide every operation for one target from the whole source and the current links.
 
@@ -186,12 +189,16 @@ def plan_target(
     an identity linked in the target but absent from the source is a leaver.
     ``memo`` (see RenderMemo; the state database keeps one per target) skips
     rendering records unchanged since a render whose result the target already has.
+    ``pack``: each decision's payload is held as :class:`~provisioner.payload.Packed`
+    JSON, a third of the memory, for a caller that only queues the plan.
     """
     plan = Plan(target)
     if memo is not None and getattr(mapping, "volatile", False):
         memo = None  # what it renders changes with the time: nothing to remember
     salt: bytes = getattr(mapping, "digest", b"")
     seen: set[str] = set()
+    # The references of packed payloads, for ordering the plan.
+    packed_refs: dict[str, set[str]] = {}
     # (key, match value, origin, payload hash) of each record that gets an account: duplicates are
     # found once every record is read, and taken out of the plan before anything is written.
     matched: list[tuple[str, str, str, str | None]] = []
@@ -224,7 +231,13 @@ def plan_target(
         match = _match_value(desired.payload, mapping.match)
         if match is not None:
             matched.append((record.key, match, record.origin, desired.payload_hash))
-        _add(plan, record.key, decide(desired, link, leaver, owed_now=_owed_now(link, links)))
+        decision = decide(desired, link, leaver, owed_now=_owed_now(link, links))
+        if pack and decision is not None and decision.payload is not None:
+            if refs:
+                packed_refs[record.key] = refs_in(decision.payload)
+            decision = Decision(decision.identity_key, decision.kind, decision.reason,
+                                packed(decision.payload), decision.payload_hash)  # type: ignore[arg-type]  # fmt: skip
+        _add(plan, record.key, decision)
         if memo is not None:
             memo.remember(record, desired.payload_hash, refs, links, match, salt)
     plan.present.update(seen)
@@ -242,7 +255,7 @@ def plan_target(
     for key, link in links.items():
         if key not in seen:
             _add(plan, key, decide(Desired(key, None), link, leaver, owed_now=_owed_now(link, links)))
-    plan.decisions = order_by_references(plan.decisions)
+    plan.decisions = order_by_references(plan.decisions, packed_refs if pack else None)
     return plan
 
 
@@ -288,13 +301,17 @@ def shared_match_values(values: Iterable[tuple[str, str | None]], attribute: str
     return shared
 
 
-def order_by_references(decisions: list[Decision]) -> list[Decision]:
+def order_by_references(decisions: list[Decision], refs: Mapping[str, set[str]] | None = None) -> list[Decision]:
     """Decisions with every account another one refers to (a manager) before the ones referring to it.
 
     The queue is sent in this order, page by page, so a report's manager exists
     by the time the report is created. A reference cycle keeps the source order.
+    ``refs``: each identity's references, when the payloads are packed.
     """
-    payload_refs = {d.identity_key: refs_in(d.payload) for d in decisions if d.payload is not None}
+    if refs is not None:
+        payload_refs = {d.identity_key: refs.get(d.identity_key, set()) for d in decisions if d.payload is not None}
+    else:
+        payload_refs = {d.identity_key: refs_in(d.payload) for d in decisions if d.payload is not None}
     if not any(payload_refs.values()):
         return decisions
     depth: dict[str, int] = {}

@@ -19,9 +19,9 @@ from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, selec
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
-from provisioner.payload import dumps, loads, refs_in
+from provisioner.payload import Packed, dumps, loads, refs_in
 from provisioner.planner import Decision, Kind, Link, Reason
-from provisioner.redaction import has_write_only, mask_write_only, redact, register_write_only
+from provisioner.redaction import WRITE_ONLY, has_write_only, mask_write_only, redact, register_write_only
 from provisioner.store import AccountLink, Attempt, Operation, utcnow
 
 OP = Operation.__table__
@@ -274,17 +274,18 @@ def enqueue(
     with engine.begin() as conn:
         open_by_key = open_rows(conn, target, ACCOUNT_KINDS)
         done_meanwhile = applied_since_plan(conn, target, decisions)
+        # The decisions to write; their rows are built a page at a time when written (an initial
+        # load's 100,000 payloads as JSON rows at once would double the memory the plan takes).
+        new: list[Decision] = []
         for d in decisions:
-            register_write_only(d.payload)
+            register_write_only(_unpacked(d.payload))
             if d.identity_key in done_meanwhile:
                 continue
             replaced = replaced_by(open_by_key.get(d.identity_key, []), d.kind.value, d.payload_hash)
             if replaced is None:
                 continue
             superseded.extend(replaced)
-            # Write-only values (password) are never stored: the executor renders them again when it sends.
-            payload = mask_write_only(d.payload) if has_write_only(d.payload) else d.payload
-            rows.append(_new_row(run_id, target, d.identity_key, d.kind, d.reason, now, payload, d.payload_hash))
+            new.append(d)
         silenced = _silenced_rejections(conn, target, [hashes[key] for key, *_ in rejected if key in hashes])
         for key, message, kind, reason in rejected:
             cause = rejection_cause(message)
@@ -307,12 +308,40 @@ def enqueue(
             for key, existing in open_by_key.items():
                 if key not in present:
                     superseded.extend(r.id for r in existing if _is_rejection(r))
-        leavers = [row for row in rows if row["kind"] in DEPROVISION and row["status"] == "pending"]
-        if brake is not None and leavers and brake(len(leavers)):
-            for row in leavers:
-                row["status"] = "held"
-        write_plan(conn, rows, superseded, now)
-    return len(rows)
+        leavers = sum(d.kind.value in DEPROVISION for d in new)
+        held = brake is not None and leavers > 0 and brake(leavers)
+        write_plan(conn, [], superseded, now)
+        for chunk in _chunks(new, PLAN_PAGE):
+            conn.execute(insert(OP), [_decision_row(run_id, target, d, now, held) for d in chunk])
+        write_plan(conn, rows, [], now)
+    return len(new) + len(rows)
+
+
+def _unpacked(payload: Any) -> Any:
+    """A payload as objects; a Packed one is unpacked only when it may hold a write-only value."""
+    if isinstance(payload, Packed):
+        # WRITE_ONLY names are top-level keys, written "name": by dumps.
+        return payload.unpack() if any(f'"{name}":' in payload.text() for name in WRITE_ONLY) else None
+    return payload
+
+
+# Rows of a plan inserted per statement.
+PLAN_PAGE = 1000
+
+
+def _decision_row(run_id: str, target: str, d: Decision, now: datetime, held: bool) -> dict[str, Any]:
+    payload = _unpacked(d.payload)
+    # Write-only values (password) are never stored: the executor renders them again when it sends.
+    if has_write_only(payload):
+        payload = mask_write_only(payload)
+    elif isinstance(d.payload, Packed):
+        payload = None  # already the text stored
+    row = _new_row(run_id, target, d.identity_key, d.kind, d.reason, now, payload, d.payload_hash)
+    if payload is None and isinstance(d.payload, Packed):
+        row["payload"] = d.payload.text()
+    if held and d.kind.value in DEPROVISION:
+        row["status"] = "held"
+    return row
 
 
 def _is_rejection(row: Any) -> bool:

@@ -132,18 +132,25 @@ def load_target_mapping(config: Config, name: str) -> AttributeMapping:
 
 
 def plan_once(
-    engine: Engine, config: Config, name: str, mapping: AttributeMapping, memo: RenderMemo | None = None
+    engine: Engine,
+    config: Config,
+    name: str,
+    mapping: AttributeMapping,
+    memo: RenderMemo | None = None,
+    *,
+    pack: bool = False,
 ) -> tuple[Plan, int]:
     """Plan one target against the current links; writes nothing. Also returns the active account count.
 
     ``memo``: what earlier cycles rendered (RenderMemo); the state database's when None.
+    ``pack``: payloads held as packed JSON (``plan_target``), for a plan that is only queued.
     """
     target = config.targets[name]
     source = config.sources[target.source]
     links = load_links(engine, name)
     if memo is None:
         memo = load_memo(engine, name)
-    plan = plan_target(name, mapping, read_source(source), links, target.leaver, source.min_records, memo)
+    plan = plan_target(name, mapping, read_source(source), links, target.leaver, source.min_records, memo, pack=pack)
     return plan, sum(link.active for link in links.values())
 
 
@@ -216,7 +223,8 @@ def _plan_into_queue(
     target = config.targets[name]
     if memo is None:
         memo = load_memo(engine, name)
-    plan, active = plan_once(engine, config, name, mapping, memo)
+    # Packed: an initial load's plan is its 100,000 payloads, held until they are queued.
+    plan, active = plan_once(engine, config, name, mapping, memo, pack=True)
     if plan.unresolved_refs:
         # Usually managers created in this same cycle (sent first); otherwise a reference to nobody.
         log.info("references to accounts not in the target yet", target=name, count=plan.unresolved_refs)
