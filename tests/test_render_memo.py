@@ -81,3 +81,26 @@ def test_a_manager_whose_account_changed_id_makes_the_reports_render_again() -> 
 
     assert {d.identity_key for d in plan.decisions} == reports_of_e1001
     assert all(d.kind is Kind.UPDATE for d in plan.decisions)
+
+
+def test_a_packed_plan_queues_the_same_operations_in_the_same_order() -> None:
+    """``pack`` only changes how payloads are held: the same decisions, in reference order, the same JSON."""
+    from provisioner.payload import Packed, dumps
+
+    mapping = load_mapping(DEMO_MAPPING)
+    # Reports before their managers in the source: the plan puts managers first.
+    source = records()[::-1]
+    plain = plan_target("app", mapping, source, {})
+    packed = plan_target("app", mapping, source, {}, pack=True)
+
+    assert [(d.identity_key, d.kind, d.payload_hash) for d in packed.decisions] == [
+        (d.identity_key, d.kind, d.payload_hash) for d in plain.decisions
+    ]
+    assert all(isinstance(d.payload, Packed) for d in packed.decisions)
+    assert [d.payload.text() for d in packed.decisions] == [dumps(d.payload) for d in plain.decisions]  # type: ignore[union-attr]
+    assert [d.payload.unpack() for d in packed.decisions] == [d.payload for d in plain.decisions]  # type: ignore[union-attr]
+    # Managers first: the ordering saw the references of the packed payloads.
+    order = [d.identity_key for d in packed.decisions]
+    manager_of = {r.key: r.attributes["manager_id"] for r in records()}
+    reports = [key for key in order if manager_of[key] in order]
+    assert reports and all(order.index(manager_of[key]) < order.index(key) for key in reports)
