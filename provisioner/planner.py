@@ -413,10 +413,11 @@ class RenderMemo:
             return False
         if refs is None:
             return True
-        if isinstance(refs, str):
-            refs = tuple((k, v) for k, v in orjson.loads(refs))
-            self.entries[record.key] = (digest, refs, desired_hash, _match)
-        return all((links[k].scim_id if k in links else None) == scim_id for k, scim_id in refs)
+        for key, scim_id in orjson.loads(refs) if isinstance(refs, str) else refs:
+            ref = links.get(key)
+            if (ref.scim_id if ref is not None else None) != scim_id:
+                return False
+        return True
 
     def remember(
         self,

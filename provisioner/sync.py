@@ -27,7 +27,16 @@ from provisioner.mapping import AttributeMapping, MappingError, load_mapping
 from provisioner.memo import load_memo, save_memo, settle_references
 from provisioner.payload import changed_paths, dumps, keep_chosen, keep_omitted, readable
 from provisioner.planner import Kind, Plan, RenderMemo, brake_trips, plan_target
-from provisioner.queue import Rejections, claim, count_status, enqueue, load_link_states, load_links
+from provisioner.queue import (
+    ClaimedOperation,
+    Rejections,
+    claim,
+    count_status,
+    enqueue,
+    load_link_states,
+    load_links,
+    release,
+)
 from provisioner.redaction import WRITE_ONLY
 from provisioner.sources import BadRecord, read_source, source_columns
 from provisioner.store import Run, utcnow
@@ -267,6 +276,12 @@ async def _send(
     stop: asyncio.Event | None,
 ) -> None:
     target = config.targets[name]
+    if stop is not None and stop.is_set():
+        return
+    # A cycle with nothing due (nothing changed) makes no client: no TLS context, no connection.
+    first: list[ClaimedOperation] | None = claim(engine, name, limit=CLAIM_PAGE)
+    if not first:
+        return
     session = TargetSession(target, quirks=load_quirks(engine, name, target))
     executor = Executor(engine, name, target, session.client, endpoint=mapping.endpoint, match_attribute=mapping.match,
                         quirks=session.quirks,
@@ -280,7 +295,8 @@ async def _send(
     try:
         # Page by page: an initial load of 100,000 accounts never sits in memory at once.
         while not executor.stopping.is_set():
-            result = await executor.run(claim(engine, name, limit=CLAIM_PAGE))
+            page, first = (first if first is not None else claim(engine, name, limit=CLAIM_PAGE)), None
+            result = await executor.run(page)
             report.done.update(result.done)
             report.statuses.update(result.statuses)
             report.skipped += result.skipped
@@ -292,6 +308,8 @@ async def _send(
             if not result.finished or result.skipped or result.unreachable:
                 break  # nothing due, or the target stopped taking work (paused, quarantined, breaker)
     finally:
+        if first:
+            release(engine, [op.id for op in first])  # stopped before the first page was sent
         await session.aclose()
 
 
