@@ -448,8 +448,13 @@ class RenderMemo:
 
 def _digest_hex(record: IdentityRecord, salt: bytes) -> str:
     """The record's digest, keyed with the mapping's: the same record through another mapping differs."""
-    text = orjson.dumps(record.attributes, option=orjson.OPT_SORT_KEYS)
+    text = orjson.dumps(record.attributes, option=orjson.OPT_SORT_KEYS, default=_typed)
     return hashlib.blake2b(text, digest_size=16, key=salt[:64]).hexdigest()
+
+
+def _typed(value: Any) -> list[str]:
+    """A value JSON has no form for (a database's Decimal), with its type: 1.0 and "1.0" differ."""
+    return [type(value).__qualname__, str(value)]
 
 
 def _digest_bytes(record: IdentityRecord) -> bytes:
