@@ -15,7 +15,7 @@ import orjson
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from provisioner.payload import loads, payload_hash, resolve_refs, without
+from provisioner.payload import loads, payload_hash, resolve_refs, unchosen, without
 from provisioner.planner import Kind, RenderMemo
 from provisioner.queue import LINK, OP
 from provisioner.redaction import has_write_only
@@ -91,7 +91,8 @@ def settle_references(
                 digest, refs, _hash, match = entry
                 if any(scim_id is not None and ids.get(ref) != scim_id for ref, scim_id in refs):
                     continue  # a reference resolved at planning points elsewhere now: render again
-                sendable = without(resolve_refs(loads(text), ids.get)[0], create_only)
+                # As the executor hashed what it applied: a unique_username() choice is no change.
+                sendable = without(unchosen(resolve_refs(loads(text), ids.get)[0]), create_only)
                 if has_write_only(sendable):
                     continue
                 memo.entries[key] = (digest, tuple((ref, ids.get(ref)) for ref, _ in refs), payload_hash(sendable), match)
