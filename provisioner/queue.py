@@ -19,6 +19,7 @@ from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, selec
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
+from provisioner.lifecycle import STATUSES  # noqa: F401 - re-exported: the queue's statuses are named from here too
 from provisioner.payload import dumps, loads, refs_in
 from provisioner.planner import Decision, Kind, Link, Reason
 from provisioner.redaction import has_write_only, mask_write_only, redact, register_write_only
@@ -30,9 +31,6 @@ ATTEMPT = Attempt.__table__
 
 # Statuses in which an operation still has to happen (or be reviewed).
 OPEN = ("pending", "running", "retry_wait", "failed", "held")
-STATUSES = (
-    "pending", "running", "retry_wait", "held", "succeeded", "failed", "resolved", "cancelled", "superseded",
-)  # fmt: skip
 # Leaver operations: the ones the deletion brake can hold.
 DEPROVISION = (Kind.DISABLE.value, Kind.DELETE.value)
 # The kinds of operation on accounts; group operations share the table and are claimed apart.
