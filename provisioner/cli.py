@@ -788,11 +788,15 @@ def _check(args: argparse.Namespace) -> int:
     from provisioner.checker import check_target
     from provisioner.config import config_warnings, load_config
     from provisioner.store import check_state_driver
-    from provisioner.sync import selected_targets
-    from provisioner.targets import discover_schemas
 
     config = load_config(args.config)
-    names = selected_targets(config, args.target) if args.target else list(config.targets)
+    names = list(config.targets)
+    if args.target:
+        # Only a check against the targets' own schemas talks to them, and needs the engine's HTTP side.
+        from provisioner.sync import selected_targets
+        from provisioner.targets import discover_schemas
+
+        names = selected_targets(config, args.target)
     found: dict[str, None] = {}
     for name in names:
         schemas = extensions = None
@@ -1021,14 +1025,13 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from provisioner.config import load_config
-    from provisioner.health import target_health
+    from provisioner.health import last_runs, target_health
     from provisioner.quarantine import all_states
     from provisioner.queue import running_by_instance, status_by_target
     from provisioner.quirks import describe as describe_quirk
     from provisioner.quirks import learned as learned_quirks
     from provisioner.quirks import unstored_writes
     from provisioner.store import open_store
-    from provisioner.sync import last_runs
 
     config = load_config(args.config, secrets=False)
     engine = open_store(config.state)
