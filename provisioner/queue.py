@@ -19,7 +19,6 @@ from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, selec
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
-from provisioner.lifecycle import STATUSES  # noqa: F401 - re-exported: the queue's statuses are named from here too
 from provisioner.payload import dumps, loads, refs_in
 from provisioner.planner import Decision, Kind, Link, Reason
 from provisioner.redaction import has_write_only, mask_write_only, redact, register_write_only
