@@ -86,6 +86,7 @@ def _silence(stream: Any) -> None:
 def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # After parsing: --help, --version and usage errors end inside parse_args, without structlog.
     from provisioner import logs
 
     logs.configure(args.log_level, args.log_format)
