@@ -440,7 +440,13 @@ def _sync(args: argparse.Namespace) -> int:
 
 def _sync_only(config: Config, args: argparse.Namespace) -> int:
     """``sync --only KEY…``: provision these identities now (provisioner.ondemand); the exit code is about them alone."""
+    import asyncio
+
+    from provisioner.lock import PlannerLock, StateLock
     from provisioner.ondemand import sync_only
+    from provisioner.queue import recover_orphans
+    from provisioner.store import open_store
+    from provisioner.sync import load_target_mapping, selected_targets
 
     targets = selected_targets(config, args.target)
     mappings = {name: load_target_mapping(config, name) for name in targets}
