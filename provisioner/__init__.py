@@ -1,11 +1,46 @@
-"""provisioner: an outbound SCIM 2.0 provisioning engine."""
+"""provisioner: an outbound SCIM 2.0 provisioning engine.
 
-from provisioner.config import Config, load_config
-from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
-from provisioner.mapping import AttributeMapping, MappingError, load_mapping
-from provisioner.planner import Decision, Desired, Kind, Link, Plan, Reason, decide, plan_target
-from provisioner.store import open_store
-from provisioner.sync import TargetReport, sync_target
+The names below are imported on first use (PEP 562), not with the package: ``provisioner --help``
+and every module of the package import ``provisioner`` first, and must not pay for the engine
+(SQLAlchemy, the mapping language, the SCIM client) before a command needs it.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from provisioner.config import Config, load_config
+    from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
+    from provisioner.mapping import AttributeMapping, MappingError, load_mapping
+    from provisioner.planner import Decision, Desired, Kind, Link, Plan, Reason, decide, plan_target
+    from provisioner.store import open_store
+    from provisioner.sync import TargetReport, sync_target
+
+# Each public name and the module that defines it.
+_HOMES = {
+    "AttributeMapping": "provisioner.mapping",
+    "Config": "provisioner.config",
+    "ConfigError": "provisioner.errors",
+    "Decision": "provisioner.planner",
+    "Desired": "provisioner.planner",
+    "Kind": "provisioner.planner",
+    "Link": "provisioner.planner",
+    "MappingError": "provisioner.mapping",
+    "Plan": "provisioner.planner",
+    "Reason": "provisioner.planner",
+    "SafetyStop": "provisioner.errors",
+    "SourceError": "provisioner.errors",
+    "TargetReport": "provisioner.sync",
+    "UserError": "provisioner.errors",
+    "decide": "provisioner.planner",
+    "load_config": "provisioner.config",
+    "load_mapping": "provisioner.mapping",
+    "open_store": "provisioner.store",
+    "plan_target": "provisioner.planner",
+    "sync_target": "provisioner.sync",
+}
 
 __all__ = [
     "AttributeMapping",
@@ -29,3 +64,17 @@ __all__ = [
     "plan_target",
     "sync_target",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        # Not a public name: a submodule (`from provisioner import queue`) is then imported as usual.
+        raise AttributeError(f"module 'provisioner' has no attribute {name!r}")
+    value = getattr(import_module(home), name)
+    globals()[name] = value  # the next look-up is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -38,9 +38,8 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from sqlalchemy import Engine, insert, select, update
@@ -51,6 +50,9 @@ from connectors import parse_retry_after
 from provisioner import redaction
 from provisioner.store import as_utc, utcnow
 from provisioner.transport import is_clear_text, is_loopback, url_host
+
+if TYPE_CHECKING:
+    import httpx
 
 log = structlog.get_logger("provisioner.alerts")
 
@@ -91,6 +93,8 @@ class WebhookChannel(_Strict):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: SecretStr) -> SecretStr:
+        import httpx  # here, not at the top: loading a config must not load the HTTP client
+
         url = value.get_secret_value()
         # Blank: a secret reference left unresolved (config loaded with secrets=False).
         if url and httpx.URL(url).scheme not in ("http", "https"):
@@ -725,6 +729,8 @@ async def post_webhook(
     The first notification that cannot be delivered stops the batch: the
     receiver is down, and the rest would only wait for the same timeouts.
     """
+    import httpx
+
     headers = {name: value.get_secret_value() for name, value in channel.headers.items()}
     url = channel.url.get_secret_value()
     async with httpx.AsyncClient(timeout=httpx.Timeout(channel.timeout), follow_redirects=False) as client:
@@ -742,6 +748,8 @@ async def _post(
     body: dict[str, Any],
     sleep: Callable[[float], Awaitable[Any]],
 ) -> None:
+    import httpx
+
     attempts = len(WEBHOOK_BACKOFF) + 1
     for attempt in range(1, attempts + 1):
         wait = WEBHOOK_BACKOFF[min(attempt, len(WEBHOOK_BACKOFF)) - 1]
@@ -829,6 +837,8 @@ def _channel_failed(channel: str, exc: Exception, notifications: Sequence[Notifi
 
 def _origin(url: str) -> str:
     """scheme://host[:port] — never the path or query, where webhook tokens live."""
+    import httpx
+
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import csv
 import io
 import os
 import re
@@ -13,58 +11,21 @@ import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import structlog
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from connectors import ScimError
-from provisioner import logs, metrics, probe, redaction, store
-from provisioner.config import Config, config_warnings, load_config, parse_duration
-from provisioner.daemon import Daemon, check_alerts, keep_leases
-from provisioner.group_executor import plan_groups_once
-from provisioner.demo import start_scim_server, write_demo_config
+# Only what building the parser needs is imported here: `provisioner --help` must not load the
+# engine (SQLAlchemy, the SCIM client, the scheduler). Each command imports what it runs.
+from provisioner import redaction
 from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
-from provisioner.health import TargetHealth, target_health
-from provisioner.payload import loads, readable
-from provisioner.planner import Reason
-from provisioner.queue import (
-    STATUSES,
-    Selection,
-    close,
-    default_instance,
-    get_operation,
-    identify,
-    list_operations,
-    load_links,
-    prune,
-    recover_orphans,
-    release_held,
-    retry_now,
-    running_by_instance,
-    status_by_target,
-)
-from provisioner.lock import PlannerLock, StateLock
-from provisioner.planner import preview_record
-from provisioner.sources import BadRecord, read_source
-from provisioner.quarantine import all_states, set_paused
-from provisioner.quirks import describe as describe_quirk
-from provisioner.quirks import learned as learned_quirks
-from provisioner.quirks import unstored_writes
-from provisioner.store import as_utc, check_state_driver, open_store
-from provisioner.sync import (
-    TargetReport,
-    describe_plan,
-    last_runs,
-    load_target_mapping,
-    plan_once,
-    selected_targets,
-    sync_target,
-)
+from provisioner.lifecycle import STATUSES, Reason
+
+if TYPE_CHECKING:
+    from provisioner.config import Config
+    from provisioner.health import TargetHealth
+    from provisioner.queue import Selection
+    from provisioner.sync import TargetReport
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -85,9 +46,6 @@ EPILOG = """exit codes:
   5  safety stop: the cycle was refused (an empty or truncated source), or leavers
      are held by the deletion brake (see `provisioner plan --held`)
 """
-
-log = structlog.get_logger("provisioner.cli")
-
 
 class UsageError(Exception):
     """The command line asks for something that cannot be done as written."""
@@ -128,6 +86,9 @@ def _silence(stream: Any) -> None:
 def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # After parsing: --help, --version and usage errors end inside parse_args, without structlog.
+    from provisioner import logs
+
     logs.configure(args.log_level, args.log_format)
     try:
         return int(args.handler(args))
@@ -199,10 +160,19 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
-                        help="print the version and exit")  # fmt: skip
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     _global_options(parser)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    made: list[argparse.ArgumentParser] = []
+
+    class CommandParser(argparse.ArgumentParser):
+        """The parser of every command, however nested: ``add_subparsers(parser_class=)`` is the
+        documented way to choose it, and a command's own ``add_subparsers`` makes parsers of its class."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
 
     demo = commands.add_parser("demo", help="run one cycle of the sample HR file into a local SCIM server")
     demo.add_argument("--dir", type=Path, default=Path(".provisioner-demo"), help="where the demo keeps its state")
@@ -327,8 +297,22 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(handler=_status)
 
-    probe.add_command(commands)
-    _everywhere(parser)
+    probe = commands.add_parser("probe", help="what a SCIM target really does, and the quirks: block that suits it")
+    probe.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
+    probe.add_argument("--target", required=True, help="the target to probe, as named in the config")
+    probe.add_argument(
+        "--write",
+        action="store_true",
+        help="also create, change and delete a test user and groups named provisioner-probe-…",
+    )
+    output = probe.add_mutually_exclusive_group()
+    output.add_argument("--suggest", action="store_true", help="print only the quirks: block to paste under the target")
+    output.add_argument("--json", action="store_true", help="print one JSON object")
+    probe.set_defaults(handler=_probe)
+
+    # Every command takes the global options after its name too; added last, they come last in its usage.
+    for command in made:
+        _global_options(command, suppress=True)
     return parser
 
 
@@ -342,14 +326,16 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool = False) 
                         help="auto: console on a terminal, else JSON lines")  # fmt: skip
 
 
-def _everywhere(parser: argparse.ArgumentParser) -> None:
-    """Let every command, however nested, take the global options after its name too."""
-    for action in parser._actions:  # noqa: SLF001 - argparse offers no public walk of its subparsers
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
-            for sub in action.choices.values():
-                if not any("--log-format" in a.option_strings for a in sub._actions):  # noqa: SLF001
-                    _global_options(sub, suppress=True)
-                _everywhere(sub)
+class _Version(argparse.Action):
+    """``--version``: the installed version is read when asked for, not each time the parser is built."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
 
 
 def _version() -> str:
@@ -379,6 +365,8 @@ def _selection_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _age(text: str) -> datetime:
+    from provisioner.config import parse_duration
+
     try:
         return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
     except ValueError as exc:
@@ -403,6 +391,9 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from provisioner.config import load_config
+    from provisioner.demo import start_scim_server, write_demo_config
+
     folder: Path = args.dir.resolve()
     print("starting a local SCIM 2.0 server (scim2-server) ...", file=sys.stderr)
     with start_scim_server() as server:
@@ -430,7 +421,15 @@ def _demo(args: argparse.Namespace) -> int:
         return code
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from provisioner import probe
+
+    return probe.command(args)
+
+
 def _sync(args: argparse.Namespace) -> int:
+    from provisioner.config import load_config
+
     config = load_config(args.config)
     if args.only:
         return _sync_only(config, args)
@@ -441,7 +440,13 @@ def _sync(args: argparse.Namespace) -> int:
 
 def _sync_only(config: Config, args: argparse.Namespace) -> int:
     """``sync --only KEY…``: provision these identities now (provisioner.ondemand); the exit code is about them alone."""
+    import asyncio
+
+    from provisioner.lock import PlannerLock, StateLock
     from provisioner.ondemand import sync_only
+    from provisioner.queue import recover_orphans
+    from provisioner.store import open_store
+    from provisioner.sync import load_target_mapping, selected_targets
 
     targets = selected_targets(config, args.target)
     mappings = {name: load_target_mapping(config, name) for name in targets}
@@ -477,6 +482,13 @@ def _sync_only(config: Config, args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from provisioner.config import load_config
+    from provisioner.daemon import Daemon
+    from provisioner.lock import StateLock
+    from provisioner.store import open_store
+
     config = load_config(args.config)
     with StateLock(config.state):
         engine = open_store(config.state)
@@ -484,6 +496,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_sync(config: Config, names: list[str] | None) -> tuple[int, list[TargetReport], dict[str, TargetHealth]]:
+    import asyncio
+
+    from provisioner.daemon import check_alerts, keep_leases
+    from provisioner.health import target_health
+    from provisioner.lock import PlannerLock, StateLock
+    from provisioner.queue import default_instance, identify, recover_orphans
+    from provisioner.store import open_store
+    from provisioner.sync import load_target_mapping, selected_targets, sync_target
+
     targets = selected_targets(config, names)
     mappings = {name: load_target_mapping(config, name) for name in targets}
 
@@ -551,6 +572,11 @@ def _health_json(health: TargetHealth | None) -> dict[str, Any] | None:
 def _plan(args: argparse.Namespace) -> int:
     if args.held:
         return _held(args)
+    from provisioner.config import load_config
+    from provisioner.group_executor import plan_groups_once
+    from provisioner.store import open_store
+    from provisioner.sync import describe_plan, load_target_mapping, plan_once, selected_targets
+
     config = load_config(args.config)
     engine = open_store(config.state)
     plans = []
@@ -589,7 +615,16 @@ def _plan_exit(plans: list[dict[str, Any]]) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
+    import asyncio
+    import csv
+
+    from connectors import ScimError
+    from provisioner.config import load_config
+    from provisioner.lock import StateLock
+    from provisioner.queue import recover_orphans
     from provisioner.reconcile import reconcile_target
+    from provisioner.store import open_store
+    from provisioner.sync import load_target_mapping, selected_targets
 
     config = load_config(args.config)
     targets = selected_targets(config, args.target)
@@ -680,6 +715,13 @@ def _print_reconcile(report: Any) -> None:
 
 
 def _preview(args: argparse.Namespace) -> int:
+    from provisioner.config import load_config
+    from provisioner.planner import preview_record
+    from provisioner.queue import load_links
+    from provisioner.sources import BadRecord, read_source
+    from provisioner.store import open_store
+    from provisioner.sync import load_target_mapping, selected_targets
+
     config = load_config(args.config, secrets=False)
     names = selected_targets(config, [args.target] if args.target else None)
     if not names:
@@ -705,6 +747,10 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _held(args: argparse.Namespace) -> int:
+    from provisioner.config import load_config
+    from provisioner.queue import list_operations
+    from provisioner.store import open_store
+
     engine = open_store(load_config(args.config, secrets=False).state)
     rows = list_operations(engine, status="held", limit=100_000)
     if args.target:
@@ -728,6 +774,10 @@ def _held(args: argparse.Namespace) -> int:
 
 
 def _release(args: argparse.Namespace) -> int:
+    from provisioner.config import load_config
+    from provisioner.queue import release_held
+    from provisioner.store import open_store
+
     engine = open_store(load_config(args.config, secrets=False).state)
     count = release_held(engine, args.run_id, approve=args.approve)
     if count == 0:
@@ -739,11 +789,21 @@ def _release(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from connectors import ScimError
     from provisioner.checker import check_target
-    from provisioner.targets import discover_schemas
+    from provisioner.config import config_warnings, load_config
+    from provisioner.store import check_state_driver
 
     config = load_config(args.config)
-    names = selected_targets(config, args.target) if args.target else list(config.targets)
+    names = list(config.targets)
+    if args.target:
+        # Only a check against the targets' own schemas talks to them, and needs the engine's HTTP side.
+        from provisioner.sync import selected_targets
+        from provisioner.targets import discover_schemas
+
+        names = selected_targets(config, args.target)
     found: dict[str, None] = {}
     for name in names:
         schemas = extensions = None
@@ -770,6 +830,9 @@ def _check(args: argparse.Namespace) -> int:
 
 def _check_listen(config: Config) -> None:
     """The daemon's metrics address can be bound, unless the daemon of this state holds it now."""
+    from provisioner import metrics
+    from provisioner.lock import StateLock
+
     listen = config.daemon.listen
     if not listen:
         return
@@ -797,6 +860,11 @@ _LIST_COLUMNS = ("id", "target", "identity_key", "kind", "reason", "status", "at
 
 
 def _queue_list(args: argparse.Namespace) -> int:
+    from provisioner.config import load_config
+    from provisioner.payload import loads
+    from provisioner.queue import list_operations
+    from provisioner.store import open_store
+
     engine = open_store(load_config(args.config, secrets=False).state)
     rows = list_operations(
         engine,
@@ -824,6 +892,11 @@ def _queue_list(args: argparse.Namespace) -> int:
 
 
 def _queue_show(args: argparse.Namespace) -> int:
+    from provisioner.config import load_config
+    from provisioner.payload import loads, readable
+    from provisioner.queue import get_operation
+    from provisioner.store import open_store
+
     engine = open_store(load_config(args.config, secrets=False).state)
     found = get_operation(engine, args.id)
     if found is None:
@@ -852,12 +925,18 @@ def _queue_show(args: argparse.Namespace) -> int:
 
 
 def _selection(args: argparse.Namespace) -> Selection:
+    from provisioner.queue import Selection
+
     if not args.ids and not args.status and not args.target:
         raise UsageError("name operation IDs, or select them with --status and/or --target")
     return Selection(ids=tuple(args.ids), status=args.status, target=args.target)
 
 
 def _queue_retry(args: argparse.Namespace) -> int:
+    from provisioner.config import load_config
+    from provisioner.queue import retry_now
+    from provisioner.store import open_store
+
     engine = open_store(load_config(args.config, secrets=False).state)
     retried, skipped = retry_now(engine, _selection(args))
     print(f"{retried} operations back to pending; the next cycle (or the daemon's retry job) sends them")
@@ -867,6 +946,10 @@ def _queue_retry(args: argparse.Namespace) -> int:
 
 
 def _queue_close(args: argparse.Namespace) -> int:
+    from provisioner.config import load_config
+    from provisioner.queue import close
+    from provisioner.store import open_store
+
     engine = open_store(load_config(args.config, secrets=False).state)
     count = close(engine, _selection(args), status=args.close_as, note=args.note)
     print(f"{count} operations {args.close_as}")
@@ -880,6 +963,10 @@ _EXPORT_COLUMNS = (
 
 
 def _queue_prune(args: argparse.Namespace) -> int:
+    from provisioner.config import load_config
+    from provisioner.queue import prune
+    from provisioner.store import open_store
+
     engine = open_store(load_config(args.config, secrets=False).state)
     removed = prune(engine, args.older_than)
     print(f"{removed} finished operations deleted (succeeded, superseded, cancelled, resolved); "
@@ -888,6 +975,12 @@ def _queue_prune(args: argparse.Namespace) -> int:
 
 
 def _queue_export(args: argparse.Namespace) -> int:
+    import csv
+
+    from provisioner.config import load_config
+    from provisioner.queue import list_operations
+    from provisioner.store import open_store
+
     engine = open_store(load_config(args.config, secrets=False).state)
     rows = list_operations(engine, status=args.status, target=args.target, since=args.since, limit=args.limit)
     if args.format == "json":
@@ -910,6 +1003,11 @@ def _csv_cell(text: str) -> str:
 
 
 def _pause(args: argparse.Namespace) -> int:
+    from provisioner.config import load_config
+    from provisioner.quarantine import set_paused
+    from provisioner.store import open_store
+    from provisioner.sync import selected_targets
+
     config = load_config(args.config, secrets=False)
     selected_targets(config, [args.name])
     set_paused(open_store(config.state), args.name, args.paused, args.note)
@@ -919,6 +1017,9 @@ def _pause(args: argparse.Namespace) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
+    from provisioner import store
+    from provisioner.config import load_config
+
     # Starting any command migrates too; this one does only that, e.g. before starting several daemons.
     config = load_config(args.config, secrets=False)
     before, after = store.upgrade(store.connect(config.state))
@@ -930,6 +1031,15 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from provisioner.config import load_config
+    from provisioner.health import last_runs, target_health
+    from provisioner.quarantine import all_states
+    from provisioner.queue import running_by_instance, status_by_target
+    from provisioner.quirks import describe as describe_quirk
+    from provisioner.quirks import learned as learned_quirks
+    from provisioner.quirks import unstored_writes
+    from provisioner.store import open_store
+
     config = load_config(args.config, secrets=False)
     engine = open_store(config.state)
     counts = status_by_target(engine)
@@ -1019,6 +1129,8 @@ def _cell(value: Any) -> str:
 
 def _timestamp(value: datetime | None) -> str | None:
     """ISO 8601 with its UTC offset (every stored time is UTC): 2026-11-30T05:09:32+00:00."""
+    from provisioner.store import as_utc
+
     return None if value is None else as_utc(value).isoformat(timespec="seconds")
 
 
@@ -1038,6 +1150,11 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
     """
     rows = [[_printable(cell) for cell in row] for row in rows]
     if sys.stdout.isatty():
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
         table = Table(*header, box=box.SIMPLE_HEAD, highlight=False)
         for row in rows:
             style = _ROW_STYLES.get(row[header.index("status")]) if "status" in header else None

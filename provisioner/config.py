@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -88,6 +87,9 @@ class ScheduleConfig(_Strict):
     @classmethod
     def _crontab(cls, value: str | None) -> str | None:
         if value is not None:
+            # Here, not at the top: only a config with a crontab line needs the scheduler to load.
+            from apscheduler.triggers.cron import CronTrigger
+
             CronTrigger.from_crontab(value)  # raises ValueError with the reason
         return value
 

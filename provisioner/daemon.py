@@ -31,13 +31,13 @@ from provisioner import alerts, metrics, quarantine
 from provisioner.config import Config, ScheduleConfig, config_warnings, parse_duration, parse_interval
 from provisioner.errors import UserError
 from provisioner.health import TargetHealth, cycle_succeeded, overall, target_health
+from provisioner.lifecycle import STATUSES
 from provisioner.lock import PlannerLock
 from provisioner.mapping import AttributeMapping
 from provisioner.memo import load_memo
 from provisioner.planner import RenderMemo
 from provisioner.quarantine import Admission, admission
 from provisioner.queue import (
-    STATUSES,
     count_status,
     default_instance,
     identify,

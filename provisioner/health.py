@@ -144,7 +144,7 @@ def target_health(engine: Engine, names: list[str]) -> dict[str, TargetHealth]:
     """The health of these targets, read in three queries whatever their number."""
     counts, rejected = _open_counts(engine)
     states = all_states(engine)
-    runs = _last_runs(engine)
+    runs = last_runs(engine)
     return {
         name: assess(name, counts.get(name, {}), rejected.get(name, 0), states.get(name), runs.get(name))
         for name in names
@@ -172,7 +172,8 @@ def _open_counts(engine: Engine) -> tuple[dict[str, dict[str, int]], dict[str, i
     return counts, rejected
 
 
-def _last_runs(engine: Engine) -> dict[str, dict[str, Any]]:
+def last_runs(engine: Engine) -> dict[str, dict[str, Any]]:
+    """The latest run of every target, as a row of ``run``: target name -> column -> value."""
     latest = select(RUN.c.target, func.max(RUN.c.started_at).label("started")).group_by(RUN.c.target).subquery()
     query = select(RUN).join(latest, (RUN.c.target == latest.c.target) & (RUN.c.started_at == latest.c.started))
     with engine.connect() as conn:

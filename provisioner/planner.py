@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple
 import orjson
 
 from provisioner.errors import SafetyStop
+from provisioner.lifecycle import Reason
 from provisioner.mapping import AttributeMapping, MappingError
 from provisioner.payload import pack as packed, payload_hash, readable, refs_in, resolve_refs, without
 from provisioner.redaction import mask_write_only
@@ -32,17 +33,6 @@ class Kind(StrEnum):
     DELETE = "delete"
     # Adopt the account the match attribute finds (reconciliation's reaction to an unlinked account).
     LINK = "link"
-
-
-class Reason(StrEnum):
-    """Why, in the lifecycle's words."""
-
-    JOINER = "joiner"
-    MOVER = "mover"
-    LEAVER = "leaver"
-    REHIRE = "rehire"
-    # What reading the target back found (provisioner.reconcile), not a change in the source.
-    RECONCILE = "reconcile"
 
 
 @dataclass(frozen=True, slots=True)

@@ -725,22 +725,6 @@ async def run_probe(config_path: Path, target: str, *, write: bool) -> ProbeRepo
         await session.aclose()
 
 
-def add_command(commands: Any) -> None:
-    """Register ``provisioner probe`` on the CLI's subcommands."""
-    parser = commands.add_parser("probe", help="what a SCIM target really does, and the quirks: block that suits it")
-    parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="the config file (default: config.yaml)")
-    parser.add_argument("--target", required=True, help="the target to probe, as named in the config")
-    parser.add_argument(
-        "--write",
-        action="store_true",
-        help="also create, change and delete a test user and groups named provisioner-probe-…",
-    )
-    output = parser.add_mutually_exclusive_group()
-    output.add_argument("--suggest", action="store_true", help="print only the quirks: block to paste under the target")
-    output.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.set_defaults(handler=command)
-
-
 def command(args: argparse.Namespace, run: Callable[..., Awaitable[ProbeReport]] = run_probe) -> int:
     """The ``probe`` command: exit 0 when probed, 3 for a config error, 4 when the target cannot be probed."""
     try:

@@ -30,9 +30,6 @@ ATTEMPT = Attempt.__table__
 
 # Statuses in which an operation still has to happen (or be reviewed).
 OPEN = ("pending", "running", "retry_wait", "failed", "held")
-STATUSES = (
-    "pending", "running", "retry_wait", "held", "succeeded", "failed", "resolved", "cancelled", "superseded",
-)  # fmt: skip
 # Leaver operations: the ones the deletion brake can hold.
 DEPROVISION = (Kind.DISABLE.value, Kind.DELETE.value)
 # The kinds of operation on accounts; group operations share the table and are claimed apart.
