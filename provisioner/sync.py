@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, insert, update
 
 from provisioner.config import Config, ScimSourceConfig, SqlSourceConfig, TargetConfig
 from provisioner.errors import ConfigError, SourceError, UserError
@@ -349,15 +349,6 @@ def _finish_run(engine: Engine, report: TargetReport, status: str | None = None,
             .where(Run.__table__.c.id == report.run_id)
             .values(finished_at=utcnow(), status=status, counts=dumps(report.summary()), error=error)
         )
-
-
-def last_runs(engine: Engine) -> dict[str, dict[str, object]]:
-    """The latest finished run of every target."""
-    runs = Run.__table__
-    latest = select(runs.c.target, func.max(runs.c.started_at).label("started")).group_by(runs.c.target).subquery()
-    query = select(runs).join(latest, (runs.c.target == latest.c.target) & (runs.c.started_at == latest.c.started))
-    with engine.connect() as conn:
-        return {row["target"]: dict(row) for row in conn.execute(query).mappings()}
 
 
 def _describe_groups(plan: GroupPlan) -> dict[str, object]:
