@@ -337,6 +337,9 @@ targets:
     mapping: {folder}/users.yaml
     leaver: disable
     max_concurrency: {concurrency}
+    # The leavers are the workload here, not a mistake for the brake to hold.
+    max_deprovision: null
+    max_deprovision_share: null
 """,
             encoding="utf-8",
         )
