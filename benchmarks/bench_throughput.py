@@ -468,9 +468,9 @@ def main() -> None:
             ratios_cpu.append(cpu_a / cpu_b)
             print(f"pair {pair + 1}: engine {rate_a:6.0f} ops/s {cpu_a:5.2f} ms CPU/op | loop {rate_b:6.0f} ops/s "
                   f"{cpu_b:5.2f} ms CPU/op | ratio ops/s {ratios_rate[-1]:.2f}, CPU/op {ratios_cpu[-1]:.2f} "
-                  f"| load {load:.1f}→{os.getloadavg()[0]:.1f}")
+                  f"| load {load:.1f}→{os.getloadavg()[0]:.1f}", flush=True)
         print(f"engine ÷ loop at {concurrency} in flight: ops/s {spread(ratios_rate)}, "
-              f"client CPU per op {spread(ratios_cpu)}")
+              f"client CPU per op {spread(ratios_cpu)}", flush=True)
     if profiler and args.profile:
         profiler.dump_stats(args.profile)
         print(f"\nprofile of the engine runs written to {args.profile}; top 30 by own time:")
