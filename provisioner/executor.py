@@ -59,6 +59,7 @@ from provisioner.planner import Kind
 from provisioner.queue import (
     CallRecord,
     ClaimedOperation,
+    GroupCommit,
     LinkState,
     Outcome,
     give_up_if_too_old,
@@ -175,6 +176,7 @@ class Executor:
         self._load_write_only(operations)
         clients = [self.client_factory() for _ in range(min(self.config.max_concurrency, len(by_key)))]
         tally = Tally()
+        commits = GroupCommit(self.engine, self.target)
         try:
             if self.capabilities is None:
                 try:
@@ -198,10 +200,11 @@ class Executor:
                 work: asyncio.Queue[list[ClaimedOperation]] = asyncio.Queue()
                 for key in wave:
                     work.put_nowait(by_key[key])
-                await asyncio.gather(*(self._worker(client, work, links, report, tally) for client in clients))
+                await asyncio.gather(*(self._worker(client, work, links, report, tally, commits) for client in clients))
             if tally.only_repeated:
                 await target_answers(clients[0], tally)
         finally:
+            commits.flush()  # an outcome handed in as the round was stopped is written, not released
             await asyncio.gather(*(client.aclose() for client in clients))
             # Whatever was claimed but not started (a stop, a breaker, a probe) goes back as it was.
             unstarted = [op.id for op in operations if op.id not in report.finished]
@@ -232,6 +235,7 @@ class Executor:
         links: dict[str, LinkState],
         report: ExecutionReport,
         tally: Tally,
+        commits: GroupCommit,
     ) -> None:
         while not work.empty() and not self._must_stop(tally):
             ops = work.get_nowait()
@@ -243,7 +247,7 @@ class Executor:
                 outcome.attempt = op.attempts
                 if outcome.http_status is None and outcome.calls:
                     outcome.http_status = outcome.calls[-1].http_status
-                record(self.engine, self.target, op.identity_key, outcome)
+                await commits.record(op.identity_key, outcome)
                 report.finished.add(op.id)
                 tally.add(
                     ok=outcome.status == "succeeded",

@@ -7,6 +7,7 @@ cannot happen.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -645,24 +646,106 @@ def next_attempt(outcome: Finished, now: datetime) -> datetime:
 
 def finish(conn: Any, outcome: Finished, now: datetime) -> None:
     """Write an operation's status and the calls made for it, inside the caller's transaction."""
-    waits = outcome.status == "retry_wait"
-    conn.execute(
-        _FINISH,
-        {
-            "op_id": outcome.operation_id,
-            "status": outcome.status,
-            "now": now,
-            "http_status": outcome.http_status,
-            "scim_type": outcome.scim_type,
-            "detail": cap(outcome.detail),
-            "error": cap(outcome.error),
-            "note": outcome.note,
-            "next_attempt_at": next_attempt(outcome, now) if waits else None,
-            "finished_at": now if outcome.status in ("succeeded", "failed") else None,
-        },
-    )
+    conn.execute(_FINISH, _finish_row(outcome, now))
     if outcome.calls:
         conn.execute(_INSERT_CALL, [_call_row(outcome, call) for call in outcome.calls])
+
+
+def _finish_row(outcome: Finished, now: datetime) -> dict[str, Any]:
+    waits = outcome.status == "retry_wait"
+    return {
+        "op_id": outcome.operation_id,
+        "status": outcome.status,
+        "now": now,
+        "http_status": outcome.http_status,
+        "scim_type": outcome.scim_type,
+        "detail": cap(outcome.detail),
+        "error": cap(outcome.error),
+        "note": outcome.note,
+        "next_attempt_at": next_attempt(outcome, now) if waits else None,
+        "finished_at": now if outcome.status in ("succeeded", "failed") else None,
+    }
+
+
+def record_many(engine: Engine, target: str, outcomes: Sequence[tuple[str, Outcome]]) -> None:
+    """Write several outcomes (``(identity key, outcome)``), their calls and links in one transaction.
+
+    The same rows as :func:`record` writes for each, in one statement per table
+    (a group commit): the cost of a transaction is paid once for the outcomes of
+    every worker that finished meanwhile. When a link cannot be written (an
+    account linked to another identity meanwhile), nothing of the group is kept
+    and each outcome is written again on its own by :func:`record`, which sends
+    that one to review.
+    """
+    if len(outcomes) == 1:
+        record(engine, target, *outcomes[0])
+        return
+    now = utcnow()
+    finished = [_finish_row(outcome, now) for _, outcome in outcomes]
+    calls = [_call_row(outcome, call) for _, outcome in outcomes for call in outcome.calls]
+    dropped = [{"t": target, "k": key} for key, outcome in outcomes if outcome.drop_link]
+    links = [_link_row(target, key, outcome.link, now) for key, outcome in outcomes
+             if outcome.link is not None and not outcome.drop_link]  # fmt: skip
+    try:
+        with engine.begin() as conn:
+            conn.execute(_FINISH, finished)
+            if calls:
+                conn.execute(_INSERT_CALL, calls)
+            if dropped:
+                conn.execute(_DROP_LINK, dropped)
+            if links:
+                conn.execute(_upsert(engine.dialect.name), links)
+    except IntegrityError:
+        for key, outcome in outcomes:
+            record(engine, target, key, outcome)
+
+
+class GroupCommit:
+    """Outcomes of concurrent workers written together, each worker waiting until its own is written.
+
+    ``await commits.record(key, outcome)`` returns once the outcome is committed
+    (or raises what writing it raised): the account counts as done only then, as
+    with :func:`record`. Outcomes handed in while the event loop runs the other
+    ready workers are written by :func:`record_many` in one transaction, on the
+    loop's next turn; no worker waits for more than that. Create it inside the
+    running event loop.
+    """
+
+    def __init__(self, engine: Engine, target: str) -> None:
+        self.engine = engine
+        self.target = target
+        self._loop = asyncio.get_running_loop()
+        self._waiting: list[tuple[str, Outcome, asyncio.Future[None]]] = []
+
+    async def record(self, identity_key: str, outcome: Outcome) -> None:
+        """Write one outcome with the others handed in meanwhile; return once it is committed."""
+        done = self._loop.create_future()
+        if not self._waiting:
+            self._loop.call_soon(self.flush)
+        self._waiting.append((identity_key, outcome, done))
+        await done
+
+    def flush(self) -> None:
+        """Write every outcome handed in and not written yet, now."""
+        group, self._waiting = self._waiting, []
+        if not group:
+            return
+        try:
+            record_many(self.engine, self.target, [(key, outcome) for key, outcome, _ in group])
+        except Exception as exc:  # noqa: BLE001 - each waiting worker gets it, as record() would have raised it
+            for *_, done in group:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for *_, done in group:
+            if not done.done():
+                done.set_result(None)
+
+
+def _upsert(dialect: str) -> Any:
+    if dialect not in _UPSERTS:
+        _UPSERTS[dialect] = _upsert_link(dialect)
+    return _UPSERTS[dialect]
 
 
 
@@ -680,10 +763,7 @@ def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> 
             if outcome.drop_link:
                 conn.execute(_DROP_LINK, {"t": target, "k": identity_key})
             elif outcome.link is not None:
-                dialect = engine.dialect.name
-                if dialect not in _UPSERTS:
-                    _UPSERTS[dialect] = _upsert_link(dialect)
-                conn.execute(_UPSERTS[dialect], _link_row(target, identity_key, outcome.link, now))
+                conn.execute(_upsert(engine.dialect.name), _link_row(target, identity_key, outcome.link, now))
     except IntegrityError:
         if outcome.link is None:
             raise
