@@ -124,6 +124,7 @@ class Executor:
         write_only: WriteOnlySource | None = None,
         create_only: frozenset[tuple[str, ...]] = frozenset(),
         omit_if_empty: frozenset[tuple[str, ...]] = frozenset(),
+        uses_refs: bool = True,
     ) -> None:
         self.engine = engine
         # The target's deviations, declared and learned (shared with its clients when they come from one session).
@@ -138,6 +139,8 @@ class Executor:
         self.create_only = create_only
         # Attributes whose empty value keeps the target's (the mapping's `omit_if_empty`): never removed.
         self.omit_if_empty = omit_if_empty
+        # Whether payloads may hold references (the mapping calls ref()): without, none is looked for.
+        self.uses_refs = uses_refs
         self.client_factory = client_factory
         # Write-only values (password) by identity key, rendered from the source for the operations that need them.
         self.write_only = write_only
@@ -168,7 +171,7 @@ class Executor:
         by_key: dict[str, list[ClaimedOperation]] = {}
         for op in operations:
             by_key.setdefault(op.identity_key, []).append(op)
-        links = load_link_states(self.engine, self.target, _keys_needed(by_key))
+        links = load_link_states(self.engine, self.target, _keys_needed(by_key) if self.uses_refs else list(by_key))
         # The accounts that attributes owed by these accounts refer to (a disable sends them).
         owed = {ref for key in by_key if key in links for ref in refs_in(links[key].owed)} - links.keys()
         if owed:
@@ -188,7 +191,7 @@ class Executor:
                     tally.add(ok=False, unwell=True, auth=isinstance(exc, AuthError), error=str(exc))
                     self._defer_all(operations, exc, report)
                     return report
-            waves = _waves(by_key, links)
+            waves = _waves(by_key, links) if self.uses_refs else [list(by_key)]
             if gate is Admission.PROBE:
                 if not await target_answers(clients[0], tally):
                     return report
@@ -313,8 +316,10 @@ class Executor:
         source = {k: v for k, v in (op.payload or {}).items() if k != "id"} if account else (op.payload or {})
         # References to accounts created earlier in this cycle resolve now; the rest drop out, and
         # the account owes them: its link keeps them until a later write can send them.
-        payload, _ = resolve_refs(source, scim_id)
-        owed = owed_references(without(source, self.create_only), scim_id) or None
+        payload, owed = source, None
+        if self.uses_refs:
+            payload, _ = resolve_refs(source, scim_id)
+            owed = owed_references(without(source, self.create_only), scim_id) or None
         outcome = await self._provision(client, op, link, account, payload)
         if outcome.link is not None:
             outcome.link = replace(outcome.link, owed=self._sendable(owed))
