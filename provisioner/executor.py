@@ -80,7 +80,7 @@ from provisioner.reactions import (
     without_extensions,
     without_username,
 )
-from provisioner.redaction import MASK, WRITE_ONLY, redact_value, register_write_only
+from provisioner.redaction import MASK, WRITE_ONLY, register_write_only
 
 log = structlog.get_logger("provisioner.executor")
 
@@ -152,6 +152,7 @@ class Executor:
         self._extensions: Callable[[str], bool] | Literal[False] | None = None
         # Set to stop taking new operations; those in flight finish and are recorded.
         self.stopping = asyncio.Event()
+        self._series: dict[Any, Any] = {}
 
     async def run(self, operations: list[ClaimedOperation]) -> ExecutionReport:
         """Send every operation, at most ``max_concurrency`` at a time, and record each outcome.
@@ -793,10 +794,17 @@ class Executor:
         return link.etag if self.capabilities and self.capabilities.etag else None
 
     def _measure(self, op: ClaimedOperation, outcome: Outcome) -> None:
-        metrics.OPERATIONS.labels(self.target, op.kind.value, outcome.status).inc()
+        # Labelled series looked up once per executor: labels() costs more than inc() and observe().
+        series = self._series
+        key = (op.kind.value, outcome.status)
+        if key not in series:
+            series[key] = metrics.OPERATIONS.labels(self.target, *key)
+        series[key].inc()
         for call in outcome.calls:
             if call.method:
-                metrics.REQUEST_SECONDS.labels(self.target, call.method).observe(call.duration_ms / 1000)
+                if call.method not in series:
+                    series[call.method] = metrics.REQUEST_SECONDS.labels(self.target, call.method)
+                series[call.method].observe(call.duration_ms / 1000)
 
     def _log(self, op: ClaimedOperation, outcome: Outcome, started: float) -> None:
         # One line per failure; a success is counted in the cycle's line and in `progress`, and
@@ -987,8 +995,17 @@ def call_record(exchange: Exchange) -> CallRecord:
 
 
 def _mask(body: Any) -> Any:
+    """The body with write-only attributes masked by name; secrets' values are masked where it is stored (``cap``)."""
+    if not _names_secret(body):
+        return body
     if isinstance(body, dict):
         return {k: "***" if k in _SECRET_ATTRIBUTES else _mask(v) for k, v in body.items()}
+    return [_mask(v) for v in body]
+
+
+def _names_secret(body: Any) -> bool:
+    if isinstance(body, dict):
+        return not _SECRET_ATTRIBUTES.isdisjoint(body) or any(_names_secret(v) for v in body.values())
     if isinstance(body, list):
-        return [_mask(v) for v in body]
-    return redact_value(body)
+        return any(_names_secret(v) for v in body)
+    return False
