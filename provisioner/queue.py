@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from provisioner.payload import dumps, loads, refs_in
 from provisioner.planner import Decision, Kind, Link, Reason
-from provisioner.redaction import has_write_only, mask_write_only, redact, register_write_only
+from provisioner.redaction import WRITE_ONLY, has_write_only, mask_write_only, redact, register_write_only
 from provisioner.store import AccountLink, Attempt, Operation, utcnow
 
 OP = Operation.__table__
@@ -314,6 +314,11 @@ def enqueue(
                 row["status"] = "held"
         write_plan(conn, rows, superseded, now)
     return len(rows)
+
+
+def _names_write_only(text: str) -> bool:
+    """Whether a payload's JSON text may hold a write-only attribute: most do not, and are not walked."""
+    return any(f'"{name}"' in text for name in WRITE_ONLY)
 
 
 def _is_rejection(row: Any) -> bool:
@@ -802,7 +807,7 @@ def _link_row(target: str, key: str, link: LinkState, now: datetime) -> dict[str
         "location": link.location,
         "applied_hash": link.applied_hash,
         # Write-only values (password) are never kept once applied.
-        "applied": None if link.applied is None else dumps(mask_write_only(link.applied)),
+        "applied": None if link.applied is None else _applied_text(link.applied),
         "owed_refs": dumps(link.owed) if link.owed else None,
         "updated_at": now,
     }
@@ -816,6 +821,11 @@ def remember_payload(engine: Engine, operation_id: int, payload: Mapping[str, An
     with engine.begin() as conn:
         conn.execute(update(Operation.__table__).where(Operation.__table__.c.id == operation_id)
                      .values(payload=dumps(mask_write_only(dict(payload)))))  # fmt: skip
+
+
+def _applied_text(applied: dict[str, Any]) -> str:
+    text = dumps(applied)
+    return dumps(mask_write_only(applied)) if _names_write_only(text) else text
 
 
 def give_up_if_too_old(claimed: ClaimedOperation, now: datetime | None = None) -> bool:
