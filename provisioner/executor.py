@@ -153,6 +153,8 @@ class Executor:
         # Set to stop taking new operations; those in flight finish and are recorded.
         self.stopping = asyncio.Event()
         self._series: dict[Any, Any] = {}
+        # Bound once: the module's lazy logger builds a new bound logger at every call, even one that writes nothing.
+        self._debug = log.bind().debug
 
     async def run(self, operations: list[ClaimedOperation]) -> ExecutionReport:
         """Send every operation, at most ``max_concurrency`` at a time, and record each outcome.
@@ -809,7 +811,7 @@ class Executor:
     def _log(self, op: ClaimedOperation, outcome: Outcome, started: float) -> None:
         # One line per failure; a success is counted in the cycle's line and in `progress`, and
         # told one by one at debug level only (a JSON line costs about as much as recording the outcome).
-        event = log.debug if outcome.status == "succeeded" else log.warning
+        event = self._debug if outcome.status == "succeeded" else log.warning
         event(
             "operation",
             target=self.target,
