@@ -91,8 +91,6 @@ WriteOnlySource = Callable[[list[str]], dict[str, dict[str, Any]]]
 PRECONDITION_ROUNDS = 3
 # A unique_username() value taken between its lookup and the create (a 409): choices tried at most.
 CONFLICT_ROUNDS = 3
-# Attributes whose values never reach the queue or the logs.
-_SECRET_ATTRIBUTES = WRITE_ONLY
 
 
 @dataclass(slots=True)
@@ -991,23 +989,10 @@ def call_record(exchange: Exchange) -> CallRecord:
         scim_type=error.scim_type if error else None,
         detail=error.detail if error else None,
         error=str(error) if error else None,
-        request_body=_mask(exchange.request_body),
+        # Write-only attributes are masked by name, and secrets' values, where the body is stored (queue).
+        request_body=exchange.request_body,
         response_body=exchange.response_body,
     )
 
 
-def _mask(body: Any) -> Any:
-    """The body with write-only attributes masked by name; secrets' values are masked where it is stored (``cap``)."""
-    if not _names_secret(body):
-        return body
-    if isinstance(body, dict):
-        return {k: "***" if k in _SECRET_ATTRIBUTES else _mask(v) for k, v in body.items()}
-    return [_mask(v) for v in body]
 
-
-def _names_secret(body: Any) -> bool:
-    if isinstance(body, dict):
-        return not _SECRET_ATTRIBUTES.isdisjoint(body) or any(_names_secret(v) for v in body.values())
-    if isinstance(body, list):
-        return any(_names_secret(v) for v in body)
-    return False

@@ -873,7 +873,7 @@ def _call_row(outcome: Finished, call: CallRecord) -> dict[str, Any]:
         "scim_type": call.scim_type,
         "detail": cap(call.detail),
         "error": cap(call.error),
-        "request_body": None if call.request_body is None else cap(dumps(call.request_body)),
+        "request_body": None if call.request_body is None else cap(_body_text(call.request_body)),
         "response_body": cap(call.response_body),
     }
 
@@ -902,6 +902,12 @@ def remember_payload(engine: Engine, operation_id: int, payload: Mapping[str, An
     with engine.begin() as conn:
         conn.execute(update(Operation.__table__).where(Operation.__table__.c.id == operation_id)
                      .values(payload=dumps(mask_write_only(dict(payload)))))  # fmt: skip
+
+
+def _body_text(body: Any) -> str:
+    """A request body as stored: write-only attributes masked by name (a secret's value is masked by ``cap``)."""
+    text = dumps(body)
+    return dumps(mask_write_only(body)) if _names_write_only(text) else text
 
 
 def _applied_text(applied: dict[str, Any]) -> str:
