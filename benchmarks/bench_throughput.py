@@ -457,6 +457,8 @@ def main() -> None:
     for concurrency in args.concurrency:
         ratios_rate: list[float] = []
         ratios_cpu: list[float] = []
+        absolute: dict[str, list[float]] = {"engine ops/s": [], "engine ms CPU/op": [], "loop ops/s": [],
+                                            "loop ms CPU/op": [], "load": []}  # fmt: skip
         print(f"\n== {concurrency} in flight ==")
         for pair in range(args.pairs):
             load = os.getloadavg()[0]
@@ -466,11 +468,15 @@ def main() -> None:
             cpu_a, cpu_b = a.cpu * 1000 / a.ops, b.cpu * 1000 / b.ops
             ratios_rate.append(rate_a / rate_b)
             ratios_cpu.append(cpu_a / cpu_b)
+            for name, value in zip(absolute, (rate_a, cpu_a, rate_b, cpu_b, load), strict=True):
+                absolute[name].append(value)
             print(f"pair {pair + 1}: engine {rate_a:6.0f} ops/s {cpu_a:5.2f} ms CPU/op | loop {rate_b:6.0f} ops/s "
                   f"{cpu_b:5.2f} ms CPU/op | ratio ops/s {ratios_rate[-1]:.2f}, CPU/op {ratios_cpu[-1]:.2f} "
                   f"| load {load:.1f}→{os.getloadavg()[0]:.1f}", flush=True)
         print(f"engine ÷ loop at {concurrency} in flight: ops/s {spread(ratios_rate)}, "
               f"client CPU per op {spread(ratios_cpu)}", flush=True)
+        print("  absolute: " + ", ".join(f"{name} {spread(values, '{:.0f}' if 'ops' in name else '{:.2f}')}"
+                                         for name, values in absolute.items()), flush=True)
     if profiler and args.profile:
         profiler.dump_stats(args.profile)
         print(f"\nprofile of the engine runs written to {args.profile}; top 30 by own time:")
