@@ -103,8 +103,8 @@ def loads(text: str | None) -> Any:
     if text is None:
         return None
     value = orjson.loads(text)
-    # Most payloads hold no reference: they are not walked to find none.
-    return _decode_refs(value) if _REF_MARKER in text else value
+    # Most payloads hold no reference and no unique_username(): they are not walked to find none.
+    return _decode_refs(value) if _REF_MARKER in text or _UNIQUE_MARKER in text else value
 
 
 def _encode_ref(value: Any) -> Any:
