@@ -192,9 +192,26 @@ class ScimClient:
     async def send(self, request: ScimRequest) -> ScimResult:
         """Send one request, retrying as the policy says; raise a ScimError when it does not succeed."""
         call = _Call(request)
+        try:
+            # Most calls succeed at once: the retry controller is built only after a failure.
+            return await self._attempt(call)
+        except ScimError as exc:
+            first = exc
+        if self.retry.max_attempts <= 1:
+            first.attempts = call.attempts
+            raise first
+
+        async def attempt(call: _Call) -> ScimResult:
+            nonlocal first
+            if first is not None:
+                # The controller sees the failure already met as its first attempt: same wait, same log.
+                error, first = first, None
+                raise error
+            return await self._attempt(call)
+
         retrying = self.retry.retrying(before_sleep=self._before_retry, ambiguous=request.retry_ambiguous)
         try:
-            return await retrying(self._attempt, call)
+            return await retrying(attempt, call)
         except ScimError as exc:
             exc.attempts = call.attempts
             raise
@@ -253,7 +270,6 @@ class ScimClient:
         status: int | None = None
         content: bytes = b""
         error: ScimError | None = None
-        info = RequestInfo(outgoing.method, str(outgoing.url.copy_with(query=None)), body)
         try:
             # httpx's timeouts bound each read: a target sending a byte every few seconds would
             # never trip them. The deadline bounds the whole round trip, body included.
@@ -266,26 +282,30 @@ class ScimClient:
                     await response.aclose()
             headers = _lower_headers(response.headers)
             if not whole and 200 <= status < 300:
+                info = _request_info(outgoing, body)
                 raise InvalidResponse(
                     f"{info.method} {info.url} answered {status} with a body over {self.max_response_bytes} bytes",
                     status=status,
                     request=info,
                 )
             if status in _REDIRECTS and "location" in headers:
-                return self._follow(outgoing, body, status, headers["location"], info, hops_left)
+                return self._follow(outgoing, body, status, headers["location"], _request_info(outgoing, body), hops_left)
             # An error answer over the cap is judged by its status; its body was cut.
             return check_response(request, self.base_url, status, headers, content, now=self.retry.now())
         except ScimError as exc:
             error = exc
             raise
         except httpx.TimeoutException as exc:
+            info = _request_info(outgoing, body)
             error = TransientError(f"{info.method} {info.url}: timed out ({type(exc).__name__})", request=info)
             raise error from exc
         except httpx.TransportError as exc:
+            info = _request_info(outgoing, body)
             error = TransientError(f"{info.method} {info.url}: {type(exc).__name__}: {exc}", request=info)
             raise error from exc
         except TimeoutError as exc:
             # No status, as for any timeout: retried like one, and ambiguous (it may have been applied).
+            info = _request_info(outgoing, body)
             message = f"{info.method} {info.url}: no complete answer within {self.deadline:g}s"
             error = TransientError(message, request=info)
             raise error from exc
@@ -613,6 +633,12 @@ def _unseen(page: list[dict[str, Any]], seen: MutableSet[str]) -> list[dict[str,
             seen.add(resource_id)
             fresh.append(resource)
     return fresh
+
+
+def _request_info(outgoing: httpx.Request, body: Any) -> RequestInfo:
+    """What an error tells of its request (the URL without its query: filters carry personal data)."""
+    url = outgoing.url
+    return RequestInfo(outgoing.method, str(url.copy_with(query=None) if url.query else url), body)
 
 
 def _lower_headers(headers: httpx.Headers) -> dict[str, str]:

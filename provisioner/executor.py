@@ -59,6 +59,7 @@ from provisioner.planner import Kind
 from provisioner.queue import (
     CallRecord,
     ClaimedOperation,
+    GroupCommit,
     LinkState,
     Outcome,
     give_up_if_too_old,
@@ -79,7 +80,7 @@ from provisioner.reactions import (
     without_extensions,
     without_username,
 )
-from provisioner.redaction import MASK, WRITE_ONLY, redact_value, register_write_only
+from provisioner.redaction import MASK, WRITE_ONLY, register_write_only
 
 log = structlog.get_logger("provisioner.executor")
 
@@ -90,8 +91,6 @@ WriteOnlySource = Callable[[list[str]], dict[str, dict[str, Any]]]
 PRECONDITION_ROUNDS = 3
 # A unique_username() value taken between its lookup and the create (a 409): choices tried at most.
 CONFLICT_ROUNDS = 3
-# Attributes whose values never reach the queue or the logs.
-_SECRET_ATTRIBUTES = WRITE_ONLY
 
 
 @dataclass(slots=True)
@@ -123,6 +122,7 @@ class Executor:
         write_only: WriteOnlySource | None = None,
         create_only: frozenset[tuple[str, ...]] = frozenset(),
         omit_if_empty: frozenset[tuple[str, ...]] = frozenset(),
+        uses_refs: bool = True,
     ) -> None:
         self.engine = engine
         # The target's deviations, declared and learned (shared with its clients when they come from one session).
@@ -137,6 +137,8 @@ class Executor:
         self.create_only = create_only
         # Attributes whose empty value keeps the target's (the mapping's `omit_if_empty`): never removed.
         self.omit_if_empty = omit_if_empty
+        # Whether payloads may hold references (the mapping calls ref()): without, none is looked for.
+        self.uses_refs = uses_refs
         self.client_factory = client_factory
         # Write-only values (password) by identity key, rendered from the source for the operations that need them.
         self.write_only = write_only
@@ -148,6 +150,9 @@ class Executor:
         self._extensions: Callable[[str], bool] | Literal[False] | None = None
         # Set to stop taking new operations; those in flight finish and are recorded.
         self.stopping = asyncio.Event()
+        self._series: dict[Any, Any] = {}
+        # Bound once: the module's lazy logger builds a new bound logger at every call, even one that writes nothing.
+        self._debug = log.bind().debug
 
     async def run(self, operations: list[ClaimedOperation]) -> ExecutionReport:
         """Send every operation, at most ``max_concurrency`` at a time, and record each outcome.
@@ -167,7 +172,7 @@ class Executor:
         by_key: dict[str, list[ClaimedOperation]] = {}
         for op in operations:
             by_key.setdefault(op.identity_key, []).append(op)
-        links = load_link_states(self.engine, self.target, _keys_needed(by_key))
+        links = load_link_states(self.engine, self.target, _keys_needed(by_key) if self.uses_refs else list(by_key))
         # The accounts that attributes owed by these accounts refer to (a disable sends them).
         owed = {ref for key in by_key if key in links for ref in refs_in(links[key].owed)} - links.keys()
         if owed:
@@ -175,6 +180,7 @@ class Executor:
         self._load_write_only(operations)
         clients = [self.client_factory() for _ in range(min(self.config.max_concurrency, len(by_key)))]
         tally = Tally()
+        commits = GroupCommit(self.engine, self.target)
         try:
             if self.capabilities is None:
                 try:
@@ -186,7 +192,7 @@ class Executor:
                     tally.add(ok=False, unwell=True, auth=isinstance(exc, AuthError), error=str(exc))
                     self._defer_all(operations, exc, report)
                     return report
-            waves = _waves(by_key, links)
+            waves = _waves(by_key, links) if self.uses_refs else [list(by_key)]
             if gate is Admission.PROBE:
                 if not await target_answers(clients[0], tally):
                     return report
@@ -198,10 +204,11 @@ class Executor:
                 work: asyncio.Queue[list[ClaimedOperation]] = asyncio.Queue()
                 for key in wave:
                     work.put_nowait(by_key[key])
-                await asyncio.gather(*(self._worker(client, work, links, report, tally) for client in clients))
+                await asyncio.gather(*(self._worker(client, work, links, report, tally, commits) for client in clients))
             if tally.only_repeated:
                 await target_answers(clients[0], tally)
         finally:
+            commits.flush()  # an outcome handed in as the round was stopped is written, not released
             await asyncio.gather(*(client.aclose() for client in clients))
             # Whatever was claimed but not started (a stop, a breaker, a probe) goes back as it was.
             unstarted = [op.id for op in operations if op.id not in report.finished]
@@ -232,6 +239,7 @@ class Executor:
         links: dict[str, LinkState],
         report: ExecutionReport,
         tally: Tally,
+        commits: GroupCommit,
     ) -> None:
         while not work.empty() and not self._must_stop(tally):
             ops = work.get_nowait()
@@ -243,7 +251,7 @@ class Executor:
                 outcome.attempt = op.attempts
                 if outcome.http_status is None and outcome.calls:
                     outcome.http_status = outcome.calls[-1].http_status
-                record(self.engine, self.target, op.identity_key, outcome)
+                await commits.record(op.identity_key, outcome)
                 report.finished.add(op.id)
                 tally.add(
                     ok=outcome.status == "succeeded",
@@ -309,8 +317,10 @@ class Executor:
         source = {k: v for k, v in (op.payload or {}).items() if k != "id"} if account else (op.payload or {})
         # References to accounts created earlier in this cycle resolve now; the rest drop out, and
         # the account owes them: its link keeps them until a later write can send them.
-        payload, _ = resolve_refs(source, scim_id)
-        owed = owed_references(without(source, self.create_only), scim_id) or None
+        payload, owed = source, None
+        if self.uses_refs:
+            payload, _ = resolve_refs(source, scim_id)
+            owed = owed_references(without(source, self.create_only), scim_id) or None
         outcome = await self._provision(client, op, link, account, payload)
         if outcome.link is not None:
             outcome.link = replace(outcome.link, owed=self._sendable(owed))
@@ -784,13 +794,22 @@ class Executor:
         return link.etag if self.capabilities and self.capabilities.etag else None
 
     def _measure(self, op: ClaimedOperation, outcome: Outcome) -> None:
-        metrics.OPERATIONS.labels(self.target, op.kind.value, outcome.status).inc()
+        # Labelled series looked up once per executor: labels() costs more than inc() and observe().
+        series = self._series
+        key = (op.kind.value, outcome.status)
+        if key not in series:
+            series[key] = metrics.OPERATIONS.labels(self.target, *key)
+        series[key].inc()
         for call in outcome.calls:
             if call.method:
-                metrics.REQUEST_SECONDS.labels(self.target, call.method).observe(call.duration_ms / 1000)
+                if call.method not in series:
+                    series[call.method] = metrics.REQUEST_SECONDS.labels(self.target, call.method)
+                series[call.method].observe(call.duration_ms / 1000)
 
     def _log(self, op: ClaimedOperation, outcome: Outcome, started: float) -> None:
-        event = log.info if outcome.status == "succeeded" else log.warning
+        # One line per failure; a success is counted in the cycle's line and in `progress`, and
+        # told one by one at debug level only (a JSON line costs about as much as recording the outcome).
+        event = self._debug if outcome.status == "succeeded" else log.warning
         event(
             "operation",
             target=self.target,
@@ -970,14 +989,10 @@ def call_record(exchange: Exchange) -> CallRecord:
         scim_type=error.scim_type if error else None,
         detail=error.detail if error else None,
         error=str(error) if error else None,
-        request_body=_mask(exchange.request_body),
+        # Write-only attributes are masked by name, and secrets' values, where the body is stored (queue).
+        request_body=exchange.request_body,
         response_body=exchange.response_body,
     )
 
 
-def _mask(body: Any) -> Any:
-    if isinstance(body, dict):
-        return {k: "***" if k in _SECRET_ATTRIBUTES else _mask(v) for k, v in body.items()}
-    if isinstance(body, list):
-        return [_mask(v) for v in body]
-    return redact_value(body)
+

@@ -125,7 +125,11 @@ def pack(payload: Mapping[str, Any]) -> Packed:
 
 def loads(text: str | None) -> Any:
     """Parse JSON text written by :func:`dumps` (None stays None)."""
-    return None if text is None else _decode_refs(orjson.loads(text))
+    if text is None:
+        return None
+    value = orjson.loads(text)
+    # Most payloads hold no reference and no unique_username(): they are not walked to find none.
+    return _decode_refs(value) if _REF_MARKER in text or _UNIQUE_MARKER in text else value
 
 
 def _encode_ref(value: Any) -> Any:

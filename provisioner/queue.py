@@ -7,6 +7,7 @@ cannot happen.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -341,6 +342,11 @@ def _decision_row(run_id: str, target: str, d: Decision, now: datetime, held: bo
     return row
 
 
+def _names_write_only(text: str) -> bool:
+    """Whether a payload's JSON text may hold a write-only attribute: most do not, and are not walked."""
+    return any(f'"{name}"' in text for name in WRITE_ONLY)
+
+
 def _is_rejection(row: Any) -> bool:
     return row.status == "failed" and (row.payload_hash or "").startswith(RECORD_HASH_PREFIX)
 
@@ -467,6 +473,11 @@ def _new_row(
     }
 
 
+# What a claimer reads of a row: converting the other timestamps of a page of 1,000 rows cost more than the claim.
+_CLAIMED = (OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.reason, OP.c.payload, OP.c.payload_hash, OP.c.attempts,
+            OP.c.created_at, OP.c.last_error)  # fmt: skip
+
+
 def claim_rows(
     engine: Engine,
     target: str,
@@ -492,7 +503,9 @@ def claim_rows(
     transaction is ``BEGIN IMMEDIATE`` (see ``provisioner.store``), which
     serialises claimers.
 
-    Returns the rows as they were before the claim, ``attempts`` not yet counted.
+    Returns the rows as they were before the claim, ``attempts`` not yet counted: ``id``,
+    ``identity_key``, ``kind``, ``reason``, ``payload``, ``payload_hash``, ``attempts``,
+    ``created_at`` and ``last_error``.
     """
     now = now or utcnow()
     me = claimant()
@@ -511,7 +524,7 @@ def claim_rows(
     if identities is not None:
         due = and_(due, OP.c.identity_key.in_(list(identities)))
     order = (func.coalesce(OP.c.next_attempt_at, OP.c.created_at), OP.c.id)
-    query = select(OP).where(due).order_by(*order).limit(limit).with_for_update(skip_locked=True)
+    query = select(*_CLAIMED).where(due).order_by(*order).limit(limit).with_for_update(skip_locked=True)
     with engine.begin() as conn:
         rows = conn.execute(query).mappings().all()
         for chunk in _chunks([row["id"] for row in rows], 500):
@@ -671,24 +684,180 @@ def next_attempt(outcome: Finished, now: datetime) -> datetime:
 
 def finish(conn: Any, outcome: Finished, now: datetime) -> None:
     """Write an operation's status and the calls made for it, inside the caller's transaction."""
-    waits = outcome.status == "retry_wait"
-    conn.execute(
-        _FINISH,
-        {
-            "op_id": outcome.operation_id,
-            "status": outcome.status,
-            "now": now,
-            "http_status": outcome.http_status,
-            "scim_type": outcome.scim_type,
-            "detail": cap(outcome.detail),
-            "error": cap(outcome.error),
-            "note": outcome.note,
-            "next_attempt_at": next_attempt(outcome, now) if waits else None,
-            "finished_at": now if outcome.status in ("succeeded", "failed") else None,
-        },
-    )
+    conn.execute(_FINISH, _finish_row(outcome, now))
     if outcome.calls:
         conn.execute(_INSERT_CALL, [_call_row(outcome, call) for call in outcome.calls])
+
+
+def _finish_row(outcome: Finished, now: datetime) -> dict[str, Any]:
+    waits = outcome.status == "retry_wait"
+    return {
+        "op_id": outcome.operation_id,
+        "status": outcome.status,
+        "now": now,
+        "http_status": outcome.http_status,
+        "scim_type": outcome.scim_type,
+        "detail": cap(outcome.detail),
+        "error": cap(outcome.error),
+        "note": outcome.note,
+        "next_attempt_at": next_attempt(outcome, now) if waits else None,
+        "finished_at": now if outcome.status in ("succeeded", "failed") else None,
+    }
+
+
+def record_many(engine: Engine, target: str, outcomes: Sequence[tuple[str, Outcome]]) -> None:
+    """Write several outcomes (``(identity key, outcome)``), their calls and links in one transaction.
+
+    The same rows as :func:`record` writes for each, in one statement per table
+    (a group commit): the cost of a transaction is paid once for the outcomes of
+    every worker that finished meanwhile. When a link cannot be written (an
+    account linked to another identity meanwhile), nothing of the group is kept
+    and each outcome is written again on its own by :func:`record`, which sends
+    that one to review.
+    """
+    now = utcnow()
+    finished = [_finish_row(outcome, now) for _, outcome in outcomes]
+    calls = [_call_row(outcome, call) for _, outcome in outcomes for call in outcome.calls]
+    dropped = [{"t": target, "k": key} for key, outcome in outcomes if outcome.drop_link]
+    links = [_link_row(target, key, outcome.link, now) for key, outcome in outcomes
+             if outcome.link is not None and not outcome.drop_link]  # fmt: skip
+    writer = _writer(engine)
+    # The driver's own connection: SQLAlchemy's execution machinery costs ten times the statements' own work here.
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        try:
+            if writer.begin:
+                cursor.execute(writer.begin)
+            writer.finish.run(cursor, finished)
+            writer.call.run(cursor, calls)
+            writer.drop.run(cursor, dropped)
+            writer.upsert.run(cursor, links)
+            raw.commit()
+        except writer.integrity_error:
+            raw.rollback()
+        else:
+            return
+        finally:
+            cursor.close()
+    except BaseException:
+        raw.rollback()
+        raise
+    finally:
+        raw.close()
+    for key, outcome in outcomes:
+        record(engine, target, key, outcome)
+
+
+class _Statement:
+    """A Core statement compiled once for a database, run with executemany on a driver cursor."""
+
+    def __init__(self, statement: Any, dialect: Any, column_keys: Sequence[str] | None = None) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
+        self.sql = compiled.string
+        self.positional = compiled.positiontup is not None
+        names = compiled.positiontup if self.positional else [n for n in compiled.binds if f"%({n})s" in self.sql]
+        # (name, value when the row has none, the type's conversion for this database) per parameter.
+        self.params = [
+            (name, compiled.binds[name].effective_value if not compiled.binds[name].required else None,
+             compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
+            for name in names
+        ]  # fmt: skip
+
+    def run(self, cursor: Any, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        if self.positional:
+            values: list[Any] = [
+                [process(row.get(name, default)) if process else row.get(name, default)
+                 for name, default, process in self.params]
+                for row in rows
+            ]  # fmt: skip
+        else:
+            values = [
+                {name: process(row.get(name, default)) if process else row.get(name, default)
+                 for name, default, process in self.params}
+                for row in rows
+            ]  # fmt: skip
+        cursor.executemany(self.sql, values)
+
+
+@dataclass(slots=True)
+class _Writer:
+    begin: str | None
+    finish: _Statement
+    call: _Statement
+    drop: _Statement
+    upsert: _Statement
+    integrity_error: type[Exception]
+
+
+_WRITERS: dict[str, _Writer] = {}
+_CALL_KEYS = ("operation_id", "number", "started_at", "duration_ms", "method", "url", "http_status", "scim_type",
+              "detail", "error", "request_body", "response_body")  # fmt: skip
+
+
+def _writer(engine: Engine) -> _Writer:
+    dialect = engine.dialect
+    if dialect.name not in _WRITERS:
+        _WRITERS[dialect.name] = _Writer(
+            # SQLite: the write lock at once, as every transaction of the store takes it (see provisioner.store).
+            begin="BEGIN IMMEDIATE" if dialect.name == "sqlite" else None,
+            finish=_Statement(_FINISH, dialect),
+            call=_Statement(_INSERT_CALL, dialect, _CALL_KEYS),
+            drop=_Statement(_DROP_LINK, dialect),
+            upsert=_Statement(_upsert_link(dialect.name), dialect, ("target", "identity_key", *_LINK_VALUES)),
+            integrity_error=dialect.loaded_dbapi.IntegrityError,
+        )
+    return _WRITERS[dialect.name]
+
+
+class GroupCommit:
+    """Outcomes of concurrent workers written together, each worker waiting until its own is written.
+
+    ``await commits.record(key, outcome)`` returns once the outcome is committed
+    (or raises what writing it raised): the account counts as done only then, as
+    with :func:`record`. Outcomes handed in while the event loop runs the other
+    ready workers are written by :func:`record_many` in one transaction, on the
+    loop's next turn; no worker waits for more than that. Create it inside the
+    running event loop.
+    """
+
+    def __init__(self, engine: Engine, target: str) -> None:
+        self.engine = engine
+        self.target = target
+        self._loop = asyncio.get_running_loop()
+        self._waiting: list[tuple[str, Outcome, asyncio.Future[None]]] = []
+
+    async def record(self, identity_key: str, outcome: Outcome) -> None:
+        """Write one outcome with the others handed in meanwhile; return once it is committed."""
+        done = self._loop.create_future()
+        if not self._waiting:
+            self._loop.call_soon(self.flush)
+        self._waiting.append((identity_key, outcome, done))
+        await done
+
+    def flush(self) -> None:
+        """Write every outcome handed in and not written yet, now."""
+        group, self._waiting = self._waiting, []
+        if not group:
+            return
+        try:
+            record_many(self.engine, self.target, [(key, outcome) for key, outcome, _ in group])
+        except Exception as exc:  # noqa: BLE001 - each waiting worker gets it, as record() would have raised it
+            for *_, done in group:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for *_, done in group:
+            if not done.done():
+                done.set_result(None)
+
+
+def _upsert(dialect: str) -> Any:
+    if dialect not in _UPSERTS:
+        _UPSERTS[dialect] = _upsert_link(dialect)
+    return _UPSERTS[dialect]
 
 
 
@@ -706,10 +875,7 @@ def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> 
             if outcome.drop_link:
                 conn.execute(_DROP_LINK, {"t": target, "k": identity_key})
             elif outcome.link is not None:
-                dialect = engine.dialect.name
-                if dialect not in _UPSERTS:
-                    _UPSERTS[dialect] = _upsert_link(dialect)
-                conn.execute(_UPSERTS[dialect], _link_row(target, identity_key, outcome.link, now))
+                conn.execute(_upsert(engine.dialect.name), _link_row(target, identity_key, outcome.link, now))
     except IntegrityError:
         if outcome.link is None:
             raise
@@ -733,7 +899,7 @@ def _call_row(outcome: Finished, call: CallRecord) -> dict[str, Any]:
         "scim_type": call.scim_type,
         "detail": cap(call.detail),
         "error": cap(call.error),
-        "request_body": None if call.request_body is None else cap(dumps(call.request_body)),
+        "request_body": None if call.request_body is None else cap(_body_text(call.request_body)),
         "response_body": cap(call.response_body),
     }
 
@@ -748,7 +914,7 @@ def _link_row(target: str, key: str, link: LinkState, now: datetime) -> dict[str
         "location": link.location,
         "applied_hash": link.applied_hash,
         # Write-only values (password) are never kept once applied.
-        "applied": None if link.applied is None else dumps(mask_write_only(link.applied)),
+        "applied": None if link.applied is None else _applied_text(link.applied),
         "owed_refs": dumps(link.owed) if link.owed else None,
         "updated_at": now,
     }
@@ -762,6 +928,17 @@ def remember_payload(engine: Engine, operation_id: int, payload: Mapping[str, An
     with engine.begin() as conn:
         conn.execute(update(Operation.__table__).where(Operation.__table__.c.id == operation_id)
                      .values(payload=dumps(mask_write_only(dict(payload)))))  # fmt: skip
+
+
+def _body_text(body: Any) -> str:
+    """A request body as stored: write-only attributes masked by name (a secret's value is masked by ``cap``)."""
+    text = dumps(body)
+    return dumps(mask_write_only(body)) if _names_write_only(text) else text
+
+
+def _applied_text(applied: dict[str, Any]) -> str:
+    text = dumps(applied)
+    return dumps(mask_write_only(applied)) if _names_write_only(text) else text
 
 
 def give_up_if_too_old(claimed: ClaimedOperation, now: datetime | None = None) -> bool:

@@ -286,7 +286,8 @@ async def _send(
     executor = Executor(engine, name, target, session.client, endpoint=mapping.endpoint, match_attribute=mapping.match,
                         quirks=session.quirks,
                         write_only=lambda keys: render_write_only(config, name, mapping, keys),
-                        create_only=mapping.create_only, omit_if_empty=mapping.omit_if_empty)  # fmt: skip
+                        create_only=mapping.create_only, omit_if_empty=mapping.omit_if_empty,
+                        uses_refs=mapping.uses_refs)  # fmt: skip
     if stop is not None:
         executor.stopping = stop
     due = count_status(engine, name, "pending")

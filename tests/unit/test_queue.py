@@ -25,6 +25,7 @@ from provisioner.queue import (
     load_links,
     prune,
     record,
+    record_many,
 )
 from provisioner.redaction import register
 from provisioner.store import open_store
@@ -304,6 +305,75 @@ def test_an_account_already_linked_to_another_identity_is_not_linked_twice(tmp_p
     assert rows["E5"]["status"] == "failed"
     assert "acct-1 is already linked to identity E4" in rows["E5"]["last_error"]
     assert set(load_links(engine, "app")) == {"E4"}
+
+
+def _stored(engine: Engine, db: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Every operation row, call row and link state, without ids and times (which differ run to run)."""
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        ops = [dict(r) for r in conn.execute("SELECT * FROM operation ORDER BY id")]
+        calls = [dict(r) for r in conn.execute("SELECT * FROM attempt ORDER BY id")]
+    for row in ops:
+        assert row.pop("updated_at") == row["finished_at"] or row["finished_at"] is None
+        row.pop("finished_at"), row.pop("created_at"), row.pop("claimed_by"), row.pop("run_id")
+        row["next_attempt_at"] = row["next_attempt_at"] is not None
+    for row in calls:
+        row.pop("id"), row.pop("started_at")
+    return ops, calls, load_link_states(engine, "app", ["E1", "E2", "E3"])
+
+
+def test_outcomes_written_as_a_group_are_stored_as_written_one_by_one(tmp_path: Path) -> None:
+    """record_many writes exactly the rows record() writes: statuses, calls, links upserted and dropped."""
+    stored = []
+    for group in (False, True):
+        db = tmp_path / f"group-{group}.db"
+        engine = open_store(f"sqlite:///{db}")
+        decisions = [Decision(f"E{n}", Kind.CREATE, Reason.JOINER, {"userName": f"u{n}@example.com"}, "h")
+                     for n in (1, 2, 3)]  # fmt: skip
+        enqueue(engine, "r1", "app", decisions)
+        first, second, third = claim(engine, "app")
+        record(engine, "app", "E3", Outcome(third.id, "succeeded", link=LinkState("acct-3", True, None, None, "h", {})))
+        enqueue(engine, "r2", "app", [Decision("E3", Kind.DELETE, Reason.LEAVER)])
+        [delete] = claim(engine, "app")
+        call = CallRecord(datetime(2026, 1, 2, tzinfo=UTC), 3.25, "POST", "https://scim.example.com/v2/Users", 201,
+                          request_body={"userName": "u1@example.com"}, response_body='{"id": "acct-1"}')  # fmt: skip
+        link = LinkState("acct-1", True, 'W/"1"', "https://scim.example.com/v2/Users/acct-1", "h", {"userName": "u1"})
+        outcomes = [
+            ("E1", Outcome(first.id, "succeeded", http_status=201, link=link, calls=[call], note="adopted")),
+            ("E2", Outcome(second.id, "retry_wait", http_status=503, error="busy", detail="d", retry_after=30.0)),
+            ("E3", Outcome(delete.id, "succeeded", drop_link=True)),
+        ]
+        if group:
+            record_many(engine, "app", outcomes)
+        else:
+            for key, outcome in outcomes:
+                record(engine, "app", key, outcome)
+        stored.append(_stored(engine, db))
+        engine.dispose()
+    assert stored[0] == stored[1]
+    ops, calls, links = stored[1]
+    assert [(op["identity_key"], op["status"]) for op in ops] == [
+        ("E1", "succeeded"), ("E2", "retry_wait"), ("E3", "succeeded"), ("E3", "succeeded")]  # fmt: skip
+    assert [c["http_status"] for c in calls] == [201] and set(links) == {"E1"}
+
+
+def test_a_group_with_an_account_linked_twice_sends_only_that_outcome_to_review(tmp_path: Path) -> None:
+    engine = open_store(f"sqlite:///{tmp_path / 'race.db'}")
+    payload = {"userName": "sam@example.com"}
+    enqueue(engine, "r1", "app", [Decision(f"E{n}", Kind.CREATE, Reason.JOINER, payload, "h") for n in (4, 5, 6)])
+    first, second, third = claim(engine, "app")
+
+    record_many(engine, "app", [
+        ("E4", Outcome(first.id, "succeeded", link=LinkState("acct-1", True, None, None, "h", payload))),
+        ("E5", Outcome(second.id, "succeeded", link=LinkState("acct-1", True, None, None, "h", payload))),
+        ("E6", Outcome(third.id, "succeeded", link=LinkState("acct-6", True, None, None, "h", payload))),
+    ])  # fmt: skip
+
+    rows = {row["identity_key"]: row for row in list_operations(engine)}
+    assert [rows[key]["status"] for key in ("E4", "E5", "E6")] == ["succeeded", "failed", "succeeded"]
+    assert "acct-1 is already linked to identity E4" in rows["E5"]["last_error"]
+    assert set(load_links(engine, "app")) == {"E4", "E6"}
+    engine.dispose()
 
 
 def test_prune_deletes_old_finished_operations_and_their_calls_but_keeps_failed_ones(tmp_path: Path) -> None:

@@ -47,10 +47,23 @@ def test_short_values_are_not_treated_as_secrets() -> None:
         pytest.param("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig", f"Authorization: Bearer {MASK}", id="jwt"),
         pytest.param("bearer abcdefgh1234", f"bearer {MASK}", id="lower-case"),
         pytest.param("Basic dXNlcjpwYXNzd29yZA==", f"Basic {MASK}", id="basic"),
+        pytest.param("détail: BEARER abcdefgh1234", f"détail: BEARER {MASK}", id="non-ascii-text"),
+        pytest.param("baſic dXNlcjpwYXNzd29yZA==", f"baſic {MASK}", id="long-s-folded-like-the-pattern"),
     ],
 )
 def test_bearer_and_basic_credentials_are_masked_even_when_never_registered(text: str, expected: str) -> None:
     assert redact(text) == expected
+
+
+def test_every_secret_is_masked_however_many_are_registered() -> None:
+    """Past a few secrets the text is searched with the one pattern instead of one test per secret."""
+    many = [f"many-secrets-{n:03d}-zz" for n in range(40)]
+    for secret in many:
+        register(secret)
+
+    text = redact(" ".join(many[::7]))
+
+    assert text == " ".join([MASK] * len(many[::7]))
 
 
 def test_ordinary_words_after_bearer_are_left_alone() -> None:
