@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from sqlalchemy.engine import URL, make_url
@@ -180,7 +180,7 @@ class SqlSourceConfig(_SourceCommon):
 
     type: Literal["sql"]
     # A SQLAlchemy URL (sqlite:///hr.db, postgresql+psycopg://reader@db/hr). A password in it must be
-    # ${ENV} or ${file:PATH}, or given apart in `password` (any characters, no URL escaping).
+    # ${ENV} or ${file:PATH} (escaped where it lands in the URL, so any character works), or given apart in `password`.
     url: SecretStr
     password: SecretStr | None = None
     query: str = Field(min_length=1)
@@ -529,7 +529,37 @@ def _interpolate(value: Any, loc: Loc, doc: YamlDocument, *, strict: bool) -> An
     if isinstance(value, list):
         return [_interpolate(v, (*loc, i), doc, strict=strict) for i, v in enumerate(value)]
     if isinstance(value, str) and "${" in value:
-        return _INTERPOLATION.sub(lambda m: _lookup_or_blank(m.group(1).strip(), loc, doc, strict), value)
+        userinfo = _userinfo_span(value)
+        return _INTERPOLATION.sub(
+            lambda m: _escaped_in(userinfo, m, _lookup_or_blank(m.group(1).strip(), loc, doc, strict)), value
+        )
+    return value
+
+
+_PLACEHOLDER = "\x00"
+
+
+def _userinfo_span(template: str) -> tuple[int, int] | None:
+    """Where a URL template's ``user:password`` part lies (RFC 3986 §3.2.1), or None for no URL.
+
+    Found on the template with each ``${...}`` stood in by one placeholder, since a reference such as
+    ``${file:/run/secrets/pw}`` holds a ``/`` of its own. The span is in template positions.
+    """
+    skeleton = _INTERPOLATION.sub(lambda m: _PLACEHOLDER * len(m.group(0)), template)
+    scheme = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://", skeleton)
+    if scheme is None:
+        return None
+    authority = re.match(r"[^/?#]*", skeleton[scheme.end() :])
+    at = authority.group(0).rfind("@") if authority else -1
+    return (scheme.end(), scheme.end() + at) if at >= 0 else None
+
+
+def _escaped_in(userinfo: tuple[int, int] | None, match: re.Match[str], value: str) -> str:
+    # A password read into a URL's user:password part is percent-encoded there (RFC 3986 §3.2.1):
+    # unescaped, an '@' or '/' in it would end the part, and the rest would be taken for the host
+    # name, printed, stored and sent to DNS. SQLAlchemy and psycopg decode it again.
+    if userinfo is not None and userinfo[0] <= match.start() < userinfo[1]:
+        return quote(value, safe="")
     return value
 
 
@@ -699,7 +729,9 @@ def _register_secrets(config: Config) -> None:
     # A PostgreSQL state URL may carry a password: it is a secret like a target's token.
     password = re.match(r"^[\w+]+://[^:/@]*:([^@/]+)@", config.state)
     if password:
+        # As written in the URL (escaped) and as the database sees it.
         redaction.register(password.group(1))
+        redaction.register(unquote(password.group(1)))
     auths: list[AuthConfig] = [target.auth for target in config.targets.values()]
     for source in config.sources.values():
         if isinstance(source, ScimSourceConfig):

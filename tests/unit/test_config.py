@@ -454,3 +454,21 @@ def test_a_scim_source_asking_for_attributes_must_ask_for_its_key(
         f"{path}:7: sources.hr.attributes: Value error, none of these attributes gives the key '{key}'; "
         "add it (id is always returned)"
     )
+
+
+def test_a_state_password_read_into_its_url_is_escaped_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    monkeypatch.setenv("STATE_PASSWORD", "p@ss/word:1")
+    monkeypatch.setenv("STATE_HOST", "db.example.com:5433")
+    state = "state: postgresql://prov:${STATE_PASSWORD}@${STATE_HOST}/prov"
+    text = CONFIG.replace("state: sqlite:///state.db", state)
+
+    config = load_config(write(tmp_path, text))
+
+    url = make_url(config.state)
+    # Only the user:password part is escaped: the host and port read into the URL are kept as they are.
+    assert (url.password, url.host, url.port, url.database) == ("p@ss/word:1", "db.example.com", 5433, "prov")
+    assert redaction.is_registered("p@ss/word:1")

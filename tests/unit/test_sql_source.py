@@ -231,3 +231,26 @@ def test_a_password_interpolated_into_the_url_is_masked_in_errors(
 
     assert "S3cret-in-url" not in str(raised.value)
     assert "reader:***@127.0.0.1:1/hr" in str(raised.value)
+
+
+@pytest.mark.parametrize("password", ["Pa@ssword99", "Pa@ss/w:rd#Xy9%41", "a b?c@d"])
+def test_a_password_with_url_characters_read_into_the_url_is_escaped_there_and_never_shows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, password: str
+) -> None:
+    monkeypatch.setenv("HR_DB_PASSWORD", password)
+    path = write_config(
+        tmp_path, "    url: postgresql+psycopg://reader:${HR_DB_PASSWORD}@127.0.0.1:1/hr\n"
+        "    query: SELECT 1 AS employee_id\n    connect_timeout: 2",
+    )  # fmt: skip
+
+    source = load_config(path).sources["hr"]
+    assert isinstance(source, SqlSourceConfig)
+    url = source.engine_url()
+    with pytest.raises(SourceError) as raised:
+        source_columns(source)
+
+    # The '@' stays inside the password: the host is the one written, nothing of the password is one.
+    assert (url.password, url.host, url.port, url.database) == (password, "127.0.0.1", 1, "hr")
+    assert "reader:***@127.0.0.1:1/hr" in str(raised.value)
+    pieces = [piece for piece in ("Pa@ss", "ssword99", "ss/w", "rd#Xy9", "Xy9", "b?c", "c@d") if piece in password]
+    assert [piece for piece in pieces if piece in str(raised.value)] == []
