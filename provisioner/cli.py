@@ -6,6 +6,7 @@ import argparse
 import io
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -395,6 +396,10 @@ def _demo(args: argparse.Namespace) -> int:
     from provisioner.demo import start_scim_server, write_demo_config
 
     folder: Path = args.dir.resolve()
+    # Stopped by a service manager or `kill`, the demo still stops its server on the way out: by default
+    # SIGTERM/SIGHUP end the process at once, and the server would go on, orphaned, holding its port.
+    for stop_signal in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop_signal, _interrupt)
     print("starting a local SCIM 2.0 server (scim2-server) ...", file=sys.stderr)
     with start_scim_server() as server:
         config_path = write_demo_config(folder, server)
@@ -419,6 +424,10 @@ def _demo(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 pass
         return code
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _probe(args: argparse.Namespace) -> int:

@@ -425,3 +425,35 @@ def test_a_reader_that_closes_early_ends_a_listing_quietly_and_leaves_sigpipe_al
     proc.wait(timeout=60)
     assert proc.returncode == cli.EXIT_BROKEN_PIPE, err.decode()
     assert b"Traceback" not in err and b"BrokenPipe" not in err
+
+
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGHUP"])
+def test_a_kept_running_demo_stopped_by_a_signal_stops_its_server_too(tmp_path: Path, stop_signal: str) -> None:
+    import re
+    import signal
+    import time
+
+    import httpx
+
+    demo = subprocess.Popen([sys.executable, "-m", "provisioner", "demo", "--keep-running", "--dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        assert demo.stdout is not None
+        url = None
+        for line in demo.stdout:
+            found = re.search(r"SCIM server:\s+(http://\S+)", line)
+            url = found.group(1) if found else url
+            if "keeps running" in line:
+                break
+        assert url, "the demo names its server"
+        assert httpx.get(f"{url}/ServiceProviderConfig", timeout=5).status_code in (200, 401)
+
+        demo.send_signal(getattr(signal, stop_signal))
+        assert demo.wait(timeout=30) == 0, "stopped like Ctrl-C: the exit code is the demo sync's"
+        time.sleep(0.2)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/ServiceProviderConfig", timeout=2)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
