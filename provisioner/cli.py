@@ -37,8 +37,8 @@ EXIT_SAFETY_STOP = 5
 # What a shell reports for a command whose reader closed the pipe (128 + SIGPIPE).
 EXIT_BROKEN_PIPE = 141
 
-EPILOG = """exit codes:
-  0  every operation succeeded (or there was nothing to do)
+EPILOG = """exit codes (sync and status alike, from the targets' health):
+  0  every target is healthy: nothing failed, waits for a retry or is held
   1  internal error (a bug: please report it with the log)
   2  wrong command-line usage
   3  config, mapping or source error: fix the file named in the message
@@ -1091,9 +1091,11 @@ def _status(args: argparse.Namespace) -> int:
                 "unstored_writes": dropped.get(name, 0),
             }
         )
+    # The same code as a cycle's, from the same health: a script polling status sees what sync would say.
+    code = exit_code(healths)
     if args.json:
         print(_json(data))
-        return EXIT_OK
+        return code
     for item in data:
         started = item["last_run_started_at"] or "never"
         print(f"{item['target']}: {item['health']}, last cycle {started} ({item['last_run_status'] or '-'})"
@@ -1120,7 +1122,7 @@ def _status(args: argparse.Namespace) -> int:
         if item["unstored_writes"]:
             print(f"  UNSTORED: {item['unstored_writes']} writes the target accepted without storing every attribute "
                   "(provisioner queue list; the note says what)")  # fmt: skip
-    return EXIT_OK
+    return code
 
 
 def _problem(row: dict[str, Any]) -> str:

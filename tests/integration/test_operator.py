@@ -80,8 +80,10 @@ alerts:
 
     def status() -> dict[str, object]:
         out = subprocess.run([sys.executable, "-m", "provisioner", "status", "--json", "--config", "config.yaml"],
-                             cwd=tmp_path, capture_output=True, check=True)  # fmt: skip
-        return json.loads(out.stdout)[0]
+                             cwd=tmp_path, capture_output=True)  # fmt: skip
+        item: dict[str, object] = json.loads(out.stdout)[0]
+        assert out.returncode == (5 if item["held"] else 0 if item["ok"] else 4), out.stderr
+        return item
 
     try:
         wait_for("the first cycle", lambda: len(users()) == 18)
