@@ -393,7 +393,7 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from provisioner.config import load_config
-    from provisioner.demo import start_scim_server, write_demo_config
+    from provisioner.demo import TOKEN_VARIABLE, start_scim_server, write_demo_config
 
     folder: Path = args.dir.resolve()
     # Stopped by a service manager or `kill`, the demo still stops its server on the way out: by default
@@ -417,7 +417,8 @@ def _demo(args: argparse.Namespace) -> int:
         else:
             print(f"SCIM server:    {server.base_url}  (bearer token in ${'{'}PROVISIONER_DEMO_TOKEN{'}'})")
             # The demo's own throwaway token, printed on purpose so that curl can be pasted.
-            _unmasked(f"\ntry: curl -s -H 'Authorization: Bearer {server.token}' {server.base_url}/Users")
+            _unmasked(f"\nin another terminal: export {TOKEN_VARIABLE}={server.token}")
+            _unmasked(f"try: curl -s -H 'Authorization: Bearer {server.token}' {server.base_url}/Users")
             print("the server keeps running until Ctrl-C (its data is in memory and goes with it)")
             try:
                 server.process.wait()

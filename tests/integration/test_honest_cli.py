@@ -440,14 +440,17 @@ def test_a_kept_running_demo_stopped_by_a_signal_stops_its_server_too(tmp_path: 
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     try:
         assert demo.stdout is not None
-        url = None
+        url = token = None
         for line in demo.stdout:
             found = re.search(r"SCIM server:\s+(http://\S+)", line)
             url = found.group(1) if found else url
+            exported = re.search(r"export PROVISIONER_DEMO_TOKEN=(\S+)", line)
+            token = exported.group(1) if exported else token
             if "keeps running" in line:
                 break
-        assert url, "the demo names its server"
-        assert httpx.get(f"{url}/ServiceProviderConfig", timeout=5).status_code in (200, 401)
+        assert url and token, "the demo names its server and the line that exports its token"
+        headers = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(f"{url}/Users", headers=headers, timeout=5).json()["totalResults"] == 48
 
         demo.send_signal(getattr(signal, stop_signal))
         assert demo.wait(timeout=30) == 0, "stopped like Ctrl-C: the exit code is the demo sync's"
