@@ -265,9 +265,9 @@ EXAMPLES: tuple[Example, ...] = (
     Example("is_present(v)", "is_present(phone)", {"phone": " "}, "`false`", False),
     Example("now()", "now()", {},
             "the time now as a SCIM dateTime: use it `when: create`, or every cycle updates every account"),
-    Example("unique_username(candidates, suffix)", "unique_username(lower(join('.', first_name, last_name)), "
-            "'@example.com')", {"first_name": "Jane", "last_name": "Doe"},
-            "`jane.doe@example.com`, or `jane.doe2@example.com`, `jane.doe3@…` when another account of the target "
+    Example("unique_username(candidates, suffix)", "unique_username(strip_spaces(normalize_diacritics(lower("
+            "join('.', first_name, last_name)))), '@example.com')", {"first_name": "Jane", "last_name": "Doe"},
+            "`jane.doe@example.com` (José van Dijk: `jose.vandijk@…`), or `jane.doe2@example.com`, `jane.doe3@…` when another account of the target "
             "holds it; chosen on create, never changed (a list of candidates is tried in order first)"),
 )  # fmt: skip
 
