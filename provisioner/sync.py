@@ -306,7 +306,7 @@ def _plan_changes_into_queue(
         log.warning("record rejected", target=name, run_id=report.run_id, identity=key, reason=message)
     report.rejected = len(plan.rejected)
     report.held = count_status(engine, name, "held")
-    log.info("delta read", target=name, run_id=report.run_id, since=read.since, records=len(records))
+    log.info("delta read", target=name, run_id=report.run_id, since=str(read.since), records=len(records))
 
 
 async def _send(

@@ -8,7 +8,9 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunspli
 import pytest
 
 from provisioner import ondemand
-from tests.conftest import ScimReader, Workspace
+from provisioner.delta import DeltaRead, last_modified
+from provisioner.sources import read_source
+from tests.conftest import ENTERPRISE, ScimReader, Workspace
 from tests.faultproxy import FaultProxy
 from tests.integration.test_scim_source import MAPPING, HrSystem, hr, module_hr_server  # noqa: F401 - fixtures
 
@@ -153,3 +155,16 @@ def test_a_cycle_that_crashes_before_its_plan_is_queued_keeps_the_watermark_and_
     assert after_crash == before
     assert planned(report) == {"update": 1}
     assert delta_workspace.query("SELECT watermark FROM source_watermark") != before
+
+
+def test_a_source_asking_for_some_attributes_also_asks_for_last_modified(
+    hr: HrSystem,  # noqa: F811
+) -> None:
+    users = seed(hr)
+    source = hr.source(attributes=["userName", f"{ENTERPRISE}:employeeNumber"], delta=True)
+    read = DeltaRead("app", "hr", source, since=None, previous=None)
+
+    records = list(read.watch(read_source(read.config())))
+
+    assert len(records) == 4
+    assert read.seen == max(last_modified(u) for u in users.values())
