@@ -20,6 +20,7 @@ import structlog
 from sqlalchemy import Engine, insert, update
 
 from provisioner.config import Config, ScimSourceConfig, SqlSourceConfig, TargetConfig
+from provisioner.delta import DeltaRead, start_read
 from provisioner.errors import ConfigError, SourceError, UserError
 from provisioner.executor import Executor
 from provisioner.group_executor import send_due_groups, sync_groups
@@ -39,7 +40,6 @@ from provisioner.queue import (
     release,
 )
 from provisioner.redaction import WRITE_ONLY
-from provisioner.delta import DeltaRead, start_read
 from provisioner.sources import BadRecord, IdentityRecord, read_source, source_columns
 from provisioner.store import Run, utcnow
 from provisioner.quirks import load_quirks
