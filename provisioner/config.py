@@ -216,9 +216,16 @@ class ScimSourceConfig(_SourceCommon):
     auth: AuthConfig
     # The resource endpoint read: Users (RFC 7644 §3.2).
     endpoint: str = "Users"
-    # A SCIM filter (RFC 7644 §3.4.2.2) selecting the source's population: `active eq true`. Every cycle
-    # reads a whole snapshot, so a user it leaves out is a leaver (a delta filter is warned about).
+    # A SCIM filter (RFC 7644 §3.4.2.2) selecting the source's population: `active eq true`. A full
+    # read takes it as the whole population, so a user it leaves out is a leaver: never write a
+    # `meta.lastModified gt …` filter here, set `delta: true` instead.
     filter: str | None = None
+    # Delta reads: a cycle reads only the users whose meta.lastModified is after the highest one the
+    # last cycle saw (less `delta_overlap`) and plans only them, as `sync --only` does: nobody else is
+    # a leaver. The first cycle, and the first one `full_every` after the last full read, read everyone.
+    delta: bool = False
+    full_every: str = "1d"
+    delta_overlap: str = "60s"
     # Only these attributes are asked for (RFC 7644 §3.4.2.5); null: what the server returns by default.
     attributes: list[str] | None = None
     page_size: int = Field(default=100, ge=1, le=10_000)
@@ -246,6 +253,12 @@ class ScimSourceConfig(_SourceCommon):
     @classmethod
     def _rate(cls, value: str | None) -> str | None:
         return _rate_limit(value)
+
+    @field_validator("full_every", "delta_overlap")
+    @classmethod
+    def _delta_duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
 
     @field_validator("attributes")
     @classmethod
@@ -693,7 +706,7 @@ def config_warnings(config: Config) -> list[str]:
             found.append(
                 f"sources.{name}.filter reads only the users changed since a date; every user it leaves out "
                 "is a leaver in each cycle (the deletion brake holds mass leavers): a source's filter must "
-                "select the whole population"
+                "select the whole population; `delta: true` reads only the changes, safely"
             )
     return found
 

@@ -51,7 +51,7 @@ from provisioner.group_executor import (
 from provisioner.groups import desired_groups, load_groups, only_members, plan_groups
 from provisioner.mapping import AttributeMapping, MappingError
 from provisioner.payload import readable
-from provisioner.planner import Kind, brake_trips, plan_target
+from provisioner.planner import Kind, Plan, brake_trips, plan_target
 from provisioner.queue import (
     OPEN,
     ClaimedOperation,
@@ -109,9 +109,7 @@ async def sync_only(
         echo(f"{name}: {key}: not in the source; nothing planned (a full sync handles leavers)")
     for record in records:
         _echo_render(echo, name, mapping, record)
-    all_links = load_links(engine, name)
-    links = {key: link for key, link in all_links.items() if key in found}
-    plan = plan_target(name, mapping, records, links, target.leaver, min_records=0)
+    plan = plan_only(engine, config, name, mapping, records)
     decided = {d.identity_key: d for d in plan.decisions}
     for key in wanted:
         if key in decided:
@@ -121,14 +119,7 @@ async def sync_only(
             echo(f"{name}: {key}: planned nothing: the account already holds what the record renders to")
     for rejected in plan.rejected:
         echo(f"{name}: {rejected.identity_key}: rejected: {rejected.message}")
-    active = sum(link.active for link in all_links.values())
-
-    def brake(leavers: int) -> bool:
-        return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
-
-    # No `present`: it would close the open rejections of everyone not asked for.
-    enqueue(engine, report.run_id, name, plan.decisions, plan.rejected, brake=brake, settled=plan.settled,
-            record_hashes=plan.record_hashes, rejections=Rejections())  # fmt: skip
+    queue_only(engine, config, name, plan, report.run_id)
     report.rejected = len(plan.rejected)
     for key, kind in _send_again(engine, name, plan.present & found):
         echo(f"{name}: {key}: an earlier {kind} that failed or waits for a retry is sent now")
@@ -140,6 +131,31 @@ async def sync_only(
     if report.held:
         echo(f"{name}: {report.held} leaver operation(s) held by the deletion brake: provisioner approve {report.run_id}")
     return report
+
+
+def plan_only(
+    engine: Engine, config: Config, name: str, mapping: AttributeMapping, records: list[IdentityRecord | BadRecord]
+) -> Plan:
+    """Plan these records in target ``name`` against their own account links only; writes nothing.
+
+    Nobody else is planned: an identity without a record here is never a leaver.
+    """
+    keys = {r.key for r in records if r.key is not None}
+    links = {key: link for key, link in load_links(engine, name).items() if key in keys}
+    return plan_target(name, mapping, records, links, config.targets[name].leaver, min_records=0)
+
+
+def queue_only(engine: Engine, config: Config, name: str, plan: Plan, run_id: str) -> None:
+    """Queue a :func:`plan_only` plan, its leavers behind the target's deletion brake (counted on every account)."""
+    target = config.targets[name]
+    active = sum(link.active for link in load_links(engine, name).values())
+
+    def brake(leavers: int) -> bool:
+        return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
+
+    # No `present`: it would close the open rejections of everyone not planned.
+    enqueue(engine, run_id, name, plan.decisions, plan.rejected, brake=brake, settled=plan.settled,
+            record_hashes=plan.record_hashes, rejections=Rejections())  # fmt: skip
 
 
 def _records(config: Config, name: str, keys: set[str]) -> list[IdentityRecord | BadRecord]:

@@ -216,6 +216,23 @@ class Run(SQLModel, table=True):
     error: str | None = None
 
 
+class SourceWatermark(SQLModel, table=True):
+    """Where a target's delta reads of a SCIM source stand (:mod:`provisioner.delta`).
+
+    Per target and source: each target's cycle reads the source on its own, so
+    one target's read must not move another's watermark.
+    """
+
+    __tablename__ = "source_watermark"
+
+    target: str = Field(primary_key=True)
+    source: str = Field(primary_key=True)
+    # The highest meta.lastModified the HR system sent (RFC 7643 §3.1), as ISO 8601 text in UTC; null: none.
+    watermark: str | None = None
+    # When the last full read's plan was queued (this host's clock: it only schedules the next one).
+    full_read_at: datetime | None = None
+
+
 class ReconcileRun(SQLModel, table=True):
     """One reconciliation of one target that was allowed to write (``--repair``, or the daemon)."""
 

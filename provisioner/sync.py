@@ -11,6 +11,7 @@ import asyncio
 import secrets
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -19,6 +20,7 @@ import structlog
 from sqlalchemy import Engine, insert, update
 
 from provisioner.config import Config, ScimSourceConfig, SqlSourceConfig, TargetConfig
+from provisioner.delta import DeltaRead, start_read
 from provisioner.errors import ConfigError, SourceError, UserError
 from provisioner.executor import Executor
 from provisioner.group_executor import send_due_groups, sync_groups
@@ -38,7 +40,7 @@ from provisioner.queue import (
     release,
 )
 from provisioner.redaction import WRITE_ONLY
-from provisioner.sources import BadRecord, read_source, source_columns
+from provisioner.sources import BadRecord, IdentityRecord, read_source, source_columns
 from provisioner.store import Run, utcnow
 from provisioner.quirks import load_quirks
 from provisioner.targets import TargetSession
@@ -148,18 +150,22 @@ def plan_once(
     memo: RenderMemo | None = None,
     *,
     pack: bool = False,
+    records: Iterable[IdentityRecord | BadRecord] | None = None,
 ) -> tuple[Plan, int]:
     """Plan one target against the current links; writes nothing. Also returns the active account count.
 
     ``memo``: what earlier cycles rendered (RenderMemo); the state database's when None.
     ``pack``: payloads held as packed JSON (``plan_target``), for a plan that is only queued.
+    ``records``: the whole source, already being read; None: the target's source is read.
     """
     target = config.targets[name]
     source = config.sources[target.source]
     links = load_links(engine, name)
     if memo is None:
         memo = load_memo(engine, name)
-    plan = plan_target(name, mapping, read_source(source), links, target.leaver, source.min_records, memo, pack=pack)
+    if records is None:
+        records = read_source(source)
+    plan = plan_target(name, mapping, records, links, target.leaver, source.min_records, memo, pack=pack)
     return plan, sum(link.active for link in links.values())
 
 
@@ -230,10 +236,19 @@ def _plan_into_queue(
     memo: RenderMemo | None,
 ) -> None:
     target = config.targets[name]
+    source = config.sources[target.source]
+    read: DeltaRead | None = None
+    records: Iterable[IdentityRecord | BadRecord] | None = None
+    if isinstance(source, ScimSourceConfig) and source.delta:
+        read = start_read(engine, name, target.source, source)
+        records = read.watch(read_source(read.config()))
+        if not read.full:
+            _plan_changes_into_queue(engine, config, name, mapping, report, read, list(records))
+            return
     if memo is None:
         memo = load_memo(engine, name)
     # Packed: an initial load's plan is its 100,000 payloads, held until they are queued.
-    plan, active = plan_once(engine, config, name, mapping, memo, pack=True)
+    plan, active = plan_once(engine, config, name, mapping, memo, pack=True, records=records)
     if plan.unresolved_refs:
         # Usually managers created in this same cycle (sent first); otherwise a reference to nobody.
         log.info("references to accounts not in the target yet", target=name, count=plan.unresolved_refs)
@@ -248,6 +263,8 @@ def _plan_into_queue(
             record_hashes=plan.record_hashes, rejections=rejections, present=plan.present)  # fmt: skip
     # After the plan is queued: a crash in between loses only renders, which the next cycle makes again.
     save_memo(engine, name, memo, plan.present)
+    if read is not None:
+        read.save(engine)
     for key, message in rejections.new:
         log.warning("record rejected", target=name, run_id=report.run_id, identity=key, reason=message)
     # Counted once per record and cause; one an operator resolved stays out until the record changes.
@@ -265,6 +282,31 @@ def _plan_into_queue(
             active_accounts=active,
             hint="provisioner plan --held, then provisioner approve RUN_ID or reject RUN_ID",
         )
+
+
+def _plan_changes_into_queue(
+    engine: Engine,
+    config: Config,
+    name: str,
+    mapping: AttributeMapping,
+    report: TargetReport,
+    read: DeltaRead,
+    records: list[IdentityRecord | BadRecord],
+) -> None:
+    """A delta read's records planned and queued as ``sync --only`` does: nobody else is planned or a leaver."""
+    from provisioner.ondemand import plan_only, queue_only
+
+    plan = plan_only(engine, config, name, mapping, records)
+    report.planned = plan.counts()
+    report.unchanged = plan.unchanged
+    queue_only(engine, config, name, plan, report.run_id)
+    # After the plan is queued: a crash before reads these changes again.
+    read.save(engine)
+    for key, message, _kind, _reason in plan.rejected:
+        log.warning("record rejected", target=name, run_id=report.run_id, identity=key, reason=message)
+    report.rejected = len(plan.rejected)
+    report.held = count_status(engine, name, "held")
+    log.info("delta read", target=name, run_id=report.run_id, since=str(read.since), records=len(records))
 
 
 async def _send(

@@ -472,3 +472,18 @@ def test_a_state_password_read_into_its_url_is_escaped_there(
     # Only the user:password part is escaped: the host and port read into the URL are kept as they are.
     assert (url.password, url.host, url.port, url.database) == ("p@ss/word:1", "db.example.com", 5433, "prov")
     assert redaction.is_registered("p@ss/word:1")
+
+
+def test_a_delta_scim_source_with_a_full_read_interval_that_is_not_a_duration_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "sources:\n  hr:\n    type: scim\n    base_url: https://hr.example.com/scim/v2\n"
+        "    auth: {type: bearer, token: hr-token-value}\n    key: employeeNumber\n"
+        "    delta: true\n    full_every: daily\n"
+        "targets:\n  app:\n    base_url: https://scim.example.com/v2\n    auth: {type: none}\n"
+        "    source: hr\n    mapping: users.yaml\n",
+        encoding="utf-8",
+    )
+
+    with pytest.raises(ConfigError, match=rf"^{path}:8: sources\.hr\.full_every: .*not a duration"):
+        load_config(path)
