@@ -557,7 +557,7 @@ class _Compiler:
         for name, value in data.items():
             declared = self._check_attribute(name, (*loc, name), prefix, parent)
             path = _join(prefix, name, schema_level=len(loc) == 2 and prefix.startswith("urn:"))
-            if isinstance(value, dict) and value.keys() & _OPTION_KEYS and value.keys() <= _OPTION_KEYS | {"value"}:
+            if isinstance(value, dict) and _written_with_options(value, declared):
                 fields.append((name, self.options(value, (*loc, name), path, declared)))
             else:
                 fields.append((name, self.compile(value, (*loc, name), path, declared)))
@@ -568,6 +568,9 @@ class _Compiler:
         if "value" not in value:
             self.fail(self.doc.at(loc), f"attribute '{path}': options need the attribute's 'value'")
             return _Leaf(path, self.doc.at(loc))
+        for key in [key for key in value if key not in _OPTION_KEYS | {"value"}]:
+            self.fail(self.doc.at((*loc, key)), f"attribute '{path}': unknown option '{key}'"
+                      f"{_suggest(str(key), _OPTION_KEYS) or '; the options are ' + ', '.join(sorted(_OPTION_KEYS))}")  # fmt: skip
         node = self.compile(value["value"], (*loc, "value"), path, declared)
         when = value.get("when", "always")
         if when == "create":
@@ -919,6 +922,24 @@ def _json_value(value: Any, left: list[int]) -> Any:
             out[key] = _json_value(item, left)
         return out
     raise _BadValue(f"the expression gives a {type(value).__name__}, not text, a number, a boolean, a list or an object")
+
+
+def _written_with_options(value: dict[Any, Any], declared: _Declared) -> bool:
+    """Whether an attribute's object is its value with options (``{value: …, when: create}``).
+
+    It is when its keys are options and ``value``. An attribute that is not an
+    object (a string, or one whose declaration is unknown) with a ``value``
+    beside a real option or a key close to one is the same form with a
+    misspelled option, which is named as such rather than as "not an object";
+    an object with none of these (``{en: …, fr: …}``) is meant as the value.
+    """
+    keys = {str(key) for key in value}
+    if keys & _OPTION_KEYS and keys <= _OPTION_KEYS | {"value"}:
+        return True
+    if "value" not in keys or (isinstance(declared, AttributeInfo) and declared.type == "complex"):
+        return False
+    others = keys - _OPTION_KEYS - {"value"}
+    return bool(keys & _OPTION_KEYS) or any(difflib.get_close_matches(key, sorted(_OPTION_KEYS), n=1) for key in others)
 
 
 def _suggest(name: str, known: set[str]) -> str:
