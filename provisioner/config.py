@@ -606,7 +606,12 @@ def _describe(exc: ValidationError, doc: YamlDocument) -> str:
         loc = _yaml_loc(error["loc"], doc)
         named = loc
         message = error["msg"]
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "value_error":
+            # A validator's ValueError: its own words are the message, without pydantic's label.
+            message = message.removeprefix("Value error, ")
+        elif error["type"] == "assertion_error":
+            message = message.removeprefix("Assertion failed, ")
+        elif error["type"] == "extra_forbidden":
             message = "unknown key"
         elif error["type"] == "union_tag_invalid":
             # A discriminated union (a source's or an auth's type) reports its tag at the parent.

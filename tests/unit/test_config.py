@@ -451,7 +451,7 @@ def test_a_scim_source_asking_for_attributes_must_ask_for_its_key(
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     assert str(raised.value) == (
-        f"{path}:7: sources.hr.attributes: Value error, none of these attributes gives the key '{key}'; "
+        f"{path}:7: sources.hr.attributes: none of these attributes gives the key '{key}'; "
         "add it (id is always returned)"
     )
 

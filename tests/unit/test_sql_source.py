@@ -175,7 +175,7 @@ def test_a_relative_sqlite_path_is_relative_to_the_config_folder(tmp_path: Path)
     ("source", "line", "message"),
     [
         pytest.param("    url: sqlite:///hr.db", 3, "sources.hr.query: required key is missing", id="no-query"),
-        pytest.param("    url: 'not a url'\n    query: SELECT 1", 5, "sources.hr.url: Value error, not a database URL",
+        pytest.param("    url: 'not a url'\n    query: SELECT 1", 5, "sources.hr.url: not a database URL like sqlite:///hr.db",
                      id="bad-url"),
         pytest.param("    url: postgresql://reader:Secr3t-pw@db/hr\n    query: SELECT 1", 5,
                      "sources.hr.url: a password written in the config file", id="password-in-url"),
