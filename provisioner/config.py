@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -188,6 +197,9 @@ class SqlSourceConfig(_SourceCommon):
     chunk_size: int = Field(default=1000, ge=1, le=100_000)
     # Seconds to connect; statements run as long as the database lets them.
     connect_timeout: float = Field(default=30.0, gt=0, le=600)
+    # "config.yaml:6: sources.hr.query" by key, set when read from a file: what a database's
+    # answer is about (the query, the URL) is named where the author wrote it.
+    _at: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("url")
     @classmethod
@@ -206,6 +218,13 @@ class SqlSourceConfig(_SourceCommon):
     def describe(self) -> str:
         """How messages name this source: its URL with the password hidden."""
         return make_url(self.url.get_secret_value()).render_as_string(hide_password=True)
+
+    def at(self, key: str) -> str:
+        """Where a message about ``key`` (``url``, ``query``) points: ``config.yaml:6: sources.hr.query``.
+
+        A source not read from a file (built in code) is named by :meth:`describe`.
+        """
+        return self._at.get(key) or self.describe()
 
 
 class ScimSourceConfig(_SourceCommon):
@@ -522,6 +541,10 @@ def load_config(path: Path, *, secrets: bool = True) -> Config:
     _refuse_written_passwords(config, doc)
     _register_secrets(config)
     resolved = _resolve_paths(config, path.resolve().parent)
+    for name, source in resolved.sources.items():
+        if isinstance(source, SqlSourceConfig):
+            locs = [("sources", name, key) for key in ("url", "query", "key")]
+            source._at = {loc[-1]: f"{doc.where(loc)}: {_dotted(loc)}" for loc in locs}
     _check_state(resolved.state, doc)
     endpoints: list[tuple[Loc, TargetConfig | ScimSourceConfig]] = [
         (("targets", name), target) for name, target in resolved.targets.items()

@@ -18,6 +18,7 @@ through the masking registry.
 from __future__ import annotations
 
 import base64
+import difflib
 import datetime as dt
 import uuid
 from collections.abc import Iterator
@@ -39,18 +40,23 @@ _MAX_INT = 2**63 - 1
 
 
 def read_sql(config: SqlSourceConfig) -> Iterator[IdentityRecord | BadRecord]:
-    """Stream the query's rows as records; SourceError when the database or the query fails."""
+    """Stream the query's rows as records; SourceError when the database or the query fails.
+
+    The error names the config's ``url:`` line when the database cannot be
+    reached, its ``query:`` line when the query fails (see :func:`sql_columns`).
+    """
     where = config.describe()
     engine = _engine(config)
     try:
-        with engine.connect() as conn:
-            result = _run(conn, config.query, config.chunk_size)
-            names = _names(list(result.keys()), config)
-            for number, row in enumerate(result, start=1):
-                attributes = {name: _value(value) for name, value in zip(names, row)}
-                yield checked(config.key, attributes, f"{where}:{number}")
-    except SQLAlchemyError as exc:
-        raise SourceError(f"{where}: {_reason(exc)}") from None
+        with _connect(engine, config) as conn:
+            try:
+                result = _run(conn, config.query, config.chunk_size)
+                names = _names(list(result.keys()), config)
+                for number, row in enumerate(result, start=1):
+                    attributes = {name: _value(value) for name, value in zip(names, row)}
+                    yield checked(config.key, attributes, f"{where}:{number}")
+            except SQLAlchemyError as exc:
+                raise SourceError(f"{config.at('query')}: {_reason(exc)}") from None
     finally:
         engine.dispose()
 
@@ -60,21 +66,31 @@ def sql_columns(config: SqlSourceConfig) -> set[str]:
 
     The query is run as a cycle runs it (a server-side cursor where the driver
     has one): PostgreSQL describes the cursor once declared, SQLite steps to the
-    first row. SourceError when the query fails.
+    first row. SourceError when the database cannot be reached (naming the
+    config's ``url:`` line, the URL's password hidden) or the query fails
+    (naming its ``query:`` line): ``config.yaml:6: sources.hr.query: no such table: employes``.
     """
-    where = config.describe()
     engine = _engine(config)
     try:
-        with engine.connect() as conn:
-            result = _run(conn, config.query, 1)
+        with _connect(engine, config) as conn:
             try:
-                return set(_names(list(result.keys()), config))
-            finally:
-                result.close()
-    except SQLAlchemyError as exc:
-        raise SourceError(f"{where}: {_reason(exc)}") from None
+                result = _run(conn, config.query, 1)
+                try:
+                    return set(_names(list(result.keys()), config))
+                finally:
+                    result.close()
+            except SQLAlchemyError as exc:
+                raise SourceError(f"{config.at('query')}: {_reason(exc)}") from None
     finally:
         engine.dispose()
+
+
+def _connect(engine: Engine, config: SqlSourceConfig) -> Connection:
+    """A connection; SourceError naming the ``url:`` line and the URL (password hidden) when there is none."""
+    try:
+        return engine.connect()
+    except SQLAlchemyError as exc:
+        raise SourceError(f"{config.at('url')}: cannot connect to {config.describe()}: {_reason(exc)}") from None
 
 
 def _engine(config: SqlSourceConfig) -> Engine:
@@ -86,7 +102,7 @@ def _engine(config: SqlSourceConfig) -> Engine:
     if backend == "sqlite" and url.database and url.database != ":memory:" and not url.database.startswith("file:"):
         # SQLite creates a missing file: an HR database that is not there would read as an empty one.
         if not Path(url.database).is_file():
-            raise SourceError(f"{config.describe()}: no such database file: {url.database}")
+            raise SourceError(f"{config.at('url')}: no such database file: {url.database}")
     connect_args: dict[str, Any] = {}
     if backend == "sqlite":
         connect_args["timeout"] = config.connect_timeout
@@ -94,13 +110,42 @@ def _engine(config: SqlSourceConfig) -> Engine:
         connect_args["connect_timeout"] = max(1, round(config.connect_timeout))
     try:
         return create_engine(url, connect_args=connect_args, pool_pre_ping=False)
-    except (NoSuchModuleError, ModuleNotFoundError, ImportError) as exc:
+    except NoSuchModuleError:
         raise SourceError(
-            f"{config.describe()}: the database driver is not installed ({redaction.redact(str(exc))}); "
-            "install it next to provisioner (e.g. pip install 'psycopg[binary]')"
+            f"{config.at('url')}: no SQLAlchemy dialect or driver is known for '{url.drivername}' "
+            "(postgresql, mysql, mariadb, sqlite, mssql, oracle, optionally +driver)"
         ) from None
+    except ImportError as exc:
+        raise SourceError(f"{config.at('url')}: {_missing_driver(exc, url.drivername)}") from None
     except (SQLAlchemyError, ValueError, TypeError) as exc:
-        raise SourceError(f"{config.describe()}: cannot use this database URL: {redaction.redact(str(exc))}") from None
+        raise SourceError(f"{config.at('url')}: cannot use this database URL: {redaction.redact(str(exc))}") from None
+
+
+# The package that installs a DBAPI module, where its name differs from the module's.
+_DRIVER_PACKAGES = {
+    "psycopg": "psycopg[binary]",
+    "psycopg2": "psycopg2-binary",
+    "MySQLdb": "mysqlclient",
+    "pymysql": "PyMySQL",
+    "mysql": "mysql-connector-python",
+    "mariadb": "mariadb",
+    "cx_Oracle": "cx_Oracle",
+    "oracledb": "oracledb",
+    "pyodbc": "pyodbc",
+    "pymssql": "pymssql",
+    "asyncpg": "asyncpg",
+    "pg8000": "pg8000",
+}
+
+
+def _missing_driver(exc: ImportError, drivername: str) -> str:
+    """What to install for the DBAPI module the import did not find (the ImportError's ``name``)."""
+    module = (exc.name or "").split(".", 1)[0]
+    if not module:
+        return f"the database driver for '{drivername}' cannot be loaded: {redaction.redact(str(exc))}"
+    package = _DRIVER_PACKAGES.get(module, module)
+    return (f"the database driver for '{drivername}' is not installed (no module named '{module}'); "
+            f"install it next to provisioner: pip install '{package}'")  # fmt: skip
 
 
 def _run(conn: Connection, query: str, chunk_size: int) -> Any:
@@ -115,13 +160,14 @@ def _names(names: list[str], config: SqlSourceConfig) -> list[str]:
     for name in names:
         if name in seen:
             raise SourceError(
-                f"{config.describe()}: the query returns two columns named '{name}'; name them apart with AS"
+                f"{config.at('query')}: the query returns two columns named '{name}'; name them apart with AS"
             )
         seen.add(name)
     if config.key not in seen:
+        close = difflib.get_close_matches(config.key, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; it returns {', '.join(names) or 'none'}"
         raise SourceError(
-            f"{config.describe()}: the key column '{config.key}' is not among the query's columns "
-            f"({', '.join(names) or 'none'})"
+            f"{config.at('query')}: the query returns no column '{config.key}', the source's key{hint}"
         )
     return names
 

@@ -63,9 +63,23 @@ def test_a_query_that_fails_is_reported_by_check_and_refused_by_sync(workspace: 
     sql_workspace(workspace, [ADA], "    url: sqlite:///hr.db\n    query: SELECT * FROM persons\n")
 
     checked = provisioner(workspace, "check")
+    planned = provisioner(workspace, "plan")
     with pytest.raises(SourceError, match="no such table: persons"):
         workspace.sync_now()
 
-    assert checked.returncode == 3 and "no such table: persons" in checked.stderr
-    assert "Traceback" not in checked.stderr
+    where = f"{workspace.config_path}:{line_of(workspace.config_path, 'query:')}: sources.hr.query"
+    assert checked.returncode == 3 and f"{where}: no such table: persons\n" in checked.stderr
+    assert planned.returncode == 3 and planned.stderr.endswith(f"error: {where}: no such table: persons\n")
+    assert "Traceback" not in checked.stderr + planned.stderr
     assert scim.all() == []
+
+
+def test_a_database_that_is_not_there_is_named_at_the_url_line(workspace: Workspace) -> None:
+    sql_workspace(workspace, [ADA], "    url: sqlite:///gone.db\n    query: SELECT * FROM people\n")
+
+    checked = provisioner(workspace, "check")
+
+    where = f"{workspace.config_path}:{line_of(workspace.config_path, 'url:')}: sources.hr.url"
+    assert checked.returncode == 3, checked.stdout + checked.stderr
+    assert f"{where}: no such database file: {workspace.root / 'gone.db'}\n" in checked.stderr
+    assert "Traceback" not in checked.stderr

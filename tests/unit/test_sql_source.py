@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,11 @@ def test_a_row_without_a_key_is_a_bad_record_and_the_others_go_on(tmp_path: Path
     ("query", "message"),
     [
         pytest.param("SELECT first FROM employees",
-                     "the key column 'employee_id' is not among the query's columns (first)", id="no-key-column"),
+                     "the query returns no column 'employee_id', the source's key; it returns first",
+                     id="no-key-column"),
+        pytest.param("SELECT emp_no AS employee_no FROM employees",
+                     "the query returns no column 'employee_id', the source's key (did you mean 'employee_no'?)",
+                     id="key-column-misspelled"),
         pytest.param("SELECT emp_no AS employee_id, first AS employee_id FROM employees",
                      "the query returns two columns named 'employee_id'", id="two-columns-one-name"),
         pytest.param("SELECT * FROM nowhere", "no such table: nowhere", id="bad-query"),
@@ -211,7 +216,9 @@ def test_the_password_comes_from_the_environment_and_never_shows(
         list(read_source(source))
 
     assert source.engine_url().password == "pw-from-env/with@odd:chars"
-    assert str(raised.value).startswith("postgresql+psycopg://reader@127.0.0.1:1/hr: ")
+    assert str(raised.value).startswith(
+        f"{path}:5: sources.hr.url: cannot connect to postgresql+psycopg://reader@127.0.0.1:1/hr: "
+    )
     assert "pw-from-env" not in str(raised.value)
     assert redaction.is_registered("pw-from-env/with@odd:chars")
 
@@ -254,3 +261,59 @@ def test_a_password_with_url_characters_read_into_the_url_is_escaped_there_and_n
     assert "reader:***@127.0.0.1:1/hr" in str(raised.value)
     pieces = [piece for piece in ("Pa@ss", "ssword99", "ss/w", "rd#Xy9", "Xy9", "b?c", "c@d") if piece in password]
     assert [piece for piece in pieces if piece in str(raised.value)] == []
+
+
+@pytest.mark.parametrize(
+    ("source", "line", "message"),
+    [
+        pytest.param("    url: sqlite:///hr.db\n    query: SELECT * FROM employes", 6,
+                     "sources.hr.query: no such table: employes", id="no-such-table"),
+        pytest.param("    url: sqlite:///hr.db\n    query: SELEC * FROM employees", 6,
+                     'sources.hr.query: near "SELEC": syntax error', id="syntax-error"),
+        pytest.param("    url: sqlite:///hr.db\n    query: SELECT emp_no FROM employees", 6,
+                     "sources.hr.query: the query returns no column 'employee_id', the source's key; it returns emp_no",
+                     id="no-key-column"),
+        pytest.param("    url: sqlite:///gone.db\n    query: SELECT 1 AS employee_id", 5,
+                     "sources.hr.url: no such database file: ", id="no-database-file"),
+        pytest.param("    url: mysql://reader@db/hr\n    query: SELECT 1 AS employee_id", 5,
+                     "sources.hr.url: the database driver for 'mysql' is not installed (no module named 'MySQLdb'); "
+                     "install it next to provisioner: pip install 'mysqlclient'", id="driver-not-installed"),
+        pytest.param("    url: nodialect://db/hr\n    query: SELECT 1 AS employee_id", 5,
+                     "sources.hr.url: no SQLAlchemy dialect or driver is known for 'nodialect'", id="unknown-dialect"),
+    ],
+)  # fmt: skip
+def test_a_source_that_cannot_be_read_names_the_config_line_of_its_query_or_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, line: int, message: str
+) -> None:
+    hr_database(tmp_path / "hr.db", [(1, "Ada", "Lovelace", None, 1, "active")])
+    monkeypatch.setitem(sys.modules, "MySQLdb", None)  # not installed, wherever the tests run
+    path = write_config(tmp_path, source)
+    config = load_config(path).sources["hr"]
+
+    with pytest.raises(SourceError) as read:
+        list(read_source(config))
+    with pytest.raises(SourceError) as described:
+        source_columns(config)
+
+    for raised in (read, described):
+        assert str(raised.value).startswith(f"{path}:{line}: {message}")
+        assert "\n" not in str(raised.value)
+
+
+def test_a_missing_driver_is_named_and_psycopg_is_the_hint_for_postgresql_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.setitem(sys.modules, "pymysql", None)
+    postgresql = write_config(tmp_path, "    url: postgresql://reader@db/hr\n    query: SELECT 1 AS employee_id")
+    with pytest.raises(SourceError) as raised:
+        source_columns(load_config(postgresql).sources["hr"])
+    assert str(raised.value) == (
+        f"{postgresql}:5: sources.hr.url: the database driver for 'postgresql+psycopg' is not installed "
+        "(no module named 'psycopg'); install it next to provisioner: pip install 'psycopg[binary]'"
+    )
+
+    mysql = write_config(tmp_path, "    url: mysql+pymysql://reader@db/hr\n    query: SELECT 1 AS employee_id")
+    with pytest.raises(SourceError) as raised:
+        source_columns(load_config(mysql).sources["hr"])
+    assert "pip install 'PyMySQL'" in str(raised.value) and "psycopg" not in str(raised.value)
