@@ -569,8 +569,8 @@ class _Compiler:
             self.fail(self.doc.at(loc), f"attribute '{path}': options need the attribute's 'value'")
             return _Leaf(path, self.doc.at(loc))
         for key in [key for key in value if key not in _OPTION_KEYS | {"value"}]:
-            self.fail(self.doc.at((*loc, key)), f"attribute '{path}': unknown option '{key}'"
-                      f"{_suggest(str(key), _OPTION_KEYS) or '; the options are ' + ', '.join(sorted(_OPTION_KEYS))}")  # fmt: skip
+            hint = _suggest(str(key), _OPTION_KEYS) or f"; the options are {', '.join(sorted(_OPTION_KEYS))}"
+            self.fail(self.doc.at((*loc, key)), f"attribute '{path}': unknown option '{key}'{hint}")
         node = self.compile(value["value"], (*loc, "value"), path, declared)
         when = value.get("when", "always")
         if when == "create":
