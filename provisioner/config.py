@@ -543,7 +543,7 @@ def load_config(path: Path, *, secrets: bool = True) -> Config:
     resolved = _resolve_paths(config, path.resolve().parent)
     for name, source in resolved.sources.items():
         if isinstance(source, SqlSourceConfig):
-            locs = [("sources", name, key) for key in ("url", "query", "key")]
+            locs = [("sources", name, key) for key in ("url", "query")]
             source._at = {loc[-1]: f"{doc.where(loc)}: {_dotted(loc)}" for loc in locs}
     _check_state(resolved.state, doc)
     endpoints: list[tuple[Loc, TargetConfig | ScimSourceConfig]] = [

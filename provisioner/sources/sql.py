@@ -12,14 +12,17 @@ is one and its text otherwise, binary its base64 text (§2.3.6), a UUID its text
 A record's origin is the URL, password hidden, and the row's number in the
 result: ``postgresql+psycopg://reader@db/hr:17``. The URL's password never
 appears in a message: errors name the URL with the password hidden and pass
-through the masking registry.
+through the masking registry. A source read from a config file is named at the
+line to fix: a failing query at its ``query:`` (``config.yaml:6: sources.hr.query:
+no such table: employes``), a database that cannot be reached or a driver that
+is not installed at its ``url:``.
 """
 
 from __future__ import annotations
 
 import base64
-import difflib
 import datetime as dt
+import difflib
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
