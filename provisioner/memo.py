@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from provisioner.payload import loads, payload_hash, resolve_refs, unchosen, without
 from provisioner.planner import Kind, RenderMemo
-from provisioner.queue import LINK, OP
+from provisioner.queue import LINK, OP, driver_rows
 from provisioner.redaction import has_write_only
 from provisioner.store import RenderedRecord
 
@@ -30,8 +30,8 @@ def load_memo(engine: Engine, target: str) -> RenderMemo:
     """Every remembered render of a target (references left as stored JSON until a record needs them)."""
     columns = (MEMO.c.identity_key, MEMO.c.digest, MEMO.c.refs, MEMO.c.payload_hash, MEMO.c.match_value)
     with engine.connect() as conn:
-        rows = conn.execute(select(*columns).where(MEMO.c.target == target))
-        return RenderMemo({key: (digest, refs, desired, match) for key, digest, refs, desired, match in rows})
+        rows = driver_rows(conn.execute(select(*columns).where(MEMO.c.target == target)))
+    return RenderMemo({row[0]: row[1:] for row in rows})
 
 
 def save_memo(engine: Engine, target: str, memo: RenderMemo, present: Collection[str] | None = None) -> int:

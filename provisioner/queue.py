@@ -197,8 +197,23 @@ def load_links(engine: Engine, target: str) -> dict[str, Link]:
     """
     columns = (LINK.c.identity_key, LINK.c.scim_id, LINK.c.applied_hash, LINK.c.active, LINK.c.etag, LINK.c.owed_refs)
     with engine.connect() as conn:
-        rows = conn.execute(select(*columns).where(LINK.c.target == target))
-        return {row[0]: Link(row[0], row[1], row[2], bool(row[3]), row[4], _owes(row[5])) for row in rows}
+        rows = driver_rows(conn.execute(select(*columns).where(LINK.c.target == target)))
+    none: frozenset[str] = frozenset()
+    return {key: Link(key, scim_id, applied, bool(active), etag, _owes(owed) if owed else none)
+            for key, scim_id, applied, active, etag, owed in rows}  # fmt: skip
+
+
+def driver_rows(result: Any) -> list[tuple[Any, ...]]:
+    """A result's rows as the driver returned them, plain tuples, and the result closed.
+
+    Only for columns SQLAlchemy has nothing to convert: text, and flags read for
+    their truth (SQLite returns 0 and 1). Its per-row processing is a third of
+    reading 100,000 links.
+    """
+    try:
+        return result.cursor.fetchall() if result.cursor is not None else [tuple(row) for row in result]
+    finally:
+        result.close()
 
 
 def _owes(owed_refs: str | None) -> frozenset[str]:
