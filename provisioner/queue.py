@@ -316,7 +316,10 @@ def enqueue(
             rows.append(row)
             tally.new.append((key, message))
         for key in settled:
-            superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
+            # A no-change cycle settles every identity: look up first, build nothing for the rest.
+            stale = open_by_key.get(key)
+            if stale:
+                superseded.extend(r.id for r in stale if r.status != "running")
         if present is not None:
             for key, existing in open_by_key.items():
                 if key not in present:
