@@ -319,7 +319,7 @@ def enqueue(
             # A no-change cycle settles every identity: look up first, build nothing for the rest.
             stale = open_by_key.get(key)
             if stale:
-                superseded.extend(r.id for r in stale if r.status != "running")
+                superseded.extend(r.id for r in stale if r.status != "running" and not _unconfirmed_create(r))
         if present is not None:
             for key, existing in open_by_key.items():
                 if key not in present:
@@ -363,6 +363,17 @@ def _decision_row(run_id: str, target: str, d: Decision, now: datetime, held: bo
 def _names_write_only(text: str) -> bool:
     """Whether a payload's JSON text may hold a write-only attribute: most do not, and are not walked."""
     return any(f'"{name}"' in text for name in WRITE_ONLY)
+
+
+def _unconfirmed_create(row: Any) -> bool:
+    """Whether an open row is a create already tried: its POST may have made the account, unlinked.
+
+    Superseding it when the identity needs no account (a leaver before the
+    retry) would leave that account active with nothing to find it by; kept,
+    the retry adopts it (it looks the account up first) and the next plan
+    disables it as any leaver's.
+    """
+    return row.kind == Kind.CREATE.value and row.status in ("pending", "retry_wait") and (row.attempts or 0) > 0
 
 
 def _is_rejection(row: Any) -> bool:
@@ -410,7 +421,7 @@ def open_rows(conn: Any, target: str, kinds: Sequence[str]) -> dict[str, list[An
     meanwhile (SQLite's ``BEGIN IMMEDIATE`` already keeps claimers out).
     """
     query = (
-        select(OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.payload_hash, OP.c.status, OP.c.last_error)
+        select(OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.payload_hash, OP.c.status, OP.c.last_error, OP.c.attempts)
         .where(OP.c.target == target, OP.c.status.in_(OPEN), OP.c.kind.in_(kinds))
         .with_for_update()
     )

@@ -26,6 +26,7 @@ from provisioner.queue import (
     prune,
     record,
     record_many,
+    recover_orphans,
 )
 from provisioner.redaction import register
 from provisioner.store import open_store
@@ -149,6 +150,21 @@ def test_enqueue_leaves_a_running_operation_of_a_settled_identity_alone(engine: 
     enqueue(engine, "run-2", "app", [], settled=["E1"])
 
     assert statuses(db) == [("E1", "disable", "running")]
+
+
+def test_enqueue_keeps_a_tried_create_of_a_settled_identity(engine: Engine, db: Path) -> None:
+    """A leaver whose create was sent by a process killed before the answer: its account may exist.
+
+    Superseded, that account would stay active with no link to disable it by;
+    kept, the retry adopts it. A create never tried made nothing and goes.
+    """
+    enqueue(engine, "run-1", "app", [CREATE, Decision("E2", Kind.CREATE, Reason.JOINER, {"userName": "b@x"}, "h3")])
+    claim(engine, "app", identities=["E1"])
+    recover_orphans(engine)
+
+    enqueue(engine, "run-2", "app", [], settled=["E1", "E2"])
+
+    assert statuses(db) == [("E1", "create", "pending"), ("E2", "create", "superseded")]
 
 
 def test_rejected_record_is_written_as_failed_with_its_reason(engine: Engine, db: Path) -> None:

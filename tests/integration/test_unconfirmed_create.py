@@ -1,0 +1,49 @@
+"""A create that was sent but never confirmed may have made the account: a leaver's is not dropped.
+
+A process killed while its POST was on the wire (or a POST whose answer was
+lost) leaves the create open with no link: the account may exist in the
+target, active. If the identity leaves before the create is retried, the plan
+has nothing to disable (no link) and the identity looks settled; superseding
+the open create then leaves the account active for good, with no row saying so
+(the crash run, ``tests/crashrun.py``, found a leaver left active this way).
+Against a real scim2-server over HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from provisioner.demo import ScimServer
+from tests.conftest import ScimReader, Workspace, hr_row
+from tests.faultproxy import fault_proxy  # noqa: F401 - a fixture, found by name
+from tests.integration.test_bad_operations import behind
+from tests.integration.test_owed_references import next_cycle
+
+ADA = hr_row("E1", "Ada", "Lovelace")
+LEFT = {**ADA, "status": "terminated"}
+CORE = "urn:ietf:params:scim:schemas:core:2.0:User"
+
+
+def test_a_leaver_whose_create_may_have_been_applied_ends_disabled(
+    workspace: Workspace, scim_server: ScimServer, scim: ScimReader, fault_proxy: Any
+) -> None:
+    # The POST reaches the target, its answer does not come back: the account exists, unlinked.
+    def lost(method: str, path: str, body: bytes | None) -> int | None:
+        if method == "POST" and body is not None and ADA["email"].encode() in body:
+            scim.http.post("Users", json={"schemas": [CORE], "userName": ADA["email"], "active": True})
+            return 503
+        return None
+
+    proxy = fault_proxy(scim_server.base_url, answer=lost)
+    behind(workspace, proxy.base_url, scim_server.token)
+    workspace.write_source([ADA])
+    workspace.sync_now()
+    assert scim.user(ADA["email"])["active"] is True, "the set-up: made, yet unconfirmed"
+    assert [(r["kind"], r["status"]) for r in workspace.operations()] == [("create", "retry_wait")]
+
+    workspace.write_source([LEFT])
+    next_cycle(workspace)  # the create is finished: it adopts the account it made
+    next_cycle(workspace)  # which, linked now, is a leaver's to disable
+
+    assert scim.user(ADA["email"])["active"] is False
+    assert not [row for row in workspace.operations() if row["status"] not in ("succeeded", "superseded")]
