@@ -9,7 +9,8 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
 from provisioner.lifecycle import STATUSES, Reason
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from provisioner.config import Config
     from provisioner.health import TargetHealth
     from provisioner.queue import Selection
@@ -452,10 +455,7 @@ def _sync_only(config: Config, args: argparse.Namespace) -> int:
     """``sync --only KEY…``: provision these identities now (provisioner.ondemand); the exit code is about them alone."""
     import asyncio
 
-    from provisioner.lock import PlannerLock, StateLock
     from provisioner.ondemand import sync_only
-    from provisioner.queue import recover_orphans
-    from provisioner.store import open_store
     from provisioner.sync import load_target_mapping, selected_targets
 
     targets = selected_targets(config, args.target)
@@ -465,18 +465,8 @@ def _sync_only(config: Config, args: argparse.Namespace) -> int:
         if not args.json:
             print(line, flush=True)
 
-    with StateLock(config.state):
-        engine = open_store(config.state)
-        planners = PlannerLock(engine)
-        try:
-            busy = [name for name in targets if not planners.holds(name)]
-            if busy:
-                raise UserError(f"target {busy[0]!r} is being planned by a running daemon instance; "
-                                "let it run the cycle (`provisioner status` shows its progress)")  # fmt: skip
-            recover_orphans(engine)
-            reports = [asyncio.run(sync_only(engine, config, name, mappings[name], args.only, echo)) for name in targets]
-        finally:
-            planners.close()
+    with _planning(config, targets) as engine:
+        reports = [asyncio.run(sync_only(engine, config, name, mappings[name], args.only, echo)) for name in targets]
     if args.json:
         print(orjson.dumps([{"target": r.target, "run_id": r.run_id, "ok": r.ok, "missing": r.missing,
                              "rejected": r.rejected, "held": r.held, "statuses": r.statuses} for r in reports],
@@ -484,8 +474,8 @@ def _sync_only(config: Config, args: argparse.Namespace) -> int:
     for report in reports:
         if not args.json:
             outcome = "ok" if report.ok else "not ok"
-            counts = "  ".join(f"{status} {count}" for status, count in sorted(report.statuses.items()))
-            print(f"{report.target}: {outcome}  {counts}  (run {report.run_id})")
+            counts = [f"{status} {count}" for status, count in sorted(report.statuses.items())] or ["nothing sent"]
+            print(f"{report.target}: {outcome}  {'  '.join(counts)}  (run {report.run_id})")
     if any(r.held for r in reports):
         return EXIT_SAFETY_STOP
     return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED_OPERATIONS
@@ -510,9 +500,7 @@ def _run_sync(config: Config, names: list[str] | None) -> tuple[int, list[Target
 
     from provisioner.daemon import check_alerts, keep_leases
     from provisioner.health import target_health
-    from provisioner.lock import PlannerLock, StateLock
-    from provisioner.queue import default_instance, identify, recover_orphans
-    from provisioner.store import open_store
+    from provisioner.queue import default_instance, identify
     from provisioner.sync import load_target_mapping, selected_targets, sync_target
 
     targets = selected_targets(config, names)
@@ -526,23 +514,37 @@ def _run_sync(config: Config, names: list[str] | None) -> tuple[int, list[Target
             renewer.cancel()
             await check_alerts(engine, config, targets)
 
+    with _planning(config, targets) as engine:
+        reports = asyncio.run(cycle())
+        # The exit code says how the targets are now, not only what this cycle sent: work left
+        # waiting by an earlier cycle (a 401 an hour ago) still waits.
+        healths = target_health(engine, targets)
+    return exit_code(healths), reports, healths
+
+
+@contextmanager
+def _planning(config: Config, targets: list[str]) -> Iterator[Engine]:
+    """The state database, locked for a one-shot cycle, with these targets' planner lock held.
+
+    Raises UserError when a running daemon instance plans one of them: on a shared
+    database one planner at a time. Rows an earlier process left running are recovered first.
+    """
+    from provisioner.lock import PlannerLock, StateLock
+    from provisioner.queue import recover_orphans
+    from provisioner.store import open_store
+
     with StateLock(config.state):
         engine = open_store(config.state)
         planners = PlannerLock(engine)
         try:
-            # On a shared database a daemon may be planning these targets: one planner at a time.
             busy = [name for name in targets if not planners.holds(name)]
             if busy:
                 raise UserError(f"target {busy[0]!r} is being planned by a running daemon instance; "
                                 "let it run the cycle (`provisioner status` shows its progress)")  # fmt: skip
             recover_orphans(engine)
-            reports = asyncio.run(cycle())
+            yield engine
         finally:
             planners.close()
-        # The exit code says how the targets are now, not only what this cycle sent: work left
-        # waiting by an earlier cycle (a 401 an hour ago) still waits.
-        healths = target_health(engine, targets)
-    return exit_code(healths), reports, healths
 
 
 def exit_code(healths: dict[str, TargetHealth]) -> int:
