@@ -463,75 +463,6 @@ asyncio.run(main())
 
 # -- part c: the 100k cycle, as the commands run it ------------------------------------
 
-# A minimal in-memory SCIM 2.0 server: asyncio, HTTP/1.1 keep-alive, one process. POST /Users
-# (a new id each), GET /Users/{id}, GET /Users?filter=userName eq "…" (an index), PUT/PATCH
-# (the stored resource, PUT replacing it), DELETE; /ServiceProviderConfig; 404 for the rest.
-# It costs far less than the engine per request, so the engine is what is measured.
-FAST_SCIM = r"""
-import asyncio, itertools, json, re, sys, urllib.parse
-users, by_name, ids = {}, {}, itertools.count(1)
-SPC = {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"], "patch": {"supported": True},
-       "bulk": {"supported": False, "maxOperations": 0, "maxPayloadSize": 0},
-       "filter": {"supported": True, "maxResults": 200}, "changePassword": {"supported": False},
-       "sort": {"supported": False}, "etag": {"supported": False}, "authenticationSchemes": []}
-LIST = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
-def answer(status, body=None, location=None):
-    data = b"" if body is None else json.dumps(body).encode()
-    head = f"HTTP/1.1 {status} X\r\nContent-Type: application/scim+json\r\nContent-Length: {len(data)}\r\n"
-    if location:
-        head += f"Location: {location}\r\n"
-    return head.encode() + b"\r\n" + data
-def handle_request(method, target, body, host):
-    path, _, query = target.partition("?")
-    parts = path.rstrip("/").split("/")
-    if parts[-1] == "ServiceProviderConfig":
-        return answer(200, SPC)
-    if parts[-1] == "Users":
-        if method == "POST":
-            resource = json.loads(body)
-            name = str(resource.get("userName", "")).lower()
-            if name in by_name:
-                return answer(409, {"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"], "status": "409",
-                                    "scimType": "uniqueness"})
-            rid = str(next(ids))
-            location = f"http://{host}/v2/Users/{rid}"
-            resource.update(id=rid, meta={"resourceType": "User", "location": location})
-            users[rid] = resource
-            by_name[name] = rid
-            return answer(201, resource, location)
-        wanted = re.search(r'userName eq "((?:[^"\\]|\\.)*)"', urllib.parse.unquote_plus(query))
-        found = [users[by_name[wanted.group(1).lower()]]] if wanted and wanted.group(1).lower() in by_name else []
-        return answer(200, {"schemas": [LIST], "totalResults": len(found), "startIndex": 1,
-                            "itemsPerPage": len(found), "Resources": found})
-    if len(parts) >= 2 and parts[-2] == "Users" and parts[-1] in users:
-        rid = parts[-1]
-        if method == "DELETE":
-            by_name.pop(str(users.pop(rid).get("userName", "")).lower(), None)
-            return answer(204)
-        if method == "PUT":
-            resource = json.loads(body)
-            resource.update(id=rid, meta=users[rid]["meta"])
-            users[rid] = resource
-        return answer(200, users[rid])
-    return answer(404, {"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"], "status": "404"})
-async def connection(reader, writer):
-    try:
-        while True:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-            method, target, _ = head[0].split(" ", 2)
-            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
-            body = await reader.readexactly(int(headers.get("content-length", 0) or 0))
-            writer.write(handle_request(method, target, body, headers.get("host", "")))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    finally:
-        writer.close()
-async def main():
-    server = await asyncio.start_server(connection, "127.0.0.1", int(sys.argv[1]), backlog=256)
-    print("ready", flush=True)
-    await server.serve_forever()
-asyncio.run(main())
-"""
 
 # Runs one provisioner command in a fresh process and writes what it cost: CPU of the command
 # itself (imports apart), CPU of the imports, peak RSS of the process (ru_maxrss, KiB on Linux).
@@ -595,28 +526,25 @@ def bench_load(identities: int, concurrency: int, folder: Path) -> None:
     work = folder / "load"
     work.mkdir()
     write_hr_csv(work / "hr.csv", hr_rows(identities, seed=4))
-    port = free_port()
-    with subprocess.Popen([sys.executable, "-c", FAST_SCIM, str(port)], stdout=subprocess.PIPE) as server:
-        try:
-            assert server.stdout is not None
-            server.stdout.readline()
-            os.environ[TOKEN_VARIABLE] = "bench"
-            config = write_config(work, f"http://127.0.0.1:{port}/v2", concurrency)
-            load = run_command(work, "sync", "--config", str(config))
-            print(f"initial sync      {load['wall']:7.1f} s wall  {load['cpu']:6.1f} s CPU  "
-                  f"peak RSS {load['maxrss_kb'] / 1024:5.0f} MB  (exit {load['code']}; "
-                  f"{identities / load['wall']:.0f} identities/s)")
-            floor = planning_floor(config, "bench")
-            print(f"planning floor    {per_record(floor, identities)}  (read + hash + compare with the stored state)")
-            for label, args in (("no-change sync 1", ("sync",)), ("no-change sync 2", ("sync",)),
-                                ("no-change plan", ("plan",))):  # fmt: skip
-                figures = run_command(work, *args, "--config", str(config))
-                print(f"{label:<17} {figures['cpu'] / identities * 1e6:8.1f} µs CPU/record  "
-                      f"({figures['cpu']:6.2f} s CPU, {figures['wall']:6.2f} s wall with imports, "
-                      f"{figures['import_cpu']:.2f} s CPU of imports, peak RSS {figures['maxrss_kb'] / 1024:.0f} MB, "
-                      f"exit {figures['code']})  {figures['cpu'] / floor.cpu:4.1f}× the floor")
-        finally:
-            server.kill()
+    # The throughput benchmark's in-memory target: keep-alive HTTP/1.1, in a process of its own.
+    from bench_throughput import Target
+
+    with Target() as target:
+        os.environ[TOKEN_VARIABLE] = "bench"
+        config = write_config(work, target.base_url, concurrency)
+        load = run_command(work, "sync", "--config", str(config))
+        print(f"initial sync      {load['wall']:7.1f} s wall  {load['cpu']:6.1f} s CPU  "
+              f"peak RSS {load['maxrss_kb'] / 1024:5.0f} MB  (exit {load['code']}; "
+              f"{identities / load['wall']:.0f} identities/s)")
+        floor = planning_floor(config, "bench")
+        print(f"planning floor    {per_record(floor, identities)}  (read + hash + compare with the stored state)")
+        for label, args in (("no-change sync 1", ("sync",)), ("no-change sync 2", ("sync",)),
+                            ("no-change plan", ("plan",))):  # fmt: skip
+            figures = run_command(work, *args, "--config", str(config))
+            print(f"{label:<17} {figures['cpu'] / identities * 1e6:8.1f} µs CPU/record  "
+                  f"({figures['cpu']:6.2f} s CPU, {figures['wall']:6.2f} s wall with imports, "
+                  f"{figures['import_cpu']:.2f} s CPU of imports, peak RSS {figures['maxrss_kb'] / 1024:.0f} MB, "
+                  f"exit {figures['code']})  {figures['cpu'] / floor.cpu:4.1f}× the floor")
 
 
 def configure_logs(mode: str) -> None:
