@@ -6,10 +6,11 @@ Prints figures; asserts nothing. Run from the repository root:
     .venv/bin/python benchmarks/bench_reconcile.py --accounts 10000 --page-size 500
 
 For N accounts: an HR file of N people (every tenth the manager of the next
-nine), a state database where every one is linked, and a minimal SCIM server
-in another process that serves exactly what the shipped mapping renders for
-them (so every account is ``linked`` without drift): ``GET /Users`` paged by
-``startIndex``/``count`` and ``GET /Users/{id}``. The reconciliation
+nine), a state database where every one is linked, and the in-memory SCIM
+target of ``bench_throughput.py`` in another process, started holding exactly
+what the shipped mapping renders for them (so every account is ``linked``
+without drift): ``GET /Users`` paged by ``startIndex``/``count`` (it ignores
+``attributes=`` and sends whole accounts) and ``GET /Users/{id}``. The reconciliation
 (``provisioner.reconcile.reconcile_target``, report only) runs in a fresh
 child process, so that its peak RSS is its own: the source read and rendered,
 the pages read and classified, the findings kept; ``baseline_rss_mb`` is the
@@ -28,10 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -49,57 +49,17 @@ def people(count: int) -> list[dict[str, str]]:
     ]  # fmt: skip
 
 
-def serve(count: int, port_file: Path) -> None:
-    """A SCIM server holding what the mapping renders for ``count`` people, each with id ``u`` + key."""
-    import orjson
-
+def accounts(count: int) -> Iterator[dict[str, Any]]:
+    """What the mapping renders for ``count`` people, each with id ``u`` + key: the target's accounts."""
     from provisioner.demo import DEMO_MAPPING
     from provisioner.mapping import load_mapping
     from provisioner.payload import resolve_refs
 
     mapping = load_mapping(DEMO_MAPPING)
-    users: list[bytes] = []
-    index: dict[str, int] = {}
     for row in people(count):
         payload = resolve_refs(mapping.render(row).payload, lambda key: f"u{key}")[0]
         payload["id"] = f"u{row['employee_id']}"
-        index[payload["id"]] = len(users)
-        users.append(orjson.dumps(payload))
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body in separate writes would wait for a delayed ACK (Nagle): ~40 ms a request.
-        disable_nagle_algorithm = True
-
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
-            url = urlsplit(self.path)
-            if url.path == "/v2/Users":
-                query = parse_qs(url.query)
-                start = max(int(query.get("startIndex", ["1"])[0]), 1)
-                size = int(query.get("count", ["100"])[0])
-                page = users[start - 1 : start - 1 + size]
-                body = (b'{"schemas":["urn:ietf:params:scim:api:messages:2.0:ListResponse"],"totalResults":%d,'
-                        b'"startIndex":%d,"itemsPerPage":%d,"Resources":[' % (len(users), start, len(page))
-                        + b",".join(page) + b"]}")  # fmt: skip
-                self._send(200, body)
-            elif url.path.startswith("/v2/Users/") and url.path[len("/v2/Users/") :] in index:
-                self._send(200, users[index[url.path[len("/v2/Users/") :]]])
-            else:
-                self._send(404, b'{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"404"}')
-
-        def _send(self, status: int, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/scim+json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server API
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    port_file.write_text(str(server.server_address[1]))
-    server.serve_forever()
+        yield payload
 
 
 def peak_rss_mb() -> float:
@@ -149,19 +109,15 @@ def reconcile(config_path: Path) -> None:
 def bench(count: int, page_size: int) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="bench-reconcile-"))
     write_csv(folder / "hr.csv", people(count))
-    port_file = folder / "port"
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(count), str(port_file)])
-    try:
-        while not port_file.exists() or not port_file.read_text():
-            time.sleep(0.2)
-            if server.poll() is not None:
-                raise SystemExit("the benchmark server did not start")
-        port = int(port_file.read_text())
+    # The throughput benchmark's in-memory target, holding the accounts from the start.
+    from bench_throughput import Target
+
+    with Target(seed=accounts(count)) as target:
         (folder / "config.yaml").write_text(f"""state: sqlite:///state.db
 sources: {{hr: {{type: csv, path: hr.csv, key: employee_id}}}}
 targets:
   app:
-    base_url: http://127.0.0.1:{port}/v2
+    base_url: {target.base_url}
     allow_insecure_http: true
     auth: {{type: bearer, token: "{TOKEN}"}}
     source: hr
@@ -179,22 +135,15 @@ targets:
         child = subprocess.run([sys.executable, __file__, "--reconcile", str(folder / "config.yaml"),
                                 "--log-level", "warning"], capture_output=True, text=True, check=True)  # fmt: skip
         return {"accounts": count, "page_size": page_size, **json.loads(child.stdout.strip().splitlines()[-1])}
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--page-size", type=int, default=100)
-    parser.add_argument("--serve", nargs=2, metavar=("COUNT", "PORT_FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--reconcile", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        serve(int(args.serve[0]), Path(args.serve[1]))
-        return
     if args.reconcile:
         from provisioner import logs
 

@@ -12,9 +12,9 @@ once every daemon is up, ``provisioner target resume`` lets them send. The
 figure is N users / (last operation finished - resume), read from the queue's
 own timestamps, so start-up and planning are left out.
 
-The target is a minimal in-memory SCIM 2.0 server in its own process
-(HTTP/1.1 keep-alive, ``ThreadingHTTPServer``): POST /Users, GET by filter,
-``/ServiceProviderConfig``. It is much faster than scim2-server (wsgiref,
+The target is the in-memory SCIM 2.0 server of ``bench_throughput.py`` in its
+own process (HTTP/1.1 keep-alive; the daemons use POST /Users, GET by filter and
+``/ServiceProviderConfig``). It is much faster than scim2-server (wsgiref,
 HTTP/1.0), so the figures measure the engine and its database, not the target.
 Every daemon shares this machine's cores with the target and PostgreSQL: on a
 2-core machine three daemons cannot run three times as fast.
@@ -23,18 +23,13 @@ Every daemon shares this machine's cores with the target and PostgreSQL: on a
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,74 +37,13 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, select  # noqa: E402 - after the path is set
 
-from provisioner.demo import DEMO_MAPPING, free_port  # noqa: E402
+from bench_throughput import Target  # noqa: E402 - the in-memory SCIM target
+from provisioner.demo import DEMO_MAPPING  # noqa: E402
 from provisioner.queue import OP  # noqa: E402
 from provisioner.store import as_utc, open_store  # noqa: E402
 from tests.postgres.server import PostgresServer  # noqa: E402
 
 TOKEN = "bench-token"
-SPC = {
-    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
-    "patch": {"supported": True},
-    "bulk": {"supported": False, "maxOperations": 0, "maxPayloadSize": 0},
-    "filter": {"supported": True, "maxResults": 200},
-    "changePassword": {"supported": False},
-    "sort": {"supported": False},
-    "etag": {"supported": False},
-    "authenticationSchemes": [],
-}
-
-
-class _FastScim(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: without this, delayed ACKs cost 40 ms a request.
-    disable_nagle_algorithm = True
-    users: dict[str, dict[str, object]] = {}
-    lock = threading.Lock()
-
-    def _answer(self, status: int, body: object, location: str | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/scim+json")
-        self.send_header("Content-Length", str(len(data)))
-        if location:
-            self.send_header("Location", location)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:  # noqa: N802 - the http.server API
-        path, _, query = self.path.partition("?")
-        if path.endswith("/ServiceProviderConfig"):
-            return self._answer(200, SPC)
-        if path.endswith("/Users"):
-            match = re.search(r'userName%20eq%20%22([^%]+)%22|userName eq "([^"]+)"', query)
-            wanted = (match.group(1) or match.group(2)).lower() if match else None
-            with self.lock:
-                found = [u for u in self.users.values() if wanted is None or str(u["userName"]).lower() == wanted]
-            return self._answer(200, {"schemas": ["urn:ietf:params:scim:api:messages:2.0:ListResponse"],
-                                      "totalResults": len(found), "startIndex": 1, "itemsPerPage": len(found),
-                                      "Resources": found})  # fmt: skip
-        self._answer(404, {"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"], "status": "404"})
-
-    def do_POST(self) -> None:  # noqa: N802 - the http.server API
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        resource_id = uuid.uuid4().hex
-        location = f"http://{self.headers['Host']}/v2/Users/{resource_id}"
-        body.update(id=resource_id, meta={"resourceType": "User", "location": location})
-        with self.lock:
-            self.users[resource_id] = body
-        self._answer(201, body, location)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the http.server API
-        return
-
-
-def serve(port: int) -> None:
-    """Run the fast SCIM target until killed (``--serve PORT``)."""
-    server = ThreadingHTTPServer(("127.0.0.1", port), _FastScim)
-    server.daemon_threads = True
-    server.request_queue_size = 128
-    server.serve_forever()
 
 
 def write_source(path: Path, users: int) -> None:
@@ -120,7 +54,7 @@ def write_source(path: Path, users: int) -> None:
             handle.write(f"E{n:06d},First{n},Last{n},user{n}@example.com,,Engineer,Dept{n % 7},CC-100,R&D,,active\n")
 
 
-def write_config(folder: Path, state: str, port: int, concurrency: int, name: str) -> Path:
+def write_config(folder: Path, state: str, base_url: str, concurrency: int, name: str) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(
         f"""state: {state}
@@ -128,7 +62,7 @@ sources:
   hr: {{type: csv, path: hr.csv, key: employee_id, schedule: {{every: 1h}}}}
 targets:
   app:
-    base_url: http://127.0.0.1:{port}/v2
+    base_url: {base_url}
     allow_insecure_http: true
     auth: {{type: bearer, token: "{TOKEN}"}}
     source: hr
@@ -156,13 +90,11 @@ def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
 
 def run_once(state: str, daemons: int, users: int, concurrency: int) -> tuple[float, dict[str, int]]:
     """One measured run; returns (ops/s, operations sent by instance)."""
-    port = free_port()
-    target = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
     processes: list[subprocess.Popen[bytes]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as tmp:
+    with Target() as target, tempfile.TemporaryDirectory(prefix="bench-scaleout-") as tmp:
         folder = Path(tmp)
         write_source(folder / "hr.csv", users)
-        configs = [write_config(folder, state, port, concurrency, f"d{i + 1}") for i in range(daemons)]
+        configs = [write_config(folder, state, target.base_url, concurrency, f"d{i + 1}") for i in range(daemons)]
         engine = open_store(state)
         try:
             cli("target", "pause", "app", "--config", str(configs[0]))
@@ -196,8 +128,6 @@ def run_once(state: str, daemons: int, users: int, concurrency: int) -> tuple[fl
                 process.send_signal(signal.SIGTERM)
             for process in processes:
                 process.wait(timeout=60)
-            target.kill()
-            target.wait()
             engine.dispose()
 
 
@@ -205,11 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=8, help="max_concurrency of each daemon")
-    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        serve(args.serve)
-        return
     print(f"{args.users} creates, {args.concurrency} in flight per daemon, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start")
     with tempfile.TemporaryDirectory(prefix="bench-sqlite-") as tmp:

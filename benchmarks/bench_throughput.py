@@ -26,9 +26,11 @@ machine falls on both sides of each ratio alike.
 The target is a small in-memory SCIM 2.0 server in its own process (so its
 CPU is not counted as the client's): HTTP/1.1 keep-alive on asyncio streams,
 users in a dict, POST (409 on a taken userName), GET by id, GET with
-``filter=userName eq "…"``, PUT, PATCH (add/replace/remove by path, or
-without one), DELETE and ``/ServiceProviderConfig`` (PATCH supported, no
-ETags). Client CPU is ``time.process_time`` of this process.
+``filter=userName eq "…"``, GET of every user paged by ``startIndex`` and
+``count``, PUT, PATCH (add/replace/remove by path, or without one), DELETE
+and ``/ServiceProviderConfig`` (PATCH supported, no ETags); no Groups. Other
+benchmarks use it too (``Target(seed=…)`` starts it holding Users already).
+Client CPU is ``time.process_time`` of this process.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import argparse
 import asyncio
 import cProfile
 import gc
+import itertools
 import json
 import os
 import pstats
@@ -47,9 +50,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -96,9 +100,23 @@ attributes:
 
 
 class _Store:
-    def __init__(self) -> None:
+    """Users by id (in the order they came), and their ids by ``userName`` in lower case."""
+
+    def __init__(self, seed: Path | None = None) -> None:
         self.users: dict[str, dict[str, Any]] = {}
         self.by_name: dict[str, str] = {}
+        if seed is not None:
+            with seed.open(encoding="utf-8") as lines:
+                for line in lines:
+                    if line.strip():
+                        self.add(json.loads(line))
+
+    def add(self, resource: dict[str, Any]) -> None:
+        """Hold ``resource`` as it is, under its ``id`` (a new one when it has none)."""
+        if "id" not in resource:
+            resource["id"] = uuid.uuid4().hex
+        self.users[resource["id"]] = resource
+        self.by_name[str(resource.get("userName", "")).lower()] = resource["id"]
 
 
 def _apply_patch(resource: dict[str, Any], operations: list[dict[str, Any]]) -> None:
@@ -165,17 +183,21 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, st
                 resource_id = uuid.uuid4().hex
                 body["id"] = resource_id
                 body["meta"] = {"resourceType": "User", "location": f"/v2/Users/{resource_id}"}
-                store.users[resource_id] = body
-                store.by_name[name] = resource_id
+                store.add(body)
                 answer(201, body, body["meta"]["location"])
             elif len(parts) == 1 and method == "GET":
-                match = re.search(r'userName eq "((?:[^"\\]|\\.)*)"', unquote(query.replace("+", " ")))
+                params = parse_qs(query)
+                match = re.search(r'userName eq "((?:[^"\\]|\\.)*)"', params.get("filter", [""])[0])
                 if match:
                     found_id = store.by_name.get(match.group(1).lower())
-                    found = [store.users[found_id]] if found_id else []
+                    everyone = [store.users[found_id]] if found_id else []
                 else:
-                    found = list(store.users.values())[:200]
-                answer(200, {"schemas": [LIST], "totalResults": len(found), "startIndex": 1,
+                    everyone = store.users.values()
+                # RFC 7644 §3.4.2.4: startIndex counts from 1 (less reads as 1), count as asked (200 unasked).
+                start = max(int(params.get("startIndex", ["1"])[0]), 1)
+                count = max(int(params.get("count", ["200"])[0]), 0)
+                found = list(itertools.islice(everyone, start - 1, start - 1 + count))
+                answer(200, {"schemas": [LIST], "totalResults": len(everyone), "startIndex": start,
                              "itemsPerPage": len(found), "Resources": found})  # fmt: skip
             elif len(parts) == 2:
                 resource = store.users.get(parts[1])
@@ -211,11 +233,14 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, st
         writer.close()
 
 
-def serve(port: int) -> None:
-    """Run the in-memory target until killed (``--serve PORT``); prints ``ready`` once listening."""
+def serve(port: int, seed: Path | None = None) -> None:
+    """Run the in-memory target until killed (``--serve PORT``); prints ``ready`` once listening.
+
+    ``seed`` (``--seed FILE``): JSON lines, one User each, held from the start under their own ``id``.
+    """
 
     async def main() -> None:
-        store = _Store()
+        store = _Store(seed)
         server = await asyncio.start_server(lambda r, w: _handle(r, w, store), "127.0.0.1", port, backlog=256)
         print("ready", flush=True)
         await server.serve_forever()
@@ -224,16 +249,30 @@ def serve(port: int) -> None:
 
 
 class Target:
-    """A fresh target process for one run."""
+    """A fresh target process for one run.
+
+    ``seed``: Users it holds from the start, each under its own ``id`` (one is made for a User
+    without), as when they were created in an earlier run: listed and found by filter alike.
+    """
+
+    def __init__(self, seed: Iterable[dict[str, Any]] = ()) -> None:
+        self.seed = seed
 
     def __enter__(self) -> Target:
         from provisioner.demo import free_port
 
         self.port = free_port()
-        self.process = subprocess.Popen([sys.executable, __file__, "--serve", str(self.port)], stdout=subprocess.PIPE)
-        assert self.process.stdout is not None
-        if self.process.stdout.readline().strip() != b"ready":
-            raise SystemExit("the target did not start")
+        command = [sys.executable, __file__, "--serve", str(self.port)]
+        with tempfile.TemporaryDirectory(prefix="bench-target-") as tmp:
+            seed = Path(tmp) / "seed.jsonl"
+            with seed.open("w", encoding="utf-8") as lines:
+                for resource in self.seed:
+                    lines.write(json.dumps(resource) + "\n")
+            self.process = subprocess.Popen([*command, "--seed", str(seed)], stdout=subprocess.PIPE)
+            assert self.process.stdout is not None
+            # The file is read by the time the target says it is ready.
+            if self.process.stdout.readline().strip() != b"ready":
+                raise SystemExit("the target did not start")
         self.base_url = f"http://127.0.0.1:{self.port}/v2"
         return self
 
@@ -444,9 +483,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16], help="in flight (default 4 16)")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the engine runs here (slows them down)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.seed)
         return
     _quiet_logs()
     profiler = cProfile.Profile(time.process_time) if args.profile else None  # CPU, not wall: the machine is shared
