@@ -227,12 +227,66 @@ class SqlSourceConfig(_SourceCommon):
         return self._at.get(key) or self.describe()
 
 
-class ScimSourceConfig(_SourceCommon):
+class _HttpEndpoint(_Strict):
+    """A SCIM endpoint the engine calls (a target, a SCIM source): URL, credentials, HTTP limits and checks.
+
+    The checks that need the whole file (clear-text credentials, ``ca_bundle``) are in :func:`load_config`.
+    """
+
+    base_url: str
+    auth: AuthConfig
+    # Seconds one request may take in all, answer included (also each connect/read/write at most).
+    timeout: float = Field(default=30.0, gt=0, le=600)
+    # A larger answer body is refused as invalid (retried later), never read whole: 16 MiB.
+    max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    retry: RetryConfig = RetryConfig()
+    # Requests per second or minute to this endpoint, retries and token requests included: "10/s", "180/min".
+    rate_limit: str | None = None
+    # http:// sends credentials in clear text: refused unless said here. true: loopback hosts only
+    # (127.0.0.0/8, ::1, localhost: a local test server); a list: exactly these host names.
+    allow_insecure_http: bool | list[str] = False
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("allow_insecure_http")
+    @classmethod
+    def _insecure_hosts(cls, value: bool | list[str]) -> bool | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty host list allows nothing: write false, or name the hosts")
+            return [host.strip().lower().strip("[]") for host in value]
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate(value)
+        return value
+
+    def insecure_http_allowed(self, url: str) -> bool:
+        """Whether ``url`` may be sent over plain http:// (see ``allow_insecure_http``)."""
+        if not is_clear_text(url):
+            return True
+        host = url_host(url) or ""
+        if self.allow_insecure_http is True:
+            return is_loopback(host)
+        if isinstance(self.allow_insecure_http, list):
+            return host in self.allow_insecure_http
+        return False
+
+
+class ScimSourceConfig(_HttpEndpoint, _SourceCommon):
     """An HR system's SCIM 2.0 endpoint, read page by page (RFC 7644 §3.4.2); auth as a target's."""
 
     type: Literal["scim"]
-    base_url: str
-    auth: AuthConfig
     # The resource endpoint read: Users (RFC 7644 §3.2).
     endpoint: str = "Users"
     # A SCIM filter (RFC 7644 §3.4.2.2) selecting the source's population: `active eq true`. A full
@@ -248,30 +302,8 @@ class ScimSourceConfig(_SourceCommon):
     # Only these attributes are asked for (RFC 7644 §3.4.2.5); null: what the server returns by default.
     attributes: list[str] | None = None
     page_size: int = Field(default=100, ge=1, le=10_000)
-    timeout: float = Field(default=30.0, gt=0, le=600)
-    max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    verify_tls: bool = True
-    ca_bundle: Path | None = None
-    allow_insecure_http: bool | list[str] = False
-    rate_limit: str | None = None
-    retry: RetryConfig = RetryConfig()
     # What TargetSession needs of a target: one request at a time is plenty for paging.
     max_concurrency: int = Field(default=1, ge=1, le=16)
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        return _http_base_url(value)
-
-    @field_validator("allow_insecure_http")
-    @classmethod
-    def _hosts(cls, value: bool | list[str]) -> bool | list[str]:
-        return _insecure_hosts(value)
-
-    @field_validator("rate_limit")
-    @classmethod
-    def _rate(cls, value: str | None) -> str | None:
-        return _rate_limit(value)
 
     @field_validator("full_every", "delta_overlap")
     @classmethod
@@ -287,10 +319,6 @@ class ScimSourceConfig(_SourceCommon):
         if value is None or not key or key == "id" or any(_may_hold(entry, key) for entry in value):
             return value
         raise ValueError(f"none of these attributes gives the key '{key}'; add it (id is always returned)")
-
-    def insecure_http_allowed(self, url: str) -> bool:
-        """Whether ``url`` may be sent over plain http:// (see ``allow_insecure_http``)."""
-        return _insecure_http_allowed(self.allow_insecure_http, url)
 
     def describe(self) -> str:
         """How messages name this source: the endpoint it reads."""
@@ -312,37 +340,6 @@ def _may_hold(entry: str, key: str) -> bool:
 
 
 AnySourceConfig = Annotated[SourceConfig | SqlSourceConfig | ScimSourceConfig, Field(discriminator="type")]
-
-
-def _http_base_url(value: str) -> str:
-    if not re.match(r"^https?://[^/\s]+", value):
-        raise ValueError("must be an http:// or https:// URL")
-    return value.rstrip("/")
-
-
-def _insecure_hosts(value: bool | list[str]) -> bool | list[str]:
-    if isinstance(value, list):
-        if not value:
-            raise ValueError("an empty host list allows nothing: write false, or name the hosts")
-        return [host.strip().lower().strip("[]") for host in value]
-    return value
-
-
-def _rate_limit(value: str | None) -> str | None:
-    if value is not None:
-        parse_rate(value)
-    return value
-
-
-def _insecure_http_allowed(allowed: bool | list[str], url: str) -> bool:
-    if not is_clear_text(url):
-        return True
-    host = url_host(url) or ""
-    if allowed is True:
-        return is_loopback(host)
-    if isinstance(allowed, list):
-        return host in allowed
-    return False
 
 
 class QuirksConfig(_Strict):
@@ -410,11 +407,9 @@ def parse_interval(text: str | None) -> float | None:
     return seconds or None
 
 
-class TargetConfig(_Strict):
+class TargetConfig(_HttpEndpoint):
     """One SCIM 2.0 target and how identities reach it."""
 
-    base_url: str
-    auth: AuthConfig
     source: str
     mapping: Path
     leaver: Literal["disable", "delete"] = "disable"
@@ -424,10 +419,6 @@ class TargetConfig(_Strict):
     max_deprovision_share: float | None = Field(default=0.10, ge=0, le=1)
     enabled: bool = True
     max_concurrency: int = Field(default=4, ge=1, le=64)
-    # Seconds one request may take in all, answer included (also each connect/read/write at most).
-    timeout: float = Field(default=30.0, gt=0, le=600)
-    # A larger answer body is refused as invalid (retried later), never read whole: 16 MiB.
-    max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     update_method: Literal["auto", "patch", "put"] = "auto"
     # Look the account up by the mapping's match attribute before POSTing: on every create,
     # only when a create is retried (its first answer may have been lost), or never.
@@ -435,15 +426,7 @@ class TargetConfig(_Strict):
     # An update whose account vanished from the target: create it again, or send it to review.
     on_missing: Literal["recreate", "review"] = "recreate"
     use_etags: Literal["auto", "always", "never"] = "auto"
-    verify_tls: bool = True
-    ca_bundle: Path | None = None
     quarantine: QuarantinePolicy = QuarantinePolicy()
-    retry: RetryConfig = RetryConfig()
-    # Requests per second or minute to this target, retries and token requests included: "10/s", "180/min".
-    rate_limit: str | None = None
-    # http:// sends credentials in clear text: refused unless said here. true: loopback hosts only
-    # (127.0.0.0/8, ::1, localhost: a local test server); a list: exactly these host names.
-    allow_insecure_http: bool | list[str] = False
     # Groups and memberships (mappings/groups.yaml); null: no groups are managed in this target.
     groups: Path | None = None
     # Member changes per PATCH /Groups/{id} (AWS IAM Identity Center accepts at most 100).
@@ -475,11 +458,6 @@ class TargetConfig(_Strict):
     reconcile_every: str | None = "1d"
     reconcile: ReconcileConfig = ReconcileConfig()
 
-    @field_validator("rate_limit")
-    @classmethod
-    def _rate(cls, value: str | None) -> str | None:
-        return _rate_limit(value)
-
     @field_validator("group_reconcile_every")
     @classmethod
     def _reconcile_every(cls, value: str | None) -> str | None:
@@ -495,20 +473,6 @@ class TargetConfig(_Strict):
         if isinstance(value, str):
             parse_interval(value)
         return value
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        return _http_base_url(value)
-
-    @field_validator("allow_insecure_http")
-    @classmethod
-    def _insecure_hosts(cls, value: bool | list[str]) -> bool | list[str]:
-        return _insecure_hosts(value)
-
-    def insecure_http_allowed(self, url: str) -> bool:
-        """Whether ``url`` may be sent over plain http:// (see ``allow_insecure_http``)."""
-        return _insecure_http_allowed(self.allow_insecure_http, url)
 
 
 class Config(_Strict):
@@ -546,7 +510,7 @@ def load_config(path: Path, *, secrets: bool = True) -> Config:
             locs = [("sources", name, key) for key in ("url", "query")]
             source._at = {loc[-1]: f"{doc.where(loc)}: {_dotted(loc)}" for loc in locs}
     _check_state(resolved.state, doc)
-    endpoints: list[tuple[Loc, TargetConfig | ScimSourceConfig]] = [
+    endpoints: list[tuple[Loc, _HttpEndpoint]] = [
         (("targets", name), target) for name, target in resolved.targets.items()
     ]
     endpoints += [(("sources", n), s) for n, s in resolved.sources.items() if isinstance(s, ScimSourceConfig)]
@@ -675,7 +639,7 @@ def _check_references(config: Config, doc: YamlDocument) -> None:
             raise ConfigError(f"{doc.where(loc)}: {_dotted(loc)}: no source named '{target.source}' (known: {known})")
 
 
-def _refuse_clear_text(at: Loc, target: TargetConfig | ScimSourceConfig, doc: YamlDocument) -> None:
+def _refuse_clear_text(at: Loc, target: _HttpEndpoint, doc: YamlDocument) -> None:
     urls: list[tuple[Loc, str]] = [((*at, "base_url"), target.base_url)]
     if isinstance(target.auth, OAuth2Config):
         urls.append(((*at, "auth", "token_url"), target.auth.token_url))
@@ -695,7 +659,7 @@ def _refuse_clear_text(at: Loc, target: TargetConfig | ScimSourceConfig, doc: Ya
         )
 
 
-def _refuse_unverified_ca(at: Loc, target: TargetConfig | ScimSourceConfig, doc: YamlDocument) -> None:
+def _refuse_unverified_ca(at: Loc, target: _HttpEndpoint, doc: YamlDocument) -> None:
     if not target.verify_tls and target.ca_bundle is not None:
         loc = (*at, "verify_tls")
         raise ConfigError(
