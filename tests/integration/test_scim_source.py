@@ -25,11 +25,8 @@ CORE = "urn:ietf:params:scim:schemas:core:2.0:User"
 @pytest.fixture(scope="module")
 def module_hr_server() -> Iterator[ScimServer]:
     """The HR system: a scim2-server of its own, apart from the target the workspace provisions."""
-    server = start_scim_server()
-    try:
+    with start_scim_server() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
