@@ -247,7 +247,7 @@ class Executor:
                 started = time.perf_counter()
                 client.history.clear()
                 outcome = await self._apply(client, op, links)
-                outcome.calls = [call_record(x) for x in client.history]
+                outcome.calls = call_records(client.history, outcome.status == "succeeded", self.config.call_bodies)
                 outcome.attempt = op.attempts
                 if outcome.http_status is None and outcome.calls:
                     outcome.http_status = outcome.calls[-1].http_status
@@ -977,8 +977,23 @@ def _after_conflict(conflict: Conflict, exc: ScimError) -> ScimError:
                     request=conflict.request, response_body=conflict.response_body)  # fmt: skip
 
 
-def call_record(exchange: Exchange) -> CallRecord:
-    """An HTTP round trip as the queue keeps it: bodies with secret attributes masked."""
+def call_records(history: list[Exchange], succeeded: bool, bodies: str) -> list[CallRecord]:
+    """An operation's HTTP round trips as the queue keeps them (``bodies``: ``call_bodies`` of the target).
+
+    Under ``failures``, the calls of an operation that succeeded at once keep
+    their method, URL, status and timing, not their bodies: what was sent is
+    the operation's payload, what came back is the account, readable from the
+    target. An operation with a call that failed on the way (a retried 503, a
+    412 and what was sent after it) keeps every body, as one that did not
+    succeed.
+    """
+    keep = bodies == "all" or not succeeded or any(x.error is not None or not 200 <= (x.status or 0) < 300
+                                                       for x in history)  # fmt: skip
+    return [call_record(x, bodies=keep) for x in history]
+
+
+def call_record(exchange: Exchange, *, bodies: bool = True) -> CallRecord:
+    """An HTTP round trip as the queue keeps it: bodies with secret attributes masked (or left out)."""
     error = exchange.error
     return CallRecord(
         started_at=exchange.started_at,
@@ -990,8 +1005,8 @@ def call_record(exchange: Exchange) -> CallRecord:
         detail=error.detail if error else None,
         error=str(error) if error else None,
         # Write-only attributes are masked by name, and secrets' values, where the body is stored (queue).
-        request_body=exchange.request_body,
-        response_body=exchange.response_body,
+        request_body=exchange.request_body if bodies else None,
+        response_body=exchange.response_body if bodies else None,
     )
 
 
