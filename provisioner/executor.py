@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from datetime import datetime
 from typing import Any, Literal
 
@@ -205,6 +206,8 @@ class Executor:
                 for key in wave:
                     work.put_nowait(by_key[key])
                 await asyncio.gather(*(self._worker(client, work, links, report, tally, commits) for client in clients))
+                # The wave's outcomes are written and counted before the next wave, or the probe, is judged.
+                commits.close()
             if tally.only_repeated:
                 await target_answers(clients[0], tally)
         finally:
@@ -251,26 +254,33 @@ class Executor:
                 outcome.attempt = op.attempts
                 if outcome.http_status is None and outcome.calls:
                     outcome.http_status = outcome.calls[-1].http_status
-                await commits.record(op.identity_key, outcome)
-                report.finished.add(op.id)
-                tally.add(
-                    ok=outcome.status == "succeeded",
-                    # Put off because the target asked us to wait: a busy target, not a failing one.
-                    unwell=(outcome.status == "retry_wait" and outcome.retry_after is None)
-                    or outcome.http_status == 401,
-                    auth=outcome.http_status == 401,
-                    error=outcome.error,
-                    repeated=op.failed_before,
-                )
-                self._measure(op, outcome)
+                # This cycle's later operations see the account as it now is in the target (a report's
+                # create names a manager created a moment ago), recorded or not yet.
                 if outcome.drop_link:
                     links.pop(op.identity_key, None)
                 elif outcome.link is not None:
                     links[op.identity_key] = outcome.link
-                report.statuses[outcome.status] += 1
-                if outcome.status == "succeeded":
-                    report.done[op.kind.value] += 1
-                self._log(op, outcome, started)
+                # Sent: never given back as unstarted, even if its outcome cannot be written.
+                report.finished.add(op.id)
+                commits.hand_in(op.identity_key, outcome, partial(self._recorded, op, outcome, started, report, tally))
+
+    def _recorded(
+        self, op: ClaimedOperation, outcome: Outcome, started: float, report: ExecutionReport, tally: Tally
+    ) -> None:
+        """Count an operation whose outcome is committed: the round's tally, metrics, the report, its log line."""
+        tally.add(
+            ok=outcome.status == "succeeded",
+            # Put off because the target asked us to wait: a busy target, not a failing one.
+            unwell=(outcome.status == "retry_wait" and outcome.retry_after is None) or outcome.http_status == 401,
+            auth=outcome.http_status == 401,
+            error=outcome.error,
+            repeated=op.failed_before,
+        )
+        self._measure(op, outcome)
+        report.statuses[outcome.status] += 1
+        if outcome.status == "succeeded":
+            report.done[op.kind.value] += 1
+        self._log(op, outcome, started)
 
     async def _apply(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
         return await self._attempt(client, op, links)
