@@ -268,14 +268,7 @@ class Executor:
         self, op: ClaimedOperation, outcome: Outcome, started: float, report: ExecutionReport, tally: Tally
     ) -> None:
         """Count an operation whose outcome is committed: the round's tally, metrics, the report, its log line."""
-        tally.add(
-            ok=outcome.status == "succeeded",
-            # Put off because the target asked us to wait: a busy target, not a failing one.
-            unwell=(outcome.status == "retry_wait" and outcome.retry_after is None) or outcome.http_status == 401,
-            auth=outcome.http_status == 401,
-            error=outcome.error,
-            repeated=op.failed_before,
-        )
+        tally_outcome(tally, outcome, repeated=op.failed_before)
         self._measure(op, outcome)
         report.statuses[outcome.status] += 1
         if outcome.status == "succeeded":
@@ -985,6 +978,18 @@ def _after_conflict(conflict: Conflict, exc: ScimError) -> ScimError:
         return exc
     return Conflict(said, status=conflict.status or 409, scim_type=conflict.scim_type, detail=conflict.detail,
                     request=conflict.request, response_body=conflict.response_body)  # fmt: skip
+
+
+def tally_outcome(tally: Tally, outcome: Any, *, repeated: bool) -> None:
+    """Count an operation's outcome (an account's or a group's) in the round's tally."""
+    tally.add(
+        ok=outcome.status == "succeeded",
+        # Put off because the target asked us to wait: a busy target, not a failing one.
+        unwell=(outcome.status == "retry_wait" and outcome.retry_after is None) or outcome.http_status == 401,
+        auth=outcome.http_status == 401,
+        error=outcome.error,
+        repeated=repeated,
+    )
 
 
 def call_records(history: list[Exchange], succeeded: bool, bodies: str) -> list[CallRecord]:
