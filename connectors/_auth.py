@@ -52,6 +52,11 @@ class BearerAuth(httpx.Auth):
     def __repr__(self) -> str:
         return "BearerAuth(token=***)"
 
+    @property
+    def header(self) -> str:
+        """The ``Authorization`` header's value (a secret: never logged)."""
+        return self._header
+
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers["Authorization"] = self._header
         yield request

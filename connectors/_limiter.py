@@ -85,7 +85,10 @@ class TargetLimiter:
     async def slot(self) -> AsyncIterator[None]:
         """Hold one of the target's ``max_concurrency`` slots, once the rate and any pause allow."""
         async with self._slots:
-            await self._wait_turn()
+            # Nothing to wait for (no rate, no pause, nobody queued for a turn): the turn is taken at once,
+            # without the lock; anyone queued keeps their place.
+            if self.rate_limit is not None or self._turns.locked() or self._clock() < self._paused_until:
+                await self._wait_turn()
             self.in_flight += 1
             try:
                 yield

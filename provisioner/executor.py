@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from datetime import datetime
 from typing import Any, Literal
 
@@ -205,6 +206,8 @@ class Executor:
                 for key in wave:
                     work.put_nowait(by_key[key])
                 await asyncio.gather(*(self._worker(client, work, links, report, tally, commits) for client in clients))
+                # The wave's outcomes are written and counted before the next wave, or the probe, is judged.
+                commits.close()
             if tally.only_repeated:
                 await target_answers(clients[0], tally)
         finally:
@@ -247,30 +250,30 @@ class Executor:
                 started = time.perf_counter()
                 client.history.clear()
                 outcome = await self._apply(client, op, links)
-                outcome.calls = [call_record(x) for x in client.history]
+                outcome.calls = call_records(client.history, outcome.status == "succeeded", self.config.call_bodies)
                 outcome.attempt = op.attempts
                 if outcome.http_status is None and outcome.calls:
                     outcome.http_status = outcome.calls[-1].http_status
-                await commits.record(op.identity_key, outcome)
-                report.finished.add(op.id)
-                tally.add(
-                    ok=outcome.status == "succeeded",
-                    # Put off because the target asked us to wait: a busy target, not a failing one.
-                    unwell=(outcome.status == "retry_wait" and outcome.retry_after is None)
-                    or outcome.http_status == 401,
-                    auth=outcome.http_status == 401,
-                    error=outcome.error,
-                    repeated=op.failed_before,
-                )
-                self._measure(op, outcome)
+                # This cycle's later operations see the account as it now is in the target (a report's
+                # create names a manager created a moment ago), recorded or not yet.
                 if outcome.drop_link:
                     links.pop(op.identity_key, None)
                 elif outcome.link is not None:
                     links[op.identity_key] = outcome.link
-                report.statuses[outcome.status] += 1
-                if outcome.status == "succeeded":
-                    report.done[op.kind.value] += 1
-                self._log(op, outcome, started)
+                # Sent: never given back as unstarted, even if its outcome cannot be written.
+                report.finished.add(op.id)
+                commits.hand_in(op.identity_key, outcome, partial(self._recorded, op, outcome, started, report, tally))
+
+    def _recorded(
+        self, op: ClaimedOperation, outcome: Outcome, started: float, report: ExecutionReport, tally: Tally
+    ) -> None:
+        """Count an operation whose outcome is committed: the round's tally, metrics, the report, its log line."""
+        tally_outcome(tally, outcome, repeated=op.failed_before)
+        self._measure(op, outcome)
+        report.statuses[outcome.status] += 1
+        if outcome.status == "succeeded":
+            report.done[op.kind.value] += 1
+        self._log(op, outcome, started)
 
     async def _apply(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
         return await self._attempt(client, op, links)
@@ -977,8 +980,35 @@ def _after_conflict(conflict: Conflict, exc: ScimError) -> ScimError:
                     request=conflict.request, response_body=conflict.response_body)  # fmt: skip
 
 
-def call_record(exchange: Exchange) -> CallRecord:
-    """An HTTP round trip as the queue keeps it: bodies with secret attributes masked."""
+def tally_outcome(tally: Tally, outcome: Any, *, repeated: bool) -> None:
+    """Count an operation's outcome (an account's or a group's) in the round's tally."""
+    tally.add(
+        ok=outcome.status == "succeeded",
+        # Put off because the target asked us to wait: a busy target, not a failing one.
+        unwell=(outcome.status == "retry_wait" and outcome.retry_after is None) or outcome.http_status == 401,
+        auth=outcome.http_status == 401,
+        error=outcome.error,
+        repeated=repeated,
+    )
+
+
+def call_records(history: list[Exchange], succeeded: bool, bodies: str) -> list[CallRecord]:
+    """An operation's HTTP round trips as the queue keeps them (``bodies``: ``call_bodies`` of the target).
+
+    Under ``failures``, the calls of an operation that succeeded at once keep
+    their method, URL, status and timing, not their bodies: what was sent is
+    the operation's payload, what came back is the account, readable from the
+    target. An operation with a call that failed on the way (a retried 503, a
+    412 and what was sent after it) keeps every body, as one that did not
+    succeed.
+    """
+    keep = bodies == "all" or not succeeded or any(x.error is not None or not 200 <= (x.status or 0) < 300
+                                                       for x in history)  # fmt: skip
+    return [call_record(x, bodies=keep) for x in history]
+
+
+def call_record(exchange: Exchange, *, bodies: bool = True) -> CallRecord:
+    """An HTTP round trip as the queue keeps it: bodies with secret attributes masked (or left out)."""
     error = exchange.error
     return CallRecord(
         started_at=exchange.started_at,
@@ -990,8 +1020,8 @@ def call_record(exchange: Exchange) -> CallRecord:
         detail=error.detail if error else None,
         error=str(error) if error else None,
         # Write-only attributes are masked by name, and secrets' values, where the body is stored (queue).
-        request_body=exchange.request_body,
-        response_body=exchange.response_body,
+        request_body=exchange.request_body if bodies else None,
+        response_body=exchange.response_body if bodies else None,
     )
 
 

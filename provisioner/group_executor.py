@@ -68,7 +68,7 @@ from provisioner.payload import dumps, loads
 from provisioner.reactions import MembersRead, Step, group_members, next_removal_form, on_member_removal
 from provisioner.quarantine import Admission, Tally, admission
 from provisioner.quirks import load_quirks
-from provisioner.executor import call_record, judge, put_off, target_answers
+from provisioner.executor import call_records, judge, put_off, tally_outcome, target_answers
 from provisioner.queue import (
     DEPROVISION,
     CallRecord,
@@ -513,7 +513,7 @@ class GroupExecutor:
                     op = work.pop()
                     started = time.perf_counter()
                     out = await self._apply(client, op)
-                    out.calls = [call_record(x) for x in client.history]
+                    out.calls = call_records(client.history, out.status == "succeeded", self.config.call_bodies)
                     self.calls += len(client.history)
                     client.history.clear()
                     out.attempt = op.attempts
@@ -522,13 +522,7 @@ class GroupExecutor:
                     record_group(self.engine, self.target, op.group_key, op.identities, out)
                     self._remember(op.group_key, out)
                     finished.add(op.id)
-                    tally.add(
-                        ok=out.status == "succeeded",
-                        unwell=(out.status == "retry_wait" and out.retry_after is None) or out.http_status == 401,
-                        auth=out.http_status == 401,
-                        error=out.error,
-                        repeated=op.failed_before,
-                    )
+                    tally_outcome(tally, out, repeated=op.failed_before)
                     report.statuses[out.status] += 1
                     if out.status == "succeeded":
                         report.done[op.kind.value] += 1

@@ -842,45 +842,70 @@ def _writer(engine: Engine) -> _Writer:
 
 
 class GroupCommit:
-    """Outcomes of concurrent workers written together, each worker waiting until its own is written.
+    """Outcomes of concurrent workers written together, in groups of up to ``max_group``.
 
-    ``await commits.record(key, outcome)`` returns once the outcome is committed
-    (or raises what writing it raised): the account counts as done only then, as
-    with :func:`record`. Outcomes handed in while the event loop runs the other
-    ready workers are written by :func:`record_many` in one transaction, on the
-    loop's next turn; no worker waits for more than that. Create it inside the
-    running event loop.
+    A worker hands its outcome in with :meth:`hand_in` and goes on to its next
+    operation; ``then`` runs once the outcome is committed. Whatever counts an
+    operation as done belongs in ``then``: nothing counts before it is recorded,
+    as with :func:`record`. A group is written by :func:`record_many` in one
+    transaction when it holds ``max_group`` outcomes, ``max_wait`` seconds after
+    its first one, at once when an outcome is not a success (the quarantine's
+    count of failures in a row must not lag), and by :meth:`close`.
+
+    A transaction costs about as much as writing a dozen rows (SQLite: ~190 µs
+    for a group of one, ~65 µs an outcome in a group of 16), so a worker that
+    waited for its own outcome's commit kept groups to one or two. An outcome
+    handed in but not yet written when the process dies is an operation sent
+    and not recorded, as a crash between a send and its record always was: its
+    row stays claimed until its lease runs out, and its retry looks the account
+    up before creating it again. A group that cannot be written is kept as the
+    error, which :meth:`hand_in` and :meth:`close` raise; its outcomes' ``then``
+    never run. Create it inside the running event loop.
     """
 
-    def __init__(self, engine: Engine, target: str) -> None:
+    def __init__(self, engine: Engine, target: str, *, max_group: int = 64, max_wait: float = 0.02) -> None:
         self.engine = engine
         self.target = target
+        self.max_group = max_group
+        self.max_wait = max_wait
+        self.error: BaseException | None = None
         self._loop = asyncio.get_running_loop()
-        self._waiting: list[tuple[str, Outcome, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[str, Outcome, Callable[[], None]]] = []
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def record(self, identity_key: str, outcome: Outcome) -> None:
-        """Write one outcome with the others handed in meanwhile; return once it is committed."""
-        done = self._loop.create_future()
-        if not self._waiting:
-            self._loop.call_soon(self.flush)
-        self._waiting.append((identity_key, outcome, done))
-        await done
+    def hand_in(self, identity_key: str, outcome: Outcome, then: Callable[[], None]) -> None:
+        """Queue one outcome for writing; ``then()`` runs once it is committed. Raises an earlier group's error."""
+        if self.error is not None:
+            raise self.error
+        self._waiting.append((identity_key, outcome, then))
+        if len(self._waiting) >= self.max_group or outcome.status != "succeeded":
+            self.flush()
+            if self.error is not None:
+                raise self.error
+        elif self._timer is None:
+            self._timer = self._loop.call_later(self.max_wait, self.flush)
 
     def flush(self) -> None:
-        """Write every outcome handed in and not written yet, now."""
+        """Write every outcome handed in and not written yet, now, then run their ``then``."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         group, self._waiting = self._waiting, []
-        if not group:
+        if not group or self.error is not None:
             return
         try:
             record_many(self.engine, self.target, [(key, outcome) for key, outcome, _ in group])
-        except Exception as exc:  # noqa: BLE001 - each waiting worker gets it, as record() would have raised it
-            for *_, done in group:
-                if not done.done():
-                    done.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - kept for hand_in() and close() to raise in the workers' task
+            self.error = exc
             return
-        for *_, done in group:
-            if not done.done():
-                done.set_result(None)
+        for *_, then in group:
+            then()
+
+    def close(self) -> None:
+        """Write what is still waiting; raise the error of any group that could not be written."""
+        self.flush()
+        if self.error is not None:
+            raise self.error
 
 
 def _upsert(dialect: str) -> Any:

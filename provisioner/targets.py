@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import ssl
 from dataclasses import dataclass, field, replace
 
@@ -150,12 +152,33 @@ def _masked(token: str) -> str:
 
 
 def _tls(config: TargetConfig | ScimSourceConfig) -> bool | ssl.SSLContext:
-    """One TLS context for all the target's clients: building one per client costs ~30 ms of CPU."""
+    """One TLS context for all the target's clients: building one costs ~30 ms of CPU.
+
+    Kept for the process and shared by every cycle (a daemon starts one session
+    per target per cycle); a CA bundle edited on disk (same path, another
+    modification time or size) is read again.
+    """
     if not config.verify_tls:
         return False
     if config.ca_bundle:
-        return ssl.create_default_context(cafile=str(config.ca_bundle))
+        path = str(config.ca_bundle)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            # Let ssl say what is wrong with it.
+            return ssl.create_default_context(cafile=path)
+        return _bundle_context(path, stat.st_mtime_ns, stat.st_size)
+    return _system_context()
+
+
+@functools.cache
+def _system_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
+
+
+@functools.lru_cache(maxsize=16)
+def _bundle_context(path: str, mtime_ns: int, size: int) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=path)
 
 
 def _auth(

@@ -106,6 +106,8 @@ class Workspace:
 
     def write_config(self, *, source_type: str = "csv", **target_options: Any) -> None:
         """Write config.yaml (relative paths, token from the environment) with extra target options."""
+        # These tests read what was sent in the call log: every call keeps its bodies unless a test says.
+        target_options.setdefault("call_bodies", "all")
         extra = "".join(f"\n    {key}: {value}" for key, value in target_options.items())
         self.source_path = self.root / ("hr.jsonl" if source_type == "jsonl" else "hr.csv")
         self.config_path.write_text(

@@ -1,7 +1,7 @@
 """Groups and memberships against a real SCIM server (scim2-server over HTTP).
 
 The server's state is read with plain httpx; HTTP calls are counted from the
-operation's attempt rows and by wrapping ``httpx.AsyncClient.send``.
+operation's attempt rows and by wrapping httpx's transport (``AsyncHTTPTransport.handle_async_request``).
 """
 
 from __future__ import annotations
@@ -45,15 +45,15 @@ class CountingTransport:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: Counter[tuple[str, str]] = Counter()
-        original = httpx.AsyncClient.send
+        original = httpx.AsyncHTTPTransport.handle_async_request
         counter = self.calls
 
-        async def send(client: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        async def send(transport: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
             resource = request.url.path.split("/v2/", 1)[-1].split("/", 1)[0]
             counter[(request.method, resource)] += 1
-            return await original(client, request, **kwargs)
+            return await original(transport, request)
 
-        monkeypatch.setattr(httpx.AsyncClient, "send", send)
+        monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", send)
 
     def of(self, method: str, resource: str = "Groups") -> int:
         return self.calls[(method, resource)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from sqlalchemy import Engine
 from provisioner.mapping import Ref
 from provisioner.planner import Decision, Kind, Link, Reason
 from provisioner.queue import (
+    GroupCommit,
     CallRecord,
     LinkState,
     Outcome,
@@ -389,6 +391,47 @@ def test_a_group_with_an_account_linked_twice_sends_only_that_outcome_to_review(
     assert [rows[key]["status"] for key in ("E4", "E5", "E6")] == ["succeeded", "failed", "succeeded"]
     assert "acct-1 is already linked to identity E4" in rows["E5"]["last_error"]
     assert set(load_links(engine, "app")) == {"E4", "E6"}
+    engine.dispose()
+
+
+async def test_a_group_commit_counts_nothing_before_it_is_written(tmp_path: Path) -> None:
+    """Successes wait for a group; a failure writes the group at once; ``then`` runs after the commit only."""
+    engine = open_store(f"sqlite:///{tmp_path / 'group.db'}")
+    enqueue(engine, "r1", "app", [Decision(f"E{n}", Kind.CREATE, Reason.JOINER, {"userName": f"u{n}"}, "h")
+                                  for n in range(4)])  # fmt: skip
+    ops = claim(engine, "app")
+    commits = GroupCommit(engine, "app", max_group=3, max_wait=60)
+    counted: list[str] = []
+    link = LinkState("acct", True, None, None, "h", {})
+
+    commits.hand_in("E0", Outcome(ops[0].id, "succeeded", link=replace(link, scim_id="a0")), lambda: counted.append("E0"))
+    assert counted == [] and statuses(tmp_path / "group.db")[0][2] == "running"
+    commits.hand_in("E1", Outcome(ops[1].id, "retry_wait", error="busy"), lambda: counted.append("E1"))
+    assert counted == ["E0", "E1"]  # the failure wrote the waiting success with it, in order
+    assert [s for *_, s in statuses(tmp_path / "group.db")][:2] == ["succeeded", "retry_wait"]
+
+    commits.hand_in("E2", Outcome(ops[2].id, "succeeded", link=replace(link, scim_id="a2")), lambda: counted.append("E2"))
+    commits.close()
+    assert counted == ["E0", "E1", "E2"]
+    engine.dispose()
+
+
+async def test_a_group_that_cannot_be_written_is_raised_and_counts_nothing(tmp_path: Path) -> None:
+    engine = open_store(f"sqlite:///{tmp_path / 'broken.db'}")
+    enqueue(engine, "r1", "app", [Decision("E1", Kind.CREATE, Reason.JOINER, {"userName": "u1"}, "h")])
+    [op] = claim(engine, "app")
+    commits = GroupCommit(engine, "app", max_wait=60)
+    counted: list[str] = []
+    commits.hand_in("E1", Outcome(op.id, "succeeded"), lambda: counted.append("E1"))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE attempt")
+    commits.hand_in("E1", Outcome(op.id, "succeeded", calls=[CallRecord(datetime.now(UTC), 1.0, "POST", "u", 201)]),
+                    lambda: counted.append("again"))  # fmt: skip
+    with pytest.raises(Exception, match="attempt"):
+        commits.close()
+    with pytest.raises(Exception, match="attempt"):
+        commits.hand_in("E1", Outcome(op.id, "succeeded"), lambda: counted.append("later"))
+    assert counted == []
     engine.dispose()
 
 
