@@ -77,7 +77,6 @@ from provisioner.queue import (
     load_links,
     open_rows,
     release,
-    replaced_by,
     write_plan,
 )
 from provisioner.sources import read_source
@@ -171,31 +170,110 @@ def enqueue_groups(
     """Write a group plan to the queue; an identical open row is kept, an older different one superseded.
 
     ``brake`` (see :func:`member_brake`) gets the number of members the new rows
-    remove and the members of the target's groups in the member state; when it says so, the rows that remove members are written ``held``
-    and wait for ``provisioner approve RUN_ID`` (their additions wait with them).
+    would remove and the members of the target's groups in the member state;
+    when it says so, the removals are written ``held`` and wait for
+    ``provisioner approve RUN_ID``. Only removals wait: a group that also gains
+    members (or is renamed) gets two rows, its additions sent at once and its
+    removals held. Removals already held (or approved) for a group stay the row
+    they are while the plan still wants exactly them, so the run to approve does
+    not move from cycle to cycle. Removals an operator rejected that the plan
+    still wants are held again, and their row says so.
     """
     now = utcnow()
     rows: list[dict[str, Any]] = []
-    removals: list[tuple[dict[str, Any], int]] = []
     superseded: list[int] = []
     with engine.begin() as conn:
         open_by_key = open_rows(conn, target, GROUP_KINDS)
+        wanted: list[tuple[GroupDecision, list[Any]]] = []
         for d in plan.decisions:
-            digest = d.payload_hash()
-            replaced = replaced_by(open_by_key.get(d.group_key, []), d.kind.value, digest)
-            if replaced is None:
-                continue
-            superseded.extend(replaced)
-            rows.append(_new_row(run_id, target, d, digest, identities, now))
-            if d.remove:
-                removals.append((rows[-1], len(d.remove)))
+            existing = open_by_key.get(d.group_key, [])
+            if any(r.status == "running" for r in existing):
+                continue  # planned again once it has finished
+            wanted.append((d, existing))
         for key in plan.settled:
             superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
-        if brake is not None and removals and brake(sum(n for _, n in removals), _member_count(conn, target)):
-            for row, _ in removals:
-                row["status"] = "held"
+        removals = sum(len(d.remove) for d, existing in wanted if not _removals_queued(d, existing))
+        tripped = brake is not None and removals > 0 and brake(removals, _member_count(conn, target))
+        names: dict[str, str] | None = None
+        for d, existing in wanted:
+            if d.remove and not _queued(d, existing) and (tripped or _removals_queued(d, existing)):
+                if names is None:
+                    names = _group_names(conn, target)
+                parts = _split(d, names.get(d.group_key), held=tripped)
+            else:
+                parts = [(d, "pending")]
+            kept: set[int] = set()
+            for part, status in parts:
+                digest = part.payload_hash()
+                same = [r.id for r in existing if _is(part, r)]
+                if same:
+                    kept.add(same[0])
+                    continue
+                row = _new_row(run_id, target, part, digest, identities, now)
+                row["status"] = status
+                if status == "held":
+                    _note_rejection(conn, target, row)
+                rows.append(row)
+            superseded.extend(r.id for r in existing if r.id not in kept)
         write_plan(conn, rows, superseded, now)
     return len(rows)
+
+
+def _removals(d: GroupDecision) -> GroupDecision:
+    """The member removals of a decision alone: the part the member brake may hold."""
+    return GroupDecision(d.group_key, GroupKind.MEMBERS, d.reason, d.display_name, remove=d.remove)
+
+
+def _is(d: GroupDecision, row: Any) -> bool:
+    """Whether an open row is this very decision; a held one only if it holds nothing but removals.
+
+    A held row that also adds members (written so before additions went on
+    without approval) is not kept: it is split anew.
+    """
+    return row.kind == d.kind.value and row.payload_hash == d.payload_hash() and (row.status != "held" or not d.add)
+
+
+def _queued(d: GroupDecision, existing: list[Any]) -> bool:
+    """Whether the decision is queued already, as it is."""
+    return any(_is(d, r) for r in existing)
+
+
+def _removals_queued(d: GroupDecision, existing: list[Any]) -> bool:
+    """Whether the decision's removals are queued already (as it is, or as a removals row held or approved)."""
+    if not d.remove or _queued(d, existing):
+        return True
+    digest = _removals(d).payload_hash()
+    return any(r.kind == GroupKind.MEMBERS.value and r.payload_hash == digest for r in existing)
+
+
+def _split(d: GroupDecision, linked_name: str | None, *, held: bool) -> list[tuple[GroupDecision, str]]:
+    """A decision as two rows: what it adds (and a rename) sent at once, what it removes held when ``held``."""
+    parts: list[tuple[GroupDecision, str]] = []
+    if d.add or d.kind is not GroupKind.MEMBERS or linked_name != d.display_name:
+        parts.append((replace(d, remove=()), "pending"))
+    parts.append((_removals(d), "held" if held else "pending"))
+    return parts
+
+
+def _group_names(conn: Any, target: str) -> dict[str, str]:
+    """Group key -> display name in the target, as linked."""
+    return dict(conn.execute(select(GLINK.c.group_key, GLINK.c.display_name).where(GLINK.c.target == target)).all())
+
+
+def _note_rejection(conn: Any, target: str, row: dict[str, Any]) -> None:
+    """Say on a held row when an operator rejected these very removals before and the plan still wants them."""
+    query = (
+        select(OP.c.run_id)
+        .where(OP.c.target == target, OP.c.identity_key == row["identity_key"], OP.c.kind == row["kind"],
+               OP.c.payload_hash == row["payload_hash"], OP.c.status == "cancelled")  # fmt: skip
+        .order_by(OP.c.id.desc())
+        .limit(1)
+    )
+    rejected = conn.execute(query).scalar()
+    if rejected is not None:
+        row["note"] = f"{row['note']} (rejected in run {rejected}, still planned)"
+        log.warning("group member removals rejected before are held again", target=target, group=row["identity_key"],
+                    rejected_run=rejected, run_id=row["run_id"])  # fmt: skip
 
 
 def _member_count(conn: Any, target: str) -> int:
@@ -508,9 +586,22 @@ class GroupExecutor:
                 breaker = tally.consecutive_failures >= self.config.quarantine.consecutive_failures
                 return self.stopping.is_set() or breaker
 
+            # Groups being sent: a group's operations (its additions, then its approved removals) go one
+            # after the other, each against the member state the one before left.
+            busy: set[str] = set()
+
+            def take() -> GroupOperation | None:
+                for index in range(len(work) - 1, -1, -1):
+                    if work[index].group_key not in busy:
+                        return work.pop(index)
+                return None  # the rest belongs to groups other workers are sending, and take next
+
             async def worker(client: ScimClient) -> None:
                 while work and not stop():
-                    op = work.pop()
+                    op = take()
+                    if op is None:
+                        return
+                    busy.add(op.group_key)
                     started = time.perf_counter()
                     out = await self._apply(client, op)
                     out.calls = call_records(client.history, out.status == "succeeded", self.config.call_bodies)
@@ -522,6 +613,7 @@ class GroupExecutor:
                     record_group(self.engine, self.target, op.group_key, op.identities, out)
                     self._remember(op.group_key, out)
                     finished.add(op.id)
+                    busy.discard(op.group_key)
                     tally_outcome(tally, out, repeated=op.failed_before)
                     report.statuses[out.status] += 1
                     if out.status == "succeeded":
