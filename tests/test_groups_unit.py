@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import respx
+import sqlalchemy
 
 from connectors import ScimClient
 from provisioner.config import TargetConfig
@@ -40,7 +41,7 @@ from provisioner.groups import (
 from provisioner.mapping import load_mapping
 from provisioner.demo import DEMO_MAPPING
 from provisioner.planner import Link
-from provisioner.queue import get_operation
+from provisioner.queue import get_operation, list_operations, release_held
 from provisioner.sources import BadRecord, IdentityRecord
 from provisioner.store import open_store, utcnow
 
@@ -203,6 +204,111 @@ def linked_group(tmp_path: Path, members: set[str], decision: GroupDecision):  #
     record_group(engine, "app", "eng", {}, out)
     enqueue_groups(engine, "r1", "app", GroupPlan("app", [decision]), {})
     return engine
+
+
+def open_group_rows(engine) -> list[tuple[str, str, str, str]]:  # noqa: ANN001
+    """(run id, status, note, kind) of every open group row, oldest first."""
+    rows = list_operations(engine, target="app")
+    return [(r["run_id"], r["status"], r["note"], r["kind"]) for r in reversed(rows)
+            if r["status"] in ("pending", "held") and r["kind"].startswith("group_")]  # fmt: skip
+
+
+def always(removals: int, members: int) -> bool:
+    return True
+
+
+def eng(add: tuple[str, ...] = (), remove: tuple[str, ...] = ()) -> GroupDecision:
+    """A member change of group 'eng' (linked as 'dept-eng')."""
+    return GroupDecision("eng", GroupKind.MEMBERS, GroupReason.MEMBERSHIP, "dept-eng", add=add, remove=remove)
+
+
+# Group 'eng' as it is: a first plan that changes nothing.
+SETTLED = GroupDecision("eng", GroupKind.MEMBERS, GroupReason.RENAME, "dept-eng")
+
+
+def test_the_member_brake_holds_removals_only_and_keeps_them_the_run_to_approve(tmp_path: Path) -> None:
+    """A row that adds and removes is written as two: the additions pending, the removals held."""
+    moved = eng(add=("u3",), remove=("u1", "u2"))
+    new = GroupDecision("ops", GroupKind.CREATE, GroupReason.NEW, "dept-ops", add=("u1",))
+    engine = linked_group(tmp_path, {"u1", "u2"}, SETTLED)
+
+    assert enqueue_groups(engine, "r2", "app", GroupPlan("app", [moved, new]), {}, brake=always) == 3
+
+    assert open_group_rows(engine) == [("r2", "pending", "group 'dept-eng' +1 members", "group_members"),
+                                       ("r2", "held", "group 'dept-eng' -2 members", "group_members"),
+                                       ("r2", "pending", "group 'dept-ops' +1 members", "group_create")]  # fmt: skip
+    # The next plan wants the same removals and another joiner: the held row stays; only additions are new.
+    more = eng(add=("u3", "u4"), remove=("u1", "u2"))
+    asked: list[int] = []
+    enqueue_groups(engine, "r3", "app", GroupPlan("app", [more]), {}, brake=lambda n, m: asked.append(n) or True)
+    assert asked == []  # nothing new to remove: the brake is not asked
+    assert open_group_rows(engine) == [("r2", "held", "group 'dept-eng' -2 members", "group_members"),
+                                       ("r2", "pending", "group 'dept-ops' +1 members", "group_create"),
+                                       ("r3", "pending", "group 'dept-eng' +2 members", "group_members")]  # fmt: skip
+    # Approved, the removals stay the row they are beside the next plan's additions: nothing is held.
+    assert release_held(engine, "r2", approve=True) == 1
+    enqueue_groups(engine, "r4", "app", GroupPlan("app", [more]), {}, brake=always)
+    assert [r[:2] for r in open_group_rows(engine)] == [("r2", "pending"), ("r2", "pending"), ("r3", "pending")]
+
+
+def test_removals_an_operator_rejected_are_held_again_with_a_note_naming_the_run(tmp_path: Path) -> None:
+    gone = eng(remove=("u1", "u2"))
+    engine = linked_group(tmp_path, {"u1", "u2"}, SETTLED)
+    enqueue_groups(engine, "r2", "app", GroupPlan("app", [gone]), {}, brake=always)
+    assert release_held(engine, "r2", approve=False) == 1
+
+    enqueue_groups(engine, "r3", "app", GroupPlan("app", [gone]), {}, brake=always)
+
+    note = "group 'dept-eng' -2 members (rejected in run r2, still planned)"
+    assert open_group_rows(engine) == [("r3", "held", note, "group_members")]
+
+
+def test_a_held_row_that_also_adds_is_split_anew(tmp_path: Path) -> None:
+    """A row held whole (additions with it) is replaced: its additions go, its removals stay held."""
+    moved = eng(add=("u3",), remove=("u1", "u2"))
+    engine = linked_group(tmp_path, {"u1", "u2"}, moved)
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("UPDATE operation SET status = 'held' WHERE run_id = 'r1'"))
+
+    enqueue_groups(engine, "r2", "app", GroupPlan("app", [moved]), {}, brake=always)
+
+    assert [r[1:3] for r in open_group_rows(engine)] == [("pending", "group 'dept-eng' +1 members"),
+                                                         ("held", "group 'dept-eng' -2 members")]  # fmt: skip
+
+
+def test_under_the_brake_a_plan_that_removes_nothing_writes_one_row(tmp_path: Path) -> None:
+    moved = eng(add=("u3",), remove=("u1",))
+    engine = linked_group(tmp_path, {"u1", "u2"}, SETTLED)
+    enqueue_groups(engine, "r2", "app", GroupPlan("app", [moved]), {}, brake=lambda n, m: False)
+    assert open_group_rows(engine) == [("r2", "pending", "group 'dept-eng' +1 members -1 members", "group_members")]
+
+
+@respx.mock
+def test_two_operations_of_one_group_are_sent_one_after_the_other(tmp_path: Path) -> None:
+    """Additions and approved removals of one group, claimed together, never PATCH it at once."""
+    moved = eng(add=("u3",), remove=("u1",))
+    engine = linked_group(tmp_path, {"u1", "u2"}, SETTLED)
+    enqueue_groups(engine, "r2", "app", GroupPlan("app", [moved]), {}, brake=always)
+    release_held(engine, "r2", approve=True)
+    respx.get(f"{BASE}/ServiceProviderConfig").respond(200, json=SPC)
+    flying: list[int] = []
+    most = 0
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        nonlocal most
+        flying.append(1)
+        most = max(most, len(flying))
+        for _ in range(3):
+            await asyncio.sleep(0)  # let another worker run, if one could send to this group now
+        flying.pop()
+        return httpx.Response(204)
+
+    patch = respx.patch(f"{BASE}/Groups/g1").mock(side_effect=answer)
+
+    send(engine, target_config(max_concurrency=4))
+
+    assert patch.call_count == 2 and most == 1
+    assert load_member_state(engine, "app") == {"eng": {"u2", "u3"}}
 
 
 def send(engine, config: TargetConfig) -> None:  # noqa: ANN001
