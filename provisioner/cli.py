@@ -197,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="print what a cycle would do; sends nothing")
     _config_options(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.add_argument("--held", action="store_true", help="show the leaver operations held by the deletion brake")
+    plan.add_argument("--held", action="store_true", help="show the leavers and member removals held by the brakes")
     plan.set_defaults(handler=_plan)
 
     reconcile = commands.add_parser(
@@ -211,11 +211,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     reconcile.set_defaults(handler=_reconcile)
 
-    approve = commands.add_parser("approve", help="release a held cycle's leaver operations (sent by the next cycle)")
+    approve = commands.add_parser("approve", help="release a held run's leavers or member removals (sent by the next cycle)")
     approve.add_argument("run_id", help="the held run, as `provisioner plan --held` names it")
     approve.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     approve.set_defaults(handler=_release, approve=True)
-    reject = commands.add_parser("reject", help="drop a held cycle's leaver operations")
+    reject = commands.add_parser("reject", help="drop a held run's leavers or member removals")
     reject.add_argument("run_id", help="the held run, as `provisioner plan --held` names it")
     reject.add_argument("--config", type=Path, default=Path("config.yaml"), help=CONFIG_HELP)
     reject.set_defaults(handler=_release, approve=False)
@@ -780,7 +780,9 @@ def _held(args: argparse.Namespace) -> int:
         what = "leaver operations" if all(op["kind"] in ("disable", "delete") for op in ops) else "operations"
         print(f"{target}: run {run_id} holds {len(ops)} {what}")
         for op in sorted(ops, key=lambda o: o["identity_key"]):
-            print(f"  {op['kind']:<8} {op['identity_key']}")
+            # A group row's note says what it removes (and whether an operator rejected it before).
+            note = f"  {op['note']}" if op["kind"] not in ("disable", "delete") and op["note"] else ""
+            print(f"  {op['kind']:<8} {op['identity_key']}{note}")
         print(f"  release: provisioner approve {run_id}    drop: provisioner reject {run_id}")
     return EXIT_OK
 
