@@ -165,7 +165,7 @@ def member_brake(target: TargetConfig) -> Callable[[int, int], bool] | None:
 
 def enqueue_groups(
     engine: Engine, run_id: str, target: str, plan: GroupPlan, identities: dict[str, str], *,
-    brake: Callable[[int, int], bool] | None = None,
+    brake: Callable[[int, int], bool] | None = None, partial: bool = False,
 ) -> int:
     """Write a group plan to the queue; an identical open row is kept, an older different one superseded.
 
@@ -178,6 +178,9 @@ def enqueue_groups(
     they are while the plan still wants exactly them, so the run to approve does
     not move from cycle to cycle. Removals an operator rejected that the plan
     still wants are held again, and their row says so.
+
+    ``partial``: the plan is about some members only (``sync --only``); held
+    removals of a group it removes nobody from are none of its business and stay held.
     """
     now = utcnow()
     rows: list[dict[str, Any]] = []
@@ -214,7 +217,8 @@ def enqueue_groups(
                 if status == "held":
                     _note_rejection(conn, target, row)
                 rows.append(row)
-            superseded.extend(r.id for r in existing if r.id not in kept)
+            spared = partial and not d.remove
+            superseded.extend(r.id for r in existing if r.id not in kept and not (spared and r.status == "held"))
         write_plan(conn, rows, superseded, now)
     return len(rows)
 

@@ -266,7 +266,7 @@ async def _send_groups(
             gone = ", ".join(members[i] for i in d.remove)
             echo(f"{name}: group {d.display_name}: planned {d.kind.value}"
                  + (f" +[{who}]" if who else "") + (f" -[{gone}]" if gone else ""))  # fmt: skip
-        enqueue_groups(engine, run_id, name, plan, desired.identities)
+        enqueue_groups(engine, run_id, name, plan, desired.identities, partial=True)
         groups = [d.group_key for d in plan.decisions]
         while True:
             result = await executor.run(claim_groups(engine, name, groups=groups))

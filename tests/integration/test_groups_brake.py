@@ -82,15 +82,21 @@ def test_a_joiner_joins_at_once_while_the_removals_beside_it_wait_for_approval(
     listing = capsys.readouterr().out
     assert f"run {run_id} holds 1 operations" in listing and "group_members dept-engineering" in listing
 
+    # A joiner sent on their own (sync --only) joins too, and leaves the held removals as they are.
+    workspace.write_source([*MOVED, hr_row("E5", "Ed", "Five")])
+    assert main(["sync", "--config", str(workspace.config_path), "--only", "E5"]) == 0
+    ids = accounts(workspace)
+    assert groups.members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"], ids["E4"], ids["E5"]}
+    assert [op["run_id"] for op in held(workspace)] == [run_id]
     # The next cycle keeps the same removals held: the run to approve does not move.
     assert workspace.sync_now().held == 1
     assert [op["run_id"] for op in held(workspace)] == [run_id]
-    assert groups.members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"], ids["E4"]}
+    assert groups.members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"], ids["E4"], ids["E5"]}
 
     assert main(["approve", "--config", str(workspace.config_path), run_id]) == 0
     assert workspace.sync_now().held == 0
 
-    assert groups.members("dept-engineering") == {ids["E3"], ids["E4"]}
+    assert groups.members("dept-engineering") == {ids["E3"], ids["E4"], ids["E5"]}
     assert groups.members("dept-sales") == {ids["E1"], ids["E2"]}
     assert not held(workspace)
 
