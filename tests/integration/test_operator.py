@@ -107,7 +107,14 @@ alerts:
         wait_for("the refusal resolved", lambda: any("resolved" in t and "cycles run again" in t
                                                      for t in receiver.texts()))  # fmt: skip
 
-        current = status()
+        # The daemon cycles every second: status may catch one running; read it between two.
+        current: dict[str, object] = {}
+
+        def between_cycles() -> bool:
+            current.update(status())
+            return current["last_run_status"] != "running"
+
+        wait_for("status between two cycles", between_cycles)
         assert current["operations"]["failed"] == 2 and current["last_run_status"] in ("failed", "succeeded")
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert 'provisioner_operations_total{kind="create",outcome="succeeded",target="app"} 18.0' in metrics
