@@ -4,6 +4,8 @@ Prints figures; asserts nothing. Run from the repository root:
 
     .venv/bin/python benchmarks/bench_reconcile.py                       # 10,000 and 100,000 accounts
     .venv/bin/python benchmarks/bench_reconcile.py --accounts 10000 --page-size 500
+    .venv/bin/python benchmarks/bench_reconcile.py --mode json                 # `provisioner reconcile --json`
+    .venv/bin/python benchmarks/bench_reconcile.py --mode repair --drifted 100000  # --repair, every account drifted
 
 For N accounts: an HR file of N people (every tenth the manager of the next
 nine), a state database where every one is linked, and the in-memory SCIM
@@ -16,6 +18,14 @@ child process, so that its peak RSS is its own: the source read and rendered,
 the pages read and classified, the findings kept; ``baseline_rss_mb`` is the
 same process before it reconciles (interpreter, imports, config). Requests are
 the client's own count (``ScimClient.history``).
+
+``--mode json`` runs ``provisioner reconcile --json`` itself (``cli.main``,
+its output to /dev/null); ``--mode repair`` runs ``reconcile_target`` with
+``repair=True, send=False``: the reactions planned and queued, nothing sent
+(sending is the executor's, measured by ``bench_throughput.py``).
+``--drifted N``: the first N accounts in the target hold another
+``department`` than the source says, so that each is ``linked`` with drift
+and a repair queues N updates.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import hr_row, write_csv  # noqa: E402 - after the path is set
 
 TOKEN = "bench-token"
+ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 
 
 def people(count: int) -> list[dict[str, str]]:
@@ -49,16 +60,21 @@ def people(count: int) -> list[dict[str, str]]:
     ]  # fmt: skip
 
 
-def accounts(count: int) -> Iterator[dict[str, Any]]:
-    """What the mapping renders for ``count`` people, each with id ``u`` + key: the target's accounts."""
+def accounts(count: int, drifted: int = 0) -> Iterator[dict[str, Any]]:
+    """What the mapping renders for ``count`` people, each with id ``u`` + key: the target's accounts.
+
+    The first ``drifted`` hold another department than the one rendered.
+    """
     from provisioner.demo import DEMO_MAPPING
     from provisioner.mapping import load_mapping
     from provisioner.payload import resolve_refs
 
     mapping = load_mapping(DEMO_MAPPING)
-    for row in people(count):
+    for n, row in enumerate(people(count)):
         payload = resolve_refs(mapping.render(row).payload, lambda key: f"u{key}")[0]
         payload["id"] = f"u{row['employee_id']}"
+        if n < drifted:
+            payload[ENTERPRISE]["department"] = "Changed by hand"
         yield payload
 
 
@@ -78,10 +94,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def reconcile(config_path: Path) -> None:
-    """Run one report-only reconciliation and print its figures as JSON (in a fresh process)."""
+def reconcile(config_path: Path, mode: str) -> None:
+    """Run one reconciliation (``mode``: report, json, repair) and print its figures as JSON (in a fresh process)."""
     import asyncio
 
+    from provisioner import cli
     from provisioner.config import load_config
     from provisioner.reconcile import reconcile_target
     from provisioner.store import open_store
@@ -94,25 +111,34 @@ def reconcile(config_path: Path) -> None:
     baseline = peak_rss_mb()
     started = time.perf_counter()
     cpu = time.process_time()
-    report = asyncio.run(reconcile_target(engine, config, "app", mapping))
+    figures: dict[str, Any] = {}
+    if mode == "json":
+        out = sys.stdout
+        with open(os.devnull, "w", encoding="utf-8") as sys.stdout:
+            code = cli.main(["reconcile", "--config", str(config_path), "--json"])
+        sys.stdout = out
+        figures["exit"] = code
+    else:
+        report = asyncio.run(reconcile_target(engine, config, "app", mapping, repair=mode == "repair", send=False))
+        figures.update(requests=report.requests, counts=report.counts(), drifted=report.drifted)
+        if report.repairs is not None:
+            figures["queued"] = report.repairs.counts()
     print(json.dumps({
         "seconds": round(time.perf_counter() - started, 2),
         "cpu_seconds": round(time.process_time() - cpu, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "baseline_rss_mb": round(baseline, 1),
-        "requests": report.requests,
-        "counts": report.counts(),
-        "drifted": report.drifted,
+        **figures,
     }))  # fmt: skip
 
 
-def bench(count: int, page_size: int) -> dict[str, Any]:
+def bench(count: int, page_size: int, mode: str = "report", drifted: int = 0) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="bench-reconcile-"))
     write_csv(folder / "hr.csv", people(count))
     # The throughput benchmark's in-memory target, holding the accounts from the start.
     from bench_throughput import Target
 
-    with Target(seed=accounts(count)) as target:
+    with Target(seed=accounts(count, drifted)) as target:
         (folder / "config.yaml").write_text(f"""state: sqlite:///state.db
 sources: {{hr: {{type: csv, path: hr.csv, key: employee_id}}}}
 targets:
@@ -133,14 +159,20 @@ targets:
                 [("app", f"E{n:06d}", f"uE{n:06d}", "2026-01-01 00:00:00") for n in range(count)],
             )
         child = subprocess.run([sys.executable, __file__, "--reconcile", str(folder / "config.yaml"),
-                                "--log-level", "warning"], capture_output=True, text=True, check=True)  # fmt: skip
-        return {"accounts": count, "page_size": page_size, **json.loads(child.stdout.strip().splitlines()[-1])}
+                                "--mode", mode, "--log-level", "warning"], capture_output=True, text=True)  # fmt: skip
+        if child.returncode:
+            raise SystemExit(child.stderr[-2000:])
+        return {"accounts": count, "mode": mode, "drifted_in_target": drifted, "page_size": page_size,
+                **json.loads(child.stdout.strip().splitlines()[-1])}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--page-size", type=int, default=100)
+    parser.add_argument("--mode", choices=("report", "json", "repair"), default="report",
+                        help="report only, `reconcile --json`, or --repair (queued, not sent)")
+    parser.add_argument("--drifted", type=int, default=0, help="accounts whose department differs in the target")
     parser.add_argument("--reconcile", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,11 +180,11 @@ def main() -> None:
         from provisioner import logs
 
         logs.configure(args.log_level, "json")
-        reconcile(args.reconcile)
+        reconcile(args.reconcile, args.mode)
         return
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
     for count in args.accounts:
-        print(json.dumps(bench(count, args.page_size)))
+        print(json.dumps(bench(count, args.page_size, args.mode, min(args.drifted, count))))
 
 
 if __name__ == "__main__":
