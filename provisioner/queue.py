@@ -333,6 +333,69 @@ def enqueue(
     return len(new) + len(rows)
 
 
+class PlanWriter:
+    """Writes a plan's operations page by page inside the caller's transaction, for plans too large to hold.
+
+    :meth:`add` treats each page as :func:`enqueue` treats a whole plan (an
+    identical open operation is not queued again, an older open one is
+    superseded, one applied meanwhile is dropped); its rows are inserted
+    ``pending``. :meth:`finish` gives ``brake`` the number of new deprovisioning
+    operations of every page, and when it says so turns them ``held``: the
+    transaction is still open, so nothing can claim them before the brake has
+    seen the whole count. One decision per identity key across the pages.
+    """
+
+    def __init__(self, conn: Any, run_id: str, target: str) -> None:
+        self.conn, self.run_id, self.target = conn, run_id, target
+        self.now = utcnow()
+        self.added = 0
+        self.leavers = 0
+
+    def add(self, decisions: Sequence[Decision]) -> int:
+        """Write one page of decisions; return how many rows were added."""
+        conn, now = self.conn, self.now
+        done_meanwhile = applied_since_plan(conn, self.target, decisions)
+        open_by_key: dict[str, list[Any]] = {}
+        for chunk in _chunks(sorted({d.identity_key for d in decisions}), 500):
+            query = (
+                select(OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.payload_hash, OP.c.status)
+                .where(OP.c.target == self.target, OP.c.status.in_(OPEN), OP.c.kind.in_(ACCOUNT_KINDS),
+                       OP.c.identity_key.in_(chunk))
+                .with_for_update()
+            )  # fmt: skip
+            for row in conn.execute(query):
+                open_by_key.setdefault(row.identity_key, []).append(row)
+        new: list[Decision] = []
+        superseded: list[int] = []
+        for d in decisions:
+            register_write_only(_unpacked(d.payload))
+            if d.identity_key in done_meanwhile:
+                continue
+            replaced = replaced_by(open_by_key.get(d.identity_key, []), d.kind.value, d.payload_hash)
+            if replaced is None:
+                continue
+            superseded.extend(replaced)
+            new.append(d)
+        write_plan(conn, [], superseded, now)
+        for chunk in _chunks(new, PLAN_PAGE):
+            conn.execute(insert(OP), [_decision_row(self.run_id, self.target, d, now, False) for d in chunk])
+        self.leavers += sum(d.kind.value in DEPROVISION for d in new)
+        self.added += len(new)
+        return len(new)
+
+    def finish(self, brake: Callable[[int], bool] | None) -> bool:
+        """Hold this plan's new deprovisioning operations if ``brake(count)`` says so; return whether it did."""
+        if brake is None or not self.leavers or not brake(self.leavers):
+            return False
+        self.conn.execute(
+            update(OP)
+            .where(OP.c.run_id == self.run_id, OP.c.target == self.target, OP.c.status == "pending",
+                   OP.c.kind.in_(DEPROVISION))
+            .values(status="held")
+        )  # fmt: skip
+        return True
+
+
 def _unpacked(payload: Any) -> Any:
     """A payload as objects; a Packed one is unpacked only when it may hold a write-only value."""
     if isinstance(payload, Packed):

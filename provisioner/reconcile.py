@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, MutableSet, Sequence
+from collections.abc import AsyncIterator, Container, Iterable, Iterator, Mapping, MutableSet, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -362,6 +362,8 @@ CREATE TABLE finding (
     observed TEXT
 );
 CREATE INDEX finding_candidate ON finding (identity) WHERE situation = 'unlinked';
+CREATE INDEX finding_unmatched ON finding (id) WHERE situation = 'unmatched';
+CREATE TABLE disputed (key TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 
 
@@ -479,8 +481,40 @@ class Findings(Sequence[Finding]):
 
     def attention(self) -> list[Finding]:
         """Every finding but the linked accounts without drift: what a repair may act on (few, as a rule)."""
+        return [f for page in self.attention_pages() for f in page]
+
+    def attention_pages(self, size: int = 1000) -> Iterator[list[Finding]]:
+        """:meth:`attention`, ``size`` findings at a time: an adoption or a mass drift is every account."""
         query = f"SELECT {self._COLUMNS} FROM finding WHERE situation != 'linked' OR observed IS NOT NULL ORDER BY n"
-        return [self._finding(row) for row in self.spill.db.execute(query)]
+        cursor = self.spill.db.execute(query)
+        while rows := cursor.fetchmany(size):
+            yield [self._finding(row) for row in rows]
+
+    def adopted(self) -> _Adopted:
+        """The identities an ``unlinked`` account is found for, as a container read from the spill."""
+        return _Adopted(self.spill)
+
+    def disputed(self) -> _Disputed:
+        """The identities in a dispute (every key a ``disputed`` account names), as a container read from the spill."""
+        db = self.spill.db
+        db.execute("DELETE FROM disputed")
+        keys = (key for (identity,) in db.execute("SELECT identity FROM finding WHERE situation = 'disputed'").fetchall()
+                for key in (identity or "").split(", "))  # fmt: skip
+        db.executemany("INSERT OR IGNORE INTO disputed VALUES (?)", ((key,) for key in keys))
+        return _Disputed(self.spill)
+
+    def unmatched_pages(self, size: int = 1000) -> Iterator[list[tuple[str, str | None]]]:
+        """(id, userName) of every unmatched account, ``size`` at a time."""
+        cursor = self.spill.db.execute(
+            "SELECT id, user_name FROM finding WHERE situation = 'unmatched' AND id IS NOT NULL ORDER BY n"
+        )
+        while rows := cursor.fetchmany(size):
+            yield rows
+
+    def is_unmatched(self, scim_id: str) -> bool:
+        """Whether this account id was found unmatched."""
+        query = "SELECT 1 FROM finding WHERE situation = 'unmatched' AND id = ? LIMIT 1"
+        return self.spill.db.execute(query, (scim_id,)).fetchone() is not None
 
     def counts(self) -> dict[str, int]:
         """Accounts by situation, every situation present."""
@@ -492,6 +526,23 @@ class Findings(Sequence[Finding]):
         """Linked accounts with drift."""
         query = "SELECT count(*) FROM finding WHERE situation = 'linked' AND observed IS NOT NULL"
         return int(self.spill.db.execute(query).fetchone()[0])
+
+
+class _Adopted(Container[str]):
+    def __init__(self, spill: Spill) -> None:
+        self.db = spill.db
+
+    def __contains__(self, key: object) -> bool:
+        query = "SELECT 1 FROM finding WHERE situation = 'unlinked' AND identity = ? LIMIT 1"
+        return self.db.execute(query, (key,)).fetchone() is not None
+
+
+class _Disputed(Container[str]):
+    def __init__(self, spill: Spill) -> None:
+        self.db = spill.db
+
+    def __contains__(self, key: object) -> bool:
+        return self.db.execute("SELECT 1 FROM disputed WHERE key = ?", (key,)).fetchone() is not None
 
 
 class Classifier:
@@ -690,13 +741,20 @@ class Repairs:
     drop: list[str] = field(default_factory=list)
     # Unmatched accounts held back from disable/delete, with why.
     spared: list[tuple[str, str]] = field(default_factory=list)
+    # Operations by kind of the pages written already and let go (see :meth:`absorb`).
+    written: dict[str, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Operations by kind."""
-        tally: dict[str, int] = {}
+        tally = dict(self.written)
         for decision in self.decisions:
             tally[decision.kind.value] = tally.get(decision.kind.value, 0) + 1
         return tally
+
+    def absorb(self, page: Repairs) -> None:
+        """Count the operations of a page that was written; its decisions, link changes and spared accounts are not kept."""
+        for kind, n in page.counts().items():
+            self.written[kind] = self.written.get(kind, 0) + n
 
 
 def plan_repairs(
@@ -708,6 +766,8 @@ def plan_repairs(
     now: datetime,
     lookup: KeyLookup,
     unreadable_records: int = 0,
+    adopted: Container[str] | None = None,
+    disputed: Container[str] | None = None,
 ) -> Repairs:
     """The queue operations that carry out ``policy`` for these findings. Purely computational.
 
@@ -716,13 +776,20 @@ def plan_repairs(
     in a dispute are not touched. An unmatched
     account is never disabled or deleted while some source records could not
     be read (``unreadable_records``): one of them may own it.
+
+    ``adopted`` (identities an unlinked account is found for) and ``disputed``
+    (identities in a dispute) are taken from ``findings`` when not given; give
+    them to plan a page of the findings at a time (:meth:`Findings.adopted`,
+    :meth:`Findings.disputed`), as they depend on every finding.
     """
     repairs = Repairs()
     findings = list(findings)
-    adopted = {f.identity for f in findings if f.situation is Situation.UNLINKED}
+    if adopted is None:
+        adopted = {f.identity for f in findings if f.situation is Situation.UNLINKED}
     # An identity in a dispute is left to an operator whole: which of its accounts is the real one
     # is not ours to guess (and repairing one may collide with the other, e.g. on userName).
-    disputed = {key for f in findings if f.situation is Situation.DISPUTED for key in (f.identity or "").split(", ")}
+    if disputed is None:
+        disputed = {key for f in findings if f.situation is Situation.DISPUTED for key in (f.identity or "").split(", ")}
     grace = timedelta(seconds=parse_duration(policy.delete_after))
     for f in findings:
         identity = identities.get(f.identity or "")
@@ -1133,27 +1200,45 @@ async def _repair(
     *,
     send: bool,
 ) -> None:
+    """Plan and queue the reactions a page of findings at a time, in one transaction; then send them.
+
+    Nothing is held for every account at once: each page's identities,
+    decisions and link changes are written and let go. The deletion brake is
+    applied once every page is written and before the transaction commits
+    (:class:`~provisioner.queue.PlanWriter`): it sees the whole count, and no
+    operation can be claimed before it has.
+    """
+    from provisioner.queue import PlanWriter
     from provisioner.sync import send_due  # sync imports the planner and executor; keep this module light
 
     target = config.targets[name]
-    # Linked accounts without drift need nothing: the reactions are planned from the others alone.
-    findings = report.findings.attention() if isinstance(report.findings, Findings) else list(report.findings)
-    unmatched = [f for f in findings if f.situation is Situation.UNMATCHED and f.id]
-    first_seen = _track_unmatched(engine, name, unmatched, now)
-    identities = classifier.identities(f.identity for f in findings if f.identity)
-    repairs = plan_repairs(findings, identities, target.reconcile, first_seen=first_seen, now=now,
-                           lookup=_Lookup(classifier.spill), unreadable_records=report.unreadable_records)  # fmt: skip
-    report.repairs = repairs
-    report.repaired = True
-    for scim_id, why in repairs.spared:
-        log.info("unmatched account left as it is", target=name, id=scim_id, reason=why)
-    _fix_links(engine, name, repairs)
+    findings = report.findings if isinstance(report.findings, Findings) else None
+    assert findings is not None, "a repair reads the findings from the run's spill"
+    adopted, disputed = findings.adopted(), findings.disputed()
+    lookup = _Lookup(classifier.spill)
     active = classifier.active_links()
 
     def brake(leavers: int) -> bool:
         return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
 
-    enqueue(engine, report.run_id, name, repairs.decisions, brake=brake)
+    repairs = Repairs()
+    with engine.begin() as conn:
+        first_seen = _track_unmatched(conn, name, findings, now)
+        writer = PlanWriter(conn, report.run_id, name)
+        # Linked accounts without drift need nothing: the reactions are planned from the others alone.
+        for page in findings.attention_pages():
+            identities = classifier.identities(f.identity for f in page if f.identity)
+            planned = plan_repairs(page, identities, target.reconcile, first_seen=first_seen, now=now, lookup=lookup,
+                                   unreadable_records=report.unreadable_records, adopted=adopted,
+                                   disputed=disputed)  # fmt: skip
+            for scim_id, why in planned.spared:
+                log.info("unmatched account left as it is", target=name, id=scim_id, reason=why)
+            _fix_links(conn, name, planned)
+            writer.add(planned.decisions)
+            repairs.absorb(planned)
+        writer.finish(brake)
+    report.repairs = repairs
+    report.repaired = True
     if target.groups is not None and target.group_members == "exact":
         report.foreign_removals = _remove_foreign_members(engine, config, name, report.run_id, report.groups)
     with engine.begin() as conn:
@@ -1171,7 +1256,7 @@ async def _repair(
         log.warning("reconciliation held", target=name, run_id=report.run_id, leavers=report.held - report.held_removals,
                     group_removals=report.held_removals,
                     hint="provisioner plan --held, then provisioner approve RUN_ID or reject RUN_ID")  # fmt: skip
-    if send and repairs.decisions:
+    if send and writer.added:
         sent = await send_due(engine, config, name, mapping)
         report.statuses = dict(sent.statuses)
     if send and report.foreign_removals and not report.held_removals:
@@ -1182,28 +1267,49 @@ async def _repair(
             report.statuses[status] = report.statuses.get(status, 0) + n
 
 
-def _fix_links(engine: Engine, name: str, repairs: Repairs) -> None:
+def _fix_links(conn: Any, name: str, repairs: Repairs) -> None:
     """Links as the target really is: drifted values as applied (hash cleared), gone accounts unlinked."""
-    with engine.begin() as conn:
-        for key, applied in repairs.observed.items():
-            conn.execute(
-                update(LINK_TABLE)
-                .where(LINK_TABLE.c.target == name, LINK_TABLE.c.identity_key == key)
-                .values(applied=dumps(applied), applied_hash=None, updated_at=utcnow())
-            )
-        for key in repairs.drop:
-            conn.execute(delete(LINK_TABLE).where(LINK_TABLE.c.target == name, LINK_TABLE.c.identity_key == key))
+    for key, applied in repairs.observed.items():
+        conn.execute(
+            update(LINK_TABLE)
+            .where(LINK_TABLE.c.target == name, LINK_TABLE.c.identity_key == key)
+            .values(applied=dumps(applied), applied_hash=None, updated_at=utcnow())
+        )
+    for key in repairs.drop:
+        conn.execute(delete(LINK_TABLE).where(LINK_TABLE.c.target == name, LINK_TABLE.c.identity_key == key))
 
 
-def _track_unmatched(engine: Engine, name: str, unmatched: list[Finding], now: datetime) -> dict[str, datetime]:
-    """Record the unmatched accounts seen now; forget the others; return since when each has been seen."""
-    ids = {f.id: f.user_name for f in unmatched if f.id}
-    with engine.begin() as conn:
-        rows = conn.execute(select(UNMATCHED.c.scim_id, UNMATCHED.c.first_seen_at).where(UNMATCHED.c.target == name))
-        known = {row[0]: row[1] for row in rows}
-        gone = [scim_id for scim_id in known if scim_id not in ids]
-        if gone:
-            conn.execute(delete(UNMATCHED).where(UNMATCHED.c.target == name, UNMATCHED.c.scim_id.in_(gone)))
+class _FirstSeen(Mapping[str, datetime]):
+    """Since when each unmatched account (by id) has been seen, read from the state database as asked."""
+
+    def __init__(self, conn: Any, name: str, now: datetime) -> None:
+        self.conn, self.name, self.now = conn, name, now
+
+    def __getitem__(self, scim_id: str) -> datetime:
+        query = select(UNMATCHED.c.first_seen_at).where(UNMATCHED.c.target == self.name, UNMATCHED.c.scim_id == scim_id)
+        found = self.conn.execute(query).scalar_one_or_none()
+        if found is None:
+            raise KeyError(scim_id)
+        return as_utc(found)
+
+    def __iter__(self) -> Iterator[str]:
+        query = select(UNMATCHED.c.scim_id).where(UNMATCHED.c.target == self.name)
+        return iter([row[0] for row in self.conn.execute(query)])
+
+    def __len__(self) -> int:
+        query = select(func.count()).select_from(UNMATCHED).where(UNMATCHED.c.target == self.name)
+        return int(self.conn.execute(query).scalar_one())
+
+
+def _track_unmatched(conn: Any, name: str, findings: Findings, now: datetime) -> Mapping[str, datetime]:
+    """Record the unmatched accounts seen now; forget the others; return since when each has been seen.
+
+    A page of accounts at a time: an adoption preview's target may hold nothing but unmatched accounts.
+    """
+    for page in findings.unmatched_pages():
+        ids = dict(page)
+        known = {row[0] for row in conn.execute(
+            select(UNMATCHED.c.scim_id).where(UNMATCHED.c.target == name, UNMATCHED.c.scim_id.in_(list(ids))))}  # fmt: skip
         new = [{"target": name, "scim_id": i, "user_name": u, "first_seen_at": now, "last_seen_at": now}
                for i, u in ids.items() if i not in known]  # fmt: skip
         if new:
@@ -1211,10 +1317,15 @@ def _track_unmatched(engine: Engine, name: str, unmatched: list[Finding], now: d
         if known:
             conn.execute(
                 update(UNMATCHED)
-                .where(UNMATCHED.c.target == name, UNMATCHED.c.scim_id.in_([i for i in ids if i in known]))
+                .where(UNMATCHED.c.target == name, UNMATCHED.c.scim_id.in_(list(known)))
                 .values(last_seen_at=now)
             )
-    return {i: (as_utc(known[i]) if i in known else now) for i in ids}
+    rows = conn.execute(select(UNMATCHED.c.scim_id).where(UNMATCHED.c.target == name)).fetchall()
+    gone = [scim_id for (scim_id,) in rows if not findings.is_unmatched(scim_id)]
+    del rows
+    for start in range(0, len(gone), 500):
+        conn.execute(delete(UNMATCHED).where(UNMATCHED.c.target == name, UNMATCHED.c.scim_id.in_(gone[start:start + 500])))
+    return _FirstSeen(conn, name, now)
 
 
 def last_reconciled(engine: Engine, name: str) -> dict[str, Any] | None:
