@@ -665,20 +665,26 @@ def _reconcile(args: argparse.Namespace) -> int:
             reports = run(engine)
     else:
         reports = run(open_store(config.state))
-    if args.csv:
-        with args.csv.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["target", "situation", "identity", "id", "userName", "drift"])
+    try:
+        if args.csv:
+            with args.csv.open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["target", "situation", "identity", "id", "userName", "drift"])
+                for report in reports:
+                    for f in report.findings:
+                        writer.writerow([report.target, f.situation.value, f.identity or "", f.id or "",
+                                         f.user_name or "", " ".join(f.drift)])  # fmt: skip
+        if args.json:
+            for report in reports:  # one object per target, one per line, written as it is read from the run's spill
+                for chunk in report.json_chunks():
+                    sys.stdout.write(chunk)
+                sys.stdout.write("\n")
+        else:
             for report in reports:
-                for f in report.findings:
-                    writer.writerow([report.target, f.situation.value, f.identity or "", f.id or "", f.user_name or "",
-                                     " ".join(f.drift)])  # fmt: skip
-    if args.json:
-        for report in reports:  # one object per target, one per line
-            print(orjson.dumps(report.as_dict()).decode())
-    else:
+                _print_reconcile(report)
+    finally:
         for report in reports:
-            _print_reconcile(report)
+            report.close()
     if any(r.held for r in reports):
         return EXIT_SAFETY_STOP
     failed = unreadable or any(r.statuses.get("failed") or r.statuses.get("retry_wait") for r in reports)

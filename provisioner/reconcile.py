@@ -906,9 +906,23 @@ class ReconcileReport:
             self.spill.close()
 
     def as_dict(self) -> dict[str, Any]:
-        """The object ``reconcile --json`` prints."""
+        """The object ``reconcile --json`` prints (every account in memory: :meth:`json_chunks` writes it without)."""
         return {"target": self.target, "counts": self.counts(), "accounts": [f.as_dict() for f in self.findings],
                 "groups": [g.as_dict() for g in self.groups]}  # fmt: skip
+
+    def json_chunks(self, page: int = 1000) -> Iterator[str]:
+        """:meth:`as_dict` as compact JSON text, the same characters, in pieces of ``page`` accounts or groups.
+
+        Joined, the pieces are one JSON object, as ``orjson.dumps(as_dict())``
+        writes it; no piece ends inside an account or a group. Memory holds one
+        page, not every account's finding.
+        """
+        head = orjson.dumps({"target": self.target, "counts": self.counts()}).decode()
+        yield head[:-1] + ',"accounts":['
+        yield from _joined((f.as_dict() for f in self.findings), page)
+        yield '],"groups":['
+        yield from _joined((g.as_dict() for g in self.groups), page)
+        yield "]}"
 
     def recorded_counts(self, groups: bool) -> dict[str, Any]:
         """What a run records and the gauges publish: accounts by situation, and with ``groups`` its group counts."""
@@ -921,6 +935,19 @@ class ReconcileReport:
             tally[g.situation.value] += 1
         tally["foreign_members"] = sum(len(g.foreign_members) for g in self.groups)
         return tally
+
+
+def _joined(items: Iterable[Any], page: int) -> Iterator[str]:
+    """JSON array elements, comma-separated, ``page`` at a time (without the brackets)."""
+    batch: list[str] = []
+    first = True
+    for item in items:
+        batch.append(orjson.dumps(item).decode())
+        if len(batch) >= page:
+            yield ("" if first else ",") + ",".join(batch)
+            first, batch = False, []
+    if batch:
+        yield ("" if first else ",") + ",".join(batch)
 
 
 def read_identities(

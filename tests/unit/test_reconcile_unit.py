@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import respx
 
@@ -16,7 +17,9 @@ from provisioner.mapping import Ref
 from provisioner.planner import Kind, Link
 from provisioner.reconcile import (
     Classifier,
+    GroupFinding,
     Identity,
+    ReconcileReport,
     Situation,
     drift,
     plan_repairs,
@@ -197,3 +200,83 @@ def test_a_leaver_enabled_again_by_hand_drifts_on_active_and_is_disabled_again()
     quiet = Classifier([leaver])
     quiet.observe({"id": "u1", "userName": "a@x"})  # the target does not say: no drift is made up
     assert quiet.finish()[0].drift == []
+
+
+def _mixed_findings() -> tuple[Classifier, list[Identity]]:
+    """Every situation: drift, adoption, a dispute whose two accounts are far apart, an orphan."""
+    people = [_identity("E1", "a@x", "u1"), _identity("E2", "b@x"), _identity("E3", "c@x", "u3"),
+              _identity("E4", "d@x"), _identity("E5", "e@x", "u5")]  # fmt: skip
+    classifier = Classifier(people)
+    classifier.observe({"id": "u1", "userName": "a@x", "active": False})  # E1 drifted
+    classifier.observe({"id": "u9", "userName": "C@X", "active": True})  # a second account for E3: disputed
+    classifier.observe({"id": "u2", "userName": "b@x", "active": True})  # E2 unlinked: adopted
+    classifier.observe({"id": "u7", "userName": "zz@x", "active": True})  # unmatched
+    classifier.observe({"id": "u3", "userName": "c@x", "active": False})  # E3 drifted, but in a dispute
+    classifier.observe({"id": "u4", "userName": "d@x", "active": True})  # E4 unlinked
+    classifier.gone("E5")  # deleted: recreated
+    return classifier, people
+
+
+def test_repairs_planned_a_page_at_a_time_are_the_repairs_planned_at_once() -> None:
+    """A dispute's accounts on different pages still leave its identity alone; the counts add up."""
+    classifier, people = _mixed_findings()
+    findings = classifier.finish()
+    policy = ReconcileConfig(unmatched="disable")
+    now = utcnow()
+    whole = plan_repairs(findings, {i.key: i for i in people}, policy, first_seen={}, now=now, lookup={})
+    assert sorted((d.identity_key, d.kind) for d in whole.decisions) == [
+        ("E1", Kind.UPDATE), ("E2", Kind.LINK), ("E4", Kind.LINK), ("E5", Kind.CREATE), ("unmatched:u7", Kind.DISABLE),
+    ]  # fmt: skip
+    adopted, disputed = findings.adopted(), findings.disputed()
+    total, paged = plan_repairs([], {}, policy, first_seen={}, now=now, lookup={}), []
+    for page in findings.attention_pages(size=2):
+        identities = classifier.identities(f.identity for f in page if f.identity)
+        planned = plan_repairs(page, identities, policy, first_seen={}, now=now, lookup={}, adopted=adopted,
+                               disputed=disputed)  # fmt: skip
+        paged.extend((d.identity_key, d.kind, d.payload, d.payload_hash) for d in planned.decisions)
+        total.absorb(planned)
+    assert paged == [(d.identity_key, d.kind, d.payload, d.payload_hash) for d in whole.decisions]
+    assert total.counts() == whole.counts() == {"update": 1, "link": 2, "create": 1, "disable": 1}
+
+
+def test_the_json_written_in_pieces_is_the_json_of_the_whole_report() -> None:
+    classifier, _ = _mixed_findings()
+    report = ReconcileReport("app", "run", findings=classifier.finish(), spill=classifier.spill)
+    report.groups = [GroupFinding(Situation.LINKED, "g1", "G1", "all-staff", ["u7", "u8"]),
+                     GroupFinding(Situation.UNMATCHED, None, "G2", "by-hand")]  # fmt: skip
+    whole = orjson.dumps(report.as_dict()).decode()
+    for page in (1, 2, 1000):
+        pieces = list(report.json_chunks(page=page))
+        assert "".join(pieces) == whole
+    # The head, 7 accounts in 4 pieces, the groups key, 2 groups in one, the end.
+    assert len(list(report.json_chunks(page=2))) == 1 + 4 + 1 + 1 + 1
+    report.close()
+
+
+@pytest.mark.parametrize(("limit", "status"), [(1, "held"), (2, "pending")])
+def test_a_plan_written_page_by_page_is_braked_on_the_count_of_every_page(
+    tmp_path: Path, limit: int, status: str
+) -> None:
+    """One disable per page, two pages: a brake at one holds both, one at two lets both go; the update is never held."""
+    from provisioner.planner import Decision, Reason
+    from provisioner.queue import PlanWriter
+
+    engine = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    pages = [[Decision("unmatched:u1", Kind.DISABLE, Reason.RECONCILE, {"id": "u1"}, "h1"),
+              Decision("E1", Kind.UPDATE, Reason.RECONCILE, {"userName": "a@x"}, "h2")],
+             [Decision("unmatched:u2", Kind.DISABLE, Reason.RECONCILE, {"id": "u2"}, "h3")]]  # fmt: skip
+    asked: list[int] = []
+    with engine.begin() as conn:
+        writer = PlanWriter(conn, "run-1", "app")
+        assert [writer.add(page) for page in pages] == [2, 1]
+        writer.finish(lambda leavers: asked.append(leavers) or leavers > limit)
+    assert asked == [2]
+    with engine.connect() as conn:
+        rows = dict(conn.exec_driver_sql("SELECT identity_key, status FROM operation WHERE run_id = 'run-1'").all())
+    assert rows == {"unmatched:u1": status, "unmatched:u2": status, "E1": "pending"}
+    # The same plan again: identical open operations are not queued twice, and nothing is braked.
+    with engine.begin() as conn:
+        again = PlanWriter(conn, "run-2", "app")
+        assert [again.add(page) for page in pages] == [0, 0]
+        assert again.finish(lambda leavers: True) is False
+    engine.dispose()
