@@ -6,6 +6,7 @@ Prints figures; asserts nothing. Run from the repository root:
     .venv/bin/python benchmarks/bench_reconcile.py --accounts 10000 --page-size 500
     .venv/bin/python benchmarks/bench_reconcile.py --mode json                 # `provisioner reconcile --json`
     .venv/bin/python benchmarks/bench_reconcile.py --mode repair --drifted 100000  # --repair, every account drifted
+    .venv/bin/python benchmarks/bench_reconcile.py --group-size 100            # and groups of 100 members each
 
 For N accounts: an HR file of N people (every tenth the manager of the next
 nine), a state database where every one is linked, and the in-memory SCIM
@@ -25,12 +26,16 @@ its output to /dev/null); ``--mode repair`` runs ``reconcile_target`` with
 (sending is the executor's, measured by ``bench_throughput.py``).
 ``--drifted N``: the first N accounts in the target hold another
 ``department`` than the source says, so that each is ``linked`` with drift
-and a repair queues N updates.
+and a repair queues N updates. ``--group-size K``: the target also manages
+groups (``mappings/groups.yaml``) and holds one group per K accounts, each
+linked in the state database with its K members in the member state, and one
+member that is no account of ours (a foreign member) more in the target.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -78,6 +83,13 @@ def accounts(count: int, drifted: int = 0) -> Iterator[dict[str, Any]]:
         yield payload
 
 
+def groups(count: int, size: int) -> Iterator[dict[str, Any]]:
+    """One group per ``size`` accounts (ids ``g0``, ``g1``…): its accounts, and one foreign member."""
+    for g, start in enumerate(range(0, count, size)):
+        members = [{"value": f"uE{n:06d}"} for n in range(start, min(start + size, count))]
+        yield {"id": f"g{g}", "displayName": f"team-{g}", "members": [*members, {"value": f"foreign-{g}"}]}
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory, in MB.
 
@@ -121,6 +133,8 @@ def reconcile(config_path: Path, mode: str) -> None:
     else:
         report = asyncio.run(reconcile_target(engine, config, "app", mapping, repair=mode == "repair", send=False))
         figures.update(requests=report.requests, counts=report.counts(), drifted=report.drifted)
+        if report.groups:
+            figures["groups"] = report.group_counts()
         if report.repairs is not None:
             figures["queued"] = report.repairs.counts()
     print(json.dumps({
@@ -132,13 +146,14 @@ def reconcile(config_path: Path, mode: str) -> None:
     }))  # fmt: skip
 
 
-def bench(count: int, page_size: int, mode: str = "report", drifted: int = 0) -> dict[str, Any]:
+def bench(count: int, page_size: int, mode: str = "report", drifted: int = 0, group_size: int = 0) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="bench-reconcile-"))
     write_csv(folder / "hr.csv", people(count))
     # The throughput benchmark's in-memory target, holding the accounts from the start.
     from bench_throughput import Target
 
-    with Target(seed=accounts(count, drifted)) as target:
+    seed = itertools.chain(accounts(count, drifted), groups(count, group_size) if group_size else ())
+    with Target(seed=seed) as target:
         (folder / "config.yaml").write_text(f"""state: sqlite:///state.db
 sources: {{hr: {{type: csv, path: hr.csv, key: employee_id}}}}
 targets:
@@ -149,7 +164,7 @@ targets:
     source: hr
     mapping: {ROOT / "mappings" / "users.yaml"}
     reconcile: {{page_size: {page_size}}}
-""")
+""" + (f"    groups: {ROOT / 'mappings' / 'groups.yaml'}\n" if group_size else ""))
         from provisioner.store import open_store
 
         open_store(f"sqlite:///{folder / 'state.db'}").dispose()
@@ -158,11 +173,20 @@ targets:
                 "INSERT INTO account_link (target, identity_key, scim_id, active, updated_at) VALUES (?, ?, ?, 1, ?)",
                 [("app", f"E{n:06d}", f"uE{n:06d}", "2026-01-01 00:00:00") for n in range(count)],
             )
+            for group in groups(count, group_size) if group_size else ():
+                conn.execute("INSERT INTO group_link (target, group_key, scim_id, display_name, updated_at) "
+                             "VALUES (?, ?, ?, ?, ?)",
+                             ("app", f"team:{group['id']}", group["id"], group["displayName"], "2026-01-01 00:00:00"))  # fmt: skip
+                conn.executemany(
+                    "INSERT INTO group_member_state (target, group_key, member_id, identity_key) VALUES (?, ?, ?, ?)",
+                    [("app", f"team:{group['id']}", m["value"], m["value"][1:]) for m in group["members"][:-1]],
+                )
         child = subprocess.run([sys.executable, __file__, "--reconcile", str(folder / "config.yaml"),
                                 "--mode", mode, "--log-level", "warning"], capture_output=True, text=True)  # fmt: skip
         if child.returncode:
             raise SystemExit(child.stderr[-2000:])
-        return {"accounts": count, "mode": mode, "drifted_in_target": drifted, "page_size": page_size,
+        return {"accounts": count, "mode": mode, "drifted_in_target": drifted, "group_size": group_size,
+                "page_size": page_size,
                 **json.loads(child.stdout.strip().splitlines()[-1])}  # fmt: skip
 
 
@@ -173,6 +197,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("report", "json", "repair"), default="report",
                         help="report only, `reconcile --json`, or --repair (queued, not sent)")
     parser.add_argument("--drifted", type=int, default=0, help="accounts whose department differs in the target")
+    parser.add_argument("--group-size", type=int, default=0, help="one managed group per this many accounts (0: none)")
     parser.add_argument("--reconcile", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,7 +209,7 @@ def main() -> None:
         return
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
     for count in args.accounts:
-        print(json.dumps(bench(count, args.page_size, args.mode, min(args.drifted, count))))
+        print(json.dumps(bench(count, args.page_size, args.mode, min(args.drifted, count), args.group_size)))
 
 
 if __name__ == "__main__":

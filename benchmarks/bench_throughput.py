@@ -28,7 +28,7 @@ CPU is not counted as the client's): HTTP/1.1 keep-alive on asyncio streams,
 users in a dict, POST (409 on a taken userName), GET by id, GET with
 ``filter=userName eq "…"``, GET of every user paged by ``startIndex`` and
 ``count``, PUT, PATCH (add/replace/remove by path, or without one), DELETE
-and ``/ServiceProviderConfig`` (PATCH supported, no ETags); no Groups. Other
+and ``/ServiceProviderConfig`` (PATCH supported, no ETags); Groups only as seeded, read only. Other
 benchmarks use it too (``Target(seed=…)`` starts it holding Users already).
 Client CPU is ``time.process_time`` of this process.
 """
@@ -100,11 +100,12 @@ attributes:
 
 
 class _Store:
-    """Users by id (in the order they came), and their ids by ``userName`` in lower case."""
+    """Users by id (in the order they came), and their ids by ``userName`` in lower case; Groups seeded, read only."""
 
     def __init__(self, seed: Path | None = None) -> None:
         self.users: dict[str, dict[str, Any]] = {}
         self.by_name: dict[str, str] = {}
+        self.groups: dict[str, dict[str, Any]] = {}
         if seed is not None:
             with seed.open(encoding="utf-8") as lines:
                 for line in lines:
@@ -112,9 +113,12 @@ class _Store:
                         self.add(json.loads(line))
 
     def add(self, resource: dict[str, Any]) -> None:
-        """Hold ``resource`` as it is, under its ``id`` (a new one when it has none)."""
+        """Hold ``resource`` as it is, under its ``id`` (a new one when it has none); one without userName is a Group."""
         if "id" not in resource:
             resource["id"] = uuid.uuid4().hex
+        if "userName" not in resource:
+            self.groups[resource["id"]] = resource
+            return
         self.users[resource["id"]] = resource
         self.by_name[str(resource.get("userName", "")).lower()] = resource["id"]
 
@@ -172,6 +176,21 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, st
                 parts = parts[1:]
             if parts == ["ServiceProviderConfig"]:
                 answer(200, SPC)
+            elif parts and parts[0] == "Groups" and method == "GET":
+                # Read only, for reconciliation: listed by startIndex/count (no filter), or one by id.
+                if len(parts) == 2:
+                    group = store.groups.get(parts[1])
+                    if group is None:
+                        error(404, f"no group {parts[1]}")
+                    else:
+                        answer(200, group)
+                    continue
+                params = parse_qs(query)
+                start = max(int(params.get("startIndex", ["1"])[0]), 1)
+                count = max(int(params.get("count", ["200"])[0]), 0)
+                found = list(itertools.islice(store.groups.values(), start - 1, start - 1 + count))
+                answer(200, {"schemas": [LIST], "totalResults": len(store.groups), "startIndex": start,
+                             "itemsPerPage": len(found), "Resources": found})  # fmt: skip
             elif not parts or parts[0] != "Users":
                 error(404, f"no {path}")
             elif len(parts) == 1 and method == "POST":

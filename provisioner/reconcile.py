@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Container, Iterable, Iterator, Mapping, MutableSet, Sequence
+from collections.abc import AsyncIterator, Container, Iterable, Iterator, Mapping, MutableSet, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -364,6 +364,18 @@ CREATE TABLE finding (
 CREATE INDEX finding_candidate ON finding (identity) WHERE situation = 'unlinked';
 CREATE INDEX finding_unmatched ON finding (id) WHERE situation = 'unmatched';
 CREATE TABLE disputed (key TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE group_finding (
+    n INTEGER PRIMARY KEY,
+    situation TEXT NOT NULL,
+    group_key TEXT,
+    id TEXT,
+    display_name TEXT
+);
+CREATE TABLE group_seen (id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE foreign_member (n INTEGER NOT NULL, member TEXT NOT NULL, PRIMARY KEY (n, member)) WITHOUT ROWID;
+-- The member state of the target's groups as stored (group_member), read once.
+CREATE TABLE member (group_key TEXT NOT NULL, member_id TEXT NOT NULL, PRIMARY KEY (group_key, member_id)) WITHOUT ROWID;
+CREATE INDEX member_id ON member (member_id);
 """
 
 
@@ -424,6 +436,119 @@ class ListedIds(MutableSet[str]):
 
     def discard(self, value: str) -> None:
         self.db.execute("DELETE FROM listed WHERE id = ?", (value,))
+
+
+class GroupFindings(Sequence[GroupFinding]):
+    """The group findings of one reconciliation, read from its spill in the order the groups were seen.
+
+    A group's foreign members are read with it: one group's at a time in memory, not every group's.
+    """
+
+    def __init__(self, spill: Spill) -> None:
+        self.db = spill.db
+
+    def add(self, finding: GroupFinding) -> None:
+        n = self.db.execute(
+            "INSERT INTO group_finding (situation, group_key, id, display_name) VALUES (?, ?, ?, ?)",
+            (finding.situation.value, finding.group, finding.id, finding.display_name),
+        ).lastrowid
+        self.db.executemany("INSERT OR IGNORE INTO foreign_member VALUES (?, ?)",
+                            ((n, m) for m in finding.foreign_members))  # fmt: skip
+
+    def _finding(self, row: tuple[Any, ...]) -> GroupFinding:
+        n, situation, group, scim_id, display = row
+        members = [m for (m,) in self.db.execute("SELECT member FROM foreign_member WHERE n = ? ORDER BY member", (n,))]
+        return GroupFinding(Situation(situation), group, scim_id, display, members)
+
+    def __iter__(self) -> Iterator[GroupFinding]:
+        cursor = self.db.execute("SELECT n, situation, group_key, id, display_name FROM group_finding ORDER BY n")
+        while rows := cursor.fetchmany(100):
+            yield from map(self._finding, rows)
+
+    def __len__(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM group_finding").fetchone()[0])
+
+    @overload
+    def __getitem__(self, index: int) -> GroupFinding: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[GroupFinding]: ...
+    def __getitem__(self, index: int | slice) -> GroupFinding | list[GroupFinding]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        index = index + len(self) if index < 0 else index
+        row = self.db.execute("SELECT n, situation, group_key, id, display_name FROM group_finding ORDER BY n "
+                              "LIMIT 1 OFFSET ?", (index,)).fetchone()  # fmt: skip
+        if row is None:
+            raise IndexError(index)
+        return self._finding(row)
+
+    def counts(self) -> dict[str, int]:
+        """Groups by situation (every one present), and ``foreign_members``: foreign members of linked groups."""
+        tally = dict.fromkeys(GROUP_SITUATIONS, 0)
+        tally.update(self.db.execute("SELECT situation, count(*) FROM group_finding GROUP BY situation").fetchall())
+        tally["foreign_members"] = int(self.db.execute("SELECT count(*) FROM foreign_member").fetchone()[0])
+        return tally
+
+    def seen(self, scim_id: str) -> bool:
+        """Record a group id as listed; False when it was listed already (a page repeated it)."""
+        return self.db.execute("INSERT OR IGNORE INTO group_seen VALUES (?)", (scim_id,)).rowcount == 1
+
+    def was_seen(self, scim_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM group_seen WHERE id = ?", (scim_id,)).fetchone() is not None
+
+
+class MemberState(Mapping[str, set[str]]):
+    """The stored member state of a target's groups (group key → member ids), copied into the spill.
+
+    What :class:`~provisioner.group_executor.GroupExecutor` reads as ``state``,
+    one group at a time, without every group's members in memory.
+    """
+
+    def __init__(self, spill: Spill) -> None:
+        self.db = spill.db
+
+    def load(self, rows: Iterable[tuple[str, str]]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO member VALUES (?, ?)", rows)
+
+    def __getitem__(self, key: str) -> set[str]:
+        members = {m for (m,) in self.db.execute("SELECT member_id FROM member WHERE group_key = ?", (key,))}
+        if not members:
+            raise KeyError(key)
+        return members
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for (key,) in self.db.execute("SELECT DISTINCT group_key FROM member").fetchall())
+
+    def __len__(self) -> int:
+        return int(self.db.execute("SELECT count(DISTINCT group_key) FROM member").fetchone()[0])
+
+    def holds(self, member_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM member WHERE member_id = ? LIMIT 1", (member_id,)).fetchone() is not None
+
+
+class ManagedIds(Set[str]):
+    """The account ids we manage (every linked account, and every member in the member state), read from the spill.
+
+    What :class:`~provisioner.group_executor.GroupExecutor` reads as ``managed``
+    (``ids & managed``), without a set of every account id in memory.
+    """
+
+    def __init__(self, classifier: Classifier, state: MemberState) -> None:
+        self.classifier, self.state = classifier, state
+
+    @classmethod
+    def _from_iterable(cls, values: Iterable[str]) -> set[str]:  # type: ignore[override]  # results are plain sets
+        return set(values)
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and (self.classifier.is_linked(value) or self.state.holds(value))
+
+    def __iter__(self) -> Iterator[str]:
+        seen = {*self.classifier.linked_ids(), *(m for (m,) in self.state.db.execute("SELECT member_id FROM member"))}
+        return iter(seen)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class KeyLookup(Protocol):
@@ -881,8 +1006,9 @@ class ReconcileReport:
     # Outcomes of the operations sent after a repair, by status; and how many wait for approval.
     statuses: dict[str, int] = field(default_factory=dict)
     held: int = 0
-    # The target's groups (empty when the target manages none), and the member removals queued for them.
-    groups: list[GroupFinding] = field(default_factory=list)
+    # The target's groups (empty when the target manages none: a :class:`GroupFindings` read from the
+    # run's spill, or a plain list), and the member removals queued for them.
+    groups: Sequence[GroupFinding] = field(default_factory=list)
     foreign_removals: int = 0
     # Of ``held``: group operations whose member removals the brake held (group_members: exact).
     held_removals: int = 0
@@ -930,6 +1056,8 @@ class ReconcileReport:
 
     def group_counts(self) -> dict[str, int]:
         """Groups by situation (``deleted`` included), and foreign members of linked groups."""
+        if isinstance(self.groups, GroupFindings):
+            return self.groups.counts()
         tally = dict.fromkeys(GROUP_SITUATIONS, 0)
         for g in self.groups:
             tally[g.situation.value] += 1
@@ -1129,7 +1257,7 @@ async def _pages(
 async def _read_groups(
     engine: Engine, config: Config, name: str, defined: Mapping[str, str], classifier: Classifier, client: Any,
     quirks: Any,
-) -> list[GroupFinding]:
+) -> GroupFindings:
     """Every group of the target, paged (``attributes=displayName,members``), with its situation.
 
     ``defined``: the groups the rules define, key → displayName (from the one
@@ -1137,24 +1265,34 @@ async def _read_groups(
     group step reads them: a group listed without ``members`` is asked again,
     and a target that never reports them (``group_members_returned: false``)
     gives no foreign members rather than a guess.
+
+    The groups found, their foreign members, the ids listed and the stored
+    member state are kept in the classifier's spill: memory holds one group's
+    members at a time, not every group's.
     """
-    from provisioner.group_executor import ENDPOINT, GroupExecutor
+    from provisioner.group_executor import ENDPOINT, GMEMBER, GroupExecutor, load_group_links
 
     target = config.targets[name]
     assert target.groups is not None
     executor = GroupExecutor(engine, name, target, lambda: client, quirks=quirks)
-    executor.load()
+    # What GroupExecutor.load reads, the member state and the managed ids kept in the spill rather than in memory.
+    executor.links = {key: link for key, (link, _) in load_group_links(engine, name).items()}
+    state = MemberState(classifier.spill)
+    with engine.connect() as conn:
+        rows = conn.execution_options(yield_per=1000).execute(
+            select(GMEMBER.c.group_key, GMEMBER.c.member_id).where(GMEMBER.c.target == name))  # fmt: skip
+        state.load((key, member) for key, member in rows)
+    executor.state = state  # type: ignore[assignment]  # read as a mapping only: .get(key)
+    executor.managed = ManagedIds(classifier, state)  # type: ignore[assignment]  # read as a set only: in, &
     by_id = {link.scim_id: key for key, link in executor.links.items()}
     # displayName is caseExact false in the Group schema (RFC 7643 §8.7.1): a defined name in another case is ours.
     by_name = {display.casefold(): key for key, display in defined.items()}
-    found: list[GroupFinding] = []
-    seen: set[str] = set()
+    found = GroupFindings(classifier.spill)
 
     async def observe(group: dict[str, Any]) -> None:
         scim_id = str(group.get("id") or "")
-        if not scim_id or scim_id in seen:
+        if not scim_id or not found.seen(scim_id):
             return
-        seen.add(scim_id)
         display = group.get("displayName")
         display = display if isinstance(display, str) else None
         key = by_id.get(scim_id)
@@ -1163,22 +1301,22 @@ async def _read_groups(
             # Accounts we manage: every linked account. The member state is not enough: foreign members
             # queued for removal are recorded there, and must stay foreign until they are gone.
             foreign = sorted(m for m in members or () if not classifier.is_linked(m))
-            found.append(GroupFinding(Situation.LINKED, key, scim_id, display, foreign))
+            found.add(GroupFinding(Situation.LINKED, key, scim_id, display, foreign))
         elif display is not None and display.casefold() in by_name:
-            found.append(GroupFinding(Situation.UNLINKED, by_name[display.casefold()], scim_id, display))
+            found.add(GroupFinding(Situation.UNLINKED, by_name[display.casefold()], scim_id, display))
         else:
-            found.append(GroupFinding(Situation.UNMATCHED, None, scim_id, display))
+            found.add(GroupFinding(Situation.UNMATCHED, None, scim_id, display))
 
     async for group in _pages(client, ENDPOINT, ["displayName", "members"], target.reconcile.page_size, name):
         await observe(group)
     for key, link in executor.links.items():
-        if link.scim_id in seen:
+        if found.was_seen(link.scim_id):
             continue
         # Not on any page: only a 404 for the id itself says the group is gone.
         try:
             result = await client.get(ENDPOINT, link.scim_id)
         except NotFound:
-            found.append(GroupFinding(Situation.DELETED, key, link.scim_id, link.display_name))
+            found.add(GroupFinding(Situation.DELETED, key, link.scim_id, link.display_name))
         else:
             await observe(result.resource or {"id": link.scim_id})
     return found

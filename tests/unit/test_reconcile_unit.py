@@ -280,3 +280,39 @@ def test_a_plan_written_page_by_page_is_braked_on_the_count_of_every_page(
         assert [again.add(page) for page in pages] == [0, 0]
         assert again.finish(lambda leavers: True) is False
     engine.dispose()
+
+
+def test_group_findings_kept_in_the_spill_read_back_as_found_with_their_counts() -> None:
+    from provisioner.reconcile import GroupFindings
+
+    found = [GroupFinding(Situation.LINKED, "g1", "G1", "all-staff", ["u7", "u8"]),  # sorted, as found
+             GroupFinding(Situation.LINKED, "g2", "G2", "dept-x"),
+             GroupFinding(Situation.UNMATCHED, None, "G3", "by-hand"),
+             GroupFinding(Situation.DELETED, "g4", "G4", "dept-y")]  # fmt: skip
+    classifier = Classifier([])
+    kept = GroupFindings(classifier.spill)
+    for g in found:
+        kept.add(g)
+    in_memory = ReconcileReport("app", "run", groups=found)
+    spilled = ReconcileReport("app", "run", groups=kept, spill=classifier.spill)
+    assert [g.as_dict() for g in kept] == [g.as_dict() for g in in_memory.groups]
+    assert len(kept) == 4 and kept[-1].display_name == "dept-y" and [g.id for g in kept[1:3]] == ["G2", "G3"]
+    assert spilled.group_counts() == in_memory.group_counts() == {
+        "linked": 2, "unlinked": 0, "unmatched": 1, "deleted": 1, "foreign_members": 2}  # fmt: skip
+    assert kept.seen("G9") and not kept.seen("G9") and kept.was_seen("G9") and not kept.was_seen("G8")
+    spilled.close()
+
+
+def test_the_member_state_and_managed_ids_in_the_spill_answer_as_the_group_executor_asks() -> None:
+    """``state.get(key)`` and ``ids & managed``: what GroupExecutor reads of them."""
+    from provisioner.reconcile import ManagedIds, MemberState
+
+    classifier = Classifier([_identity("E1", "a@x", "u1")])
+    state = MemberState(classifier.spill)
+    state.load([("g1", "u1"), ("g1", "u5"), ("g2", "u1")])
+    managed = ManagedIds(classifier, state)
+    assert state.get("g1") == {"u1", "u5"} and state.get("g9") is None and state.get("g9", set()) == set()
+    assert sorted(state) == ["g1", "g2"] and len(state) == 2
+    assert {"u1", "u5", "stranger"} & managed == {"u1", "u5"}  # linked, or a member we recorded
+    assert not {"stranger"} & managed and "u1" in managed and sorted(managed) == ["u1", "u5"]
+    classifier.spill.close()
