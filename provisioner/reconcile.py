@@ -21,7 +21,10 @@ reads the source once and streams the target's accounts (paged,
 ``attributes=``), confirms missing links with a GET, and with ``repair``
 writes each reaction as an ordinary queue operation — through the deletion
 brake (member removals under ``group_members: exact`` through the member
-brake), sent the way a cycle's operations are.
+brake), sent the way a cycle's operations are. The reactions are planned and
+written a page of findings at a time, the groups and their members are kept
+in the spill too, and ``reconcile --json`` is written as the findings are read
+(:meth:`ReconcileReport.json_chunks`): nothing holds every account at once.
 """
 
 from __future__ import annotations
@@ -1165,8 +1168,10 @@ async def reconcile_target(
 
     The source is read once, the target's pages once (requests ≈ accounts ÷
     ``page_size``, plus one GET per linked account no page listed). The state
-    per account is kept in a :class:`Spill` that the report holds until
-    :meth:`ReconcileReport.close`: memory stays flat as accounts grow.
+    per account (and per group and member) is kept in a :class:`Spill` that
+    the report holds until :meth:`ReconcileReport.close`, and a repair is
+    planned and queued a page of findings at a time: memory stays flat as
+    accounts grow.
 
     Raises connectors errors when the target cannot be read (nothing is
     concluded from a partial read), SafetyStop for an empty source.
