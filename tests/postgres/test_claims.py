@@ -176,3 +176,20 @@ targets:
         assert "target 'app' is being planned by a running daemon instance" in capsys.readouterr().err
     finally:
         daemon.close()
+
+
+def test_a_plan_written_page_by_page_cannot_be_claimed_before_the_brake_has_counted_every_page(engine: Engine) -> None:
+    """Another instance claims nothing of the first page while the next is written; the brake then holds both disables."""
+    pages = [[Decision("unmatched:u1", Kind.DISABLE, Reason.RECONCILE, {"id": "u1"}, "h1")],
+             [Decision("unmatched:u2", Kind.DISABLE, Reason.RECONCILE, {"id": "u2"}, "h2"),
+              Decision("E1", Kind.UPDATE, Reason.RECONCILE, {"userName": "a@x"}, "h3")]]  # fmt: skip
+    with engine.begin() as conn:
+        writer = queue.PlanWriter(conn, "run-1", "app")
+        writer.add(pages[0])
+        assert claim(engine, "app") == []
+        writer.add(pages[1])
+        assert writer.finish(lambda leavers: leavers > 1)
+    assert [op.identity_key for op in claim(engine, "app")] == ["E1"]
+    with engine.connect() as conn:
+        statuses = dict(conn.execute(select(OP.c.identity_key, OP.c.status)).all())
+    assert statuses == {"unmatched:u1": "held", "unmatched:u2": "held", "E1": "running"}
