@@ -50,7 +50,7 @@ from provisioner.functions import Unique
 from provisioner.mapping import AttributeMapping, MappingError
 from provisioner.payload import dumps, flatten, loads, payload_hash, refs_in, resolve_refs
 from provisioner.planner import Decision, Kind, Link, Reason, brake_trips, match_key
-from provisioner.queue import DEPROVISION, enqueue
+from provisioner.queue import DEPROVISION
 from provisioner.quirks import load_quirks
 from provisioner.sources import BadRecord, IdentityRecord, read_source
 from provisioner.store import AccountLink, Operation, ReconcileRun, UnmatchedAccount, as_utc, utcnow
