@@ -646,7 +646,7 @@ class _DirectRoute:
     client's CPU per call.
     """
 
-    __slots__ = ("base", "headers", "timeout", "transport")
+    __slots__ = ("base", "headers", "timeout", "transport", "urls")
 
     def __init__(self, transport: httpx.AsyncBaseTransport, base: str, headers: list[tuple[str, str]],
                  timeout: dict[str, float | None]) -> None:  # fmt: skip
@@ -654,12 +654,18 @@ class _DirectRoute:
         self.base = base
         self.headers = headers
         self.timeout = timeout
+        self.urls: dict[str, httpx.URL] = {}
 
     def request(
         self, method: str, path: str, content: bytes | None, params: Any, headers: dict[str, str]
     ) -> httpx.Request:
         """The request ``AsyncClient.build_request`` builds for ``path`` (relative to the base URL, or absolute)."""
-        url = httpx.URL(path if path.startswith(("https://", "http://")) else self.base + path.lstrip("/"))
+        url = self.urls.get(path)
+        if url is None:
+            url = httpx.URL(path if path.startswith(("https://", "http://")) else self.base + path.lstrip("/"))
+            if "/" not in path:
+                # An endpoint (Users, ServiceProviderConfig): parsed once, not once a create.
+                self.urls[path] = url
         if params:
             url = url.copy_merge_params(params)
         merged = self.headers if not headers else [*(h for h in self.headers if h[0].lower() not in
