@@ -377,7 +377,7 @@ class Executor:
             outcome = await self._create(client, op, payload, applied_hash)
             outcome.note = "account was missing in the target; created again"
             return outcome
-        state = _linked(link, result, active=True, applied=payload, applied_hash=applied_hash)
+        state = _linked(link, result, active=_active(payload), applied=payload, applied_hash=applied_hash)
         return await self._verify(client, link.scim_id, payload, result, Outcome(op.id, "succeeded", link=state))
 
     async def _disable(
@@ -513,7 +513,7 @@ class Executor:
             return await self._adopt(client, op, result, payload, applied_hash, note)
         # What an update compares with: create-only attributes are never compared, so never removed.
         applied = without(payload, self.create_only)
-        state = LinkState(result.id or "", True, result.version, result.location, applied_hash, applied)
+        state = LinkState(result.id or "", _active(payload), result.version, result.location, applied_hash, applied)
         return await self._verify(client, state.scim_id, payload, result, Outcome(op.id, "succeeded", link=state))
 
     async def _post(self, client: ScimClient, payload: dict[str, Any]) -> ScimResult | dict[str, Any]:
@@ -609,7 +609,8 @@ class Executor:
         # What the account holds where the record is empty and the mapping says omit_if_empty: kept.
         payload, _ = keep_omitted(existing, payload, self.omit_if_empty)
         result = await self._write(client, found, payload, None, adopting=True)
-        outcome = Outcome(op.id, "succeeded", note=note, link=_linked(found, result, active=True, applied=payload, applied_hash=applied_hash))
+        state = _linked(found, result, active=_active(payload), applied=payload, applied_hash=applied_hash)
+        outcome = Outcome(op.id, "succeeded", note=note, link=state)
         return await self._verify(client, found.scim_id, payload, result, outcome)
 
     async def _update(
@@ -930,6 +931,11 @@ def _waves(by_key: dict[str, list[ClaimedOperation]], links: dict[str, LinkState
 def _differs(applied: dict[str, Any] | None, payload: dict[str, Any]) -> bool:
     """Whether ``payload`` changes anything of what was last applied (write-only values are masked there)."""
     return any(path not in WRITE_ONLY for path in changed_paths(applied, payload))
+
+
+def _active(payload: dict[str, Any]) -> bool:
+    """Whether the account is left active by this payload: a leaver's kept create is sent ``active: false``."""
+    return payload.get("active") is not False
 
 
 def _linked(
