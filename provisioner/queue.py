@@ -183,11 +183,13 @@ class Rejections:
 RECORD_HASH_PREFIX = "record:"
 # "hr.csv:12: why": the origin moves when rows above it come and go; the cause is what is compared.
 _ORIGIN = re.compile(r"^.+?:\d+: ")
+# "(also at line 53)": where the other records of a shared key are, which moves as much.
+_OTHERS = re.compile(r" \(also at [^)]*\)")
 
 
 def rejection_cause(message: str | None) -> str | None:
-    """A rejection's message without its leading ``file:line:``."""
-    return None if message is None else _ORIGIN.sub("", message, count=1)
+    """A rejection's message without its leading ``file:line:`` nor where the other records of its key are."""
+    return None if message is None else _OTHERS.sub("", _ORIGIN.sub("", message, count=1), count=1)
 
 
 def load_links(engine: Engine, target: str) -> dict[str, Link]:

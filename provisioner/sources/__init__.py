@@ -41,7 +41,9 @@ def read_source(config: SourceConfig | SqlSourceConfig | ScimSourceConfig) -> It
 
     Raises SourceError (when the iteration starts) for a source that cannot be read.
     """
-    return unique_keys(_records(config))
+    # What a `file:N` origin counts: a file's lines, a query's rows; a SCIM record's origin is its URL.
+    unit = "row" if isinstance(config, SqlSourceConfig) else None if isinstance(config, ScimSourceConfig) else "line"
+    return unique_keys(_records(config), config.key, unit)
 
 
 def first_records(

@@ -547,3 +547,13 @@ def test_a_rejection_of_an_identity_gone_from_the_source_is_superseded(engine: E
     enqueue(engine, "run-2", "app", [], [], present={"E1"})
 
     assert [row["status"] for row in rows(db)] == ["superseded"]
+
+
+def test_a_duplicate_whose_rows_moved_is_the_same_rejection(engine: Engine, db: Path) -> None:
+    """Rows above come and go: neither the record's line nor its twins' makes another rejection to review."""
+    why = "employee_id 'E1' appears 2 times (also at line {}); none of them is used"
+    enqueue(engine, "run-1", "app", [], [("E1", f"hr.csv:2: {why.format(4)}", Kind.CREATE, Reason.JOINER)])
+
+    enqueue(engine, "run-2", "app", [], [("E1", f"hr.csv:3: {why.format(5)}", Kind.CREATE, Reason.JOINER)])
+
+    assert statuses(db) == [("E1", "create", "failed")]

@@ -297,8 +297,8 @@ def test_jsonl_key_that_is_an_object_is_a_bad_record(tmp_path: Path) -> None:
 # --- one key, several records ----------------------------------------------------------------------
 
 
-def duplicate(key: str, count: int) -> str:
-    return f"duplicate key '{key}': {count} records of the source have it; none is used until only one does"
+def duplicate(key: str, count: int, also: str) -> str:
+    return f"employee_id '{key}' appears {count} times (also at {also}); none of them is used"
 
 
 def test_every_record_of_a_shared_key_is_a_bad_record_at_its_own_line_and_the_others_go_on(tmp_path: Path) -> None:
@@ -307,12 +307,22 @@ def test_every_record_of_a_shared_key_is_a_bad_record_at_its_own_line_and_the_ot
     records = list(read_source(source))
 
     assert records == [
-        BadRecord("E1", duplicate("E1", 3), f"{source.path}:2"),
+        BadRecord("E1", duplicate("E1", 3, "lines 4, 6"), f"{source.path}:2"),
         IdentityRecord("E2", {"employee_id": "E2", "first_name": "Alan", "email": "b@x"}, f"{source.path}:3"),
-        BadRecord("E1", duplicate("E1", 3), f"{source.path}:4"),
+        BadRecord("E1", duplicate("E1", 3, "lines 2, 6"), f"{source.path}:4"),
         IdentityRecord("E3", {"employee_id": "E3", "first_name": "Grace", "email": "d@x"}, f"{source.path}:5"),
-        BadRecord("E1", duplicate("E1", 3), f"{source.path}:6"),
+        BadRecord("E1", duplicate("E1", 3, "lines 2, 4"), f"{source.path}:6"),
     ]
+
+
+def test_a_key_many_records_share_names_a_few_of_the_others_and_counts_the_rest(tmp_path: Path) -> None:
+    rows = "".join(f"N/A,Person{n},p{n}@x\n" for n in range(8))
+    source = csv_source(tmp_path, f"{HEADER}\n{rows}")
+
+    first = next(iter(read_source(source)))
+
+    assert isinstance(first, BadRecord)
+    assert first.reason == duplicate("N/A", 8, "lines 3, 4, 5, 6, 7 and 2 more")
 
 
 def test_a_bad_record_naming_a_key_takes_that_key_from_its_other_records(tmp_path: Path) -> None:
@@ -323,7 +333,7 @@ def test_a_bad_record_naming_a_key_takes_that_key_from_its_other_records(tmp_pat
 
     assert records == [
         BadRecord("E1", "fewer fields than the header has", f"{source.path}:2"),
-        BadRecord("E1", duplicate("E1", 2), f"{source.path}:3"),
+        BadRecord("E1", duplicate("E1", 2, "line 2"), f"{source.path}:3"),
     ]
 
 
