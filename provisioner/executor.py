@@ -96,7 +96,10 @@ CONFLICT_ROUNDS = 3
 
 @dataclass(slots=True)
 class ExecutionReport:
-    """What one execution round did: outcomes by status, and operations done by kind."""
+    """What one execution round did: outcomes by status, and operations done by kind.
+
+    ``done["unchanged"]``: operations that succeeded sending nothing (see ``Outcome.unchanged``).
+    """
 
     statuses: Counter[str] = field(default_factory=Counter)
     done: Counter[str] = field(default_factory=Counter)
@@ -272,7 +275,7 @@ class Executor:
         self._measure(op, outcome)
         report.statuses[outcome.status] += 1
         if outcome.status == "succeeded":
-            report.done[op.kind.value] += 1
+            report.done["unchanged" if outcome.unchanged else op.kind.value] += 1
         self._log(op, outcome, started)
 
     async def _apply(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
@@ -367,7 +370,7 @@ class Executor:
                 # Only omit_if_empty attributes went empty: the target keeps its values, nothing to send.
                 state = replace(link, applied=payload, applied_hash=applied_hash)
                 return Outcome(op.id, "succeeded", note=f"kept {', '.join(kept)} (omit_if_empty); nothing to send",
-                               link=state)  # fmt: skip
+                               link=state, unchanged=True)  # fmt: skip
         try:
             result = await self._update(client, link, payload, enable=op.kind is Kind.ENABLE)
         except NotFound:

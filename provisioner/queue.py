@@ -163,6 +163,9 @@ class Outcome:
     # Seconds the target asked us to wait (a Retry-After too long to wait in place): the row is due
     # then, instead of at the retry schedule's next step.
     retry_after: float | None = None
+    # Succeeded with nothing sent: the account already held what the operation wanted (an update
+    # whose only changes were emptied omit_if_empty attributes). Counted as unchanged, not done.
+    unchanged: bool = False
 
 
 @dataclass(slots=True)

@@ -83,7 +83,8 @@ class TargetReport:
             "enabled": self.done["enable"],
             "disabled": self.done["disable"],
             "deleted": self.done["delete"],
-            "unchanged": self.unchanged,
+            # With the operations that found nothing to send (an emptied omit_if_empty attribute).
+            "unchanged": self.unchanged + self.done["unchanged"],
             "failed": self.failed,
             "deferred": self.deferred,
             "held": self.held,
@@ -416,10 +417,13 @@ def describe_plan(
     """A plan as an operator reads it: counts, each operation with the attributes it changes.
 
     ``omit_if_empty``: the mapping's attributes whose empty value keeps the target's, not a change.
+    An update whose only changes are such attributes going empty sends nothing (the
+    executor records the new hash, "nothing to send"): it is counted unchanged, not listed.
     """
     updates = [d.identity_key for d in plan.decisions if d.kind in (Kind.UPDATE, Kind.ENABLE)]
     states = load_link_states(engine, plan.target, updates) if updates else {}
     operations = []
+    counts = plan.counts()
     for decision in plan.decisions:
         item: dict[str, object] = {
             "identity_key": decision.identity_key,
@@ -431,9 +435,15 @@ def describe_plan(
             applied = state.applied if state else None
             # What the update sends: the userName the account was created with, values kept by omit_if_empty.
             payload = keep_chosen(applied, decision.payload)
-            payload = keep_omitted(applied, payload, omit_if_empty)[0] if omit_if_empty else payload
+            payload, kept = keep_omitted(applied, payload, omit_if_empty) if omit_if_empty else (payload, [])
+            changes = changed_paths(applied, payload)
+            # As the executor decides it: only omitted attributes went empty, write-only values aside.
+            if kept and decision.kind is Kind.UPDATE and state and state.active and set(changes) <= WRITE_ONLY:
+                counts[Kind.UPDATE.value] -= 1
+                counts["unchanged"] += 1
+                continue
             item["userName"] = payload.get("userName")
-            item["changes"] = changed_paths(applied, payload)
+            item["changes"] = changes
         elif decision.payload is not None:
             # A unique_username() is shown as its candidates until the create chooses one.
             item["userName"] = readable(decision.payload.get("userName"))
@@ -441,7 +451,7 @@ def describe_plan(
     leavers = sum(d.kind in (Kind.DISABLE, Kind.DELETE) for d in plan.decisions)
     return {
         "target": plan.target,
-        "counts": plan.counts(),
+        "counts": counts,
         "would_hold_leavers": brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share),
         "operations": operations,
         "groups": _describe_groups(group_plan) if group_plan is not None else None,
