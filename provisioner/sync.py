@@ -11,7 +11,7 @@ import asyncio
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -40,7 +40,7 @@ from provisioner.queue import (
     release,
 )
 from provisioner.redaction import WRITE_ONLY
-from provisioner.sources import BadRecord, IdentityRecord, read_source, source_columns
+from provisioner.sources import BadRecord, IdentityRecord, read_off_loop, read_source, source_columns
 from provisioner.store import Run, utcnow
 from provisioner.quirks import load_quirks
 from provisioner.targets import TargetSession
@@ -189,7 +189,11 @@ async def sync_target(
     if memo is None:
         memo = load_memo(engine, name)
     try:
-        _plan_into_queue(engine, config, name, mapping, report, memo)
+        # The source is read off the event loop: a slow query or HR endpoint would stall every other
+        # target, /healthz's heartbeat and the metrics meanwhile. The caller holds the target's locks.
+        read, records = _open_read(engine, config, name)
+        records = await read_off_loop(records)
+        _plan_into_queue(engine, config, name, mapping, report, memo, read, records)
         await _send(engine, config, name, mapping, report, stop)
         if memo.unresolved:
             # Records sent with a manager created in this cycle: remembered with what they got.
@@ -228,6 +232,18 @@ async def send_due(
     return report
 
 
+def _open_read(
+    engine: Engine, config: Config, name: str
+) -> tuple[DeltaRead | None, Iterator[IdentityRecord | BadRecord]]:
+    """The target's source read, not started: a delta read (and its state) for a SCIM source with ``delta``."""
+    target = config.targets[name]
+    source = config.sources[target.source]
+    if isinstance(source, ScimSourceConfig) and source.delta:
+        read = start_read(engine, name, target.source, source)
+        return read, read.watch(read_source(read.config()))
+    return None, read_source(source)
+
+
 def _plan_into_queue(
     engine: Engine,
     config: Config,
@@ -235,17 +251,13 @@ def _plan_into_queue(
     mapping: AttributeMapping,
     report: TargetReport,
     memo: RenderMemo | None,
+    read: DeltaRead | None,
+    records: Iterable[IdentityRecord | BadRecord],
 ) -> None:
     target = config.targets[name]
-    source = config.sources[target.source]
-    read: DeltaRead | None = None
-    records: Iterable[IdentityRecord | BadRecord] | None = None
-    if isinstance(source, ScimSourceConfig) and source.delta:
-        read = start_read(engine, name, target.source, source)
-        records = read.watch(read_source(read.config()))
-        if not read.full:
-            _plan_changes_into_queue(engine, config, name, mapping, report, read, list(records))
-            return
+    if read is not None and not read.full:
+        _plan_changes_into_queue(engine, config, name, mapping, report, read, list(records))
+        return
     if memo is None:
         memo = load_memo(engine, name)
     # Packed: an initial load's plan is its 100,000 payloads, held until they are queued.

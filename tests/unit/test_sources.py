@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from provisioner.config import SourceConfig
 from provisioner.errors import SourceError
-from provisioner.sources import BadRecord, IdentityRecord, read_source, source_columns
+from provisioner.sources import BadRecord, IdentityRecord, read_off_loop, read_source, source_columns
 from provisioner.sources.csv import read_csv
 
 HEADER = "employee_id,first_name,email"
@@ -370,3 +373,36 @@ def test_a_snapshot_that_cannot_be_spooled_is_a_source_error_not_a_crash(
 
     with pytest.raises(SourceError, match=r"^cannot keep the source's snapshot in a temporary file in .*/gone \("):
         list(read_source(source))
+
+
+# --- reading off the event loop ---------------------------------------------------------------------
+
+
+def test_read_off_loop_reads_the_source_in_another_thread_and_gives_every_record(tmp_path: Path) -> None:
+    source = csv_source(tmp_path, f"{HEADER}\nE1,Ada,a@x\nE2,Alan,b@x\n")
+    readers: list[int] = []
+
+    def watched() -> Iterator[IdentityRecord | BadRecord]:
+        readers.append(threading.get_ident())
+        yield from read_source(source)
+
+    async def read() -> list[IdentityRecord | BadRecord]:
+        return list(await read_off_loop(watched()))
+
+    records = asyncio.run(read())
+
+    assert [r.key for r in records] == ["E1", "E2"]
+    assert readers and readers[0] != threading.get_ident()
+
+
+def test_read_off_loop_of_an_empty_source_gives_nothing_and_a_source_error_is_raised(tmp_path: Path) -> None:
+    empty = csv_source(tmp_path, f"{HEADER}\n")
+    missing = SourceConfig(type="csv", path=tmp_path / "gone.csv", key="employee_id")
+
+    assert asyncio.run(_listed(empty)) == []
+    with pytest.raises(SourceError):
+        asyncio.run(_listed(missing))
+
+
+async def _listed(source: SourceConfig) -> list[IdentityRecord | BadRecord]:
+    return list(await read_off_loop(read_source(source)))
