@@ -3,7 +3,11 @@
 Jobs: one sync cycle per source on its schedule (every target fed by it),
 followed by the target's reconciliation when ``reconcile_every`` has passed; a
 job that sends due queue rows (retries, approved leavers) every minute. A
-cycle never overlaps itself or the retry job of the same target.
+cycle never overlaps itself or the retry job of the same target. A cycle reads
+its source in a thread (``sources.read_off_loop``), still holding the target's
+lock: a slow query or HR endpoint stalls neither the other targets nor the
+heartbeat ``/healthz`` reads. Records are rendered on the loop's thread, the
+main one, where a mapping's time limit holds.
 
 Stopping: the first SIGTERM/SIGINT stops new work and lets in-flight requests
 finish (bounded by ``shutdown_grace``); a second one exits at once. Either

@@ -96,7 +96,10 @@ CONFLICT_ROUNDS = 3
 
 @dataclass(slots=True)
 class ExecutionReport:
-    """What one execution round did: outcomes by status, and operations done by kind."""
+    """What one execution round did: outcomes by status, and operations done by kind.
+
+    ``done["unchanged"]``: operations that succeeded sending nothing (see ``Outcome.unchanged``).
+    """
 
     statuses: Counter[str] = field(default_factory=Counter)
     done: Counter[str] = field(default_factory=Counter)
@@ -272,7 +275,7 @@ class Executor:
         self._measure(op, outcome)
         report.statuses[outcome.status] += 1
         if outcome.status == "succeeded":
-            report.done[op.kind.value] += 1
+            report.done["unchanged" if outcome.unchanged else op.kind.value] += 1
         self._log(op, outcome, started)
 
     async def _apply(self, client: ScimClient, op: ClaimedOperation, links: dict[str, LinkState]) -> Outcome:
@@ -367,7 +370,7 @@ class Executor:
                 # Only omit_if_empty attributes went empty: the target keeps its values, nothing to send.
                 state = replace(link, applied=payload, applied_hash=applied_hash)
                 return Outcome(op.id, "succeeded", note=f"kept {', '.join(kept)} (omit_if_empty); nothing to send",
-                               link=state)  # fmt: skip
+                               link=state, unchanged=True)  # fmt: skip
         try:
             result = await self._update(client, link, payload, enable=op.kind is Kind.ENABLE)
         except NotFound:
@@ -377,7 +380,7 @@ class Executor:
             outcome = await self._create(client, op, payload, applied_hash)
             outcome.note = "account was missing in the target; created again"
             return outcome
-        state = _linked(link, result, active=True, applied=payload, applied_hash=applied_hash)
+        state = _linked(link, result, active=_active(payload), applied=payload, applied_hash=applied_hash)
         return await self._verify(client, link.scim_id, payload, result, Outcome(op.id, "succeeded", link=state))
 
     async def _disable(
@@ -513,7 +516,7 @@ class Executor:
             return await self._adopt(client, op, result, payload, applied_hash, note)
         # What an update compares with: create-only attributes are never compared, so never removed.
         applied = without(payload, self.create_only)
-        state = LinkState(result.id or "", True, result.version, result.location, applied_hash, applied)
+        state = LinkState(result.id or "", _active(payload), result.version, result.location, applied_hash, applied)
         return await self._verify(client, state.scim_id, payload, result, Outcome(op.id, "succeeded", link=state))
 
     async def _post(self, client: ScimClient, payload: dict[str, Any]) -> ScimResult | dict[str, Any]:
@@ -609,7 +612,8 @@ class Executor:
         # What the account holds where the record is empty and the mapping says omit_if_empty: kept.
         payload, _ = keep_omitted(existing, payload, self.omit_if_empty)
         result = await self._write(client, found, payload, None, adopting=True)
-        outcome = Outcome(op.id, "succeeded", note=note, link=_linked(found, result, active=True, applied=payload, applied_hash=applied_hash))
+        state = _linked(found, result, active=_active(payload), applied=payload, applied_hash=applied_hash)
+        outcome = Outcome(op.id, "succeeded", note=note, link=state)
         return await self._verify(client, found.scim_id, payload, result, outcome)
 
     async def _update(
@@ -930,6 +934,11 @@ def _waves(by_key: dict[str, list[ClaimedOperation]], links: dict[str, LinkState
 def _differs(applied: dict[str, Any] | None, payload: dict[str, Any]) -> bool:
     """Whether ``payload`` changes anything of what was last applied (write-only values are masked there)."""
     return any(path not in WRITE_ONLY for path in changed_paths(applied, payload))
+
+
+def _active(payload: dict[str, Any]) -> bool:
+    """Whether the account is left active by this payload: a leaver's kept create is sent ``active: false``."""
+    return payload.get("active") is not False
 
 
 def _linked(

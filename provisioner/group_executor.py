@@ -79,7 +79,7 @@ from provisioner.queue import (
     release,
     write_plan,
 )
-from provisioner.sources import read_source
+from provisioner.sources import read_off_loop, read_source
 from provisioner.store import GroupLink as GroupLinkTable
 from provisioner.store import AccountLink, GroupMemberState, Operation, as_utc, utcnow
 from provisioner.store import Attempt
@@ -1241,10 +1241,12 @@ async def sync_groups(
             report.drifted = len(drifted)
         source = config.sources[target.source]
         links = load_links(engine, name)
+        # The source is read off the event loop: a slow one stalls nothing else meanwhile.
+        records = await read_off_loop(read_source(source))
         desired = desired_groups(
             definitions,
             mapping,
-            read_source(source),
+            records,
             links,
             remove_leavers=target.remove_leavers_from_groups,
             held=held_identities(engine, name),

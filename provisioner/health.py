@@ -5,8 +5,9 @@ code of ``provisioner sync``, ``provisioner status`` (and ``--json``),
 ``/healthz``, the ``provisioner_target_ok`` metric and the alert facts.
 
 A target is ``ok`` when nothing of it waits for anyone: no open failed
-operation (records the mapping rejected included: each is one open failed
-row per identity and reason), no operation waiting for a retry, no leaver
+operation (rejected records included — a row the source cannot give, a key
+several records share, a record the mapping cannot render: each is one open
+failed row per identity and reason), no operation waiting for a retry, no leaver
 held by the deletion brake, its last cycle not refused, and it is neither
 quarantined nor paused. Otherwise its status is the most urgent of these,
 in this order::
@@ -43,7 +44,7 @@ class TargetHealth:
     """How one target is, and why.
 
     Counts are operations in the queue now (any cycle's): ``failed`` open for
-    review (of which ``rejected`` are records the mapping rejected),
+    review (of which ``rejected`` are rejected records: unreadable, a shared key, unrenderable),
     ``retry_wait`` waiting for a retry, ``pending`` queued to send, ``held``
     leavers held by the deletion brake.
     """
@@ -97,7 +98,7 @@ def assess(
     """The health of one target from what was read about it; purely computational.
 
     ``counts``: open operations by status; ``rejected``: how many of the failed
-    ones are records the mapping rejected; ``state``: the target_state row;
+    ones are rejected records; ``state``: the target_state row;
     ``last_run``: the latest row of the ``run`` table.
     """
     run = last_run or {}
@@ -115,7 +116,7 @@ def assess(
     if held:
         problems.append(("held", f"{held} leaver operations held for approval"))
     if failed:
-        of_which = f" ({rejected} records the mapping rejected)" if rejected else ""
+        of_which = f" ({rejected} of them rejected records)" if rejected else ""
         problems.append(("failed", f"{failed} failed operations wait for review{of_which}"))
     if retry_wait:
         problems.append(("waiting", f"{retry_wait} operations wait for a retry"))
@@ -187,7 +188,7 @@ def cycle_succeeded(report: Any) -> bool:
     the target taking work: none of the operations it sent waits for a retry
     (a 5xx, a timeout, a 401), and none was left unsent because the target is
     paused or quarantined or stopped answering. Operations that failed alone
-    — a record the mapping rejected, a 400 on one account — do not make it
+    — a rejected record, a 400 on one account — do not make it
     unsuccessful: they wait in the review queue and make the target's health
     ``failed``, which is a different question. A refused or crashed cycle
     raises before it has a report, and never counts. ``report`` is a

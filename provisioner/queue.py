@@ -163,6 +163,9 @@ class Outcome:
     # Seconds the target asked us to wait (a Retry-After too long to wait in place): the row is due
     # then, instead of at the retry schedule's next step.
     retry_after: float | None = None
+    # Succeeded with nothing sent: the account already held what the operation wanted (an update
+    # whose only changes were emptied omit_if_empty attributes). Counted as unchanged, not done.
+    unchanged: bool = False
 
 
 @dataclass(slots=True)
@@ -183,11 +186,13 @@ class Rejections:
 RECORD_HASH_PREFIX = "record:"
 # "hr.csv:12: why": the origin moves when rows above it come and go; the cause is what is compared.
 _ORIGIN = re.compile(r"^.+?:\d+: ")
+# "(also at line 53)": where the other records of a shared key are, which moves as much.
+_OTHERS = re.compile(r" \(also at [^)]*\)")
 
 
 def rejection_cause(message: str | None) -> str | None:
-    """A rejection's message without its leading ``file:line:``."""
-    return None if message is None else _ORIGIN.sub("", message, count=1)
+    """A rejection's message without its leading ``file:line:`` nor where the other records of its key are."""
+    return None if message is None else _OTHERS.sub("", _ORIGIN.sub("", message, count=1), count=1)
 
 
 def load_links(engine: Engine, target: str) -> dict[str, Link]:
@@ -267,7 +272,9 @@ def enqueue(
     ``brake`` gets the number of new deprovisioning operations; when it says so,
     they are written as ``held`` and wait for an operator's approval. Open
     operations of ``settled`` identities (already as they should be: a leaver
-    back in the source before their disable was sent) are superseded.
+    back in the source before their disable was sent) are superseded; of a
+    settled identity with no account linked, or one gone from ``present``, a
+    create already tried is kept and sent with ``active: false`` instead.
 
     A rejected record is one failed row per identity and cause (its message
     without ``file:line``): the next cycle does not open another. Its
@@ -315,15 +322,21 @@ def enqueue(
             row.update(status="failed", last_error=message, finished_at=now)
             rows.append(row)
             tally.new.append((key, message))
+        # Identities with an open create that may need no account now: settled, or gone from the source.
+        leaving: list[str] = []
         for key in settled:
             # A no-change cycle settles every identity: look up first, build nothing for the rest.
             stale = open_by_key.get(key)
             if stale:
                 superseded.extend(r.id for r in stale if r.status != "running" and not _unconfirmed_create(r))
+                leaving.append(key)
         if present is not None:
             for key, existing in open_by_key.items():
                 if key not in present:
                     superseded.extend(r.id for r in existing if _is_rejection(r))
+                    if any(r.kind == Kind.CREATE.value for r in existing):
+                        leaving.append(key)
+        superseded.extend(_leavers_creates(conn, target, leaving, open_by_key, now))
         leavers = sum(d.kind.value in DEPROVISION for d in new)
         held = brake is not None and leavers > 0 and brake(leavers)
         write_plan(conn, [], superseded, now)
@@ -433,10 +446,61 @@ def _unconfirmed_create(row: Any) -> bool:
 
     Superseding it when the identity needs no account (a leaver before the
     retry) would leave that account active with nothing to find it by; kept,
-    the retry adopts it (it looks the account up first) and the next plan
-    disables it as any leaver's.
+    the retry adopts it (it looks the account up first), sent disabled
+    (:func:`_leavers_creates`).
     """
     return row.kind == Kind.CREATE.value and row.status in ("pending", "retry_wait") and (row.attempts or 0) > 0
+
+
+def _leavers_creates(
+    conn: Any, target: str, keys: Sequence[str], open_by_key: Mapping[str, list[Any]], now: datetime
+) -> list[int]:
+    """The open creates of identities that need no account and have none linked: the ones to supersede.
+
+    A settled identity with no link renders no account (out of scope, a
+    leaver); one gone from the source is a leaver too. A create of theirs never
+    tried made nothing and goes. One already tried may have made the account
+    (:func:`_unconfirmed_create`): it is kept, and sent with ``active: false``
+    (RFC 7643 §4.1.1), so that its retry makes or adopts the account disabled:
+    never active, even for a cycle, for someone who has left.
+    """
+    if not keys:
+        return []
+    linked: set[str] = set()
+    for chunk in _chunks(list(keys), 500):
+        query = select(LINK.c.identity_key).where(LINK.c.target == target, LINK.c.identity_key.in_(chunk))
+        linked.update(conn.execute(query).scalars())
+    drop: list[int] = []
+    kept: list[int] = []
+    for key in keys:
+        if key in linked:
+            continue  # an account to disable: the plan's own leaver operation sees to it
+        for row in open_by_key.get(key, []):
+            if row.kind != Kind.CREATE.value or row.status == "running":
+                continue
+            (kept if _unconfirmed_create(row) else drop).append(row.id)
+    for chunk in _chunks(kept, 500):
+        rows = conn.execute(select(OP.c.id, OP.c.payload, OP.c.payload_hash).where(OP.c.id.in_(chunk))).all()
+        for op_id, text, digest in rows:
+            payload = loads(text)
+            if not isinstance(payload, dict) or payload.get("active") is False:
+                continue
+            conn.execute(
+                update(OP)
+                .where(OP.c.id == op_id)
+                .values(
+                    payload=dumps({**payload, "active": False}),
+                    # Another hash: a rehire's create replaces this one rather than matching it.
+                    payload_hash=f"{LEFT_HASH_PREFIX}{digest or ''}",
+                    updated_at=now,
+                    note="the identity needs no account now; sent disabled, as the account it may have made",
+                )
+            )
+    return drop
+
+
+# Marks the payload hash of a kept create rewritten to make or adopt its account disabled.
+LEFT_HASH_PREFIX = "left:"
 
 
 def _is_rejection(row: Any) -> bool:

@@ -11,7 +11,7 @@ import asyncio
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -40,7 +40,7 @@ from provisioner.queue import (
     release,
 )
 from provisioner.redaction import WRITE_ONLY
-from provisioner.sources import BadRecord, IdentityRecord, read_source, source_columns
+from provisioner.sources import BadRecord, IdentityRecord, read_off_loop, read_source, source_columns
 from provisioner.store import Run, utcnow
 from provisioner.quirks import load_quirks
 from provisioner.targets import TargetSession
@@ -83,7 +83,8 @@ class TargetReport:
             "enabled": self.done["enable"],
             "disabled": self.done["disable"],
             "deleted": self.done["delete"],
-            "unchanged": self.unchanged,
+            # With the operations that found nothing to send (an emptied omit_if_empty attribute).
+            "unchanged": self.unchanged + self.done["unchanged"],
             "failed": self.failed,
             "deferred": self.deferred,
             "held": self.held,
@@ -188,7 +189,11 @@ async def sync_target(
     if memo is None:
         memo = load_memo(engine, name)
     try:
-        _plan_into_queue(engine, config, name, mapping, report, memo)
+        # The source is read off the event loop: a slow query or HR endpoint would stall every other
+        # target, /healthz's heartbeat and the metrics meanwhile. The caller holds the target's locks.
+        read, records = _open_read(engine, config, name)
+        records = await read_off_loop(records)
+        _plan_into_queue(engine, config, name, mapping, report, memo, read, records)
         await _send(engine, config, name, mapping, report, stop)
         if memo.unresolved:
             # Records sent with a manager created in this cycle: remembered with what they got.
@@ -227,6 +232,18 @@ async def send_due(
     return report
 
 
+def _open_read(
+    engine: Engine, config: Config, name: str
+) -> tuple[DeltaRead | None, Iterator[IdentityRecord | BadRecord]]:
+    """The target's source read, not started: a delta read (and its state) for a SCIM source with ``delta``."""
+    target = config.targets[name]
+    source = config.sources[target.source]
+    if isinstance(source, ScimSourceConfig) and source.delta:
+        read = start_read(engine, name, target.source, source)
+        return read, read.watch(read_source(read.config()))
+    return None, read_source(source)
+
+
 def _plan_into_queue(
     engine: Engine,
     config: Config,
@@ -234,17 +251,13 @@ def _plan_into_queue(
     mapping: AttributeMapping,
     report: TargetReport,
     memo: RenderMemo | None,
+    read: DeltaRead | None,
+    records: Iterable[IdentityRecord | BadRecord],
 ) -> None:
     target = config.targets[name]
-    source = config.sources[target.source]
-    read: DeltaRead | None = None
-    records: Iterable[IdentityRecord | BadRecord] | None = None
-    if isinstance(source, ScimSourceConfig) and source.delta:
-        read = start_read(engine, name, target.source, source)
-        records = read.watch(read_source(read.config()))
-        if not read.full:
-            _plan_changes_into_queue(engine, config, name, mapping, report, read, list(records))
-            return
+    if read is not None and not read.full:
+        _plan_changes_into_queue(engine, config, name, mapping, report, read, list(records))
+        return
     if memo is None:
         memo = load_memo(engine, name)
     # Packed: an initial load's plan is its 100,000 payloads, held until they are queued.
@@ -416,10 +429,13 @@ def describe_plan(
     """A plan as an operator reads it: counts, each operation with the attributes it changes.
 
     ``omit_if_empty``: the mapping's attributes whose empty value keeps the target's, not a change.
+    An update whose only changes are such attributes going empty sends nothing (the
+    executor records the new hash, "nothing to send"): it is counted unchanged, not listed.
     """
     updates = [d.identity_key for d in plan.decisions if d.kind in (Kind.UPDATE, Kind.ENABLE)]
     states = load_link_states(engine, plan.target, updates) if updates else {}
     operations = []
+    counts = plan.counts()
     for decision in plan.decisions:
         item: dict[str, object] = {
             "identity_key": decision.identity_key,
@@ -431,9 +447,15 @@ def describe_plan(
             applied = state.applied if state else None
             # What the update sends: the userName the account was created with, values kept by omit_if_empty.
             payload = keep_chosen(applied, decision.payload)
-            payload = keep_omitted(applied, payload, omit_if_empty)[0] if omit_if_empty else payload
+            payload, kept = keep_omitted(applied, payload, omit_if_empty) if omit_if_empty else (payload, [])
+            changes = changed_paths(applied, payload)
+            # As the executor decides it: only omitted attributes went empty, write-only values aside.
+            if kept and decision.kind is Kind.UPDATE and state and state.active and set(changes) <= WRITE_ONLY:
+                counts[Kind.UPDATE.value] -= 1
+                counts["unchanged"] += 1
+                continue
             item["userName"] = payload.get("userName")
-            item["changes"] = changed_paths(applied, payload)
+            item["changes"] = changes
         elif decision.payload is not None:
             # A unique_username() is shown as its candidates until the create chooses one.
             item["userName"] = readable(decision.payload.get("userName"))
@@ -441,7 +463,7 @@ def describe_plan(
     leavers = sum(d.kind in (Kind.DISABLE, Kind.DELETE) for d in plan.decisions)
     return {
         "target": plan.target,
-        "counts": plan.counts(),
+        "counts": counts,
         "would_hold_leavers": brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share),
         "operations": operations,
         "groups": _describe_groups(group_plan) if group_plan is not None else None,

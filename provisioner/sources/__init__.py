@@ -15,6 +15,7 @@ several records share: every one of them is rejected, none is guessed
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Iterator
 
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_CELL_CHARS",
     "MAX_RECORD_CHARS",
     "first_records",
+    "read_off_loop",
     "read_source",
     "source_columns",
 ]
@@ -41,7 +43,28 @@ def read_source(config: SourceConfig | SqlSourceConfig | ScimSourceConfig) -> It
 
     Raises SourceError (when the iteration starts) for a source that cannot be read.
     """
-    return unique_keys(_records(config))
+    # What a `file:N` origin counts: a file's lines, a query's rows; a SCIM record's origin is its URL.
+    unit = "row" if isinstance(config, SqlSourceConfig) else None if isinstance(config, ScimSourceConfig) else "line"
+    return unique_keys(_records(config), config.key, unit)
+
+
+_END = object()
+
+
+async def read_off_loop(records: Iterator[IdentityRecord | BadRecord]) -> Iterator[IdentityRecord | BadRecord]:
+    """A :func:`read_source` iterator with the source already read, in a thread: the event loop never waits on it.
+
+    :func:`read_source` reads the whole snapshot (into its spool) before it
+    gives the first record, so taking that first record in a thread is where
+    a slow query or HR endpoint is waited for; the rest comes from the local
+    spool. The records are then rendered where the caller iterates them: in
+    the main thread, where a mapping's time limit (SIGALRM) holds. Raises
+    SourceError as :func:`read_source` does.
+    """
+    first = await asyncio.to_thread(next, records, _END)
+    if first is _END:
+        return iter(())
+    return itertools.chain((first,), records)  # type: ignore[arg-type]
 
 
 def first_records(

@@ -76,7 +76,8 @@ def test_preview_of_a_key_two_records_share_says_so_at_each_line(tmp_path: Path)
     assert done.returncode == 3, done.stderr
     result = json.loads(done.stdout)
     assert result["origin"].endswith("hr.csv:2")
-    assert result["error"].startswith("duplicate key 'E1001': 2 records of the source have it")
+    last = len(lines) + 1
+    assert result["error"] == f"employee_id 'E1001' appears 2 times (also at line {last}); none of them is used"
 
 
 def test_plan_lists_group_operations_without_contacting_the_target(tmp_path: Path) -> None:

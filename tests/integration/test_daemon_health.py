@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -249,3 +250,92 @@ def test_healthz_says_stuck_when_the_event_loop_stops_ticking(daemon_of: Daemon)
     assert (code, body["status"]) == (503, "stuck")
     assert float(body["stuck_for_seconds"]) > daemon_of.config.daemon.stuck_after  # type: ignore[arg-type]
     assert json.dumps(body)  # JSON all the way down
+
+
+# --- a slow source ------------------------------------------------------------------------------
+
+
+class HeldHrSystem:
+    """An HR system's SCIM endpoint that holds every request until released: a source as slow as we like."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        held = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+                held.entered.set()
+                held.release.wait(120)
+                body = json.dumps({"schemas": ["urn:ietf:params:scim:api:messages:2.0:ListResponse"],
+                                   "totalResults": 0, "Resources": []}).encode()  # fmt: skip
+                self.send_response(200)
+                self.send_header("Content-Type", "application/scim+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server's name
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.http.server_address[1]}/v2"
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+
+    def __enter__(self) -> HeldHrSystem:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def test_a_slow_source_holds_up_neither_other_targets_nor_healthz(tmp_path: Path, server: ScimServer) -> None:
+    """While one source's read hangs, the daemon's loop goes on: another target's cycles run, /healthz says so."""
+    port = free_port()
+    fast = [hr_row(f"F{n}", f"Fast{n}", "Source", email=f"fast{n}@example.com") for n in range(3)]
+    with HeldHrSystem() as hr:
+        write_csv(tmp_path / "hr.csv", fast[:1])
+        config = tmp_path / "config.yaml"
+        target = (f"base_url: {server.base_url}, allow_insecure_http: true, mapping: {DEMO_MAPPING}, "
+                  'auth: {type: bearer, token: "${APP_TOKEN}"}')  # fmt: skip
+        config.write_text(
+            f"""state: sqlite:///state.db
+sources:
+  hr: {{type: csv, path: hr.csv, key: employee_id, schedule: {{every: 1s}}}}
+  slow: {{type: scim, base_url: {hr.base_url}, allow_insecure_http: true, auth: {{type: bearer, token: t}},
+          key: employeeNumber, timeout: 600, schedule: {{every: 1h}}}}
+targets:
+  fast: {{source: hr, {target}}}
+  held: {{source: slow, {target}}}
+daemon: {{listen: "127.0.0.1:{port}", shutdown_grace: 5, retry_interval: 60}}
+""",
+            encoding="utf-8",
+        )
+        daemon = start_daemon(config, {"APP_TOKEN": server.token})
+        try:
+            assert hr.entered.wait(90), "the held source was never read"
+            write_csv(tmp_path / "hr.csv", fast)  # two joiners, for a cycle that starts while the read hangs
+
+            seen: list[object] = []
+
+            def fast_cycle_done() -> bool:
+                assert daemon.poll() is None, f"the daemon died with exit {daemon.returncode}"
+                try:
+                    body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()
+                except httpx.TransportError:
+                    return False
+                seen[:] = [body["status"], body["targets"]["fast"]["last_cycle"]]
+                last = body["targets"]["fast"]["last_cycle"] or {}
+                return last.get("created") == 2 and body["status"] != "stuck"
+
+            wait_for("a cycle of the other target while the source hangs", fast_cycle_done, 60, state=lambda: seen)
+            assert not hr.release.is_set()
+            assert sorted(users_in(server)) == [f"fast{n}@example.com" for n in range(3)]
+        finally:
+            hr.release.set()
+            code = stop_daemon(daemon, timeout=60)
+    assert code == 0

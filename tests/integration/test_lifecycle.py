@@ -402,7 +402,7 @@ async def test_duplicate_identity_key_rejects_both_records_and_creates_no_accoun
     assert scim.user(email(GRACE))["active"] is True
     failed = [op for op in workspace.operations() if op["status"] == "failed"]
     assert {op["identity_key"] for op in failed} == {"E1001"}
-    assert sorted(str(op["last_error"]).split(": duplicate key")[0] for op in failed) == [
+    assert sorted(str(op["last_error"]).split(": employee_id 'E1001' appears 2 times")[0] for op in failed) == [
         f"{workspace.source_path}:2", f"{workspace.source_path}:4",
     ]  # fmt: skip
 

@@ -83,12 +83,15 @@ def test_only_omitted_values_going_empty_sends_nothing_and_a_new_value_is_sent(
     capsys.readouterr()
     assert main(["plan", "--config", str(workspace.config_path), "--json"]) == 0
     [planned] = json.loads(capsys.readouterr().out)
-    assert [op["changes"] for op in planned["operations"]] == [[]]  # the plan does not show title as cleared
+    # Not an update: the target keeps its title, and nothing else changed.
+    assert planned["operations"] == []
+    assert (planned["counts"]["update"], planned["counts"]["unchanged"]) == (0, 1)
     report = workspace.sync_now()
     again = workspace.sync_now()
 
     assert len(writes(workspace)) == 1  # the POST only
     assert report.failed == 0 and again.unchanged == 1
+    assert (report.summary()["updated"], report.summary()["unchanged"]) == (0, 1)
     [note] = [n for (n,) in workspace.query("SELECT note FROM operation WHERE kind = 'update'")]
     assert note == "kept title (omit_if_empty); nothing to send"
     assert scim.user("ada.lovelace@example.com")["title"] == "Engineer"

@@ -6,6 +6,8 @@ target, active. If the identity leaves before the create is retried, the plan
 has nothing to disable (no link) and the identity looks settled; superseding
 the open create then leaves the account active for good, with no row saying so
 (the crash run, ``tests/crashrun.py``, found a leaver left active this way).
+Kept, it is sent with ``active: false``: it adopts the account disabled, or,
+when the first POST never reached the target, makes it disabled.
 Against a real scim2-server over HTTP.
 """
 
@@ -21,6 +23,7 @@ from tests.integration.test_owed_references import next_cycle
 
 ADA = hr_row("E1", "Ada", "Lovelace")
 LEFT = {**ADA, "status": "terminated"}
+BOB = hr_row("E2", "Bob", "Babbage")
 CORE = "urn:ietf:params:scim:schemas:core:2.0:User"
 
 
@@ -42,8 +45,59 @@ def test_a_leaver_whose_create_may_have_been_applied_ends_disabled(
     assert [(r["kind"], r["status"]) for r in workspace.operations()] == [("create", "retry_wait")]
 
     workspace.write_source([LEFT])
-    next_cycle(workspace)  # the create is finished: it adopts the account it made
-    next_cycle(workspace)  # which, linked now, is a leaver's to disable
+    next_cycle(workspace)  # the create is finished: it adopts the account it made, and disables it
 
     assert scim.user(ADA["email"])["active"] is False
+    assert not [row for row in workspace.operations() if row["status"] not in ("succeeded", "superseded")]
+    next_cycle(workspace)
+    assert scim.user(ADA["email"])["active"] is False
+    assert [(r["kind"], r["status"]) for r in workspace.operations()] == [("create", "succeeded")]
+
+
+def test_a_leaver_whose_create_never_reached_the_target_is_never_active_there(
+    workspace: Workspace, scim_server: ScimServer, scim: ScimReader, fault_proxy: Any
+) -> None:
+    """The retry of a tried create for someone who left since makes the account disabled, not active for a cycle."""
+    refusing = [True]
+
+    # The first cycle's POSTs never reach the target; the engine cannot know they did not.
+    def lost(method: str, path: str, body: bytes | None) -> int | None:
+        return 503 if method == "POST" and refusing[0] else None
+
+    proxy = fault_proxy(scim_server.base_url, answer=lost)
+    behind(workspace, proxy.base_url, scim_server.token)
+    workspace.write_source([ADA])
+    workspace.sync_now()
+    assert scim.find(ADA["email"]) == [], "the set-up: tried, nothing made"
+    assert [(r["kind"], r["status"]) for r in workspace.operations()] == [("create", "retry_wait")]
+
+    refusing[0] = False
+    workspace.write_source([LEFT])
+    next_cycle(workspace)
+
+    assert scim.user(ADA["email"])["active"] is False
+    assert [(r["kind"], r["status"]) for r in workspace.operations()] == [("create", "succeeded")]
+
+
+def test_a_tried_create_of_someone_gone_from_the_source_makes_no_active_account(
+    workspace: Workspace, scim_server: ScimServer, scim: ScimReader, fault_proxy: Any
+) -> None:
+    """Gone from the HR file altogether is leaving too: the kept create is sent disabled."""
+    refusing = [True]
+
+    def lost(method: str, path: str, body: bytes | None) -> int | None:
+        return 503 if method == "POST" and ADA["email"].encode() in (body or b"") and refusing[0] else None
+
+    proxy = fault_proxy(scim_server.base_url, answer=lost)
+    behind(workspace, proxy.base_url, scim_server.token)
+    workspace.write_source([ADA, BOB])
+    workspace.sync_now()
+    assert scim.find(ADA["email"]) == []
+
+    refusing[0] = False
+    workspace.write_source([BOB])
+    next_cycle(workspace)
+
+    assert scim.user(ADA["email"])["active"] is False
+    assert scim.user(BOB["email"])["active"] is True
     assert not [row for row in workspace.operations() if row["status"] not in ("succeeded", "superseded")]

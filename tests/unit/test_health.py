@@ -44,7 +44,7 @@ def test_rejected_records_count_as_failed_and_are_named_apart() -> None:
     health = assess("t", {"failed": 3}, rejected=2)
 
     assert (health.status, health.failed, health.rejected) == ("failed", 3, 2)
-    assert health.problems == ("3 failed operations wait for review (2 records the mapping rejected)",)
+    assert health.problems == ("3 failed operations wait for review (2 of them rejected records)",)
 
 
 def test_overall_is_the_most_urgent_of_the_targets_and_ok_for_none() -> None:

@@ -169,6 +169,60 @@ def test_enqueue_keeps_a_tried_create_of_a_settled_identity(engine: Engine, db: 
     assert statuses(db) == [("E1", "create", "pending"), ("E2", "create", "superseded")]
 
 
+def test_enqueue_sends_a_leavers_tried_create_disabled(engine: Engine, db: Path) -> None:
+    """Its retry makes (or adopts) the account with ``active: false``: never active for someone who left."""
+    enqueue(engine, "run-1", "app", [CREATE])
+    claim(engine, "app", identities=["E1"])
+    recover_orphans(engine)
+
+    enqueue(engine, "run-2", "app", [], settled=["E1"])
+
+    [op] = claim(engine, "app")
+    assert op.payload == {"userName": "ada@example.com", "active": False}
+
+
+def test_enqueue_sends_a_tried_create_of_someone_gone_from_the_source_disabled(engine: Engine, db: Path) -> None:
+    second = Decision("E2", Kind.CREATE, Reason.JOINER, {"userName": "b@x"}, "h3")
+    enqueue(engine, "run-1", "app", [CREATE, second])
+    claim(engine, "app", identities=["E1"])
+    recover_orphans(engine)
+
+    enqueue(engine, "run-2", "app", [], present={"E3"})
+
+    assert statuses(db) == [("E1", "create", "pending"), ("E2", "create", "superseded")]
+    [op] = claim(engine, "app")
+    assert op.payload == {"userName": "ada@example.com", "active": False}
+
+
+def test_a_rehire_replaces_the_create_sent_disabled(engine: Engine, db: Path) -> None:
+    """Back in scope before the retry: the plan's create, active, is the one sent."""
+    enqueue(engine, "run-1", "app", [CREATE])
+    claim(engine, "app", identities=["E1"])
+    recover_orphans(engine)
+    enqueue(engine, "run-2", "app", [], settled=["E1"])
+
+    enqueue(engine, "run-3", "app", [CREATE])
+
+    assert statuses(db) == [("E1", "create", "superseded"), ("E1", "create", "pending")]
+    [op] = claim(engine, "app")
+    assert op.payload == CREATE.payload
+
+
+def test_a_linked_identitys_tried_create_is_left_as_it_is(engine: Engine, db: Path) -> None:
+    """With an account linked, a leaver's own disable sees to it; an unchanged one's create is not touched."""
+    enqueue(engine, "run-1", "app", [CREATE])
+    claim(engine, "app", identities=["E1"])
+    recover_orphans(engine)
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO account_link (target, identity_key, scim_id, active, updated_at) "
+                     "VALUES ('app', 'E1', 'u1', 1, '2026-01-01')")  # fmt: skip
+
+    enqueue(engine, "run-2", "app", [], settled=["E1"], present={"E1"})
+
+    [op] = claim(engine, "app")
+    assert op.payload == CREATE.payload
+
+
 def test_rejected_record_is_written_as_failed_with_its_reason(engine: Engine, db: Path) -> None:
     enqueue(engine, "run-1", "app", [], [("E9", "hr.csv:4: users.yaml:3: attribute 'userName': boom", Kind.CREATE, Reason.JOINER)])
 
@@ -493,3 +547,13 @@ def test_a_rejection_of_an_identity_gone_from_the_source_is_superseded(engine: E
     enqueue(engine, "run-2", "app", [], [], present={"E1"})
 
     assert [row["status"] for row in rows(db)] == ["superseded"]
+
+
+def test_a_duplicate_whose_rows_moved_is_the_same_rejection(engine: Engine, db: Path) -> None:
+    """Rows above come and go: neither the record's line nor its twins' makes another rejection to review."""
+    why = "employee_id 'E1' appears 2 times (also at line {}); none of them is used"
+    enqueue(engine, "run-1", "app", [], [("E1", f"hr.csv:2: {why.format(4)}", Kind.CREATE, Reason.JOINER)])
+
+    enqueue(engine, "run-2", "app", [], [("E1", f"hr.csv:3: {why.format(5)}", Kind.CREATE, Reason.JOINER)])
+
+    assert statuses(db) == [("E1", "create", "failed")]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from provisioner.config import SourceConfig
 from provisioner.errors import SourceError
-from provisioner.sources import BadRecord, IdentityRecord, read_source, source_columns
+from provisioner.sources import BadRecord, IdentityRecord, read_off_loop, read_source, source_columns
 from provisioner.sources.csv import read_csv
 
 HEADER = "employee_id,first_name,email"
@@ -297,8 +300,8 @@ def test_jsonl_key_that_is_an_object_is_a_bad_record(tmp_path: Path) -> None:
 # --- one key, several records ----------------------------------------------------------------------
 
 
-def duplicate(key: str, count: int) -> str:
-    return f"duplicate key '{key}': {count} records of the source have it; none is used until only one does"
+def duplicate(key: str, count: int, also: str) -> str:
+    return f"employee_id '{key}' appears {count} times (also at {also}); none of them is used"
 
 
 def test_every_record_of_a_shared_key_is_a_bad_record_at_its_own_line_and_the_others_go_on(tmp_path: Path) -> None:
@@ -307,12 +310,22 @@ def test_every_record_of_a_shared_key_is_a_bad_record_at_its_own_line_and_the_ot
     records = list(read_source(source))
 
     assert records == [
-        BadRecord("E1", duplicate("E1", 3), f"{source.path}:2"),
+        BadRecord("E1", duplicate("E1", 3, "lines 4, 6"), f"{source.path}:2"),
         IdentityRecord("E2", {"employee_id": "E2", "first_name": "Alan", "email": "b@x"}, f"{source.path}:3"),
-        BadRecord("E1", duplicate("E1", 3), f"{source.path}:4"),
+        BadRecord("E1", duplicate("E1", 3, "lines 2, 6"), f"{source.path}:4"),
         IdentityRecord("E3", {"employee_id": "E3", "first_name": "Grace", "email": "d@x"}, f"{source.path}:5"),
-        BadRecord("E1", duplicate("E1", 3), f"{source.path}:6"),
+        BadRecord("E1", duplicate("E1", 3, "lines 2, 4"), f"{source.path}:6"),
     ]
+
+
+def test_a_key_many_records_share_names_a_few_of_the_others_and_counts_the_rest(tmp_path: Path) -> None:
+    rows = "".join(f"N/A,Person{n},p{n}@x\n" for n in range(8))
+    source = csv_source(tmp_path, f"{HEADER}\n{rows}")
+
+    first = next(iter(read_source(source)))
+
+    assert isinstance(first, BadRecord)
+    assert first.reason == duplicate("N/A", 8, "lines 3, 4, 5, 6, 7 and 2 more")
 
 
 def test_a_bad_record_naming_a_key_takes_that_key_from_its_other_records(tmp_path: Path) -> None:
@@ -323,7 +336,7 @@ def test_a_bad_record_naming_a_key_takes_that_key_from_its_other_records(tmp_pat
 
     assert records == [
         BadRecord("E1", "fewer fields than the header has", f"{source.path}:2"),
-        BadRecord("E1", duplicate("E1", 2), f"{source.path}:3"),
+        BadRecord("E1", duplicate("E1", 2, "line 2"), f"{source.path}:3"),
     ]
 
 
@@ -360,3 +373,36 @@ def test_a_snapshot_that_cannot_be_spooled_is_a_source_error_not_a_crash(
 
     with pytest.raises(SourceError, match=r"^cannot keep the source's snapshot in a temporary file in .*/gone \("):
         list(read_source(source))
+
+
+# --- reading off the event loop ---------------------------------------------------------------------
+
+
+def test_read_off_loop_reads_the_source_in_another_thread_and_gives_every_record(tmp_path: Path) -> None:
+    source = csv_source(tmp_path, f"{HEADER}\nE1,Ada,a@x\nE2,Alan,b@x\n")
+    readers: list[int] = []
+
+    def watched() -> Iterator[IdentityRecord | BadRecord]:
+        readers.append(threading.get_ident())
+        yield from read_source(source)
+
+    async def read() -> list[IdentityRecord | BadRecord]:
+        return list(await read_off_loop(watched()))
+
+    records = asyncio.run(read())
+
+    assert [r.key for r in records] == ["E1", "E2"]
+    assert readers and readers[0] != threading.get_ident()
+
+
+def test_read_off_loop_of_an_empty_source_gives_nothing_and_a_source_error_is_raised(tmp_path: Path) -> None:
+    empty = csv_source(tmp_path, f"{HEADER}\n")
+    missing = SourceConfig(type="csv", path=tmp_path / "gone.csv", key="employee_id")
+
+    assert asyncio.run(_listed(empty)) == []
+    with pytest.raises(SourceError):
+        asyncio.run(_listed(missing))
+
+
+async def _listed(source: SourceConfig) -> list[IdentityRecord | BadRecord]:
+    return list(await read_off_loop(read_source(source)))

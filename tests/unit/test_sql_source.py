@@ -50,6 +50,21 @@ def test_rows_become_records_named_by_the_query_with_their_row_number(tmp_path: 
     ]
 
 
+def test_a_key_two_rows_share_names_the_other_row(tmp_path: Path) -> None:
+    """A query joining one row too many: each row is rejected, saying which other row has its key."""
+    db = hr_database(tmp_path / "hr.db", [(1, "Ada", "Lovelace", None, 1, "active"),
+                                          (2, "Alan", "Turing", None, 1, "active"),
+                                          (1, "Augusta", "King", None, 1, "active")])  # fmt: skip
+    source = sql_source(f"sqlite:///{db}", "SELECT emp_no AS employee_id, first AS first_name FROM employees")
+
+    reasons = [record.reason for record in read_source(source) if isinstance(record, BadRecord)]
+
+    assert reasons == [
+        "employee_id '1' appears 2 times (also at row 3); none of them is used",
+        "employee_id '1' appears 2 times (also at row 1); none of them is used",
+    ]
+
+
 def test_columns_are_the_query_result_columns_read_without_fetching_rows(tmp_path: Path) -> None:
     db = hr_database(tmp_path / "hr.db", [(1, "Ada", "Lovelace", None, 1, "active")])
 
