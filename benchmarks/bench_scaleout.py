@@ -205,11 +205,11 @@ def run_once(
             engine.dispose()
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], digits: int = 1) -> str:
     """Median [min–max], or the one value."""
     if len(values) == 1:
-        return f"{values[0]:7.1f}"
-    return f"{statistics.median(values):7.1f} [{min(values):.1f}–{max(values):.1f}]"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
 
 
 def main() -> None:
@@ -248,8 +248,8 @@ def main() -> None:
         print(f"median [min–max] of {args.rounds} interleaved rounds")
         for case, runs in results.items():
             db = [r.db_cpu_ms for r in runs if r.db_cpu_ms is not None]
-            cpu = spread([r.daemon_cpu_ms for r in runs]) + (f", PostgreSQL {spread(db)}" if db else "")
-            print(f"  {case}: {spread([r.rate for r in runs])} ops/s  CPU: daemons {cpu}")
+            cpu = spread([r.daemon_cpu_ms for r in runs], 2) + (f", PostgreSQL {spread(db, 2)}" if db else "")
+            print(f"  {case}: {spread([r.rate for r in runs]):>7} ops/s  CPU: daemons {cpu}")
 
 
 if __name__ == "__main__":
