@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from provisioner.payload import Packed, dumps, loads, refs_in
 from provisioner.planner import Decision, Kind, Link, Reason
 from provisioner.redaction import WRITE_ONLY, has_write_only, mask_write_only, redact, register_write_only
-from provisioner.store import AccountLink, Attempt, Operation, utcnow
+from provisioner.store import CLAIMABLE, AccountLink, Attempt, Operation, utcnow
 
 OP = Operation.__table__
 LINK = AccountLink.__table__
@@ -670,6 +670,8 @@ def claim_rows(
         limit = SHARED_CLAIM if limit is None else min(limit, SHARED_CLAIM)
     due = and_(
         OP.c.target == target,
+        # Implied by what follows; said so that both databases see they may walk ix_operation_claim.
+        CLAIMABLE,
         OP.c.kind.in_(kinds),
         or_(
             OP.c.status == "pending",

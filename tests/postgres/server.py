@@ -7,7 +7,9 @@ The Debian ``postgresql`` package's binaries (or any ``initdb`` on PATH) are
 used; ``.ci/run`` installs the package when they are missing. The cluster
 listens on a free port of 127.0.0.1 and on a unix socket in its own folder,
 trusts local connections (nothing leaves the machine) and runs with fsync off
-(a test's data need not survive a power cut). PostgreSQL refuses to run as
+(a test's data need not survive a power cut); ``PostgresServer(durable=True)``
+keeps PostgreSQL's own defaults (every commit waits for its WAL flush), for
+benchmarks that measure what a deployment pays. PostgreSQL refuses to run as
 root: under root the cluster belongs to the ``postgres`` user (which the
 package creates), and every server command runs through ``runuser``.
 """
@@ -67,8 +69,9 @@ def _free_port() -> int:
 class PostgresServer:
     """One PostgreSQL cluster of our own, from initdb to stop."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
         self.bindir = find_bindir()
+        self.durable = durable
         self.root = Path(tempfile.mkdtemp(prefix="provisioner-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
@@ -86,8 +89,9 @@ class PostgresServer:
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth=trust",
                   "-E", "UTF8", "--no-sync")  # fmt: skip
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")  # fmt: skip
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"),
                   "-o", options, "-w", "-t", "60", "start")  # fmt: skip
         self._started = True
