@@ -291,7 +291,8 @@ def enqueue(
         # load's 100,000 payloads as JSON rows at once would double the memory the plan takes).
         new: list[Decision] = []
         for d in decisions:
-            register_write_only(_unpacked(d.payload))
+            if not isinstance(d.payload, Packed):  # a Packed payload holds no write-only value
+                register_write_only(d.payload)
             if d.identity_key in done_meanwhile:
                 continue
             replaced = replaced_by(open_by_key.get(d.identity_key, []), d.kind.value, d.payload_hash)
@@ -333,28 +334,21 @@ def enqueue(
     return len(new) + len(rows)
 
 
-def _unpacked(payload: Any) -> Any:
-    """A payload as objects; a Packed one is unpacked only when it may hold a write-only value."""
-    if isinstance(payload, Packed):
-        # WRITE_ONLY names are top-level keys, written "name": by dumps.
-        return payload.unpack() if any(f'"{name}":' in payload.text() for name in WRITE_ONLY) else None
-    return payload
-
-
 # Rows of a plan inserted per statement.
 PLAN_PAGE = 1000
 
 
 def _decision_row(run_id: str, target: str, d: Decision, now: datetime, held: bool) -> dict[str, Any]:
-    payload = _unpacked(d.payload)
-    # Write-only values (password) are never stored: the executor renders them again when it sends.
-    if has_write_only(payload):
-        payload = mask_write_only(payload)
-    elif isinstance(d.payload, Packed):
-        payload = None  # already the text stored
-    row = _new_row(run_id, target, d.identity_key, d.kind, d.reason, now, payload, d.payload_hash)
-    if payload is None and isinstance(d.payload, Packed):
+    if isinstance(d.payload, Packed):
+        # Already the text stored; it holds no write-only value (see payload.pack).
+        row = _new_row(run_id, target, d.identity_key, d.kind, d.reason, now, None, d.payload_hash)
         row["payload"] = d.payload.text()
+    else:
+        payload = d.payload
+        # Write-only values (password) are never stored: the executor renders them again when it sends.
+        if has_write_only(payload):
+            payload = mask_write_only(payload)
+        row = _new_row(run_id, target, d.identity_key, d.kind, d.reason, now, payload, d.payload_hash)
     if held and d.kind.value in DEPROVISION:
         row["status"] = "held"
     return row
