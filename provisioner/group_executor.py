@@ -24,7 +24,7 @@ import time
 from urllib.parse import quote
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -1073,9 +1073,9 @@ def anticipated_links(links: dict[str, Link], plan: Plan) -> dict[str, Link]:
         if decision.kind is Kind.CREATE and link is None:
             after[key] = Link(key, f"new:{key}", decision.payload_hash, active=True)
         elif decision.kind is Kind.ENABLE and link is not None:
-            after[key] = replace(link, active=True)
+            after[key] = link._replace(active=True)
         elif decision.kind is Kind.DISABLE and link is not None:
-            after[key] = replace(link, active=False)
+            after[key] = link._replace(active=False)
         elif decision.kind is Kind.DELETE:
             after.pop(key, None)
     return after
