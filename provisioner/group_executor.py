@@ -1169,9 +1169,9 @@ def anticipated_links(links: dict[str, Link], plan: Plan) -> dict[str, Link]:
         if decision.kind is Kind.CREATE and link is None:
             after[key] = Link(key, f"new:{key}", decision.payload_hash, active=True)
         elif decision.kind is Kind.ENABLE and link is not None:
-            after[key] = replace(link, active=True)
+            after[key] = link._replace(active=True)
         elif decision.kind is Kind.DISABLE and link is not None:
-            after[key] = replace(link, active=False)
+            after[key] = link._replace(active=False)
         elif decision.kind is Kind.DELETE:
             after.pop(key, None)
     return after

@@ -36,9 +36,12 @@ class Kind(StrEnum):
     LINK = "link"
 
 
-@dataclass(frozen=True, slots=True)
-class Link:
-    """What we know of an identity's account in a target, as last applied."""
+class Link(NamedTuple):
+    """What we know of an identity's account in a target, as last applied.
+
+    A named tuple rather than a frozen dataclass: a plan loads one per account
+    (100,000 of them), and a tuple is built in less than half the time.
+    """
 
     identity_key: str
     scim_id: str
@@ -243,9 +246,11 @@ def plan_target(
             f"target {target}: the source has {plan.source_records} usable records, fewer than its "
             f"min_records ({min_records}); is the export truncated?"
         )
-    for key, link in links.items():
-        if key not in seen:
-            _add(plan, key, decide(Desired(key, None), link, leaver, owed_now=_owed_now(link, links)))
+    # Nearly always every linked identity is still in the source: one set difference says so.
+    if links.keys() - seen:
+        for key, link in links.items():
+            if key not in seen:
+                _add(plan, key, decide(Desired(key, None), link, leaver, owed_now=_owed_now(link, links)))
     plan.decisions = order_by_references(plan.decisions, packed_refs if pack else None)
     return plan
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -294,6 +295,10 @@ def open_store(url: str) -> Engine:
     """
     engine = connect(url)
     with engine.connect() as conn:
+        # Nearly always the schema is current: said without loading Alembic (~0.1 s of CPU a command).
+        heads = _heads_in_files()
+        if heads is not None and _stamped(conn) == heads:
+            return engine
         current = _current(conn)
     _check_known(engine, current)
     if current != _heads():
@@ -373,6 +378,37 @@ def _current(conn: Connection) -> tuple[str, ...] | str | None:
     if tables:
         return "legacy"
     return None
+
+
+def _stamped(conn: Connection) -> tuple[str, ...] | None:
+    """The revisions ``alembic_version`` holds, sorted; None when the table is not there."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return tuple(sorted(row[0] for row in conn.execute(text("SELECT version_num FROM alembic_version"))))
+
+
+# One revision file's identity, each on a line of its own (a down_revision is kept on one line).
+_REVISION = re.compile(r"^revision\s*=\s*['\"]([^'\"]+)['\"]\s*$", re.MULTILINE)
+_DOWN_REVISION = re.compile(r"^down_revision\s*=\s*(?:None|['\"]([^'\"]+)['\"])\s*$", re.MULTILINE)
+
+
+@functools.cache
+def _heads_in_files() -> tuple[str, ...] | None:
+    """The newest revisions, read from the revision files' ``revision`` and ``down_revision`` lines.
+
+    None when a file does not say them in that plain form (a merge's tuple):
+    then Alembic reads them. ``_heads()`` is the authority; a test keeps both equal.
+    """
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (Path(__file__).parent / "migrations" / "versions").glob("[!_]*.py"):
+        source = path.read_text(encoding="utf-8")
+        revision, down = _REVISION.findall(source), _DOWN_REVISION.findall(source)
+        if len(revision) != 1 or len(down) != 1:
+            return None
+        revisions.add(revision[0])
+        parents.add(down[0])
+    return tuple(sorted(revisions - parents)) or None
 
 
 def _text(current: tuple[str, ...] | str | None) -> str | None:

@@ -65,6 +65,11 @@ def test_a_fresh_database_is_at_the_newest_revision_and_opening_it_again_changes
     assert store.upgrade(store.open_store(any_url)) == (store.head_revision(), store.head_revision())
 
 
+def test_the_revision_files_name_the_heads_alembic_finds() -> None:
+    """open_store reads the heads from the files, without Alembic, to see that a schema is current."""
+    assert store._heads_in_files() == store._heads()
+
+
 def legacy_state_file(tmp_path: Path) -> str:
     """A state file as ``create_all`` made it before migrations: the baseline's tables, no alembic_version."""
     url = sqlite_url(tmp_path)
