@@ -163,9 +163,26 @@ def member_brake(target: TargetConfig) -> Callable[[int, int], bool] | None:
     return trips
 
 
+def delete_brake(target: TargetConfig) -> Callable[[int, int], bool]:
+    """The deletion brake on group deletes, whatever ``group_members`` says.
+
+    Deleting a group takes every member with it (those of accounts we do not
+    manage too), and a group is deleted when its rule is gone from the groups
+    file: a rule removed by mistake must not empty the target's groups in one
+    cycle. A delete counts as removing each member the group holds, against
+    ``max_member_removals`` and ``max_member_removal_share``.
+    """
+
+    def trips(removals: int, members: int) -> bool:
+        return brake_trips(removals, members, target.max_member_removals, target.max_member_removal_share)
+
+    return trips
+
+
 def enqueue_groups(
     engine: Engine, run_id: str, target: str, plan: GroupPlan, identities: dict[str, str], *,
-    brake: Callable[[int, int], bool] | None = None, partial: bool = False,
+    brake: Callable[[int, int], bool] | None = None, deletes: Callable[[int, int], bool] | None = None,
+    partial: bool = False,
 ) -> int:
     """Write a group plan to the queue; an identical open row is kept, an older different one superseded.
 
@@ -178,6 +195,11 @@ def enqueue_groups(
     they are while the plan still wants exactly them, so the run to approve does
     not move from cycle to cycle. Removals an operator rejected that the plan
     still wants are held again, and their row says so.
+
+    ``deletes`` (see :func:`delete_brake`) does the same for group deletes: each
+    counts as removing the members it lists (with the run's removals when
+    ``brake`` is given too), and when it trips the delete row is written
+    ``held``, whole: nothing of the group is deleted until approved.
 
     ``partial``: the plan is about some members only (``sync --only``); held
     removals of a group it removes nobody from are none of its business and stay held.
@@ -195,14 +217,22 @@ def enqueue_groups(
             wanted.append((d, existing))
         for key in plan.settled:
             superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
-        removals = sum(len(d.remove) for d, existing in wanted if not _removals_queued(d, existing))
-        tripped = brake is not None and removals > 0 and brake(removals, _member_count(conn, target))
+        removals = sum(len(d.remove) for d, existing in wanted
+                       if d.kind is not GroupKind.DELETE and not _removals_queued(d, existing))  # fmt: skip
+        # A delete takes its members with it: it counts as their removal.
+        deleted = sum(len(d.remove) for d, existing in wanted if d.kind is GroupKind.DELETE and not _queued(d, existing))
+        counted = (removals if brake is not None else 0) + (deleted if deletes is not None else 0)
+        judge = brake or deletes
+        tripped = judge is not None and counted > 0 and judge(counted, _member_count(conn, target))
+        hold_removals, hold_deletes = tripped and brake is not None, tripped and deletes is not None
         names: dict[str, str] | None = None
         for d, existing in wanted:
-            if d.remove and not _queued(d, existing) and (tripped or _removals_queued(d, existing)):
+            if d.kind is GroupKind.DELETE:
+                parts = [(d, "held" if hold_deletes and not _queued(d, existing) else "pending")]
+            elif d.remove and not _queued(d, existing) and (hold_removals or _removals_queued(d, existing)):
                 if names is None:
                     names = _group_names(conn, target)
-                parts = _split(d, names.get(d.group_key), held=tripped)
+                parts = _split(d, names.get(d.group_key), held=hold_removals)
             else:
                 parts = [(d, "pending")]
             kept: set[int] = set()
@@ -299,7 +329,7 @@ def _new_row(
 
 def _summary(d: GroupDecision) -> str:
     """What the row does, for ``queue list``: the group's name and its member changes."""
-    parts = [f"group {d.display_name!r}"]
+    parts = [f"{'delete ' if d.kind is GroupKind.DELETE else ''}group {d.display_name!r}"]
     if d.add:
         parts.append(f"+{len(d.add)} members")
     if d.remove:
@@ -1254,7 +1284,8 @@ async def sync_groups(
         plan = plan_groups(name, desired, executor.links, executor.state, drifted=drifted,
                            delete_empty=target.delete_empty_groups)  # fmt: skip
         report.planned = plan.counts()
-        enqueue_groups(engine, run_id, name, plan, desired.identities, brake=member_brake(target))
+        enqueue_groups(engine, run_id, name, plan, desired.identities, brake=member_brake(target),
+                       deletes=delete_brake(target))  # fmt: skip
         report.held = _held_removals(engine, run_id, name)
         await _send_pages(engine, name, executor, report)
     finally:

@@ -65,7 +65,7 @@ LINK = GroupLink("eng", "g1", "dept-eng", 'W/"1"')
         pytest.param("dept-engineering", {"u1"}, LINK, {"u1"}, set(), False,
                      (GroupKind.MEMBERS, (), ()), id="rename"),  # fmt: skip
         pytest.param(None, None, LINK, {"u1"}, set(), False, (GroupKind.MEMBERS, (), ("u1",)), id="undefined-emptied"),
-        pytest.param(None, None, LINK, {"u1"}, set(), True, (GroupKind.DELETE, (), ()), id="undefined-deleted"),
+        pytest.param(None, None, LINK, {"u1"}, set(), True, (GroupKind.DELETE, (), ("u1",)), id="undefined-deleted"),
         pytest.param(None, None, LINK, {"u1"}, {"u1"}, True, None, id="undefined-kept-for-frozen-member"),
         pytest.param(None, None, None, set(), set(), True, None, id="never-linked"),
     ],
