@@ -717,7 +717,7 @@ class GroupExecutor:
         link = self.links.get(op.group_key)
         if op.kind is GroupKind.DELETE:
             if link is not None:
-                await client.delete(ENDPOINT, link.scim_id, etag=self._etag(link.etag))
+                await self._delete(client, op, link, out)
             out.drop_link = True
             return
         base = set(self.state.get(op.group_key, set()))
@@ -742,6 +742,55 @@ class GroupExecutor:
             await self._patch(client, link, add, remove, rename, out, desired)
         else:
             await self._put(client, link, add, remove, op.display_name, out, desired)
+
+    async def _delete(self, client: ScimClient, op: GroupOperation, link: GroupLink, out: GroupOutcome) -> None:
+        """DELETE a group no longer defined, unless it is kept for others; on a 412, decide again from a fresh read."""
+        for round_ in range(PRECONDITION_ROUNDS + 1):
+            kept, version = await self._left_to_others(client, op, link, out)
+            if kept:
+                return
+            try:
+                await client.delete(ENDPOINT, link.scim_id, etag=self._etag(version or link.etag))
+                return
+            except PreconditionFailed as exc:
+                # Someone changed the group since we last read it: what it holds now decides.
+                if round_ == PRECONDITION_ROUNDS:
+                    exc.message = f"{exc.message}; still stale after {PRECONDITION_ROUNDS} refetches"
+                    raise
+                fresh = await client.get(ENDPOINT, link.scim_id)
+                link = GroupLink(link.group_key, link.scim_id, link.display_name, fresh.version)
+
+    async def _left_to_others(
+        self, client: ScimClient, op: GroupOperation, link: GroupLink, out: GroupOutcome
+    ) -> tuple[bool, str | None]:
+        """Under ``group_members: additive``, whether the group holds members we do not manage, and is kept.
+
+        Also the version the read found (None: not read), for the DELETE's If-Match.
+
+        Only a group left empty is deleted (``delete_empty_groups``): one that
+        still holds members added by hand or by another tool is read first and
+        kept for them, with the members the row removes taken out of it. A
+        target whose reads omit members is trusted as our member state says.
+        Under ``exact`` the group is ours alone and is deleted as planned.
+        """
+        if self.config.group_members != "additive":
+            return False, None
+        members, read = await self._members(client, link)
+        version = read.version if read is not None else None
+        foreign = members - self.managed
+        if not foreign:
+            return False, version
+        ours = sorted(members & set(op.remove))
+        if ours:
+            if self._use_patch() and self.quirks.member_removal != "put":
+                await self._patch(client, link, [], ours, None, out)
+            else:
+                await self._put(client, link, [], ours, link.display_name, out)
+        out.note = (f"not deleted: it holds {len(foreign)} members we do not manage (group_members: additive); "
+                    f"removed our {len(ours)} and left the group to them")  # fmt: skip
+        log.warning("group no longer defined kept for members we do not manage", target=self.target,
+                    group=op.group_key, foreign=len(foreign), removed=len(ours))  # fmt: skip
+        return True, version
 
     async def _link_or_create(
         self, client: ScimClient, op: GroupOperation, out: GroupOutcome

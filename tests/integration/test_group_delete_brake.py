@@ -35,6 +35,19 @@ class Groups:
         self.http = httpx.Client(base_url=server.base_url + "/", headers={"Authorization": f"Bearer {server.token}"},
                                  timeout=10)  # fmt: skip
 
+    def add_by_hand(self, display_name: str, user_name: str) -> str:
+        """Create a user the engine does not manage and add it to the group, as an administrator would."""
+        user = self.http.post("Users", json={"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                                             "userName": user_name})  # fmt: skip
+        user.raise_for_status()
+        found = self.http.get("Groups", params={"filter": f'displayName eq "{display_name}"'})
+        found.raise_for_status()
+        [group] = found.json()["Resources"]
+        patch = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                 "Operations": [{"op": "add", "path": "members", "value": [{"value": user.json()["id"]}]}]}  # fmt: skip
+        self.http.patch(f"Groups/{group['id']}", json=patch).raise_for_status()
+        return str(user.json()["id"])
+
     def members(self, display_name: str) -> set[str] | None:
         """The group's member ids; None when no group has that displayName."""
         response = self.http.get("Groups", params={"filter": f'displayName eq "{display_name}"'})
@@ -46,7 +59,7 @@ class Groups:
         return {m["value"] for m in group.get("members") or []}
 
 
-def remove_the_department_rule(workspace: Workspace, team: list[dict[str, str]], *, limit: int) -> None:
+def remove_the_department_rule(workspace: Workspace, team: list[dict[str, str]], *, limit: int, **options: str) -> None:
     """Sync ``team`` with both rules; then drop the department rule, with deletes on and a brake of ``limit``."""
     groups_file = workspace.root / "groups.yaml"
     groups_file.write_text(BOTH, encoding="utf-8")
@@ -55,7 +68,7 @@ def remove_the_department_rule(workspace: Workspace, team: list[dict[str, str]],
     workspace.sync_now()
     groups_file.write_text(ALL_STAFF_ONLY, encoding="utf-8")
     workspace.write_config(groups="groups.yaml", delete_empty_groups="true", max_member_removals=limit,
-                           max_member_removal_share="null")  # fmt: skip
+                           max_member_removal_share="null", **options)  # fmt: skip
 
 
 def held(workspace: Workspace) -> list[dict[str, object]]:
@@ -129,3 +142,43 @@ def test_a_group_delete_within_the_brake_is_sent_at_once(workspace: Workspace) -
 
     assert groups.members("dept-engineering") is None
     assert not held(workspace)
+
+
+@pytest.mark.parametrize("use_etags", ["auto", "never"])
+def test_a_group_no_longer_defined_that_holds_members_we_do_not_manage_is_not_deleted(
+    workspace: Workspace, use_etags: str
+) -> None:
+    groups = Groups(workspace)
+    remove_the_department_rule(workspace, TEAM[:2], limit=2, use_etags=use_etags)
+    ids = dict(workspace.query("SELECT identity_key, scim_id FROM account_link"))
+    # Someone adds a member by hand: the group's version in the target moves on from the one we hold.
+    stranger = groups.add_by_hand("dept-engineering", "hand.added")
+
+    assert main(["sync", "--config", str(workspace.config_path)]) == 0
+
+    # Not left empty: our members are taken out, the one added by hand keeps the group, no longer ours.
+    assert groups.members("dept-engineering") == {stranger}
+    assert ids["E1"] not in (groups.members("dept-engineering") or set())
+    assert workspace.query("SELECT count(*) FROM group_link WHERE group_key = 'dept-engineering'") == [(0,)]
+    [row] = [op for op in workspace.operations() if op["kind"] == "group_delete"]
+    assert row["status"] == "succeeded"
+    assert "not deleted: it holds 1 members we do not manage" in str(row["note"])
+    # And the next cycle leaves it alone.
+    assert main(["sync", "--config", str(workspace.config_path)]) == 0
+    assert groups.members("dept-engineering") == {stranger}
+
+
+def test_a_group_changed_by_hand_since_we_last_wrote_it_is_still_deleted(workspace: Workspace) -> None:
+    groups = Groups(workspace)
+    remove_the_department_rule(workspace, TEAM[:2], limit=2)
+    ids = dict(workspace.query("SELECT identity_key, scim_id FROM account_link"))
+    # A member removed by hand: the ETag we hold is stale, and the group holds nobody but ours.
+    found = groups.http.get("Groups", params={"filter": 'displayName eq "dept-engineering"'}).json()["Resources"]
+    patch = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+             "Operations": [{"op": "remove", "path": f'members[value eq "{ids["E1"]}"]'}]}  # fmt: skip
+    groups.http.patch(f"Groups/{found[0]['id']}", json=patch).raise_for_status()
+    assert groups.members("dept-engineering") == {ids["E2"]}
+
+    assert main(["sync", "--config", str(workspace.config_path)]) == 0
+
+    assert groups.members("dept-engineering") is None
