@@ -182,3 +182,18 @@ def test_a_group_changed_by_hand_since_we_last_wrote_it_is_still_deleted(workspa
     assert main(["sync", "--config", str(workspace.config_path)]) == 0
 
     assert groups.members("dept-engineering") is None
+
+
+def test_restoring_the_rule_drops_the_held_delete(workspace: Workspace) -> None:
+    groups = Groups(workspace)
+    remove_the_department_rule(workspace, TEAM, limit=2)
+    workspace.sync_now()
+    assert [op["kind"] for op in held(workspace)] == ["group_delete"]
+
+    # The operator's fix for a rule removed by mistake: put it back. Nothing is left to approve.
+    (workspace.root / "groups.yaml").write_text(BOTH, encoding="utf-8")
+    assert main(["sync", "--config", str(workspace.config_path)]) == 0
+
+    assert not held(workspace)
+    ids = dict(workspace.query("SELECT identity_key, scim_id FROM account_link"))
+    assert groups.members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"]}
