@@ -434,7 +434,9 @@ class TargetConfig(_HttpEndpoint):
     # How a member is removed: path members[value eq "ID"] (RFC 7644 §3.5.2.2), or path members with a value list.
     group_member_removal: Literal["filter", "list"] = "filter"
     remove_leavers_from_groups: bool = True
-    # A managed group no longer defined and left without members is deleted in the target.
+    # A managed group no longer defined and left without members is deleted in the target: under
+    # additive, one that still holds members we do not manage is kept for them. Deletes go through the
+    # member brake below (each counts as removing its members), whatever group_members says.
     delete_empty_groups: bool = False
     # auto: PATCH when the target supports it, else GET + PUT of the whole member list.
     group_update_method: Literal["auto", "patch", "put"] = "auto"

@@ -163,9 +163,26 @@ def member_brake(target: TargetConfig) -> Callable[[int, int], bool] | None:
     return trips
 
 
+def delete_brake(target: TargetConfig) -> Callable[[int, int], bool]:
+    """The deletion brake on group deletes, whatever ``group_members`` says.
+
+    Deleting a group takes every member with it (those of accounts we do not
+    manage too), and a group is deleted when its rule is gone from the groups
+    file: a rule removed by mistake must not empty the target's groups in one
+    cycle. A delete counts as removing each member the group holds, against
+    ``max_member_removals`` and ``max_member_removal_share``.
+    """
+
+    def trips(removals: int, members: int) -> bool:
+        return brake_trips(removals, members, target.max_member_removals, target.max_member_removal_share)
+
+    return trips
+
+
 def enqueue_groups(
     engine: Engine, run_id: str, target: str, plan: GroupPlan, identities: dict[str, str], *,
-    brake: Callable[[int, int], bool] | None = None, partial: bool = False,
+    brake: Callable[[int, int], bool] | None = None, deletes: Callable[[int, int], bool] | None = None,
+    partial: bool = False,
 ) -> int:
     """Write a group plan to the queue; an identical open row is kept, an older different one superseded.
 
@@ -178,6 +195,11 @@ def enqueue_groups(
     they are while the plan still wants exactly them, so the run to approve does
     not move from cycle to cycle. Removals an operator rejected that the plan
     still wants are held again, and their row says so.
+
+    ``deletes`` (see :func:`delete_brake`) does the same for group deletes: each
+    counts as removing the members it lists (with the run's removals when
+    ``brake`` is given too), and when it trips the delete row is written
+    ``held``, whole: nothing of the group is deleted until approved.
 
     ``partial``: the plan is about some members only (``sync --only``); held
     removals of a group it removes nobody from are none of its business and stay held.
@@ -195,14 +217,22 @@ def enqueue_groups(
             wanted.append((d, existing))
         for key in plan.settled:
             superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
-        removals = sum(len(d.remove) for d, existing in wanted if not _removals_queued(d, existing))
-        tripped = brake is not None and removals > 0 and brake(removals, _member_count(conn, target))
+        removals = sum(len(d.remove) for d, existing in wanted
+                       if d.kind is not GroupKind.DELETE and not _removals_queued(d, existing))  # fmt: skip
+        # A delete takes its members with it: it counts as their removal.
+        deleted = sum(len(d.remove) for d, existing in wanted if d.kind is GroupKind.DELETE and not _queued(d, existing))
+        counted = (removals if brake is not None else 0) + (deleted if deletes is not None else 0)
+        judge = brake or deletes
+        tripped = judge is not None and counted > 0 and judge(counted, _member_count(conn, target))
+        hold_removals, hold_deletes = tripped and brake is not None, tripped and deletes is not None
         names: dict[str, str] | None = None
         for d, existing in wanted:
-            if d.remove and not _queued(d, existing) and (tripped or _removals_queued(d, existing)):
+            if d.kind is GroupKind.DELETE:
+                parts = [(d, "held" if hold_deletes and not _queued(d, existing) else "pending")]
+            elif d.remove and not _queued(d, existing) and (hold_removals or _removals_queued(d, existing)):
                 if names is None:
                     names = _group_names(conn, target)
-                parts = _split(d, names.get(d.group_key), held=tripped)
+                parts = _split(d, names.get(d.group_key), held=hold_removals)
             else:
                 parts = [(d, "pending")]
             kept: set[int] = set()
@@ -299,7 +329,7 @@ def _new_row(
 
 def _summary(d: GroupDecision) -> str:
     """What the row does, for ``queue list``: the group's name and its member changes."""
-    parts = [f"group {d.display_name!r}"]
+    parts = [f"{'delete ' if d.kind is GroupKind.DELETE else ''}group {d.display_name!r}"]
     if d.add:
         parts.append(f"+{len(d.add)} members")
     if d.remove:
@@ -687,7 +717,7 @@ class GroupExecutor:
         link = self.links.get(op.group_key)
         if op.kind is GroupKind.DELETE:
             if link is not None:
-                await client.delete(ENDPOINT, link.scim_id, etag=self._etag(link.etag))
+                await self._delete(client, op, link, out)
             out.drop_link = True
             return
         base = set(self.state.get(op.group_key, set()))
@@ -712,6 +742,55 @@ class GroupExecutor:
             await self._patch(client, link, add, remove, rename, out, desired)
         else:
             await self._put(client, link, add, remove, op.display_name, out, desired)
+
+    async def _delete(self, client: ScimClient, op: GroupOperation, link: GroupLink, out: GroupOutcome) -> None:
+        """DELETE a group no longer defined, unless it is kept for others; on a 412, decide again from a fresh read."""
+        for round_ in range(PRECONDITION_ROUNDS + 1):
+            kept, version = await self._left_to_others(client, op, link, out)
+            if kept:
+                return
+            try:
+                await client.delete(ENDPOINT, link.scim_id, etag=self._etag(version or link.etag))
+                return
+            except PreconditionFailed as exc:
+                # Someone changed the group since we last read it: what it holds now decides.
+                if round_ == PRECONDITION_ROUNDS:
+                    exc.message = f"{exc.message}; still stale after {PRECONDITION_ROUNDS} refetches"
+                    raise
+                fresh = await client.get(ENDPOINT, link.scim_id)
+                link = GroupLink(link.group_key, link.scim_id, link.display_name, fresh.version)
+
+    async def _left_to_others(
+        self, client: ScimClient, op: GroupOperation, link: GroupLink, out: GroupOutcome
+    ) -> tuple[bool, str | None]:
+        """Under ``group_members: additive``, whether the group holds members we do not manage, and is kept.
+
+        Also the version the read found (None: not read), for the DELETE's If-Match.
+
+        Only a group left empty is deleted (``delete_empty_groups``): one that
+        still holds members added by hand or by another tool is read first and
+        kept for them, with the members the row removes taken out of it. A
+        target whose reads omit members is trusted as our member state says.
+        Under ``exact`` the group is ours alone and is deleted as planned.
+        """
+        if self.config.group_members != "additive":
+            return False, None
+        members, read = await self._members(client, link)
+        version = read.version if read is not None else None
+        foreign = members - self.managed
+        if not foreign:
+            return False, version
+        ours = sorted(members & set(op.remove))
+        if ours:
+            if self._use_patch() and self.quirks.member_removal != "put":
+                await self._patch(client, link, [], ours, None, out)
+            else:
+                await self._put(client, link, [], ours, link.display_name, out)
+        out.note = (f"not deleted: it holds {len(foreign)} members we do not manage (group_members: additive); "
+                    f"removed our {len(ours)} and left the group to them")  # fmt: skip
+        log.warning("group no longer defined kept for members we do not manage", target=self.target,
+                    group=op.group_key, foreign=len(foreign), removed=len(ours))  # fmt: skip
+        return True, version
 
     async def _link_or_create(
         self, client: ScimClient, op: GroupOperation, out: GroupOutcome
@@ -1254,7 +1333,8 @@ async def sync_groups(
         plan = plan_groups(name, desired, executor.links, executor.state, drifted=drifted,
                            delete_empty=target.delete_empty_groups)  # fmt: skip
         report.planned = plan.counts()
-        enqueue_groups(engine, run_id, name, plan, desired.identities, brake=member_brake(target))
+        enqueue_groups(engine, run_id, name, plan, desired.identities, brake=member_brake(target),
+                       deletes=delete_brake(target))  # fmt: skip
         report.held = _held_removals(engine, run_id, name)
         await _send_pages(engine, name, executor, report)
     finally:

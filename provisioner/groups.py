@@ -306,7 +306,11 @@ def _expand_nesting(desired: Desired, nesting: dict[str, tuple[str, ...]]) -> No
 
 @dataclass(frozen=True, slots=True)
 class GroupDecision:
-    """One group operation the plan wants sent. ``add`` / ``remove``: member SCIM ids."""
+    """One group operation the plan wants sent. ``add`` / ``remove``: member SCIM ids.
+
+    A ``group_delete`` removes every member it lists (the members the group
+    holds as last applied or read), with the group.
+    """
 
     group_key: str
     kind: GroupKind
@@ -360,13 +364,19 @@ def decide_group(
     drift: bool = False,
     delete_empty: bool = False,
 ) -> GroupDecision | None:
-    """The operation for one group, or None. ``want`` None: the group is no longer defined."""
+    """The operation for one group, or None. ``want`` None: the group is no longer defined.
+
+    With ``delete_empty``, a group no longer defined that its removals leave
+    empty is deleted; the delete carries those removals (every member in
+    ``state``), so that the member brake counts what deleting it takes away.
+    """
     if want is None:
         if link is None:
             return None
         remove = state - frozen
         if delete_empty and not (state - remove):
-            return GroupDecision(key, GroupKind.DELETE, GroupReason.UNDEFINED, link.display_name)
+            return GroupDecision(key, GroupKind.DELETE, GroupReason.UNDEFINED, link.display_name,
+                                 remove=tuple(sorted(remove)))  # fmt: skip
         if not remove:
             return None
         return GroupDecision(key, GroupKind.MEMBERS, GroupReason.UNDEFINED, link.display_name, remove=tuple(sorted(remove)))

@@ -65,7 +65,7 @@ LINK = GroupLink("eng", "g1", "dept-eng", 'W/"1"')
         pytest.param("dept-engineering", {"u1"}, LINK, {"u1"}, set(), False,
                      (GroupKind.MEMBERS, (), ()), id="rename"),  # fmt: skip
         pytest.param(None, None, LINK, {"u1"}, set(), False, (GroupKind.MEMBERS, (), ("u1",)), id="undefined-emptied"),
-        pytest.param(None, None, LINK, {"u1"}, set(), True, (GroupKind.DELETE, (), ()), id="undefined-deleted"),
+        pytest.param(None, None, LINK, {"u1"}, set(), True, (GroupKind.DELETE, (), ("u1",)), id="undefined-deleted"),
         pytest.param(None, None, LINK, {"u1"}, {"u1"}, True, None, id="undefined-kept-for-frozen-member"),
         pytest.param(None, None, None, set(), set(), True, None, id="never-linked"),
     ],
@@ -281,6 +281,31 @@ def test_under_the_brake_a_plan_that_removes_nothing_writes_one_row(tmp_path: Pa
     engine = linked_group(tmp_path, {"u1", "u2"}, SETTLED)
     enqueue_groups(engine, "r2", "app", GroupPlan("app", [moved]), {}, brake=lambda n, m: False)
     assert open_group_rows(engine) == [("r2", "pending", "group 'dept-eng' +1 members -1 members", "group_members")]
+
+
+def test_a_group_delete_counts_its_members_for_the_brake_and_is_held_whole(tmp_path: Path) -> None:
+    """Under exact, a delete's members add to the run's removals; under additive, deletes alone count."""
+    engine = linked_group(tmp_path, {"u1", "u2"}, SETTLED)
+    gone = GroupDecision("old", GroupKind.DELETE, GroupReason.UNDEFINED, "old", remove=("u7", "u8", "u9"))
+    asked: list[int] = []
+
+    def count(removals: int, members: int) -> bool:
+        asked.append(removals)
+        return removals > 3
+
+    enqueue_groups(engine, "r2", "app", GroupPlan("app", [eng(remove=("u1",)), gone]), {}, brake=count, deletes=count)
+    assert asked == [4]
+    assert open_group_rows(engine) == [("r2", "held", "group 'dept-eng' -1 members", "group_members"),
+                                       ("r2", "held", "delete group 'old' -3 members", "group_delete")]  # fmt: skip
+
+    # Under additive (no member brake), the removal is sent and the delete alone is judged: within the limit.
+    (tmp_path / "additive").mkdir()
+    engine = linked_group(tmp_path / "additive", {"u1", "u2"}, SETTLED)
+    asked.clear()
+    enqueue_groups(engine, "r2", "app", GroupPlan("app", [eng(remove=("u1",)), gone]), {}, deletes=count)
+    assert asked == [3]
+    assert [r[1:] for r in open_group_rows(engine)] == [("pending", "group 'dept-eng' -1 members", "group_members"),
+                                                        ("pending", "delete group 'old' -3 members", "group_delete")]  # fmt: skip
 
 
 @respx.mock
