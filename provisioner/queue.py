@@ -296,17 +296,7 @@ def enqueue(
         done_meanwhile = applied_since_plan(conn, target, decisions)
         # The decisions to write; their rows are built a page at a time when written (an initial
         # load's 100,000 payloads as JSON rows at once would double the memory the plan takes).
-        new: list[Decision] = []
-        for d in decisions:
-            if not isinstance(d.payload, Packed):  # a Packed payload holds no write-only value
-                register_write_only(d.payload)
-            if d.identity_key in done_meanwhile:
-                continue
-            replaced = replaced_by(open_by_key.get(d.identity_key, []), d.kind.value, d.payload_hash)
-            if replaced is None:
-                continue
-            superseded.extend(replaced)
-            new.append(d)
+        new = _to_write(decisions, open_by_key, done_meanwhile, superseded)
         silenced = _silenced_rejections(conn, target, [hashes[key] for key, *_ in rejected if key in hashes])
         for key, message, kind, reason in rejected:
             cause = rejection_cause(message)
@@ -387,17 +377,8 @@ class PlanWriter:
             )  # fmt: skip
             for row in conn.execute(query):
                 open_by_key.setdefault(row.identity_key, []).append(row)
-        new: list[Decision] = []
         superseded: list[int] = []
-        for d in decisions:
-            register_write_only(_unpacked(d.payload))
-            if d.identity_key in done_meanwhile:
-                continue
-            replaced = replaced_by(open_by_key.get(d.identity_key, []), d.kind.value, d.payload_hash)
-            if replaced is None:
-                continue
-            superseded.extend(replaced)
-            new.append(d)
+        new = _to_write(decisions, open_by_key, done_meanwhile, superseded)
         write_plan(conn, [], superseded, now)
         for chunk in _chunks(new, PLAN_PAGE):
             conn.execute(insert(OP), [_decision_row(self.run_id, self.target, d, now, False) for d in chunk])
@@ -418,12 +399,28 @@ class PlanWriter:
         return True
 
 
-def _unpacked(payload: Any) -> Any:
-    """A payload as objects; a Packed one is unpacked only when it may hold a write-only value."""
-    if isinstance(payload, Packed):
-        # WRITE_ONLY names are top-level keys, written "name": by dumps.
-        return payload.unpack() if any(f'"{name}":' in payload.text() for name in WRITE_ONLY) else None
-    return payload
+def _to_write(
+    decisions: Iterable[Decision], open_by_key: Mapping[str, list[Any]], done_meanwhile: Collection[str],
+    superseded: list[int],
+) -> list[Decision]:
+    """The decisions a plan writes: not applied meanwhile, not already open as they are.
+
+    The open rows they replace are added to ``superseded``; write-only values
+    are registered for masking (a Packed payload holds none: one naming a
+    write-only attribute is never packed).
+    """
+    new: list[Decision] = []
+    for d in decisions:
+        if not isinstance(d.payload, Packed):
+            register_write_only(d.payload)
+        if d.identity_key in done_meanwhile:
+            continue
+        replaced = replaced_by(open_by_key.get(d.identity_key, []), d.kind.value, d.payload_hash)
+        if replaced is None:
+            continue
+        superseded.extend(replaced)
+        new.append(d)
+    return new
 
 
 # Rows of a plan inserted per statement.
