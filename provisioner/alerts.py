@@ -48,6 +48,7 @@ from sqlmodel import SQLModel
 
 from connectors import parse_retry_after
 from provisioner import redaction
+from provisioner.health import held_phrase
 from provisioner.store import as_utc, utcnow
 from provisioner.transport import is_clear_text, is_loopback, url_host
 
@@ -217,6 +218,8 @@ class TargetFacts:
     held_count: int = 0
     # The run ids those held operations belong to (what ``provisioner approve`` takes).
     held_runs: tuple[str, ...] = ()
+    # Those held operations by kind (``disable``, ``delete``, ``group_members``, ``group_delete``), as pairs.
+    held_kinds: tuple[tuple[str, int], ...] = ()
     # The target's last call was refused as an authentication failure (401, or the token endpoint said no).
     auth_failed: bool = False
     # Since when every call to the target has failed (the first failure after the last success);
@@ -350,12 +353,12 @@ def _held_cycle(facts: TargetFacts, rules: AlertRules, now: datetime) -> Conditi
         target=facts.target,
         severity="warning",
         message=(
-            f"{facts.target}: {facts.held_count} deprovisioning operations held for approval{where}"
+            f"{facts.target}: {held_phrase(dict(facts.held_kinds), facts.held_count)} held for approval{where}"
             " (provisioner approve RUN_ID / reject RUN_ID)"
         ),
         # Another held run is news; the same runs are not.
         fingerprint="runs=" + (",".join(runs) if runs else str(facts.held_count)),
-        details={"held_count": facts.held_count, "held_runs": runs},
+        details={"held_count": facts.held_count, "held_runs": runs, "held_kinds": dict(facts.held_kinds)},
     )
 
 
@@ -579,7 +582,7 @@ _CLEARED: dict[str, str] = {
     "failed_operations": "failed operations are back under the threshold",
     "failing_target": "calls succeed again",
     "auth_failure": "authentication works again",
-    "held_cycle": "no deprovisioning operation is held any more",
+    "held_cycle": "nothing is held for approval any more",
     "quarantined": "out of quarantine",
     "refused_cycle": "cycles run again",
     "unstored_writes": "no write left attributes unstored in the last 24 hours",

@@ -363,6 +363,7 @@ def target_facts(engine: Engine, name: str) -> alerts.TargetFacts:
         failed_count=health.failed,
         held_count=health.held,
         held_runs=tuple(held_runs),
+        held_kinds=tuple(sorted(health.held_kinds.items())),
         auth_failed=bool(stored and stored.auth_failures),
         failing_since=stored.failing_since if stored else None,
         quarantined=health.quarantined or health.paused,

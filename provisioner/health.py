@@ -7,8 +7,8 @@ code of ``provisioner sync``, ``provisioner status`` (and ``--json``),
 A target is ``ok`` when nothing of it waits for anyone: no open failed
 operation (rejected records included — a row the source cannot give, a key
 several records share, a record the mapping cannot render: each is one open
-failed row per identity and reason), no operation waiting for a retry, no leaver
-held by the deletion brake, its last cycle not refused, and it is neither
+failed row per identity and reason), no operation waiting for a retry, nothing
+held by a brake (leavers, group member removals), its last cycle not refused, and it is neither
 quarantined nor paused. Otherwise its status is the most urgent of these,
 in this order::
 
@@ -46,7 +46,9 @@ class TargetHealth:
     Counts are operations in the queue now (any cycle's): ``failed`` open for
     review (of which ``rejected`` are rejected records: unreadable, a shared key, unrenderable),
     ``retry_wait`` waiting for a retry, ``pending`` queued to send, ``held``
-    leavers held by the deletion brake.
+    held by a brake: ``held_kinds`` says which (``disable``/``delete``: leavers
+    held by the deletion brake; ``group_members``/``group_delete``: group member
+    removals held by the member brake).
     """
 
     target: str
@@ -56,6 +58,7 @@ class TargetHealth:
     retry_wait: int = 0
     pending: int = 0
     held: int = 0
+    held_kinds: dict[str, int] = field(default_factory=dict)
     paused: bool = False
     quarantined: bool = False
     quarantine_reason: str | None = None
@@ -94,12 +97,14 @@ def assess(
     rejected: int = 0,
     state: TargetState | None = None,
     last_run: dict[str, Any] | None = None,
+    held_kinds: dict[str, int] | None = None,
 ) -> TargetHealth:
     """The health of one target from what was read about it; purely computational.
 
     ``counts``: open operations by status; ``rejected``: how many of the failed
     ones are rejected records; ``state``: the target_state row;
-    ``last_run``: the latest row of the ``run`` table.
+    ``last_run``: the latest row of the ``run`` table; ``held_kinds``: the
+    held operations by kind (``disable``, ``group_members``, …).
     """
     run = last_run or {}
     failed, retry_wait, held = counts.get("failed", 0), counts.get("retry_wait", 0), counts.get("held", 0)
@@ -114,7 +119,8 @@ def assess(
     if refused:
         problems.append(("refused", f"last cycle {run['status']}: {run.get('error') or 'see the log'}"))
     if held:
-        problems.append(("held", f"{held} leaver operations held for approval"))
+        problems.append(("held", f"{held_phrase(held_kinds or {}, held)} awaiting approval: "
+                                 "provisioner plan --held, then approve RUN_ID or reject RUN_ID"))
     if failed:
         of_which = f" ({rejected} of them rejected records)" if rejected else ""
         problems.append(("failed", f"{failed} failed operations wait for review{of_which}"))
@@ -129,6 +135,7 @@ def assess(
         retry_wait=retry_wait,
         pending=counts.get("pending", 0),
         held=held,
+        held_kinds=dict(held_kinds or {}),
         paused=paused,
         quarantined=quarantined,
         quarantine_reason=state.quarantine_reason if state else None,
@@ -142,14 +149,46 @@ def assess(
 
 
 def target_health(engine: Engine, names: list[str]) -> dict[str, TargetHealth]:
-    """The health of these targets, read in three queries whatever their number."""
+    """The health of these targets, read in four queries whatever their number."""
     counts, rejected = _open_counts(engine)
+    held = _held_kinds(engine)
     states = all_states(engine)
     runs = last_runs(engine)
     return {
-        name: assess(name, counts.get(name, {}), rejected.get(name, 0), states.get(name), runs.get(name))
+        name: assess(name, counts.get(name, {}), rejected.get(name, 0), states.get(name), runs.get(name),
+                     held.get(name, {}))  # fmt: skip
         for name in names
     }
+
+
+# What a held row of each kind is, said to an operator (singular, plural).
+_HELD_NAMES = {
+    "disable": ("leaver disable", "leaver disables"),
+    "delete": ("leaver delete", "leaver deletes"),
+    "group_members": ("group member removal", "group member removals"),
+    "group_delete": ("group delete", "group deletes"),
+}
+
+
+def held_phrase(kinds: dict[str, int], total: int | None = None) -> str:
+    """What is held, by kind: ``'1 leaver disable, 2 group member removals'``.
+
+    Accounts deprovisioned (held by the deletion brake) and group member
+    removals (held by the member brake) are counted apart: they are different
+    decisions for an operator. ``total``: the held count, when ``kinds`` may be
+    missing some (or all) of it; the rest is said as operations.
+    """
+    order = list(_HELD_NAMES) + sorted(k for k in kinds if k not in _HELD_NAMES)
+    parts = []
+    for kind in order:
+        count = kinds.get(kind, 0)
+        if count:
+            one, many = _HELD_NAMES.get(kind, (f"{kind} operation", f"{kind} operations"))
+            parts.append(f"{count} {one if count == 1 else many}")
+    rest = (total or 0) - sum(kinds.values())
+    if rest > 0:
+        parts.append(f"{rest} operation{'' if rest == 1 else 's'}")
+    return ", ".join(parts) or "nothing"
 
 
 def overall(healths: dict[str, TargetHealth]) -> Status:
@@ -171,6 +210,16 @@ def _open_counts(engine: Engine) -> tuple[dict[str, dict[str, int]], dict[str, i
             counts.setdefault(target, {})[status] = int(count)
             rejected[target] = rejected.get(target, 0) + int(rejects or 0)
     return counts, rejected
+
+
+def _held_kinds(engine: Engine) -> dict[str, dict[str, int]]:
+    """Held operations by target and kind."""
+    query = select(OP.c.target, OP.c.kind, func.count()).where(OP.c.status == "held").group_by(OP.c.target, OP.c.kind)
+    held: dict[str, dict[str, int]] = {}
+    with engine.connect() as conn:
+        for target, kind, count in conn.execute(query):
+            held.setdefault(target, {})[kind] = int(count)
+    return held
 
 
 def last_runs(engine: Engine) -> dict[str, dict[str, Any]]:

@@ -123,7 +123,8 @@ def test_messages_name_the_target_and_the_numbers() -> None:
     facts = [
         TargetFacts("crm", failed_count=12),
         TargetFacts("hr-app", failing_since=NOW - minutes(42), last_error="HTTP 503:\n  Service Unavailable"),
-        TargetFacts("wiki", held_count=61, held_runs=("20260302T0915-ab12cd",)),
+        TargetFacts("wiki", held_count=61, held_runs=("20260302T0915-ab12cd",),
+                    held_kinds=(("disable", 60), ("group_members", 1))),
         TargetFacts("chat", auth_failed=True, last_error="HTTP 401: invalid_token"),
         TargetFacts("chat2", quarantined=True, quarantine_reason="12 of 12 calls failed"),
     ]
@@ -134,7 +135,7 @@ def test_messages_name_the_target_and_the_numbers() -> None:
             "hr-app: every call has failed for 42 minutes (since 2026-03-02 08:48 UTC); last error: HTTP 503: Service Unavailable"
         ),
         "held_cycle:wiki": (
-            "wiki: 61 deprovisioning operations held for approval in run 20260302T0915-ab12cd"
+            "wiki: 60 leaver disables, 1 group member removal held for approval in run 20260302T0915-ab12cd"
             " (provisioner approve RUN_ID / reject RUN_ID)"
         ),
         "auth_failure:chat": "chat: authentication failed; last error: HTTP 401: invalid_token; check the target's credentials",

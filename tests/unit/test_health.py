@@ -47,6 +47,31 @@ def test_rejected_records_count_as_failed_and_are_named_apart() -> None:
     assert health.problems == ("3 failed operations wait for review (2 of them rejected records)",)
 
 
+def test_held_operations_are_named_by_what_they_hold() -> None:
+    health = assess("t", {"held": 3}, held_kinds={"disable": 1, "group_members": 2})
+
+    assert (health.status, health.held) == ("held", 3)
+    assert health.problems == ("1 leaver disable, 2 group member removals awaiting approval: "
+                               "provisioner plan --held, then approve RUN_ID or reject RUN_ID",)  # fmt: skip
+    # Member removals alone are never called leavers.
+    assert "leaver" not in assess("t", {"held": 1}, held_kinds={"group_members": 1}).problems[0]
+
+
+def test_target_health_reads_the_held_operations_by_kind(tmp_path: Path) -> None:
+    engine = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    now = datetime.now(UTC)
+    rows = [{"run_id": "r1", "target": "t", "identity_key": key, "kind": kind, "reason": reason, "status": "held",
+             "payload": "{}", "attempts": 0, "created_at": now, "updated_at": now}
+            for key, kind, reason in (("E1", "disable", "leaver"), ("dept-a", "group_members", "membership"))]
+    with engine.begin() as conn:
+        conn.execute(OP.insert(), rows)
+
+    health = target_health(engine, ["t"])["t"]
+
+    assert health.held_kinds == {"disable": 1, "group_members": 1}
+    assert health.problems[0].startswith("1 leaver disable, 1 group member removal awaiting approval")
+
+
 def test_overall_is_the_most_urgent_of_the_targets_and_ok_for_none() -> None:
     healths = {"a": assess("a", {}), "b": assess("b", {"retry_wait": 1}), "c": assess("c", {"failed": 1})}
 
