@@ -48,7 +48,7 @@ EPILOG = """exit codes (sync and status alike, from the targets' health):
   4  operations failed or wait for a retry (this cycle's or earlier ones'), or the target is
      paused or quarantined: see `provisioner status` and `provisioner queue list`
   5  safety stop: the cycle was refused (an empty or truncated source), or leavers
-     are held by the deletion brake (see `provisioner plan --held`)
+     or group member removals are held by a brake (see `provisioner plan --held`)
 """
 
 class UsageError(Exception):
@@ -548,7 +548,7 @@ def _planning(config: Config, targets: list[str]) -> Iterator[Engine]:
 
 
 def exit_code(healths: dict[str, TargetHealth]) -> int:
-    """The exit code of a cycle from the targets' health: 5 when leavers are held, 4 when anything else is not ok."""
+    """The exit code of a cycle from the targets' health: 5 when a brake holds anything, 4 for any other not ok."""
     if any(h.held for h in healths.values()):
         return EXIT_SAFETY_STOP
     if any(not h.ok for h in healths.values()):
@@ -577,7 +577,7 @@ def _health_json(health: TargetHealth | None) -> dict[str, Any] | None:
     if health is None:
         return None
     data = health.as_dict()
-    return {k: data[k] for k in ("status", "ok", "failed", "rejected", "retry_wait", "held", "paused",
+    return {k: data[k] for k in ("status", "ok", "failed", "rejected", "retry_wait", "held", "held_kinds", "paused",
                                  "quarantined", "problems")}  # fmt: skip
 
 
@@ -585,7 +585,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.held:
         return _held(args)
     from provisioner.config import load_config
-    from provisioner.group_executor import plan_groups_once
+    from provisioner.group_executor import plan_groups_once, would_hold
     from provisioner.store import open_store
     from provisioner.sync import describe_plan, load_target_mapping, plan_once, selected_targets
 
@@ -597,7 +597,12 @@ def _plan(args: argparse.Namespace) -> int:
         plan, active = plan_once(engine, config, name, mapping)
         # A cycle sends users first, then plans groups: joiners and rehires are members by then.
         groups = plan_groups_once(engine, config, name, mapping, plan) if config.targets[name].groups else None
-        plans.append(describe_plan(engine, plan, active, config.targets[name], groups, mapping.omit_if_empty))
+        described = describe_plan(engine, plan, active, config.targets[name], groups, mapping.omit_if_empty)
+        # The brakes the cycle's group step applies (group_members: exact, group deletes), judged the same way.
+        removals, deletes = would_hold(engine, name, config.targets[name], groups) if groups else (False, False)
+        described["would_hold_member_removals"] = removals
+        described["would_hold_group_deletes"] = deletes
+        plans.append(described)
     if args.json:
         print(orjson.dumps(plans, option=orjson.OPT_INDENT_2).decode())
         return _plan_exit(plans)
@@ -607,6 +612,10 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"{plan['target']}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
         if plan["would_hold_leavers"]:
             print("  the deletion brake would hold this cycle's leavers until `provisioner approve RUN_ID`")
+        if plan["would_hold_member_removals"]:
+            print("  the member brake would hold this cycle's group member removals until `provisioner approve RUN_ID`")
+        if plan["would_hold_group_deletes"]:
+            print("  the member brake would hold this cycle's group deletes until `provisioner approve RUN_ID`")
         for op in plan["operations"]:  # type: ignore[attr-defined]
             changes = f"  [{', '.join(op['changes'])}]" if op.get("changes") else ""
             who = f" {op['userName']}" if op.get("userName") else ""
@@ -764,8 +773,13 @@ def _preview(args: argparse.Namespace) -> int:
     return EXIT_CONFIG if any("error" in result for result in results) else EXIT_OK
 
 
+# How many members a held group row names in `plan --held` before "and N more".
+_NAMED_MEMBERS = 5
+
+
 def _held(args: argparse.Namespace) -> int:
     from provisioner.config import load_config
+    from provisioner.payload import loads
     from provisioner.queue import list_operations
     from provisioner.store import open_store
 
@@ -773,6 +787,9 @@ def _held(args: argparse.Namespace) -> int:
     rows = list_operations(engine, status="held", limit=100_000)
     if args.target:
         rows = [row for row in rows if row["target"] in args.target]
+    for row in rows:
+        # An object, as `queue list --json` gives it; a password still to be sent is never printed.
+        row["payload"] = redaction.mask_write_only(loads(row["payload"])) if row.get("payload") else None
     if args.json:
         print(_json(rows))
         return EXIT_OK
@@ -783,14 +800,28 @@ def _held(args: argparse.Namespace) -> int:
     for row in rows:
         runs.setdefault((row["target"], row["run_id"]), []).append(row)
     for (target, run_id), ops in sorted(runs.items()):
-        what = "leaver operations" if all(op["kind"] in ("disable", "delete") for op in ops) else "operations"
-        print(f"{target}: run {run_id} holds {len(ops)} {what}")
+        from provisioner.health import held_phrase
+
+        kinds: dict[str, int] = {}
+        for op in ops:
+            kinds[op["kind"]] = kinds.get(op["kind"], 0) + 1
+        print(f"{target}: run {run_id} holds {held_phrase(kinds)}")
         for op in sorted(ops, key=lambda o: o["identity_key"]):
             # A group row's note says what it removes (and whether an operator rejected it before).
             note = f"  {op['note']}" if op["kind"] not in ("disable", "delete") and op["note"] else ""
-            print(f"  {op['kind']:<8} {op['identity_key']}{note}")
+            print(f"  {op['kind']:<8} {op['identity_key']}{note}{_removed_members(op['payload'])}")
         print(f"  release: provisioner approve {run_id}    drop: provisioner reject {run_id}")
     return EXIT_OK
+
+
+def _removed_members(payload: Any) -> str:
+    """The members a held group row removes, by identity key (the SCIM id of one we do not manage), a few at most."""
+    removed = payload.get("remove") if isinstance(payload, dict) else None
+    if not removed:
+        return ""
+    names = sorted(str(m.get("identity") or m.get("value")) for m in removed if isinstance(m, dict))
+    more = f" and {len(names) - _NAMED_MEMBERS} more" if len(names) > _NAMED_MEMBERS else ""
+    return f": {', '.join(names[:_NAMED_MEMBERS])}{more}"
 
 
 def _release(args: argparse.Namespace) -> int:
@@ -1091,6 +1122,7 @@ def _status(args: argparse.Namespace) -> int:
                 "rejected": health.rejected,
                 "retry_wait": health.retry_wait,
                 "held": health.held,
+                "held_kinds": health.held_kinds,
                 "running_by_instance": claimants.get(name, {}),
                 "paused": health.paused,
                 "quarantined": health.quarantined,
@@ -1121,7 +1153,7 @@ def _status(args: argparse.Namespace) -> int:
         for problem in item["problems"]:
             print(f"  {_printable(problem)}")
         if item["held"]:
-            print("  release or drop held leavers: provisioner plan --held")
+            print("  release or drop held operations: provisioner plan --held")
         if item["paused"]:
             print("  resume: provisioner target resume NAME")
         if item["quarantined"]:

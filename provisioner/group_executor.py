@@ -217,14 +217,7 @@ def enqueue_groups(
             wanted.append((d, existing))
         for key in plan.settled:
             superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
-        removals = sum(len(d.remove) for d, existing in wanted
-                       if d.kind is not GroupKind.DELETE and not _removals_queued(d, existing))  # fmt: skip
-        # A delete takes its members with it: it counts as their removal.
-        deleted = sum(len(d.remove) for d, existing in wanted if d.kind is GroupKind.DELETE and not _queued(d, existing))
-        counted = (removals if brake is not None else 0) + (deleted if deletes is not None else 0)
-        judge = brake or deletes
-        tripped = judge is not None and counted > 0 and judge(counted, _member_count(conn, target))
-        hold_removals, hold_deletes = tripped and brake is not None, tripped and deletes is not None
+        hold_removals, hold_deletes = _verdict(conn, target, wanted, brake, deletes)
         names: dict[str, str] | None = None
         for d, existing in wanted:
             if d.kind is GroupKind.DELETE:
@@ -251,6 +244,35 @@ def enqueue_groups(
             superseded.extend(r.id for r in existing if r.id not in kept and not (spared and r.status == "held"))
         write_plan(conn, rows, superseded, now)
     return len(rows)
+
+
+def _verdict(
+    conn: Any, target: str, wanted: list[tuple[GroupDecision, list[Any]]],
+    brake: Callable[[int, int], bool] | None, deletes: Callable[[int, int], bool] | None,
+) -> tuple[bool, bool]:
+    """Whether the brakes hold these decisions' (member removals, group deletes); what is queued already is not."""
+    removals = sum(len(d.remove) for d, existing in wanted
+                   if d.kind is not GroupKind.DELETE and not _removals_queued(d, existing))  # fmt: skip
+    # A delete takes its members with it: it counts as their removal.
+    deleted = sum(len(d.remove) for d, existing in wanted if d.kind is GroupKind.DELETE and not _queued(d, existing))
+    counted = (removals if brake is not None else 0) + (deleted if deletes is not None else 0)
+    judge = brake or deletes
+    tripped = judge is not None and counted > 0 and judge(counted, _member_count(conn, target))
+    return tripped and brake is not None, tripped and deletes is not None
+
+
+def would_hold(engine: Engine, name: str, target: TargetConfig, plan: GroupPlan) -> tuple[bool, bool]:
+    """Whether a cycle writing ``plan`` would hold its (member removals, group deletes); reads, writes nothing.
+
+    The same judgement :func:`enqueue_groups` makes with :func:`member_brake`
+    and :func:`delete_brake`, against the open rows and the member state now:
+    removals already held or approved are not counted again.
+    """
+    with engine.connect() as conn:
+        open_by_key = open_rows(conn, name, GROUP_KINDS)
+        wanted = [(d, open_by_key.get(d.group_key, [])) for d in plan.decisions
+                  if not any(r.status == "running" for r in open_by_key.get(d.group_key, []))]  # fmt: skip
+        return _verdict(conn, name, wanted, member_brake(target), delete_brake(target))
 
 
 def _removals(d: GroupDecision) -> GroupDecision:

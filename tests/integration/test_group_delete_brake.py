@@ -10,6 +10,8 @@ removing each member the group holds, so deleting more members than
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -96,12 +98,14 @@ def test_a_rule_removed_for_a_group_of_more_members_than_the_brake_holds_its_del
     capsys.readouterr()
     assert main(["plan", "--config", str(workspace.config_path), "--held"]) == 0
     listing = capsys.readouterr().out
-    assert f"run {run_id} holds 1 operations" in listing
-    assert "group_delete dept-engineering  delete group 'dept-engineering' -3 members" in listing
+    assert f"run {run_id} holds 1 group delete" in listing
+    # It names whom the delete removes, by identity key.
+    assert "group_delete dept-engineering  delete group 'dept-engineering' -3 members: E1, E2, E3" in listing
     assert main(["plan", "--config", str(workspace.config_path), "--held", "--json"]) == 0
     # The row lists whom the delete removes.
-    listed = capsys.readouterr().out
-    assert all(ids[key] in listed for key in ("E1", "E2", "E3"))
+    [listed] = json.loads(capsys.readouterr().out)
+    # The payload is an object, as `queue list --json` gives it.
+    assert {m["value"] for m in listed["payload"]["remove"]} == {ids[key] for key in ("E1", "E2", "E3")}
 
     # The next cycle keeps the same delete held under the same run, and deletes nothing.
     assert workspace.sync_now().held == 1

@@ -8,6 +8,8 @@ by ``provisioner reject``).
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -80,7 +82,12 @@ def test_a_joiner_joins_at_once_while_the_removals_beside_it_wait_for_approval(
     capsys.readouterr()
     assert main(["plan", "--config", str(workspace.config_path), "--held"]) == 0
     listing = capsys.readouterr().out
-    assert f"run {run_id} holds 1 operations" in listing and "group_members dept-engineering" in listing
+    assert f"run {run_id} holds 1 group member removal\n" in listing
+    # The removals are named: whom approving takes out of the group.
+    assert "group_members dept-engineering  group 'dept-engineering' -2 members: E1, E2" in listing
+    assert main(["plan", "--config", str(workspace.config_path), "--held", "--json"]) == 0
+    [listed] = json.loads(capsys.readouterr().out)
+    assert sorted(m["identity"] for m in listed["payload"]["remove"]) == ["E1", "E2"]
 
     # A joiner sent on their own (sync --only) joins too, and leaves the held removals as they are.
     workspace.write_source([*MOVED, hr_row("E5", "Ed", "Five")])
@@ -101,6 +108,30 @@ def test_a_joiner_joins_at_once_while_the_removals_beside_it_wait_for_approval(
     assert not held(workspace)
 
 
+def test_plan_says_the_member_brake_would_hold_the_removals_and_status_names_them(
+    workspace: Workspace, moved: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(workspace.config_path)
+    capsys.readouterr()
+    # The plan judges the removals as the cycle will; a plan is not a safety stop, so it exits 0.
+    assert main(["plan", "--config", config]) == 0
+    said = capsys.readouterr().out
+    assert "the member brake would hold this cycle's group member removals" in said
+    assert main(["plan", "--config", config, "--json"]) == 0
+    [plan] = json.loads(capsys.readouterr().out)
+    assert (plan["would_hold_member_removals"], plan["would_hold_leavers"]) == (True, False)
+
+    assert workspace.sync_now().held == 1
+    capsys.readouterr()
+    assert main(["status", "--config", config]) == 5
+    said = capsys.readouterr().out
+    assert "1 group member removal awaiting approval" in said and "leaver" not in said
+    # Held already: the next plan does not count them again, it says what the cycle would hold anew.
+    assert main(["plan", "--config", config, "--json"]) == 0
+    [plan] = json.loads(capsys.readouterr().out)
+    assert plan["would_hold_member_removals"] is False
+
+
 def test_rejected_removals_are_not_sent_and_the_next_cycle_says_it_holds_them_again(
     workspace: Workspace, moved: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -113,6 +144,10 @@ def test_rejected_removals_are_not_sent_and_the_next_cycle_says_it_holds_them_ag
     capsys.readouterr()
     # A one-shot cycle: the removals the source still asks for are held again, and it says so.
     assert main(["sync", "--config", str(workspace.config_path)]) == 5
+    said = capsys.readouterr().out
+    # Held member removals are what is said, never leavers.
+    assert "held: 1 group member removal awaiting approval: provisioner plan --held" in said
+    assert "leaver" not in said
 
     ids = accounts(workspace)
     assert groups.members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"], ids["E4"]}
@@ -122,7 +157,7 @@ def test_rejected_removals_are_not_sent_and_the_next_cycle_says_it_holds_them_ag
     capsys.readouterr()
     assert main(["plan", "--config", str(workspace.config_path), "--held"]) == 0
     listing = capsys.readouterr().out
-    assert f"run {again['run_id']} holds 1 operations" in listing
+    assert f"run {again['run_id']} holds 1 group member removal" in listing
     assert f"rejected in run {rejected}" in listing
 
 

@@ -163,9 +163,9 @@ def test_the_brake_holds_leavers_until_approved_and_drops_them_when_rejected(
     held = run(workspace, "sync")
 
     assert held.returncode == 5
-    assert "held: 2 leaver operations held for approval" in held.stdout
+    assert "held: 2 leaver disables awaiting approval: provisioner plan --held" in held.stdout
     listing = run(workspace, "plan", "--held")
-    [run_line] = [line for line in listing.stdout.splitlines() if "holds 2 leaver operations" in line]
+    [run_line] = [line for line in listing.stdout.splitlines() if "holds 2 leaver disables" in line]
     run_id = run_line.split(" run ")[1].split()[0]
     assert all(u["active"] for u in scim.all())
 

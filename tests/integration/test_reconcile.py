@@ -610,7 +610,7 @@ def test_foreign_member_removals_above_the_brake_are_held_until_an_operator_appr
     capsys.readouterr()
     assert main(["plan", "--config", str(workspace.config_path), "--held"]) == 0
     listing = capsys.readouterr().out
-    assert f"run {run_id} holds 1 operations" in listing and "group_members all-staff" in listing
+    assert f"run {run_id} holds 1 group member removal" in listing and "group_members all-staff" in listing
 
     assert main(["approve", "--config", str(workspace.config_path), run_id]) == 0
     workspace.sync_now()
