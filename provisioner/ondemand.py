@@ -7,8 +7,9 @@ not at the next cycle of the whole population. For each target:
 1. the source is read and the records of those keys are rendered (each
    payload printed, write-only values masked);
 2. they are planned the way a cycle plans them — joiner, mover, rehire,
-   leaver by the mapping's ``leaver_when``, unchanged, rejected — against
-   their own account links only. Nobody else is planned: an identity missing
+   leaver by the mapping's ``leaver_when``, unchanged, rejected — their
+   references (``ref(manager_id)``) resolved against every account link, as
+   in a full plan. Nobody else is planned: an identity missing
    from the records asked for is never a leaver, and a key that is not in the
    source is reported and left alone (a full cycle deprovisions leavers,
    behind its deletion brake);
@@ -136,13 +137,15 @@ async def sync_only(
 def plan_only(
     engine: Engine, config: Config, name: str, mapping: AttributeMapping, records: list[IdentityRecord | BadRecord]
 ) -> Plan:
-    """Plan these records in target ``name`` against their own account links only; writes nothing.
+    """Plan these records in target ``name`` as a full plan decides them; writes nothing.
 
-    Nobody else is planned: an identity without a record here is never a leaver.
+    Their references (``ref(manager_id)``) resolve against every account link,
+    as in a full plan: an unchanged identity whose manager is not planned is
+    still unchanged. Nobody else is planned: an identity without a record here
+    is never a leaver.
     """
-    keys = {r.key for r in records if r.key is not None}
-    links = {key: link for key, link in load_links(engine, name).items() if key in keys}
-    return plan_target(name, mapping, records, links, config.targets[name].leaver, min_records=0)
+    return plan_target(name, mapping, records, load_links(engine, name), config.targets[name].leaver, min_records=0,
+                       partial=True)  # fmt: skip
 
 
 def queue_only(engine: Engine, config: Config, name: str, plan: Plan, run_id: str) -> None:
