@@ -142,3 +142,24 @@ def test_an_unchanged_identity_whose_manager_is_not_asked_for_is_not_sent(
     assert after["grace.hopper@example.com"]["nickName"] == "gracie"
     assert after["grace.hopper@example.com"][ENTERPRISE]["manager"]["value"] == after["ada.lovelace@example.com"]["id"]
 
+
+def test_only_an_omit_if_empty_value_going_empty_is_said_unchanged_and_sends_nothing(
+    workspace: Workspace, scim: ScimReader, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = workspace.mapping_path.read_text()
+    omitted = "  title:\n    value: title\n    omit_if_empty: true\n"
+    workspace.mapping_path.write_text(text.replace("  title: title\n", omitted, 1))
+    workspace.write_source([hr_row("E1", "Ada", "Lovelace")])
+    assert workspace.sync_now().failed == 0
+    workspace.write_source([hr_row("E1", "Ada", "Lovelace", title="")])
+    attempts = workspace.count("attempt")
+
+    done = sync_only(workspace, capsys, "E1")
+
+    assert done.returncode == 0, done.stdout
+    assert workspace.count("attempt") == attempts
+    assert scim.user("ada.lovelace@example.com")["title"] == "Engineer"
+    said = r"^app: E1: unchanged in \d+ ms: kept title \(omit_if_empty\); nothing to send$"
+    assert re.search(said, done.stdout, re.M)
+    assert not re.search(r"^app: E1: update succeeded", done.stdout, re.M)
+    assert re.search(r"^app: ok  unchanged 1  \(run ", done.stdout.splitlines()[-1])
