@@ -7,8 +7,9 @@ not at the next cycle of the whole population. For each target:
 1. the source is read and the records of those keys are rendered (each
    payload printed, write-only values masked);
 2. they are planned the way a cycle plans them — joiner, mover, rehire,
-   leaver by the mapping's ``leaver_when``, unchanged, rejected — against
-   their own account links only. Nobody else is planned: an identity missing
+   leaver by the mapping's ``leaver_when``, unchanged, rejected — their
+   references (``ref(manager_id)``) resolved against every account link, as
+   in a full plan. Nobody else is planned: an identity missing
    from the records asked for is never a leaver, and a key that is not in the
    source is reported and left alone (a full cycle deprovisions leavers,
    behind its deletion brake);
@@ -83,13 +84,14 @@ class OnDemandReport:
     missing: list[str] = field(default_factory=list)
     rejected: int = 0
     held: int = 0
-    # Operation statuses after sending, account and group operations of this run.
+    # Operation statuses after sending, account and group operations of this run; "unchanged":
+    # succeeded sending nothing (Outcome.unchanged), as a full cycle counts them.
     statuses: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         """Nothing of these identities failed, waits, is held, rejected or missing."""
-        return not (self.missing or self.rejected or self.held or set(self.statuses) - {"succeeded"})
+        return not (self.missing or self.rejected or self.held or set(self.statuses) - {"succeeded", "unchanged"})
 
 
 async def sync_only(
@@ -123,10 +125,10 @@ async def sync_only(
     report.rejected = len(plan.rejected)
     for key, kind in _send_again(engine, name, plan.present & found):
         echo(f"{name}: {key}: an earlier {kind} that failed or waits for a retry is sent now")
-    await _send_accounts(engine, config, name, mapping, found, echo)
+    unchanged = await _send_accounts(engine, config, name, mapping, found, echo)
     if target.groups is not None:
         await _send_groups(engine, config, name, mapping, found, report.run_id, echo)
-    report.statuses = _statuses(engine, name, report.run_id, found)
+    report.statuses = _statuses(engine, name, report.run_id, found, unchanged)
     report.held = report.statuses.pop("held", 0)
     if report.held:
         echo(f"{name}: {report.held} leaver operation(s) held by the deletion brake: provisioner approve {report.run_id}")
@@ -136,13 +138,15 @@ async def sync_only(
 def plan_only(
     engine: Engine, config: Config, name: str, mapping: AttributeMapping, records: list[IdentityRecord | BadRecord]
 ) -> Plan:
-    """Plan these records in target ``name`` against their own account links only; writes nothing.
+    """Plan these records in target ``name`` as a full plan decides them; writes nothing.
 
-    Nobody else is planned: an identity without a record here is never a leaver.
+    Their references (``ref(manager_id)``) resolve against every account link,
+    as in a full plan: an unchanged identity whose manager is not planned is
+    still unchanged. Nobody else is planned: an identity without a record here
+    is never a leaver.
     """
-    keys = {r.key for r in records if r.key is not None}
-    links = {key: link for key, link in load_links(engine, name).items() if key in keys}
-    return plan_target(name, mapping, records, links, config.targets[name].leaver, min_records=0)
+    return plan_target(name, mapping, records, load_links(engine, name), config.targets[name].leaver, min_records=0,
+                       partial=True)  # fmt: skip
 
 
 def queue_only(engine: Engine, config: Config, name: str, plan: Plan, run_id: str) -> None:
@@ -209,6 +213,8 @@ class _EchoingExecutor(Executor):
     """The cycle's executor, saying which operation it sends and how each ended."""
 
     echo: Echo = print
+    # Ids of the operations that succeeded sending nothing (Outcome.unchanged).
+    unchanged: set[int]
 
     async def _apply(self, client: ScimClient, op: ClaimedOperation, links: dict[str, Any]) -> Outcome:
         self.echo(f"{self.target}: {op.identity_key}: sending {op.kind.value}")
@@ -218,13 +224,16 @@ class _EchoingExecutor(Executor):
         super()._log(op, outcome, started)
         took = (time.perf_counter() - started) * 1000
         detail = outcome.error or outcome.note or ""
-        self.echo(f"{self.target}: {op.identity_key}: {op.kind.value} {outcome.status} in {took:.0f} ms"
-                  + (f": {detail}" if detail else ""))  # fmt: skip
+        if outcome.unchanged:
+            self.unchanged.add(op.id)
+        done = "unchanged" if outcome.unchanged else f"{op.kind.value} {outcome.status}"
+        self.echo(f"{self.target}: {op.identity_key}: {done} in {took:.0f} ms" + (f": {detail}" if detail else ""))
 
 
 async def _send_accounts(
     engine: Engine, config: Config, name: str, mapping: AttributeMapping, keys: set[str], echo: Echo
-) -> None:
+) -> set[int]:
+    """Send the open account operations of ``keys``; returns the ids of those that succeeded sending nothing."""
     target = config.targets[name]
     session = TargetSession(target, quirks=load_quirks(engine, name, target))
     executor = _EchoingExecutor(engine, name, target, _echoing_clients(session, echo, name), endpoint=mapping.endpoint,
@@ -232,6 +241,7 @@ async def _send_accounts(
                                 write_only=lambda wanted: render_write_only(config, name, mapping, wanted),
                                 create_only=mapping.create_only, omit_if_empty=mapping.omit_if_empty)  # fmt: skip
     executor.echo = echo
+    executor.unchanged = set()
     try:
         while True:
             result = await executor.run(claim(engine, name, identities=keys))
@@ -241,6 +251,7 @@ async def _send_accounts(
                 break
     finally:
         await session.aclose()
+    return executor.unchanged
 
 
 async def _send_groups(
@@ -288,15 +299,21 @@ def _group_outcomes(engine: Engine, name: str, run_id: str, groups: Iterable[str
         return [(row[0], row[1], row[2]) for row in conn.execute(query)]
 
 
-def _statuses(engine: Engine, name: str, run_id: str, keys: set[str]) -> dict[str, int]:
-    """Statuses of this run's operations (their accounts and groups) and of their accounts' still open ones."""
+def _statuses(
+    engine: Engine, name: str, run_id: str, keys: set[str], unchanged: Collection[int] = ()
+) -> dict[str, int]:
+    """Statuses of this run's operations (their accounts and groups) and of their accounts' still open ones.
+
+    The operations ``unchanged`` (ids) count as "unchanged", not "succeeded": they sent nothing.
+    """
     op = Operation.__table__
     accounts = op.c.identity_key.in_(list(keys)) & op.c.kind.in_([k.value for k in Kind]) & op.c.status.in_(OPEN)
-    query = select(op.c.status).where(op.c.target == name, (op.c.run_id == run_id) | accounts)
+    query = select(op.c.id, op.c.status).where(op.c.target == name, (op.c.run_id == run_id) | accounts)
     counts: dict[str, int] = {}
     with engine.connect() as conn:
-        for (status,) in conn.execute(query):
-            counts[status] = counts.get(status, 0) + 1
+        for op_id, status in conn.execute(query):
+            shown = "unchanged" if op_id in unchanged and status == "succeeded" else status
+            counts[shown] = counts.get(shown, 0) + 1
     return counts
 
 

@@ -176,6 +176,7 @@ def plan_target(
     memo: RenderMemo | None = None,
     *,
     pack: bool = False,
+    partial: bool = False,
 ) -> Plan:
     """Decide every operation for one target from the whole source and the current links.
 
@@ -185,6 +186,10 @@ def plan_target(
     rendering records unchanged since a render whose result the target already has.
     ``pack``: each decision's payload is held as :class:`~provisioner.payload.Packed`
     JSON, a third of the memory, for a caller that only queues the plan.
+    ``partial``: ``records`` are some of the source (``sync --only``): ``links``
+    are still every account, so that references to identities not planned
+    resolve as in a full plan, but a linked identity without a record here is
+    not a leaver, and no record here is no safety stop.
     """
     plan = Plan(target)
     if memo is not None and getattr(mapping, "volatile", False):
@@ -237,6 +242,9 @@ def plan_target(
     plan.present.update(seen)
     _hold_shared_match_values(plan, matched, mapping.match, links)
     active = sum(link.active for link in links.values())
+    if partial:
+        plan.decisions = order_by_references(plan.decisions, packed_refs if pack else None)
+        return plan
     if plan.source_records == 0 and active:
         raise SafetyStop(
             f"target {target}: the source has no usable records; refusing to deprovision {active} linked accounts"

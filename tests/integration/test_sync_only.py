@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from provisioner.cli import main
-from tests.conftest import ScimReader, Workspace, hr_row
+from tests.conftest import ENTERPRISE, ScimReader, Workspace, hr_row
 
 GROUPS = 'groups:\n  - name: "dept-{{ department | lower }}"\n  - name: all-staff\n'
 
@@ -116,3 +116,50 @@ def test_a_record_that_cannot_be_mapped_fails_the_exit_code_and_the_others_go_th
     assert re.search(r"^app: E5: rejected: .*userName", done.stdout, re.M)
     assert "app: E3: planned nothing: the account already holds what the record renders to" in done.stdout
     assert "not ok" in done.stdout.splitlines()[-1]
+
+
+def test_an_unchanged_identity_whose_manager_is_not_asked_for_is_not_sent(
+    workspace: Workspace, scim: ScimReader, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Grace's mapping refers to Ada (ref(manager_id)); only Grace is asked for.
+    workspace.write_source([hr_row("E1", "Ada", "Lovelace"), hr_row("E2", "Grace", "Hopper", manager_id="E1")])
+    assert workspace.sync_now().failed == 0
+    grace = scim.user("grace.hopper@example.com")
+    # Set by hand in the target, outside the mapping: a write of the whole resource would drop it.
+    patch = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+             "Operations": [{"op": "add", "path": "nickName", "value": "gracie"}]}  # fmt: skip
+    assert scim.http.patch(f"Users/{grace['id']}", json=patch).status_code in (200, 204)
+    assert scim.user("grace.hopper@example.com")["nickName"] == "gracie"
+    attempts = workspace.count("attempt")
+
+    done = sync_only(workspace, capsys, "E2")
+
+    assert done.returncode == 0, done.stdout
+    assert "app: E2: planned nothing: the account already holds what the record renders to" in done.stdout
+    assert workspace.count("attempt") == attempts  # no request at all
+    assert not re.search(r"^app:   (PUT|PATCH) ", done.stdout, re.M)
+    after = by_name(scim)
+    assert after["grace.hopper@example.com"]["nickName"] == "gracie"
+    assert after["grace.hopper@example.com"][ENTERPRISE]["manager"]["value"] == after["ada.lovelace@example.com"]["id"]
+
+
+def test_only_an_omit_if_empty_value_going_empty_is_said_unchanged_and_sends_nothing(
+    workspace: Workspace, scim: ScimReader, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = workspace.mapping_path.read_text()
+    omitted = "  title:\n    value: title\n    omit_if_empty: true\n"
+    workspace.mapping_path.write_text(text.replace("  title: title\n", omitted, 1))
+    workspace.write_source([hr_row("E1", "Ada", "Lovelace")])
+    assert workspace.sync_now().failed == 0
+    workspace.write_source([hr_row("E1", "Ada", "Lovelace", title="")])
+    attempts = workspace.count("attempt")
+
+    done = sync_only(workspace, capsys, "E1")
+
+    assert done.returncode == 0, done.stdout
+    assert workspace.count("attempt") == attempts
+    assert scim.user("ada.lovelace@example.com")["title"] == "Engineer"
+    said = r"^app: E1: unchanged in \d+ ms: kept title \(omit_if_empty\); nothing to send$"
+    assert re.search(said, done.stdout, re.M)
+    assert not re.search(r"^app: E1: update succeeded", done.stdout, re.M)
+    assert re.search(r"^app: ok  unchanged 1  \(run ", done.stdout.splitlines()[-1])

@@ -269,6 +269,23 @@ def test_report_becomes_a_mover_once_its_manager_is_linked(mapping: AttributeMap
     assert kinds(plan.decisions)["E2"] == (Kind.UPDATE, Reason.MOVER)
 
 
+def test_a_partial_plan_decides_each_record_as_the_full_plan_does_and_makes_no_leaver(
+    mapping: AttributeMapping,
+) -> None:
+    """``sync --only``: a report's manager, not planned, still resolves; nobody else is a leaver."""
+    manager, report, mover = person("E1"), person("E2", manager_id="E1"), person("E3")
+    links = {"E1": Link("E1", "scim-of-e1", "h", True), "E3": linked(mapping, mover), "E4": linked(mapping, person("E4"))}
+    # E2 as created by a full plan, its manager resolved.
+    [created] = [d for d in plan_target("app", mapping, [manager, report, mover], links).decisions if d.identity_key == "E2"]
+    links["E2"] = Link("E2", "scim-of-e2", created.payload_hash, True)
+
+    partial = plan_target("app", mapping, [report, person("E3", title="CTO")], links, partial=True)
+
+    assert partial.settled == ["E2"]
+    assert kinds(partial.decisions) == {"E3": (Kind.UPDATE, Reason.MOVER)}  # E1 and E4 are not planned: no leaver
+    assert plan_target("app", mapping, [], links, partial=True).decisions == []  # and no safety stop
+
+
 def test_unchanged_identities_are_settled(mapping: AttributeMapping) -> None:
     """Settled identities need nothing; an operation still open for one of them is stale."""
     links = {
