@@ -84,6 +84,18 @@ class Decision:
 LeaverAction = Literal["disable", "delete"]
 
 
+def compared(payload: Mapping[str, Any], create_only: Iterable[tuple[str, ...]]) -> dict[str, Any]:
+    """What the planner compares of a desired payload: all of it but its create-only attributes.
+
+    ``create_only``: the mapping's ``when: create`` paths (``("password",)``,
+    ``(extension urn, name)``). Those are sent on create only, so neither a
+    change of them nor a target's different value is ever a reason to update
+    (a first password, a nickName chosen once). Reconciliation compares the
+    same attributes (:func:`provisioner.reconcile.comparable`).
+    """
+    return without(payload, create_only) if create_only else dict(payload)
+
+
 def decide(
     desired: Desired, link: Link | None, leaver: LeaverAction = "disable", *, owed_now: bool = False
 ) -> Decision | None:
@@ -508,7 +520,7 @@ def _desired(
     if not rendered.payload:
         return Desired(record.key, None), set()
     if not mapping.uses_refs:
-        return Desired(record.key, rendered.payload, payload_hash(without(rendered.payload, mapping.create_only)),
+        return Desired(record.key, rendered.payload, payload_hash(compared(rendered.payload, mapping.create_only)),
                        create_only=mapping.create_only), set()  # fmt: skip
 
     def scim_id(key: str) -> str | None:
@@ -520,7 +532,7 @@ def _desired(
     payload, unresolved = resolve_refs(rendered.payload, scim_id, keep_unresolved=True)
     plan.unresolved_refs += unresolved
     sendable = resolve_refs(payload, scim_id)[0] if unresolved else payload
-    desired = Desired(record.key, payload, payload_hash(without(sendable, mapping.create_only)), mapping.create_only)
+    desired = Desired(record.key, payload, payload_hash(compared(sendable, mapping.create_only)), mapping.create_only)
     return desired, refs_in(rendered.payload)
 
 

@@ -4,7 +4,9 @@ Situations are midPoint's synchronization situations:
 
 - ``linked``: the account of an identity by its stored link; ``drift`` lists
   the attribute paths whose value in the target differs from the desired
-  payload (``active`` included), for the attributes the mapping sets only;
+  payload (``active`` included), for the attributes the mapping sets only,
+  and of those the ones the planner compares and a target can return (no
+  ``when: create`` attribute, no write-only ``password``: :func:`comparable`);
 - ``unlinked``: the match attribute (``userName`` case-insensitively, RFC 7643
   §4.1.1) gives the account to an identity in scope that has none linked yet;
 - ``unmatched``: no identity in scope owns the account (an orphan);
@@ -48,10 +50,11 @@ from provisioner.config import Config, ReconcileConfig, parse_duration
 from provisioner.errors import SafetyStop
 from provisioner.functions import Unique
 from provisioner.mapping import AttributeMapping, MappingError
-from provisioner.payload import dumps, flatten, loads, payload_hash, refs_in, resolve_refs
-from provisioner.planner import Decision, Kind, Link, Reason, brake_trips, match_key
+from provisioner.payload import dumps, flatten, loads, payload_hash, refs_in, resolve_refs, without
+from provisioner.planner import Decision, Kind, Link, Reason, brake_trips, compared, match_key
 from provisioner.queue import DEPROVISION
 from provisioner.quirks import load_quirks
+from provisioner.redaction import WRITE_ONLY
 from provisioner.sources import BadRecord, IdentityRecord, read_source
 from provisioner.store import AccountLink, Operation, ReconcileRun, UnmatchedAccount, as_utc, utcnow
 from provisioner.targets import TargetSession
@@ -107,8 +110,12 @@ class Identity:
     def of(
         cls, key: str, payload: dict[str, Any] | None, link: Link | None = None, *, known: bool = True,
         match: str = "userName", shapes: dict[Any, Any] | None = None,
+        create_only: frozenset[tuple[str, ...]] = frozenset(),
     ) -> Identity:
-        """An identity from its desired payload (None: no active account); with a digest when given ``shapes`` to intern into."""
+        """An identity from its desired payload (None: no active account); with a digest when given ``shapes`` to intern into.
+
+        ``create_only``: the mapping's ``when: create`` paths, left out of the digest as :func:`comparable` leaves them.
+        """
         if payload is None:
             return cls(key, None, link, known)
         value, user_name = payload.get(match), payload.get("userName")
@@ -116,7 +123,7 @@ class Identity:
         user_name = user_name if isinstance(user_name, str) else None
         if shapes is None:
             return cls(key, dumps(payload), link, known, value, user_name)
-        shape = shape_of(payload)
+        shape = shape_of(payload, create_only)
         shape = shapes.setdefault(shape, shape)
         return cls(key, dumps(payload), link, known, value, user_name, fingerprint(shape, flatten(payload)), shape)
 
@@ -262,13 +269,32 @@ def _item(attribute: str, item: Any, keys: set[str]) -> bytes:
     return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
 
 
-def shape_of(desired: Mapping[str, Any]) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+# Write-only attributes (RFC 7643 §4.1.1: password is returned "never"): no target shows them, so they cannot drift.
+_UNREADABLE = tuple((name,) for name in sorted(WRITE_ONLY))
+
+
+def comparable(desired: Mapping[str, Any], create_only: Iterable[tuple[str, ...]] = ()) -> dict[str, Any]:
+    """What reconciliation compares of a desired payload with the account the target holds.
+
+    What the planner compares (:func:`provisioner.planner.compared`: no
+    ``when: create`` attribute, which the planner never updates, so its value
+    in the target is the target's business), less the write-only attributes
+    a target never returns (``password``, RFC 7643 §4.1.1 returned "never").
+    ``create_only``: the mapping's paths, ``("password",)`` or ``(extension urn, name)``.
+    """
+    return without(compared(desired, create_only), _UNREADABLE)
+
+
+def shape_of(
+    desired: Mapping[str, Any], create_only: Iterable[tuple[str, ...]] = ()
+) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """What a comparison with ``desired`` looks at: (path, "value" | "list" | "map", the keys compared).
 
-    Paths holding unresolved references are left out, as :func:`drift` skips them.
+    Only the :func:`comparable` attributes; paths holding unresolved references
+    are left out too, as :func:`drift` skips them.
     """
     shape = []
-    for path, want in flatten(desired).items():
+    for path, want in flatten(comparable(desired, create_only)).items():
         if refs_in(want) or isinstance(want, Unique):  # a unique_username() is chosen once, on create
             continue
         if isinstance(want, list):
@@ -316,13 +342,17 @@ def _canonical(path: str, kind: str, keys: tuple[str, ...], value: Any) -> Any:
     return [type(value).__name__, value]
 
 
-def drift(desired: Mapping[str, Any], resource: Mapping[str, Any]) -> dict[str, Any]:
+def drift(
+    desired: Mapping[str, Any], resource: Mapping[str, Any], create_only: Iterable[tuple[str, ...]] = ()
+) -> dict[str, Any]:
     """The attribute paths the mapping sets whose value in ``resource`` differs, with the target's values.
 
-    Unresolved references (a manager not in the target yet) cannot be compared and are skipped.
+    Only the :func:`comparable` attributes count (``create_only``: the
+    mapping's ``when: create`` paths). Unresolved references (a manager not in
+    the target yet) cannot be compared and are skipped.
     """
     drifted: dict[str, Any] = {}
-    for path, want in flatten(desired).items():
+    for path, want in flatten(comparable(desired, create_only)).items():
         if refs_in(want) or isinstance(want, Unique):  # a unique_username() is chosen once, on create
             continue
         have = get_path(resource, path)
@@ -690,8 +720,10 @@ class Classifier:
     """
 
     def __init__(self, identities: Iterable[Identity] = (), match_attribute: str = "userName",
-                 spill: Spill | None = None) -> None:  # fmt: skip
+                 spill: Spill | None = None, create_only: frozenset[tuple[str, ...]] = frozenset()) -> None:  # fmt: skip
         self.match_attribute = match_attribute
+        # The mapping's `when: create` paths: never drift (see comparable).
+        self.create_only = create_only
         self.spill = spill if spill is not None else Spill()
         self.db = self.spill.db
         for identity in identities:
@@ -777,7 +809,7 @@ class Classifier:
         if digest is not None and shape is not None and resource_fingerprint(self.spill.shapes[shape], resource) == digest:
             return None  # the digest settles the common case without decoding the payload
         desired = loads(self.db.execute("SELECT desired FROM identity WHERE key = ?", (key,)).fetchone()[0])
-        return drift(desired, resource) or None
+        return drift(desired, resource, self.create_only) or None
 
     def _found(self, situation: Situation, identity: str | None, scim_id: str | None, user_name: str | None,
                active: bool | None, observed: dict[str, Any] | None = None) -> None:  # fmt: skip
@@ -896,6 +928,7 @@ def plan_repairs(
     unreadable_records: int = 0,
     adopted: Container[str] | None = None,
     disputed: Container[str] | None = None,
+    create_only: frozenset[tuple[str, ...]] = frozenset(),
 ) -> Repairs:
     """The queue operations that carry out ``policy`` for these findings. Purely computational.
 
@@ -909,6 +942,10 @@ def plan_repairs(
     (identities in a dispute) are taken from ``findings`` when not given; give
     them to plan a page of the findings at a time (:meth:`Findings.adopted`,
     :meth:`Findings.disputed`), as they depend on every finding.
+
+    ``create_only``: the mapping's ``when: create`` paths. A drift repair
+    sends and records what an update does (:func:`provisioner.planner.decide`):
+    the payload without them; a recreate sends them, as a create does.
     """
     repairs = Repairs()
     findings = list(findings)
@@ -928,7 +965,7 @@ def plan_repairs(
             if desired is None:
                 repairs.decisions.append(Decision(identity.key, Kind.DISABLE, Reason.RECONCILE))
                 continue
-            payload, sendable = _sendable(desired, lookup)
+            payload, sendable = _sendable(compared(desired, create_only), lookup)
             applied = orjson.loads(orjson.dumps(sendable))
             for path, value in (f.observed or {}).items():
                 _set_path(applied, path, value)
@@ -1122,7 +1159,7 @@ def read_identities(
         payload = None
         if rendered.payload:
             payload = resolve_refs(rendered.payload, lookup.get, keep_unresolved=True)[0]
-            paths.update(flatten(payload))
+            paths.update(flatten(comparable(payload, mapping.create_only)))
             link = classifier.link_of(record.key) if groups is not None else None
             if groups is not None and link is not None and link.active:
                 try:
@@ -1130,7 +1167,8 @@ def read_identities(
                         names.setdefault(key, display)
                 except MappingError:
                     pass  # the group step reviews it; its groups are not counted as defined
-        classifier.add(Identity.of(record.key, payload, match=mapping.match, shapes=shapes))
+        identity = Identity.of(record.key, payload, match=mapping.match, shapes=shapes, create_only=mapping.create_only)
+        classifier.add(identity)
     if usable < max(min_records, 1):
         raise SafetyStop(
             f"the source has {usable} usable records (min_records {min_records}); "
@@ -1182,7 +1220,7 @@ async def reconcile_target(
     source = config.sources[target.source]
     now = now or utcnow()
     report = ReconcileReport(name, f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")
-    classifier = Classifier(match_attribute=mapping.match)
+    classifier = Classifier(match_attribute=mapping.match, create_only=mapping.create_only)
     report.spill = classifier.spill
     try:
         classifier.add_links(_links(engine, name))
@@ -1400,7 +1438,7 @@ async def _repair(
             identities = classifier.identities(f.identity for f in page if f.identity)
             planned = plan_repairs(page, identities, target.reconcile, first_seen=first_seen, now=now, lookup=lookup,
                                    unreadable_records=report.unreadable_records, adopted=adopted,
-                                   disputed=disputed)  # fmt: skip
+                                   disputed=disputed, create_only=mapping.create_only)  # fmt: skip
             for scim_id, why in planned.spared:
                 log.info("unmatched account left as it is", target=name, id=scim_id, reason=why)
             _fix_links(conn, name, planned)

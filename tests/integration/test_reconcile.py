@@ -19,7 +19,7 @@ from provisioner.metrics import RECONCILE_ACCOUNTS, RECONCILE_DRIFTED, RECONCILE
 from provisioner.alerts import AlertsConfig, evaluate
 from provisioner.reconcile import publish_last
 from provisioner.store import open_store
-from tests.conftest import ENTERPRISE, ScimReader, Workspace, empty_server, hr_row
+from tests.conftest import ENTERPRISE, HR_COLUMNS, ScimReader, Workspace, empty_server, hr_row, write_csv
 from tests.servers.scimmy_server import ScimmyServer, running_scimmy
 
 PEOPLE = [
@@ -631,3 +631,44 @@ def test_foreign_member_removals_under_the_brake_are_sent_at_once(
     assert reconcile(workspace, capsys, "--repair")[0] == 0
     assert hand.members(grouped["all-staff"]) == ours
     assert not [op for op in workspace.operations() if op["status"] == "held"]
+
+
+def test_create_only_and_write_only_attributes_are_never_drift_and_a_real_drift_is_still_repaired(
+    workspace: Workspace, scim: ScimReader, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The README's create-only attributes: a first password (write-only: no target returns it) and a nickName
+    # chosen once (readable). The planner never updates either, so neither is drift.
+    text = workspace.mapping_path.read_text()
+    workspace.mapping_path.write_text(
+        text.replace("attributes:\n", "attributes:\n  password:\n    value: initial_password\n    when: create\n"
+                     "  nickName:\n    value: nick\n    when: create\n", 1)  # fmt: skip
+    )
+    columns = [*HR_COLUMNS, "initial_password", "nick"]
+    rows = [{**person, "initial_password": "Initial-Pa55word!", "nick": person["first_name"]} for person in PEOPLE[:3]]
+    write_csv(workspace.source_path, rows, columns)
+    assert workspace.sync_now().summary()["created"] == 3
+    hand = Hand(workspace)
+    ada, cy = scim.user("ada.boss@example.com"), scim.user("cy.moved@example.com")
+    hand.patch(ada["id"], "nickName", "Countess")  # the target's own business after the create
+
+    _, result = reconcile(workspace, capsys)
+    assert [a["drift"] for a in result["accounts"]] == [[], [], []]
+    assert reconcile(workspace, capsys, "--repair")[0] == 0
+    assert [op for op in workspace.operations() if op["reason"] == "reconcile"] == []
+
+    hand.patch(cy["id"], "title", "Juggler")
+    _, result = reconcile(workspace, capsys)
+    assert {a["userName"]: a["drift"] for a in result["accounts"] if a["drift"]} == {"cy.moved@example.com": ["title"]}
+    assert reconcile(workspace, capsys, "--repair")[0] == 0
+    [op] = [op for op in workspace.operations() if op["reason"] == "reconcile"]
+    assert (op["identity_key"], op["kind"], op["status"]) == ("E3", "update", "succeeded")
+    [(_, body)] = workspace.query(
+        "SELECT method, request_body FROM attempt WHERE operation_id = ? ORDER BY id DESC LIMIT 1", op["id"]
+    )
+    assert [o["path"] for o in json.loads(body)["Operations"]] == ["title"]  # the drift alone: no password, no nickName
+    assert scim.user("cy.moved@example.com")["title"] == "Engineer"
+    assert scim.user("ada.boss@example.com")["nickName"] == "Countess"
+
+    _, again = reconcile(workspace, capsys)
+    assert [a["drift"] for a in again["accounts"]] == [[], [], []]
+    assert workspace.sync_now().summary()["updated"] == 0

@@ -82,6 +82,30 @@ def test_an_identity_with_a_digest_finds_the_same_drift_as_the_full_comparison(
     assert finding.situation is Situation.LINKED and finding.drift == drifted
 
 
+def test_create_only_and_write_only_attributes_never_drift_and_a_drift_repair_leaves_them_out() -> None:
+    """Reconciliation compares what the planner compares: no `when: create` attribute, no write-only password."""
+    create_only = frozenset({("password",), ("nickName",), (ENTERPRISE, "costCenter")})
+    want = {"userName": "a@x", "active": True, "title": "Boss", "password": "s3cret", "nickName": "Al",
+            ENTERPRISE: {"costCenter": "42", "department": "R&D"}}  # fmt: skip
+    have = {"id": "u1", "userName": "a@x", "active": True, "title": "Clown", "nickName": "Bert",
+            ENTERPRISE: {"costCenter": "7", "department": "R&D"}}  # fmt: skip
+    assert list(drift(want, have, create_only)) == ["title"]
+    # A password sent on every update is still never read back (RFC 7643 §4.1.1): no drift either.
+    assert list(drift(want, have, create_only - {("password",)})) == ["title"]
+    identity = Identity.of("E1", want, Link("E1", "u1", "h", True), shapes={}, create_only=create_only)
+    assert resource_fingerprint(identity.shape, {**have, "title": "Boss"}) == identity.digest
+    classifier = Classifier([identity], create_only=create_only)
+    classifier.observe(have)
+    [finding] = classifier.finish()
+    assert finding.drift == ["title"]
+    repairs = plan_repairs([finding], {"E1": identity}, ReconcileConfig(), first_seen={}, now=utcnow(), lookup={},
+                           create_only=create_only)  # fmt: skip
+    [decision] = repairs.decisions
+    assert decision.kind is Kind.UPDATE and decision.payload is not None
+    assert "password" not in decision.payload and "nickName" not in repairs.observed["E1"]
+    assert repairs.observed["E1"]["title"] == "Clown" and "costCenter" not in repairs.observed["E1"][ENTERPRISE]
+
+
 def test_identities_with_one_shape_share_it() -> None:
     shapes: dict[Any, Any] = {}
     a = Identity.of("E1", {"userName": "a@x", "active": True}, shapes=shapes)
