@@ -54,7 +54,7 @@ from provisioner.payload import dumps, flatten, loads, payload_hash, refs_in, re
 from provisioner.planner import Decision, Kind, Link, Reason, brake_trips, compared, match_key
 from provisioner.queue import DEPROVISION
 from provisioner.quirks import load_quirks
-from provisioner.redaction import WRITE_ONLY
+from provisioner.redaction import WRITE_ONLY, mask_write_only
 from provisioner.sources import BadRecord, IdentityRecord, read_source
 from provisioner.store import AccountLink, Operation, ReconcileRun, UnmatchedAccount, as_utc, utcnow
 from provisioner.targets import TargetSession
@@ -966,7 +966,8 @@ def plan_repairs(
                 repairs.decisions.append(Decision(identity.key, Kind.DISABLE, Reason.RECONCILE))
                 continue
             payload, sendable = _sendable(compared(desired, create_only), lookup)
-            applied = orjson.loads(orjson.dumps(sendable))
+            # Stored in the link as the executor stores it: a password sent on every update is kept masked.
+            applied = mask_write_only(sendable)
             for path, value in (f.observed or {}).items():
                 _set_path(applied, path, value)
             repairs.observed[identity.key] = applied

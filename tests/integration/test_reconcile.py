@@ -633,14 +633,15 @@ def test_foreign_member_removals_under_the_brake_are_sent_at_once(
     assert not [op for op in workspace.operations() if op["status"] == "held"]
 
 
+@pytest.mark.parametrize("password", ["\n    value: initial_password\n    when: create", " initial_password"])
 def test_create_only_and_write_only_attributes_are_never_drift_and_a_real_drift_is_still_repaired(
-    workspace: Workspace, scim: ScimReader, capsys: pytest.CaptureFixture[str]
+    workspace: Workspace, scim: ScimReader, capsys: pytest.CaptureFixture[str], password: str
 ) -> None:
     # The README's create-only attributes: a first password (write-only: no target returns it) and a nickName
-    # chosen once (readable). The planner never updates either, so neither is drift.
+    # chosen once (readable). The planner never updates either, so neither is drift; nor is a password sent always.
     text = workspace.mapping_path.read_text()
     workspace.mapping_path.write_text(
-        text.replace("attributes:\n", "attributes:\n  password:\n    value: initial_password\n    when: create\n"
+        text.replace("attributes:\n", f"attributes:\n  password:{password}\n"
                      "  nickName:\n    value: nick\n    when: create\n", 1)  # fmt: skip
     )
     columns = [*HR_COLUMNS, "initial_password", "nick"]
@@ -665,10 +666,15 @@ def test_create_only_and_write_only_attributes_are_never_drift_and_a_real_drift_
     [(_, body)] = workspace.query(
         "SELECT method, request_body FROM attempt WHERE operation_id = ? ORDER BY id DESC LIMIT 1", op["id"]
     )
-    assert [o["path"] for o in json.loads(body)["Operations"]] == ["title"]  # the drift alone: no password, no nickName
+    paths = [o["path"] for o in json.loads(body)["Operations"]]
+    if "when: create" not in password:
+        # A password sent always may go again with a PATCH rebuilt after a 412 (the account read never shows it).
+        paths = [p for p in paths if p != "password"]
+    assert paths == ["title"]  # the drift alone: no create-only password, no nickName
     assert scim.user("cy.moved@example.com")["title"] == "Engineer"
     assert scim.user("ada.boss@example.com")["nickName"] == "Countess"
 
     _, again = reconcile(workspace, capsys)
     assert [a["drift"] for a in again["accounts"]] == [[], [], []]
     assert workspace.sync_now().summary()["updated"] == 0
+    assert all("Initial-Pa55word!" not in applied for (applied,) in workspace.query("SELECT applied FROM account_link"))

@@ -15,6 +15,7 @@ from provisioner.config import ReconcileConfig, load_config
 from provisioner.demo import DEMO_MAPPING
 from provisioner.mapping import Ref
 from provisioner.planner import Kind, Link
+from provisioner.redaction import MASK
 from provisioner.reconcile import (
     Classifier,
     GroupFinding,
@@ -104,6 +105,10 @@ def test_create_only_and_write_only_attributes_never_drift_and_a_drift_repair_le
     assert decision.kind is Kind.UPDATE and decision.payload is not None
     assert "password" not in decision.payload and "nickName" not in repairs.observed["E1"]
     assert repairs.observed["E1"]["title"] == "Clown" and "costCenter" not in repairs.observed["E1"][ENTERPRISE]
+    # A password sent on every update goes into the link masked, never in clear.
+    always = plan_repairs([finding], {"E1": identity}, ReconcileConfig(), first_seen={}, now=utcnow(), lookup={},
+                          create_only=create_only - {("password",)})  # fmt: skip
+    assert always.observed["E1"]["password"] == MASK and always.observed["E1"]["title"] == "Clown"
 
 
 def test_identities_with_one_shape_share_it() -> None:
