@@ -16,7 +16,10 @@ Otherwise its status is the most urgent of these, in this order::
 
 A cycle interrupted by a stop (SIGTERM, Ctrl-C; run status ``interrupted``)
 is not a safety stop: the operator restarted the process. Its work was left
-undone, though, so the target ``waits`` until a later cycle completes.
+undone, though, so the target ``waits`` until a later cycle completes. So
+does a cycle still ``running`` in the run table whose process is gone
+(``kill -9``; read as ``abandoned``; SQLite state only, see
+:func:`provisioner.lock.holder_gone`).
 
 The exit code of ``sync`` and ``status`` (:func:`exit_code`) reads the same
 health: 5 for a safety stop, 4 for anything else not ok, 0 when all are ok.
@@ -33,6 +36,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine, and_, case, func, select
 
+from provisioner.lock import holder_gone
 from provisioner.quarantine import TargetState, all_states
 from provisioner.store import Operation, Run, as_utc
 
@@ -46,6 +50,8 @@ RUN = Run.__table__
 _RENDERED_KINDS = ("create", "update", "enable")
 # Run statuses that stop a target short of its work: a refused cycle (a safety stop) and a crashed one.
 _REFUSED_RUNS = ("refused", "error")
+# The note of a run whose process ended without finishing it (run status ``abandoned``, never stored).
+ABANDONED = "its process ended before the cycle finished (killed or crashed); the next start picks up its work"
 # Exit codes (README, "Exit codes"): every target ok; something waits or failed; a safety stop.
 EXIT_OK, EXIT_NOT_OK, EXIT_SAFETY_STOP = 0, 4, 5
 
@@ -122,7 +128,7 @@ def assess(
     paused = bool(state and state.paused)
     quarantined = bool(state and state.quarantined)
     refused = run.get("status") in _REFUSED_RUNS
-    interrupted = run.get("status") == "interrupted"
+    interrupted = run.get("status") in ("interrupted", "abandoned")
     problems: list[tuple[Status, str]] = []
     if quarantined:
         problems.append(("quarantined", f"quarantined: {state.quarantine_reason or 'calls keep failing'}"))  # type: ignore[union-attr]
@@ -139,7 +145,7 @@ def assess(
     if retry_wait:
         problems.append(("waiting", f"{retry_wait} operations wait for a retry"))
     if interrupted:
-        problems.append(("waiting", f"last cycle interrupted: {run.get('error') or 'stopped before it finished'}"))
+        problems.append(("waiting", f"last cycle {run['status']}: {run.get('error') or 'stopped before it finished'}"))
     status: Status = min((s for s, _ in problems), key=SEVERITY.index, default="ok")
     return TargetHealth(
         target=target,
@@ -168,6 +174,9 @@ def target_health(engine: Engine, names: list[str]) -> dict[str, TargetHealth]:
     held = _held_kinds(engine)
     states = all_states(engine)
     runs = last_runs(engine)
+    if any(run["status"] == "running" for run in runs.values()) and holder_gone(str(engine.url)):
+        # The process running those cycles is gone (kill -9, a crash): they run no more.
+        runs = {name: _abandoned(run) if run["status"] == "running" else run for name, run in runs.items()}
     return {
         name: assess(name, counts.get(name, {}), rejected.get(name, 0), states.get(name), runs.get(name),
                      held.get(name, {}))  # fmt: skip
@@ -218,6 +227,10 @@ def exit_code(healths: dict[str, TargetHealth]) -> int:
     if any(not h.ok for h in healths.values()):
         return EXIT_NOT_OK
     return EXIT_OK
+
+
+def _abandoned(run: dict[str, Any]) -> dict[str, Any]:
+    return {**run, "status": "abandoned", "error": ABANDONED}
 
 
 def overall(healths: dict[str, TargetHealth]) -> Status:

@@ -115,6 +115,12 @@ def test_kill_9_mid_cycle_loses_nothing_and_duplicates_nothing(tmp_path: Path, s
     kill_daemon(daemon)
     interrupted = statuses(tmp_path)
     assert interrupted.get("succeeded", 0) < USERS, f"the kill came too late to test anything: {interrupted}"
+    # The killed daemon's cycle runs no more, and status does not say it does, nor that all is well.
+    status = subprocess.run([sys.executable, "-m", "provisioner", "status", "--config", str(config)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert status.returncode == 4, status.stdout + status.stderr
+    assert "app: waiting" in status.stdout and "(abandoned)" in status.stdout, status.stdout
+    assert "last cycle abandoned: its process ended" in status.stdout, status.stdout
 
     finish_with_a_new_daemon(tmp_path, config, server)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from provisioner.health import assess, cycle_succeeded, exit_code, overall, target_health
+from provisioner.lock import StateLock
 from provisioner.quarantine import TargetState, set_paused
 from provisioner.queue import OP
 from provisioner.store import Run, open_store
@@ -154,3 +155,21 @@ def test_target_health_reads_every_cycles_rows_rejected_records_runs_and_pauses(
     }  # fmt: skip
     assert (healths["b"].failed, healths["b"].rejected) == (2, 1)
     assert healths["d"].problems == ("paused: maintenance",)
+
+
+def test_a_running_cycle_reads_as_running_while_its_process_lives_and_abandoned_once_it_is_gone(
+    tmp_path: Path,
+) -> None:
+    engine = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    with engine.begin() as conn:
+        conn.execute(Run.__table__.insert(), [{"id": "r1", "target": "a", "started_at": datetime.now(UTC),
+                                               "status": "running"}])  # fmt: skip
+
+    with StateLock(str(engine.url)):  # the process running the cycle holds the state file, as sync and run do
+        running = target_health(engine, ["a"])["a"]
+    gone = target_health(engine, ["a"])["a"]
+
+    assert (running.status, running.last_run_status) == ("ok", "running")
+    assert (gone.status, gone.last_run_status) == ("waiting", "abandoned")
+    assert gone.problems[0].startswith("last cycle abandoned: its process ended before the cycle finished")
+    assert exit_code({"a": gone}) == 4
