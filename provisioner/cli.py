@@ -548,12 +548,10 @@ def _planning(config: Config, targets: list[str]) -> Iterator[Engine]:
 
 
 def exit_code(healths: dict[str, TargetHealth]) -> int:
-    """The exit code of a cycle from the targets' health: 5 when a brake holds anything, 4 for any other not ok."""
-    if any(h.held for h in healths.values()):
-        return EXIT_SAFETY_STOP
-    if any(not h.ok for h in healths.values()):
-        return EXIT_FAILED_OPERATIONS
-    return EXIT_OK
+    """The exit code of a cycle or of ``status``: :func:`provisioner.health.exit_code`, the one rule for both."""
+    from provisioner.health import exit_code as health_exit_code
+
+    return health_exit_code(healths)
 
 
 def _print_summary(reports: list[TargetReport], healths: dict[str, TargetHealth], *, as_json: bool) -> None:

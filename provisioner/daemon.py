@@ -46,6 +46,7 @@ from provisioner.queue import (
     prune,
     recover_orphans,
     renew_leases,
+    running_by_instance,
     status_by_target,
 )
 from provisioner.quirks import unstored_writes
@@ -111,8 +112,11 @@ class Daemon:
         scheduler.start()
         log.info("daemon started", targets=self.targets, listen=self.config.daemon.listen, pid=os.getpid())
         await self.stopping.wait()
-        scheduler.shutdown(wait=False)
+        # Paused, not shut down, until the drain is over: APScheduler's asyncio executor cancels the
+        # running jobs at shutdown, which cut in-flight requests at once instead of after the grace.
+        scheduler.pause()
         await self._drain()
+        scheduler.shutdown(wait=False)
         beat.cancel()
         renewer.cancel()
         self.planners.close()
@@ -313,8 +317,13 @@ class Daemon:
         if self.stopping.is_set():
             log.warning("second signal: exiting now; unsent operations stay queued", signal=sig.name)
             os._exit(EXIT_FORCED)
-        log.info("stopping: finishing in-flight requests", signal=sig.name, grace_seconds=self.config.daemon.shutdown_grace)
         self.stopping.set()
+        # What the stop waits for, said up front: a restart that seems to hang is waiting on a slow target.
+        claimed = sum(by.get(self.instance, 0) for by in running_by_instance(self.engine).values())
+        grace = self.config.daemon.shutdown_grace
+        log.info(f"stopping: {len(self.inflight)} jobs in flight, waiting up to {grace:g}s for their requests",
+                 signal=sig.name, in_flight=len(self.inflight), claimed_operations=claimed,
+                 grace_seconds=grace)  # fmt: skip
 
     async def _drain(self) -> None:
         if not self.inflight:

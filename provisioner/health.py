@@ -8,11 +8,21 @@ A target is ``ok`` when nothing of it waits for anyone: no open failed
 operation (rejected records included — a row the source cannot give, a key
 several records share, a record the mapping cannot render: each is one open
 failed row per identity and reason), no operation waiting for a retry, nothing
-held by a brake (leavers, group member removals), its last cycle not refused, and it is neither
-quarantined nor paused. Otherwise its status is the most urgent of these,
-in this order::
+held by a brake (leavers, group member removals), its last cycle neither
+refused nor cut short by a stop, and it is neither quarantined nor paused.
+Otherwise its status is the most urgent of these, in this order::
 
     quarantined > paused > refused > held > failed > waiting > ok
+
+A cycle interrupted by a stop (SIGTERM, Ctrl-C; run status ``interrupted``)
+is not a safety stop: the operator restarted the process. Its work was left
+undone, though, so the target ``waits`` until a later cycle completes. So
+does a cycle still ``running`` in the run table whose process is gone
+(``kill -9``; read as ``abandoned``; SQLite state only, see
+:func:`provisioner.lock.holder_gone`).
+
+The exit code of ``sync`` and ``status`` (:func:`exit_code`) reads the same
+health: 5 for a safety stop, 4 for anything else not ok, 0 when all are ok.
 
 Work from earlier cycles counts as much as this cycle's: a row left in
 ``retry_wait`` by a 401 an hour ago still waits.
@@ -26,6 +36,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine, and_, case, func, select
 
+from provisioner.lock import holder_gone
 from provisioner.quarantine import TargetState, all_states
 from provisioner.store import Operation, Run, as_utc
 
@@ -37,6 +48,12 @@ OP = Operation.__table__
 RUN = Run.__table__
 # Account operations the mapping could not render: recorded failed, with no payload to send.
 _RENDERED_KINDS = ("create", "update", "enable")
+# Run statuses that stop a target short of its work: a refused cycle (a safety stop) and a crashed one.
+_REFUSED_RUNS = ("refused", "error")
+# The note of a run whose process ended without finishing it (run status ``abandoned``, never stored).
+ABANDONED = "its process ended before the cycle finished (killed or crashed); the next start picks up its work"
+# Exit codes (README, "Exit codes"): every target ok; something waits or failed; a safety stop.
+EXIT_OK, EXIT_NOT_OK, EXIT_SAFETY_STOP = 0, 4, 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +127,8 @@ def assess(
     failed, retry_wait, held = counts.get("failed", 0), counts.get("retry_wait", 0), counts.get("held", 0)
     paused = bool(state and state.paused)
     quarantined = bool(state and state.quarantined)
-    refused = run.get("status") in ("refused", "error")
+    refused = run.get("status") in _REFUSED_RUNS
+    interrupted = run.get("status") in ("interrupted", "abandoned")
     problems: list[tuple[Status, str]] = []
     if quarantined:
         problems.append(("quarantined", f"quarantined: {state.quarantine_reason or 'calls keep failing'}"))  # type: ignore[union-attr]
@@ -126,6 +144,8 @@ def assess(
         problems.append(("failed", f"{failed} failed operations wait for review{of_which}"))
     if retry_wait:
         problems.append(("waiting", f"{retry_wait} operations wait for a retry"))
+    if interrupted:
+        problems.append(("waiting", f"last cycle {run['status']}: {run.get('error') or 'stopped before it finished'}"))
     status: Status = min((s for s, _ in problems), key=SEVERITY.index, default="ok")
     return TargetHealth(
         target=target,
@@ -154,6 +174,9 @@ def target_health(engine: Engine, names: list[str]) -> dict[str, TargetHealth]:
     held = _held_kinds(engine)
     states = all_states(engine)
     runs = last_runs(engine)
+    if any(run["status"] == "running" for run in runs.values()) and holder_gone(str(engine.url)):
+        # The process running those cycles is gone (kill -9, a crash): they run no more.
+        runs = {name: _abandoned(run) if run["status"] == "running" else run for name, run in runs.items()}
     return {
         name: assess(name, counts.get(name, {}), rejected.get(name, 0), states.get(name), runs.get(name),
                      held.get(name, {}))  # fmt: skip
@@ -189,6 +212,25 @@ def held_phrase(kinds: dict[str, int], total: int | None = None) -> str:
     if rest > 0:
         parts.append(f"{rest} operation{'' if rest == 1 else 's'}")
     return ", ".join(parts) or "nothing"
+
+
+def exit_code(healths: dict[str, TargetHealth]) -> int:
+    """The exit code of ``sync`` and ``status`` alike: 5, 4 or 0 (README, "Exit codes").
+
+    5 (a safety stop) when a target's last cycle was refused or a brake holds
+    anything of it (leavers, group member removals), whatever else it is; 4 when any target is
+    not ok otherwise (failed, waiting, interrupted, crashed, paused,
+    quarantined); 0 when every target is ok.
+    """
+    if any(h.held or h.last_run_status == "refused" for h in healths.values()):
+        return EXIT_SAFETY_STOP
+    if any(not h.ok for h in healths.values()):
+        return EXIT_NOT_OK
+    return EXIT_OK
+
+
+def _abandoned(run: dict[str, Any]) -> dict[str, Any]:
+    return {**run, "status": "abandoned", "error": ABANDONED}
 
 
 def overall(healths: dict[str, TargetHealth]) -> Status:

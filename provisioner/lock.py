@@ -87,6 +87,36 @@ class StateLock:
         self.release()
 
 
+def holder_gone(state_url: str) -> bool | None:
+    """Whether no live process holds a SQLite state file's lock now: a ``running`` run then runs no more.
+
+    Read from the pid the last holder wrote in the lock file, without taking
+    the lock (a daemon starting meanwhile must not find it taken). True when
+    no process ever held it, when that process is gone, or when it was this
+    one and it has let go; False when that process lives (a reused pid reads
+    as alive: the answer errs towards running). None for other databases,
+    where several instances share the state and leases say who is alive.
+    """
+    path = StateLock(state_url).path
+    if path is None:
+        return None
+    if path in _HELD:
+        return False
+    try:
+        pid = int(path.read_text(errors="replace").strip() or 0)
+    except (OSError, ValueError):
+        return True
+    if pid <= 0 or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
 def advisory_key(*parts: str) -> int:
     """A stable signed 64-bit advisory lock key for a name (PostgreSQL's bigint)."""
     digest = hashlib.blake2b("\0".join(("provisioner", *parts)).encode(), digest_size=8).digest()

@@ -254,9 +254,21 @@ async def _cycle(
         # A safety stop, or a source that cannot be read: nothing was planned; alerts say why.
         _finish_run(engine, report, status="refused", error=str(exc))
         raise
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # A stop (SIGTERM past the shutdown grace, Ctrl-C), not a failure: what was left waits in the queue.
+        _finish_run(engine, report, status="interrupted", error=INTERRUPTED)
+        log.warning("cycle interrupted", target=name, run_id=report.run_id, planned=report.planned,
+                    outcomes=dict(report.statuses))  # fmt: skip
+        raise
     except BaseException:
         _finish_run(engine, report, status="error")
         raise
+    if stop is not None and stop.is_set() and count_status(engine, name, "pending"):
+        # Asked to stop: the cycle sent what was in flight and left the rest queued, unfinished.
+        _finish_run(engine, report, status="interrupted", error=INTERRUPTED)
+        log.warning("cycle interrupted", target=name, run_id=report.run_id, planned=report.planned,
+                    outcomes=dict(report.statuses))  # fmt: skip
+        return report
     log.info("cycle", target=name, run_id=report.run_id, planned=report.planned, outcomes=dict(report.statuses))
     _finish_run(engine, report)
     return report
@@ -432,6 +444,10 @@ def render_write_only(config: Config, name: str, mapping: AttributeMapping, keys
         if values:
             found[record.key] = values
     return found
+
+
+# The note of a run cut short by a stop (run status ``interrupted``).
+INTERRUPTED = "stopped before the cycle finished; the next cycle sends what it left queued"
 
 
 def _start_run(engine: Engine, run_id: str, target: str, started: datetime) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -38,7 +39,7 @@ def write_source(path: Path, count: int) -> None:
     ])  # fmt: skip
 
 
-def write_config(folder: Path, server: ScimServer) -> Path:
+def write_config(folder: Path, server: ScimServer, grace: int = 20) -> Path:
     path = folder / "config.yaml"
     path.write_text(
         f"""state: sqlite:///state.db
@@ -52,7 +53,7 @@ targets:
     source: hr
     mapping: {DEMO_MAPPING}
     max_concurrency: 2
-daemon: {{listen: "127.0.0.1:{free_port()}", shutdown_grace: 20, retry_interval: 1}}
+daemon: {{listen: "127.0.0.1:{free_port()}", shutdown_grace: {grace}, retry_interval: 1}}
 """
     )
     return path
@@ -114,6 +115,12 @@ def test_kill_9_mid_cycle_loses_nothing_and_duplicates_nothing(tmp_path: Path, s
     kill_daemon(daemon)
     interrupted = statuses(tmp_path)
     assert interrupted.get("succeeded", 0) < USERS, f"the kill came too late to test anything: {interrupted}"
+    # The killed daemon's cycle runs no more, and status does not say it does, nor that all is well.
+    status = subprocess.run([sys.executable, "-m", "provisioner", "status", "--config", str(config)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert status.returncode == 4, status.stdout + status.stderr
+    assert "app: waiting" in status.stdout and "(abandoned)" in status.stdout, status.stdout
+    assert "last cycle abandoned: its process ended" in status.stdout, status.stdout
 
     finish_with_a_new_daemon(tmp_path, config, server)
 
@@ -190,6 +197,52 @@ def test_a_second_signal_exits_at_once_while_requests_hang(tmp_path: Path) -> No
 
         assert daemon.wait(timeout=5) == 130
         assert sum(statuses(tmp_path).values()) == 20, "every operation is still in the queue"
+    finally:
+        daemon.kill()
+        hanging.shutdown()
+
+
+class _CountedHangingTarget(_HangingTarget):
+    """A hanging target that says when a write has reached it."""
+
+    written = threading.Event()
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        self.written.set()
+        super().do_POST()
+
+
+def test_sigterm_against_a_hung_target_waits_the_grace_and_records_the_cycle_as_interrupted(tmp_path: Path) -> None:
+    """An operator's restart is neither a safety stop nor an unexplained error, and the grace is honoured."""
+    hanging = ThreadingHTTPServer(("127.0.0.1", 0), _CountedHangingTarget)
+    hanging.daemon_threads = True
+    threading.Thread(target=hanging.serve_forever, daemon=True).start()
+    target = ScimServer(hanging.server_address[1], "token-for-the-hanging-target", process=None)  # type: ignore[arg-type]
+    write_source(tmp_path / "hr.csv", 20)
+    config = write_config(tmp_path, target, grace=2)
+    daemon = start_daemon(config, {"APP_TOKEN": target.token})
+    try:
+        wait_for("a request in flight", _CountedHangingTarget.written.is_set)
+
+        assert stop_daemon(daemon) == 0
+
+        events = [json.loads(line) for line in (tmp_path / "daemon.log").read_text().splitlines() if line.startswith("{")]
+        [stopping] = [e for e in events if e["event"].startswith("stopping")]
+        assert stopping["in_flight"] == 1 and stopping["claimed_operations"] > 0, stopping
+        assert stopping["event"].endswith("waiting up to 2s for their requests"), stopping
+        # The hung requests were given the grace, then cut: said, not silent.
+        assert any(e["event"].startswith("grace period over") for e in events), [e["event"] for e in events]
+        assert any(e["event"] == "cycle interrupted" for e in events), [e["event"] for e in events]
+        with sqlite3.connect(tmp_path / "state.db") as conn:
+            [(run_status, note)] = conn.execute("SELECT status, error FROM run").fetchall()
+        assert run_status == "interrupted" and note
+        assert sum(statuses(tmp_path).values()) == 20, "every operation is still in the queue"
+
+        status = subprocess.run([sys.executable, "-m", "provisioner", "status", "--config", str(config)],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert status.returncode == 4, status.stdout + status.stderr
+        assert "app: waiting" in status.stdout and "last cycle interrupted" in status.stdout, status.stdout
+        assert "refused" not in status.stdout and "error" not in status.stdout, status.stdout
     finally:
         daemon.kill()
         hanging.shutdown()

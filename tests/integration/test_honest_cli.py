@@ -43,7 +43,8 @@ def status_of(workspace: Workspace) -> dict[str, Any]:
     result = run(workspace, "status", "--json")
     [item] = json.loads(result.stdout)
     # status exits as a cycle would, from the same health: 0 only when the target is ok.
-    assert result.returncode == (5 if item["held"] else 0 if item["ok"] else 4), result.stderr
+    safety_stop = item["held"] or item["last_run_status"] == "refused"
+    assert result.returncode == (5 if safety_stop else 0 if item["ok"] else 4), result.stderr
     return item
 
 
@@ -82,6 +83,21 @@ def test_sync_exits_4_while_operations_of_an_earlier_cycle_wait_for_a_retry(
     # The 401 is history once a round has succeeded.
     assert (item["health"], item["last_error"]) == ("ok", None)
     assert item["last_run_started_at"].endswith("+00:00")
+
+
+def test_status_exits_5_as_sync_does_after_a_refused_cycle(workspace: Workspace, scim: ScimReader) -> None:
+    """An emptied source is a safety stop for sync; status, reading the same health, says the same."""
+    workspace.write_source([ADA, GRACE])
+    assert run(workspace, "sync").returncode == 0
+    workspace.write_source([])
+
+    refused = run(workspace, "sync")
+    status = run(workspace, "status")
+
+    assert refused.returncode == 5, refused.stderr
+    assert status.returncode == 5, status.stdout + status.stderr
+    assert "app: refused" in status.stdout and "last cycle refused" in status.stdout
+    assert [user["active"] for user in scim.all()] == [True, True]
 
 
 def test_an_open_failed_operation_keeps_sync_at_4_until_it_is_handled(workspace: Workspace) -> None:

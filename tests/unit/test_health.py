@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.health import assess, cycle_succeeded, overall, target_health
+from provisioner.health import assess, cycle_succeeded, exit_code, overall, target_health
+from provisioner.lock import StateLock
 from provisioner.quarantine import TargetState, set_paused
 from provisioner.queue import OP
 from provisioner.store import Run, open_store
@@ -25,6 +26,7 @@ from provisioner.sync import TargetReport
         pytest.param({"failed": 1, "retry_wait": 5}, None, None, "failed", id="failed-before-waiting"),
         pytest.param({"held": 60, "failed": 2}, None, None, "held", id="held-before-failed"),
         pytest.param({}, None, {"status": "refused", "error": "empty source"}, "refused", id="refused"),
+        pytest.param({"pending": 3}, None, {"status": "interrupted"}, "waiting", id="interrupted-is-not-refused"),
         pytest.param({}, TargetState(target="t", paused=True), None, "paused", id="paused"),
         pytest.param({}, TargetState(target="t", quarantined=True, paused=True), None, "quarantined", id="quarantined"),
         pytest.param({}, TargetState(target="t", last_error="HTTP 503"), None, "ok", id="old-error-alone-is-ok"),
@@ -38,6 +40,34 @@ def test_a_targets_status_is_its_most_urgent_problem(
     assert health.status == expected
     assert health.ok is (expected == "ok")
     assert (len(health.problems) > 0) is (expected != "ok")
+
+
+@pytest.mark.parametrize(
+    ("counts", "state", "run", "code"),
+    [
+        pytest.param({}, None, {"status": "succeeded"}, 0, id="ok"),
+        pytest.param({"retry_wait": 1}, None, None, 4, id="waiting"),
+        pytest.param({"failed": 1}, None, None, 4, id="failed"),
+        pytest.param({}, None, {"status": "interrupted"}, 4, id="interrupted"),
+        pytest.param({}, None, {"status": "error"}, 4, id="crashed"),
+        pytest.param({"held": 2}, None, None, 5, id="held"),
+        pytest.param({}, None, {"status": "refused", "error": "empty source"}, 5, id="refused"),
+        pytest.param({}, TargetState(target="t", paused=True), {"status": "refused"}, 5, id="refused-and-paused"),
+    ],
+)
+def test_the_exit_code_says_a_safety_stop_for_a_refused_cycle_as_for_held_leavers(
+    counts: dict[str, int], state: TargetState | None, run: dict[str, str] | None, code: int
+) -> None:
+    healths = {"t": assess("t", counts, 0, state, run), "other": assess("other", {})}
+
+    assert exit_code(healths) == code
+
+
+def test_an_interrupted_cycle_says_so_and_never_reads_as_a_safety_stop() -> None:
+    health = assess("t", {"pending": 12}, 0, None, {"status": "interrupted", "error": "stopped by SIGTERM"})
+
+    assert health.status == "waiting"
+    assert health.problems == ("last cycle interrupted: stopped by SIGTERM",)
 
 
 def test_rejected_records_count_as_failed_and_are_named_apart() -> None:
@@ -125,3 +155,21 @@ def test_target_health_reads_every_cycles_rows_rejected_records_runs_and_pauses(
     }  # fmt: skip
     assert (healths["b"].failed, healths["b"].rejected) == (2, 1)
     assert healths["d"].problems == ("paused: maintenance",)
+
+
+def test_a_running_cycle_reads_as_running_while_its_process_lives_and_abandoned_once_it_is_gone(
+    tmp_path: Path,
+) -> None:
+    engine = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    with engine.begin() as conn:
+        conn.execute(Run.__table__.insert(), [{"id": "r1", "target": "a", "started_at": datetime.now(UTC),
+                                               "status": "running"}])  # fmt: skip
+
+    with StateLock(str(engine.url)):  # the process running the cycle holds the state file, as sync and run do
+        running = target_health(engine, ["a"])["a"]
+    gone = target_health(engine, ["a"])["a"]
+
+    assert (running.status, running.last_run_status) == ("ok", "running")
+    assert (gone.status, gone.last_run_status) == ("waiting", "abandoned")
+    assert gone.problems[0].startswith("last cycle abandoned: its process ended before the cycle finished")
+    assert exit_code({"a": gone}) == 4
