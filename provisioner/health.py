@@ -38,7 +38,7 @@ from sqlalchemy import Engine, and_, case, func, select
 
 from provisioner.lock import holder_gone
 from provisioner.quarantine import TargetState, all_states
-from provisioner.store import Operation, Run, as_utc
+from provisioner.store import Operation, Run, as_utc, counts_by_target
 
 Status = Literal["ok", "waiting", "failed", "held", "refused", "paused", "quarantined"]
 # Most urgent first.
@@ -169,9 +169,9 @@ def assess(
 
 
 def target_health(engine: Engine, names: list[str]) -> dict[str, TargetHealth]:
-    """The health of these targets, read in four queries whatever their number."""
+    """The health of these targets, read in five queries whatever their number."""
     counts, rejected = _open_counts(engine)
-    held = _held_kinds(engine)
+    held = counts_by_target(engine, OP.c.kind, OP.c.status == "held")
     states = all_states(engine)
     runs = last_runs(engine)
     if any(run["status"] == "running" for run in runs.values()) and holder_gone(str(engine.url)):
@@ -252,16 +252,6 @@ def _open_counts(engine: Engine) -> tuple[dict[str, dict[str, int]], dict[str, i
             counts.setdefault(target, {})[status] = int(count)
             rejected[target] = rejected.get(target, 0) + int(rejects or 0)
     return counts, rejected
-
-
-def _held_kinds(engine: Engine) -> dict[str, dict[str, int]]:
-    """Held operations by target and kind."""
-    query = select(OP.c.target, OP.c.kind, func.count()).where(OP.c.status == "held").group_by(OP.c.target, OP.c.kind)
-    held: dict[str, dict[str, int]] = {}
-    with engine.connect() as conn:
-        for target, kind, count in conn.execute(query):
-            held.setdefault(target, {})[kind] = int(count)
-    return held
 
 
 def last_runs(engine: Engine) -> dict[str, dict[str, Any]]:

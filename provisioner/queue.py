@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from provisioner.payload import Packed, dumps, loads, refs_in
 from provisioner.planner import Decision, Kind, Link, Reason
 from provisioner.redaction import WRITE_ONLY, has_write_only, mask_write_only, redact, register_write_only
-from provisioner.store import CLAIMABLE, AccountLink, Attempt, Operation, utcnow
+from provisioner.store import CLAIMABLE, AccountLink, Attempt, Operation, counts_by_target, utcnow
 
 OP = Operation.__table__
 LINK = AccountLink.__table__
@@ -1274,26 +1274,13 @@ def close(engine: Engine, selection: Selection, *, status: str, note: str | None
 
 def status_by_target(engine: Engine) -> dict[str, dict[str, int]]:
     """Operation counts by target and status."""
-    query = select(OP.c.target, OP.c.status, func.count()).group_by(OP.c.target, OP.c.status)
-    counts: dict[str, dict[str, int]] = {}
-    with engine.connect() as conn:
-        for target, status, count in conn.execute(query):
-            counts.setdefault(target, {})[status] = int(count)
-    return counts
+    return counts_by_target(engine, OP.c.status)
 
 
 def running_by_instance(engine: Engine) -> dict[str, dict[str, int]]:
     """Running operations by target and the instance that claimed them (``claimed_by``)."""
-    query = (
-        select(OP.c.target, OP.c.claimed_by, func.count())
-        .where(OP.c.status == "running")
-        .group_by(OP.c.target, OP.c.claimed_by)
-    )
-    counts: dict[str, dict[str, int]] = {}
-    with engine.connect() as conn:
-        for target, instance, count in conn.execute(query):
-            counts.setdefault(target, {})[instance or "unknown"] = int(count)
-    return counts
+    counts = counts_by_target(engine, OP.c.claimed_by, OP.c.status == "running")
+    return {target: {instance or "unknown": n for instance, n in by.items()} for target, by in counts.items()}
 
 
 # Finished operations an operator no longer needs: what retention deletes.

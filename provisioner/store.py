@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, Index, MetaData, event, func, inspect, literal_column, text
+from sqlalchemy import Connection, Engine, Index, MetaData, event, func, inspect, literal_column, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlmodel import Field, SQLModel, create_engine
@@ -534,3 +534,14 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def counts_by_target(engine: Engine, column: Any, *where: Any) -> dict[str, dict[Any, int]]:
+    """Operations counted by target and by ``column`` of ``operation``, among those ``where`` selects."""
+    target = Operation.__table__.c.target
+    query = select(target, column, func.count()).where(*where).group_by(target, column)
+    counts: dict[str, dict[Any, int]] = {}
+    with engine.connect() as conn:
+        for target, value, count in conn.execute(query):
+            counts.setdefault(target, {})[value] = int(count)
+    return counts
