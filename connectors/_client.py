@@ -178,7 +178,9 @@ class ScimClient:
         )
         # Every round trip since the caller last cleared it; one client serves one worker.
         self.history: list[Exchange] = []
-        self._direct = _direct_route(self._http, self.base_url, auth)
+        # How requests are built and sent: straight to httpx's transport where the auth allows.
+        direct = _direct_route(self._http, self.base_url, auth)
+        self._route: _DirectRoute | _ClientRoute = direct if direct is not None else _ClientRoute(self._http)
 
     async def __aenter__(self) -> ScimClient:
         return self
@@ -250,12 +252,7 @@ class ScimClient:
             headers["If-Match"] = request.if_match
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        if self._direct is not None:
-            outgoing = self._direct.request(request.method, request.path, content, request.params, headers)
-        else:
-            outgoing = self._http.build_request(
-                request.method, request.path, content=content, params=request.params, headers=headers
-            )
+        outgoing = self._route.request(request.method, request.path, content, request.params, headers)
         body = request.body
         for hops_left in range(self.max_redirects, -1, -1):
             async with self.limiter.slot():
@@ -278,10 +275,7 @@ class ScimClient:
             # httpx's timeouts bound each read: a target sending a byte every few seconds would
             # never trip them. The deadline bounds the whole round trip, body included.
             async with asyncio.timeout(self.deadline):
-                if self._direct is not None:
-                    response = await self._direct.transport.handle_async_request(outgoing)
-                else:
-                    response = await self._http.send(outgoing, stream=True)
+                response = await self._route.send(outgoing)
                 try:
                     status = response.status_code
                     content, whole = await _read_capped(response, self.max_response_bytes)
@@ -352,9 +346,7 @@ class ScimClient:
         # Recomputed for the new request.
         for name in ("Host", "Content-Length"):
             headers.pop(name, None)
-        if self._direct is not None:
-            return self._direct.request(method, str(target), content or None, None, headers), body
-        return self._http.build_request(method, target, content=content or None, headers=headers), body
+        return self._route.request(method, str(target), content or None, None, headers), body
 
     async def create(self, endpoint: str, resource: dict[str, Any]) -> ScimResult:
         """POST a new resource (RFC 7644 §3.3)."""
@@ -668,9 +660,33 @@ class _DirectRoute:
                 self.urls[path] = url
         if params:
             url = url.copy_merge_params(params)
-        merged = self.headers if not headers else [*(h for h in self.headers if h[0].lower() not in
-                                                   {k.lower() for k in headers}), *headers.items()]  # fmt: skip
+        merged = self.headers
+        if headers:
+            given = {name.lower() for name in headers}
+            merged = [*(h for h in self.headers if h[0].lower() not in given), *headers.items()]
         return httpx.Request(method, url, headers=merged, content=content, extensions={"timeout": self.timeout})
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """The answer, its body not read yet."""
+        return await self.transport.handle_async_request(request)
+
+
+class _ClientRoute:
+    """Requests built and sent by ``AsyncClient`` itself (an ``httpx.Auth`` flow signs them)."""
+
+    __slots__ = ("http",)
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    def request(
+        self, method: str, path: str, content: bytes | None, params: Any, headers: dict[str, str]
+    ) -> httpx.Request:
+        return self.http.build_request(method, path, content=content, params=params, headers=headers)
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """The answer, its body not read yet."""
+        return await self.http.send(request, stream=True)
 
 
 def _direct_route(http: httpx.AsyncClient, base_url: str, auth: object) -> _DirectRoute | None:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from connectors import BearerAuth, ScimClient
+from connectors._client import _ClientRoute, _DirectRoute
 
 BASE = "https://scim.example.test/v2"
 TOKEN = "direct-route-token-0123456789"
@@ -40,9 +41,9 @@ def test_a_request_is_built_as_httpx_builds_it(
     method: str, path: str, content: bytes | None, params: dict[str, object] | None, headers: dict[str, str]
 ) -> None:
     client = ScimClient(BASE, auth=BearerAuth(TOKEN))
-    assert client._direct is not None
+    assert isinstance(client._route, _DirectRoute)
 
-    ours = client._direct.request(method, path, content, params, headers)
+    ours = client._route.request(method, path, content, params, headers)
     theirs = httpx_built(client, method, path, content=content, params=params, headers=headers)
 
     assert ours.url == theirs.url
@@ -54,9 +55,9 @@ def test_a_proxy_named_in_the_environment_is_still_used(monkeypatch: pytest.Monk
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.test:3128")
     monkeypatch.delenv("NO_PROXY", raising=False)
     client = ScimClient(BASE, auth=BearerAuth(TOKEN))
-    assert client._direct is not None
-    assert client._direct.transport is client._http._transport_for_url(httpx.URL(BASE))
-    assert client._direct.transport is not client._http._transport  # the proxy's, not the direct pool
+    assert isinstance(client._route, _DirectRoute)
+    assert client._route.transport is client._http._transport_for_url(httpx.URL(BASE))
+    assert client._route.transport is not client._http._transport  # the proxy's, not the direct pool
 
 
 async def test_another_httpx_auth_goes_through_httpx() -> None:
@@ -67,7 +68,7 @@ async def test_another_httpx_auth_goes_through_httpx() -> None:
         return httpx.Response(200, json={"schemas": [], "patch": {"supported": True}})
 
     client = ScimClient(BASE, auth=httpx.BasicAuth("user", "pass"), transport=httpx.MockTransport(answer))
-    assert client._direct is None
+    assert isinstance(client._route, _ClientRoute)
     async with client:
         await client.capabilities()
     assert seen[0].headers["Authorization"].startswith("Basic ")
