@@ -59,7 +59,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, str]], columns: Sequence[str]
 
 
 class ScimReader:
-    """Reads a SCIM server's users over HTTP, independently of the engine."""
+    """Reads a SCIM server's users and groups over HTTP, independently of the engine."""
 
     def __init__(self, server: ScimServer) -> None:
         self.http = httpx.Client(
@@ -88,6 +88,17 @@ class ScimReader:
         response = self.http.get("Users", params={"count": 1000})
         response.raise_for_status()
         return list(response.json().get("Resources") or [])
+
+    def group_members(self, display_name: str) -> set[str] | None:
+        """The member ids of the group with this displayName; None when there is no such group."""
+        response = self.http.get("Groups", params={"filter": f"displayName eq {json.dumps(display_name)}"})
+        response.raise_for_status()
+        # The filter is the server's claim: keep only exact matches, and fail the test on two.
+        found = [g for g in response.json().get("Resources") or [] if g["displayName"] == display_name]
+        if not found:
+            return None
+        [group] = found
+        return {m["value"] for m in group.get("members") or []}
 
 
 class Workspace:
@@ -164,6 +175,10 @@ targets:
         with sqlite3.connect(self.db_path) as conn:
             conn.row_factory = sqlite3.Row
             return [dict(row) for row in conn.execute("SELECT * FROM operation ORDER BY id")]
+
+    def held(self) -> list[dict[str, Any]]:
+        """The queue rows held for an operator's approval, oldest first."""
+        return [op for op in self.operations() if op["status"] == "held"]
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
 from provisioner.cli import main
-from tests.conftest import Workspace, hr_row
+from tests.conftest import ScimReader, Workspace, hr_row
 
 BOTH = """groups:
   - name: all-staff
@@ -29,36 +28,18 @@ ALL_STAFF_ONLY = """groups:
 TEAM = [hr_row("E1", "Ada", "One"), hr_row("E2", "Bob", "Two"), hr_row("E3", "Cy", "Three")]
 
 
-class Groups:
-    """The target's groups, read over plain HTTP, independently of the engine."""
-
-    def __init__(self, workspace: Workspace) -> None:
-        server = workspace.server
-        self.http = httpx.Client(base_url=server.base_url + "/", headers={"Authorization": f"Bearer {server.token}"},
-                                 timeout=10)  # fmt: skip
-
-    def add_by_hand(self, display_name: str, user_name: str) -> str:
-        """Create a user the engine does not manage and add it to the group, as an administrator would."""
-        user = self.http.post("Users", json={"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
-                                             "userName": user_name})  # fmt: skip
-        user.raise_for_status()
-        found = self.http.get("Groups", params={"filter": f'displayName eq "{display_name}"'})
-        found.raise_for_status()
-        [group] = found.json()["Resources"]
-        patch = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-                 "Operations": [{"op": "add", "path": "members", "value": [{"value": user.json()["id"]}]}]}  # fmt: skip
-        self.http.patch(f"Groups/{group['id']}", json=patch).raise_for_status()
-        return str(user.json()["id"])
-
-    def members(self, display_name: str) -> set[str] | None:
-        """The group's member ids; None when no group has that displayName."""
-        response = self.http.get("Groups", params={"filter": f'displayName eq "{display_name}"'})
-        response.raise_for_status()
-        found = [g for g in response.json().get("Resources") or [] if g["displayName"] == display_name]
-        if not found:
-            return None
-        [group] = found
-        return {m["value"] for m in group.get("members") or []}
+def add_by_hand(scim: ScimReader, display_name: str, user_name: str) -> str:
+    """Create a user the engine does not manage and add it to the group, as an administrator would."""
+    user = scim.http.post("Users", json={"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                                         "userName": user_name})  # fmt: skip
+    user.raise_for_status()
+    found = scim.http.get("Groups", params={"filter": f'displayName eq "{display_name}"'})
+    found.raise_for_status()
+    [group] = found.json()["Resources"]
+    patch = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+             "Operations": [{"op": "add", "path": "members", "value": [{"value": user.json()["id"]}]}]}  # fmt: skip
+    scim.http.patch(f"Groups/{group['id']}", json=patch).raise_for_status()
+    return str(user.json()["id"])
 
 
 def remove_the_department_rule(workspace: Workspace, team: list[dict[str, str]], *, limit: int, **options: str) -> None:
@@ -73,25 +54,20 @@ def remove_the_department_rule(workspace: Workspace, team: list[dict[str, str]],
                            max_member_removal_share="null", **options)  # fmt: skip
 
 
-def held(workspace: Workspace) -> list[dict[str, object]]:
-    return [op for op in workspace.operations() if op["status"] == "held"]
-
-
 def test_a_rule_removed_for_a_group_of_more_members_than_the_brake_holds_its_delete_until_approved(
-    workspace: Workspace, capsys: pytest.CaptureFixture[str]
+    workspace: Workspace, scim: ScimReader, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    groups = Groups(workspace)
     remove_the_department_rule(workspace, TEAM, limit=2)
     ids = dict(workspace.query("SELECT identity_key, scim_id FROM account_link"))
     everyone = {ids["E1"], ids["E2"], ids["E3"]}
-    assert groups.members("dept-engineering") == everyone
+    assert scim.group_members("dept-engineering") == everyone
 
     # A one-shot cycle: the delete of three members' group is held, and the run says so.
     assert main(["sync", "--config", str(workspace.config_path)]) == 5
 
-    assert groups.members("dept-engineering") == everyone
-    assert groups.members("all-staff") == everyone
-    [row] = held(workspace)
+    assert scim.group_members("dept-engineering") == everyone
+    assert scim.group_members("all-staff") == everyone
+    [row] = workspace.held()
     assert (row["kind"], row["identity_key"], row["note"]) == ("group_delete", "dept-engineering",
                                                                "delete group 'dept-engineering' -3 members")  # fmt: skip
     run_id = str(row["run_id"])
@@ -109,95 +85,94 @@ def test_a_rule_removed_for_a_group_of_more_members_than_the_brake_holds_its_del
 
     # The next cycle keeps the same delete held under the same run, and deletes nothing.
     assert workspace.sync_now().held == 1
-    assert [op["run_id"] for op in held(workspace)] == [run_id]
-    assert groups.members("dept-engineering") == everyone
+    assert [op["run_id"] for op in workspace.held()] == [run_id]
+    assert scim.group_members("dept-engineering") == everyone
 
     assert main(["approve", "--config", str(workspace.config_path), run_id]) == 0
     assert workspace.sync_now().held == 0
 
-    assert groups.members("dept-engineering") is None
-    assert groups.members("all-staff") == everyone
+    assert scim.group_members("dept-engineering") is None
+    assert scim.group_members("all-staff") == everyone
     assert workspace.query("SELECT count(*) FROM group_link WHERE group_key = 'dept-engineering'") == [(0,)]
-    assert not held(workspace)
+    assert not workspace.held()
 
 
-def test_a_rejected_delete_is_not_sent_and_the_next_cycle_holds_it_again(workspace: Workspace) -> None:
-    groups = Groups(workspace)
+def test_a_rejected_delete_is_not_sent_and_the_next_cycle_holds_it_again(
+    workspace: Workspace, scim: ScimReader
+) -> None:
     remove_the_department_rule(workspace, TEAM, limit=2)
     workspace.sync_now()
-    [row] = held(workspace)
+    [row] = workspace.held()
     rejected = str(row["run_id"])
 
     assert main(["reject", "--config", str(workspace.config_path), rejected]) == 0
     assert main(["sync", "--config", str(workspace.config_path)]) == 5
 
-    assert groups.members("dept-engineering") is not None
-    [again] = held(workspace)
+    assert scim.group_members("dept-engineering") is not None
+    [again] = workspace.held()
     assert again["run_id"] != rejected
     assert again["note"] == f"delete group 'dept-engineering' -3 members (rejected in run {rejected}, still planned)"
 
 
-def test_a_group_delete_within_the_brake_is_sent_at_once(workspace: Workspace) -> None:
-    groups = Groups(workspace)
+def test_a_group_delete_within_the_brake_is_sent_at_once(workspace: Workspace, scim: ScimReader) -> None:
     remove_the_department_rule(workspace, TEAM[:2], limit=2)
-    assert groups.members("dept-engineering") is not None
+    assert scim.group_members("dept-engineering") is not None
 
     assert main(["sync", "--config", str(workspace.config_path)]) == 0
 
-    assert groups.members("dept-engineering") is None
-    assert not held(workspace)
+    assert scim.group_members("dept-engineering") is None
+    assert not workspace.held()
 
 
 @pytest.mark.parametrize("use_etags", ["auto", "never"])
 def test_a_group_no_longer_defined_that_holds_members_we_do_not_manage_is_not_deleted(
-    workspace: Workspace, use_etags: str
+    workspace: Workspace, scim: ScimReader, use_etags: str
 ) -> None:
-    groups = Groups(workspace)
     remove_the_department_rule(workspace, TEAM[:2], limit=2, use_etags=use_etags)
     ids = dict(workspace.query("SELECT identity_key, scim_id FROM account_link"))
     # Someone adds a member by hand: the group's version in the target moves on from the one we hold.
-    stranger = groups.add_by_hand("dept-engineering", "hand.added")
+    stranger = add_by_hand(scim, "dept-engineering", "hand.added")
 
     assert main(["sync", "--config", str(workspace.config_path)]) == 0
 
     # Not left empty: our members are taken out, the one added by hand keeps the group, no longer ours.
-    assert groups.members("dept-engineering") == {stranger}
-    assert ids["E1"] not in (groups.members("dept-engineering") or set())
+    assert scim.group_members("dept-engineering") == {stranger}
+    assert ids["E1"] not in (scim.group_members("dept-engineering") or set())
     assert workspace.query("SELECT count(*) FROM group_link WHERE group_key = 'dept-engineering'") == [(0,)]
     [row] = [op for op in workspace.operations() if op["kind"] == "group_delete"]
     assert row["status"] == "succeeded"
     assert "not deleted: it holds 1 members we do not manage" in str(row["note"])
     # And the next cycle leaves it alone.
     assert main(["sync", "--config", str(workspace.config_path)]) == 0
-    assert groups.members("dept-engineering") == {stranger}
+    assert scim.group_members("dept-engineering") == {stranger}
 
 
-def test_a_group_changed_by_hand_since_we_last_wrote_it_is_still_deleted(workspace: Workspace) -> None:
-    groups = Groups(workspace)
+def test_a_group_changed_by_hand_since_we_last_wrote_it_is_still_deleted(
+    workspace: Workspace, scim: ScimReader
+) -> None:
     remove_the_department_rule(workspace, TEAM[:2], limit=2)
     ids = dict(workspace.query("SELECT identity_key, scim_id FROM account_link"))
     # A member removed by hand: the ETag we hold is stale, and the group holds nobody but ours.
-    found = groups.http.get("Groups", params={"filter": 'displayName eq "dept-engineering"'}).json()["Resources"]
+    found = scim.http.get("Groups", params={"filter": 'displayName eq "dept-engineering"'}).json()["Resources"]
     patch = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
              "Operations": [{"op": "remove", "path": f'members[value eq "{ids["E1"]}"]'}]}  # fmt: skip
-    groups.http.patch(f"Groups/{found[0]['id']}", json=patch).raise_for_status()
-    assert groups.members("dept-engineering") == {ids["E2"]}
+    scim.http.patch(f"Groups/{found[0]['id']}", json=patch).raise_for_status()
+    assert scim.group_members("dept-engineering") == {ids["E2"]}
 
     assert main(["sync", "--config", str(workspace.config_path)]) == 0
 
-    assert groups.members("dept-engineering") is None
+    assert scim.group_members("dept-engineering") is None
 
 
-def test_restoring_the_rule_drops_the_held_delete(workspace: Workspace) -> None:
-    groups = Groups(workspace)
+def test_restoring_the_rule_drops_the_held_delete(workspace: Workspace, scim: ScimReader) -> None:
     remove_the_department_rule(workspace, TEAM, limit=2)
     workspace.sync_now()
-    assert [op["kind"] for op in held(workspace)] == ["group_delete"]
+    assert [op["kind"] for op in workspace.held()] == ["group_delete"]
 
     # The operator's fix for a rule removed by mistake: put it back. Nothing is left to approve.
     (workspace.root / "groups.yaml").write_text(BOTH, encoding="utf-8")
     assert main(["sync", "--config", str(workspace.config_path)]) == 0
 
-    assert not held(workspace)
+    assert not workspace.held()
     ids = dict(workspace.query("SELECT identity_key, scim_id FROM account_link"))
-    assert groups.members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"]}
+    assert scim.group_members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"]}

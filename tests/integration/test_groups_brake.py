@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
 from provisioner.cli import main
-from tests.conftest import Workspace, hr_row
+from tests.conftest import ScimReader, Workspace, hr_row
 
 GROUPS = """groups:
   - name: all-staff
@@ -25,21 +24,6 @@ TEAM = [hr_row("E1", "Ada", "One"), hr_row("E2", "Bob", "Two"), hr_row("E3", "Cy
 # E1 and E2 move to Sales (two removals from dept-engineering: above a brake of 1); E4 joins Engineering.
 MOVED = [hr_row("E1", "Ada", "One", department="Sales"), hr_row("E2", "Bob", "Two", department="Sales"),
          TEAM[2], hr_row("E4", "Di", "Four")]  # fmt: skip
-
-
-class Groups:
-    """The target's groups, read over plain HTTP, independently of the engine."""
-
-    def __init__(self, workspace: Workspace) -> None:
-        server = workspace.server
-        self.http = httpx.Client(base_url=server.base_url + "/", headers={"Authorization": f"Bearer {server.token}"},
-                                 timeout=10)  # fmt: skip
-
-    def members(self, display_name: str) -> set[str]:
-        response = self.http.get("Groups", params={"filter": f'displayName eq "{display_name}"'})
-        response.raise_for_status()
-        [group] = [g for g in response.json().get("Resources") or [] if g["displayName"] == display_name]
-        return {m["value"] for m in group.get("members") or []}
 
 
 @pytest.fixture
@@ -58,24 +42,18 @@ def accounts(workspace: Workspace) -> dict[str, str]:
     return dict(workspace.query("SELECT identity_key, scim_id FROM account_link"))
 
 
-def held(workspace: Workspace) -> list[dict[str, object]]:
-    return [op for op in workspace.operations() if op["status"] == "held"]
-
-
 def test_a_joiner_joins_at_once_while_the_removals_beside_it_wait_for_approval(
-    workspace: Workspace, moved: None, capsys: pytest.CaptureFixture[str]
+    workspace: Workspace, scim: ScimReader, moved: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    groups = Groups(workspace)
-
     report = workspace.sync_now()
 
     ids = accounts(workspace)
     assert report.held == 1
     # The joiner is in their groups at the end of the cycle; the two who moved are not removed yet.
-    assert groups.members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"], ids["E4"]}
-    assert ids["E4"] in groups.members("all-staff")
-    assert groups.members("dept-sales") == {ids["E1"], ids["E2"]}
-    [row] = held(workspace)
+    assert scim.group_members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"], ids["E4"]}
+    assert ids["E4"] in (scim.group_members("all-staff") or set())
+    assert scim.group_members("dept-sales") == {ids["E1"], ids["E2"]}
+    [row] = workspace.held()
     assert (row["kind"], row["identity_key"], row["note"]) == ("group_members", "dept-engineering",
                                                                "group 'dept-engineering' -2 members")  # fmt: skip
     run_id = str(row["run_id"])
@@ -93,19 +71,19 @@ def test_a_joiner_joins_at_once_while_the_removals_beside_it_wait_for_approval(
     workspace.write_source([*MOVED, hr_row("E5", "Ed", "Five")])
     assert main(["sync", "--config", str(workspace.config_path), "--only", "E5"]) == 0
     ids = accounts(workspace)
-    assert groups.members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"], ids["E4"], ids["E5"]}
-    assert [op["run_id"] for op in held(workspace)] == [run_id]
+    assert scim.group_members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"], ids["E4"], ids["E5"]}
+    assert [op["run_id"] for op in workspace.held()] == [run_id]
     # The next cycle keeps the same removals held: the run to approve does not move.
     assert workspace.sync_now().held == 1
-    assert [op["run_id"] for op in held(workspace)] == [run_id]
-    assert groups.members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"], ids["E4"], ids["E5"]}
+    assert [op["run_id"] for op in workspace.held()] == [run_id]
+    assert scim.group_members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"], ids["E4"], ids["E5"]}
 
     assert main(["approve", "--config", str(workspace.config_path), run_id]) == 0
     assert workspace.sync_now().held == 0
 
-    assert groups.members("dept-engineering") == {ids["E3"], ids["E4"], ids["E5"]}
-    assert groups.members("dept-sales") == {ids["E1"], ids["E2"]}
-    assert not held(workspace)
+    assert scim.group_members("dept-engineering") == {ids["E3"], ids["E4"], ids["E5"]}
+    assert scim.group_members("dept-sales") == {ids["E1"], ids["E2"]}
+    assert not workspace.held()
 
 
 def test_plan_says_the_member_brake_would_hold_the_removals_and_status_names_them(
@@ -133,11 +111,10 @@ def test_plan_says_the_member_brake_would_hold_the_removals_and_status_names_the
 
 
 def test_rejected_removals_are_not_sent_and_the_next_cycle_says_it_holds_them_again(
-    workspace: Workspace, moved: None, capsys: pytest.CaptureFixture[str]
+    workspace: Workspace, scim: ScimReader, moved: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    groups = Groups(workspace)
     workspace.sync_now()
-    [row] = held(workspace)
+    [row] = workspace.held()
     rejected = str(row["run_id"])
 
     assert main(["reject", "--config", str(workspace.config_path), rejected]) == 0
@@ -150,8 +127,8 @@ def test_rejected_removals_are_not_sent_and_the_next_cycle_says_it_holds_them_ag
     assert "leaver" not in said
 
     ids = accounts(workspace)
-    assert groups.members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"], ids["E4"]}
-    [again] = held(workspace)
+    assert scim.group_members("dept-engineering") == {ids["E1"], ids["E2"], ids["E3"], ids["E4"]}
+    [again] = workspace.held()
     assert again["run_id"] != rejected
     assert again["note"] == f"group 'dept-engineering' -2 members (rejected in run {rejected}, still planned)"
     capsys.readouterr()
@@ -162,10 +139,9 @@ def test_rejected_removals_are_not_sent_and_the_next_cycle_says_it_holds_them_ag
 
 
 def test_a_leaver_held_by_the_deletion_brake_keeps_their_memberships_and_holds_nobody_elses(
-    workspace: Workspace, capsys: pytest.CaptureFixture[str]
+    workspace: Workspace, scim: ScimReader, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The deletion brake holds the leaver's disable and their memberships, not the joiner beside them in a group."""
-    groups = Groups(workspace)
     (workspace.root / "groups.yaml").write_text(GROUPS, encoding="utf-8")
     workspace.write_config(groups="groups.yaml")
     workspace.write_source(TEAM)
@@ -176,9 +152,10 @@ def test_a_leaver_held_by_the_deletion_brake_keeps_their_memberships_and_holds_n
     assert workspace.sync_now().held == 1
 
     ids = accounts(workspace)
-    [row] = held(workspace)
+    [row] = workspace.held()
     assert (row["kind"], row["identity_key"]) == ("disable", "E1")
-    assert groups.members("dept-engineering") == groups.members("all-staff") == set(ids.values())
+    assert scim.group_members("dept-engineering") == scim.group_members("all-staff") == set(ids.values())
     assert main(["approve", "--config", str(workspace.config_path), str(row["run_id"])]) == 0
     assert workspace.sync_now().held == 0
-    assert groups.members("dept-engineering") == groups.members("all-staff") == {ids["E2"], ids["E3"], ids["E4"]}
+    stayed = {ids["E2"], ids["E3"], ids["E4"]}
+    assert scim.group_members("dept-engineering") == scim.group_members("all-staff") == stayed
