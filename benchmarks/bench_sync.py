@@ -70,6 +70,9 @@ from provisioner.planner import Kind, Link, plan_target  # noqa: E402
 from provisioner.sources import IdentityRecord, read_source  # noqa: E402
 from provisioner.store import open_store  # noqa: E402
 
+# The throughput benchmark's in-memory SCIM target and its way of setting the engine's logs.
+from bench_throughput import Target, configure_logs  # noqa: E402
+
 COLUMNS = (
     "employee_id", "first_name", "last_name", "email", "phone", "title",
     "department", "cost_center", "division", "manager_id", "status",
@@ -527,8 +530,6 @@ def bench_load(identities: int, concurrency: int, folder: Path) -> None:
     work.mkdir()
     write_hr_csv(work / "hr.csv", hr_rows(identities, seed=4))
     # The throughput benchmark's in-memory target: keep-alive HTTP/1.1, in a process of its own.
-    from bench_throughput import Target
-
     with Target() as target:
         os.environ[TOKEN_VARIABLE] = "bench"
         config = write_config(work, target.base_url, concurrency)
@@ -545,25 +546,6 @@ def bench_load(identities: int, concurrency: int, folder: Path) -> None:
                   f"({figures['cpu']:6.2f} s CPU, {figures['wall']:6.2f} s wall with imports, "
                   f"{figures['import_cpu']:.2f} s CPU of imports, peak RSS {figures['maxrss_kb'] / 1024:.0f} MB, "
                   f"exit {figures['code']})  {figures['cpu'] / floor.cpu:4.1f}× the floor")
-
-
-def configure_logs(mode: str) -> None:
-    """The engine logs one line per operation: keep that cost in, but not the terminal's."""
-    import logging
-
-    import structlog
-
-    from provisioner import logs
-
-    if mode == "off":
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
-        return
-    stderr = sys.stderr
-    sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
-    try:
-        logs.configure("info", "json")
-    finally:
-        sys.stderr = stderr
 
 
 def main() -> None:

@@ -359,10 +359,21 @@ class Measure:
 # ---------------------------------------------------------------- the engine
 
 
-def _quiet_logs() -> None:
-    """Logs on as ``provisioner sync`` writes them (JSON lines on stderr), stderr sent to /dev/null."""
+def configure_logs(mode: str) -> None:
+    """The engine logs one line per operation: keep that cost in, but not the terminal's.
+
+    ``mode`` is ``"json"`` (logs on as ``provisioner sync`` writes them, JSON lines at info
+    level, sent to /dev/null) or ``"off"`` (nothing below critical is even formatted).
+    """
+    import logging
+
+    import structlog
+
     from provisioner import logs
 
+    if mode == "off":
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+        return
     stderr = sys.stderr
     sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
     try:
@@ -507,7 +518,7 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.seed)
         return
-    _quiet_logs()
+    configure_logs("json")
     profiler = cProfile.Profile(time.process_time) if args.profile else None  # CPU, not wall: the machine is shared
     ops = args.users + len(movers(args.users)) + len(leavers(args.users))
     print(f"{args.users:,} creates, {len(movers(args.users)):,} movers, {len(leavers(args.users)):,} leavers "
