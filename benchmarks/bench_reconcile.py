@@ -51,10 +51,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import hr_row, write_csv  # noqa: E402 - after the path is set
+from tests.conftest import ENTERPRISE, hr_row, write_csv  # noqa: E402 - after the path is set
 
 TOKEN = "bench-token"
-ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 
 
 def people(count: int) -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from provisioner.demo import ScimServer
+from provisioner.schema import CORE_USER
 from tests.conftest import ScimReader, Workspace, hr_row
 from tests.faultproxy import fault_proxy  # noqa: F401 - a fixture, found by name
 from tests.integration.test_bad_operations import behind
@@ -24,7 +25,6 @@ from tests.integration.test_owed_references import next_cycle
 ADA = hr_row("E1", "Ada", "Lovelace")
 LEFT = {**ADA, "status": "terminated"}
 BOB = hr_row("E2", "Bob", "Babbage")
-CORE = "urn:ietf:params:scim:schemas:core:2.0:User"
 
 
 def test_a_leaver_whose_create_may_have_been_applied_ends_disabled(
@@ -33,7 +33,7 @@ def test_a_leaver_whose_create_may_have_been_applied_ends_disabled(
     # The POST reaches the target, its answer does not come back: the account exists, unlinked.
     def lost(method: str, path: str, body: bytes | None) -> int | None:
         if method == "POST" and body is not None and ADA["email"].encode() in body:
-            scim.http.post("Users", json={"schemas": [CORE], "userName": ADA["email"], "active": True})
+            scim.http.post("Users", json={"schemas": [CORE_USER], "userName": ADA["email"], "active": True})
             return 503
         return None
 
