@@ -180,11 +180,17 @@ class _HangingTarget(BaseHTTPRequestHandler):
         return
 
 
-def test_a_second_signal_exits_at_once_while_requests_hang(tmp_path: Path) -> None:
-    hanging = ThreadingHTTPServer(("127.0.0.1", 0), _HangingTarget)
+def serve_hanging(handler: type[_HangingTarget]) -> tuple[ThreadingHTTPServer, ScimServer]:
+    """Serve ``handler`` on a thread; the caller shuts the server down. Returns it and the target to configure."""
+    hanging = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     hanging.daemon_threads = True
     threading.Thread(target=hanging.serve_forever, daemon=True).start()
     target = ScimServer(hanging.server_address[1], "token-for-the-hanging-target", process=None)  # type: ignore[arg-type]
+    return hanging, target
+
+
+def test_a_second_signal_exits_at_once_while_requests_hang(tmp_path: Path) -> None:
+    hanging, target = serve_hanging(_HangingTarget)
     write_source(tmp_path / "hr.csv", 20)
     config = write_config(tmp_path, target)
     daemon = start_daemon(config, {"APP_TOKEN": target.token})
@@ -214,10 +220,7 @@ class _CountedHangingTarget(_HangingTarget):
 
 def test_sigterm_against_a_hung_target_waits_the_grace_and_records_the_cycle_as_interrupted(tmp_path: Path) -> None:
     """An operator's restart is neither a safety stop nor an unexplained error, and the grace is honoured."""
-    hanging = ThreadingHTTPServer(("127.0.0.1", 0), _CountedHangingTarget)
-    hanging.daemon_threads = True
-    threading.Thread(target=hanging.serve_forever, daemon=True).start()
-    target = ScimServer(hanging.server_address[1], "token-for-the-hanging-target", process=None)  # type: ignore[arg-type]
+    hanging, target = serve_hanging(_CountedHangingTarget)
     write_source(tmp_path / "hr.csv", 20)
     config = write_config(tmp_path, target, grace=2)
     daemon = start_daemon(config, {"APP_TOKEN": target.token})

@@ -13,6 +13,7 @@ Against a real scim2-server over HTTP.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from provisioner.demo import ScimServer
@@ -54,24 +55,35 @@ def test_a_leaver_whose_create_may_have_been_applied_ends_disabled(
     assert [(r["kind"], r["status"]) for r in workspace.operations()] == [("create", "succeeded")]
 
 
+def sync_with_adas_create_lost(
+    workspace: Workspace, scim_server: ScimServer, fault_proxy: Any, people: list[dict[str, str]]
+) -> Callable[[], None]:
+    """Sync ``people`` behind a proxy that answers 503 to Ada's POSTs; returns what lets them through again."""
+    refusing = [True]
+
+    # Her POSTs never reach the target; the engine cannot know they did not.
+    def lost(method: str, path: str, body: bytes | None) -> int | None:
+        return 503 if method == "POST" and ADA["email"].encode() in (body or b"") and refusing[0] else None
+
+    def let_through() -> None:
+        refusing[0] = False
+
+    proxy = fault_proxy(scim_server.base_url, answer=lost)
+    behind(workspace, proxy.base_url, scim_server.token)
+    workspace.write_source(people)
+    workspace.sync_now()
+    return let_through
+
+
 def test_a_leaver_whose_create_never_reached_the_target_is_never_active_there(
     workspace: Workspace, scim_server: ScimServer, scim: ScimReader, fault_proxy: Any
 ) -> None:
     """The retry of a tried create for someone who left since makes the account disabled, not active for a cycle."""
-    refusing = [True]
-
-    # The first cycle's POSTs never reach the target; the engine cannot know they did not.
-    def lost(method: str, path: str, body: bytes | None) -> int | None:
-        return 503 if method == "POST" and refusing[0] else None
-
-    proxy = fault_proxy(scim_server.base_url, answer=lost)
-    behind(workspace, proxy.base_url, scim_server.token)
-    workspace.write_source([ADA])
-    workspace.sync_now()
+    let_through = sync_with_adas_create_lost(workspace, scim_server, fault_proxy, [ADA])
     assert scim.find(ADA["email"]) == [], "the set-up: tried, nothing made"
     assert [(r["kind"], r["status"]) for r in workspace.operations()] == [("create", "retry_wait")]
 
-    refusing[0] = False
+    let_through()
     workspace.write_source([LEFT])
     next_cycle(workspace)
 
@@ -83,18 +95,10 @@ def test_a_tried_create_of_someone_gone_from_the_source_makes_no_active_account(
     workspace: Workspace, scim_server: ScimServer, scim: ScimReader, fault_proxy: Any
 ) -> None:
     """Gone from the HR file altogether is leaving too: the kept create is sent disabled."""
-    refusing = [True]
-
-    def lost(method: str, path: str, body: bytes | None) -> int | None:
-        return 503 if method == "POST" and ADA["email"].encode() in (body or b"") and refusing[0] else None
-
-    proxy = fault_proxy(scim_server.base_url, answer=lost)
-    behind(workspace, proxy.base_url, scim_server.token)
-    workspace.write_source([ADA, BOB])
-    workspace.sync_now()
+    let_through = sync_with_adas_create_lost(workspace, scim_server, fault_proxy, [ADA, BOB])
     assert scim.find(ADA["email"]) == []
 
-    refusing[0] = False
+    let_through()
     workspace.write_source([BOB])
     next_cycle(workspace)
 

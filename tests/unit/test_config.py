@@ -389,14 +389,13 @@ def test_a_state_url_without_its_driver_is_a_config_error_not_an_import_error() 
 
 def test_a_scim_source_filtering_on_last_modified_is_warned_about(tmp_path: Path) -> None:
     """A delta filter makes every user it leaves out a leaver: check says so before a cycle does."""
-    path = tmp_path / "config.yaml"
-    path.write_text(
+    path = write(
+        tmp_path,
         "sources:\n  hr:\n    type: scim\n    base_url: https://hr.example.com/scim/v2\n"
         "    auth: {type: bearer, token: hr-token-value}\n    key: employeeNumber\n"
         "    filter: 'meta.lastModified gt \"2026-01-01T00:00:00Z\"'\n"
         "targets:\n  app:\n    base_url: https://scim.example.com/v2\n    auth: {type: none}\n"
         "    source: hr\n    mapping: users.yaml\n",
-        encoding="utf-8",
     )
 
     config = load_config(path)
@@ -407,13 +406,12 @@ def test_a_scim_source_filtering_on_last_modified_is_warned_about(tmp_path: Path
 
 
 def test_a_scim_source_over_http_is_refused_like_a_target(tmp_path: Path) -> None:
-    path = tmp_path / "config.yaml"
-    path.write_text(
+    path = write(
+        tmp_path,
         "sources:\n  hr:\n    type: scim\n    base_url: http://hr.example.com/scim/v2\n"
         "    auth: {type: bearer, token: hr-token-value}\n    key: employeeNumber\n"
         "targets:\n  app:\n    base_url: https://scim.example.com/v2\n    auth: {type: none}\n"
         "    source: hr\n    mapping: users.yaml\n",
-        encoding="utf-8",
     )
 
     with pytest.raises(ConfigError, match=rf"^{path}:4: sources\.hr\.base_url: http://hr\.example\.com/scim/v2 is http://"):
@@ -436,13 +434,12 @@ def test_a_scim_source_over_http_is_refused_like_a_target(tmp_path: Path) -> Non
 def test_a_scim_source_asking_for_attributes_must_ask_for_its_key(
     tmp_path: Path, attributes: str, key: str, ok: bool
 ) -> None:
-    path = tmp_path / "config.yaml"
-    path.write_text(
+    path = write(
+        tmp_path,
         "sources:\n  hr:\n    type: scim\n    base_url: https://hr.example.com/scim/v2\n"
         f"    auth: {{type: none}}\n    key: {key}\n    attributes: {attributes}\n"
         "targets:\n  app:\n    base_url: https://scim.example.com/v2\n    auth: {type: none}\n"
         "    source: hr\n    mapping: users.yaml\n",
-        encoding="utf-8",
     )
 
     if ok:
@@ -475,14 +472,13 @@ def test_a_state_password_read_into_its_url_is_escaped_there(
 
 
 def test_a_delta_scim_source_with_a_full_read_interval_that_is_not_a_duration_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "config.yaml"
-    path.write_text(
+    path = write(
+        tmp_path,
         "sources:\n  hr:\n    type: scim\n    base_url: https://hr.example.com/scim/v2\n"
         "    auth: {type: bearer, token: hr-token-value}\n    key: employeeNumber\n"
         "    delta: true\n    full_every: daily\n"
         "targets:\n  app:\n    base_url: https://scim.example.com/v2\n    auth: {type: none}\n"
         "    source: hr\n    mapping: users.yaml\n",
-        encoding="utf-8",
     )
 
     with pytest.raises(ConfigError, match=rf"^{path}:8: sources\.hr\.full_every: .*not a duration"):
