@@ -767,8 +767,9 @@ class GroupExecutor:
 
     async def _delete(self, client: ScimClient, op: GroupOperation, link: GroupLink, out: GroupOutcome) -> None:
         """DELETE a group no longer defined, unless it is kept for others; on a 412, decide again from a fresh read."""
+        fresh: ScimResult | None = None
         for round_ in range(PRECONDITION_ROUNDS + 1):
-            kept, version = await self._left_to_others(client, op, link, out)
+            kept, version = await self._left_to_others(client, op, link, out, fresh)
             if kept:
                 return
             try:
@@ -783,11 +784,12 @@ class GroupExecutor:
                 link = GroupLink(link.group_key, link.scim_id, link.display_name, fresh.version)
 
     async def _left_to_others(
-        self, client: ScimClient, op: GroupOperation, link: GroupLink, out: GroupOutcome
+        self, client: ScimClient, op: GroupOperation, link: GroupLink, out: GroupOutcome, fresh: ScimResult | None = None
     ) -> tuple[bool, str | None]:
         """Under ``group_members: additive``, whether the group holds members we do not manage, and is kept.
 
         Also the version the read found (None: not read), for the DELETE's If-Match.
+        ``fresh``: the group as read after a 412, decided on without reading it again.
 
         Only a group left empty is deleted (``delete_empty_groups``): one that
         still holds members added by hand or by another tool is read first and
@@ -797,7 +799,7 @@ class GroupExecutor:
         """
         if self.config.group_members != "additive":
             return False, None
-        members, read = await self._members(client, link)
+        members, read = await self._members(client, link, fresh)
         version = read.version if read is not None else None
         foreign = members - self.managed
         if not foreign:

@@ -370,6 +370,31 @@ def test_a_412_on_a_group_patch_refetches_and_sends_only_what_is_still_missing(t
 
 
 @respx.mock
+def test_a_412_on_a_group_delete_reads_the_group_once_per_round(tmp_path: Path) -> None:
+    """Under additive, the read after a 412 is the one the next round decides on: not read twice."""
+    gone = GroupDecision("eng", GroupKind.DELETE, GroupReason.UNDEFINED, "dept-eng")
+    engine = linked_group(tmp_path, set(), gone)
+    respx.get(f"{BASE}/ServiceProviderConfig").respond(200, json=SPC)
+    reads: list[httpx.Request] = []
+
+    def group(request: httpx.Request) -> httpx.Response:
+        # Each read finds the group at a newer version: the If-Match sent shows which read decided.
+        reads.append(request)
+        return httpx.Response(200, json={"id": "g1", "displayName": "dept-eng", "members": [],
+                                         "meta": {"version": f'W/"r{len(reads)}"'}})  # fmt: skip
+
+    get = respx.get(f"{BASE}/Groups/g1").mock(side_effect=group)
+    delete = respx.delete(f"{BASE}/Groups/g1").mock(side_effect=[httpx.Response(412), httpx.Response(204)])
+
+    send(engine, target_config(group_members="additive"))
+
+    assert get.call_count == 2
+    assert [c.request.headers["If-Match"] for c in delete.calls] == ['W/"r1"', 'W/"r2"']
+    row, _calls = get_operation(engine, 2)
+    assert row["status"] == "succeeded"
+
+
+@respx.mock
 def test_a_target_without_patch_gets_a_put_of_the_whole_member_list(tmp_path: Path) -> None:
     decision = GroupDecision("eng", GroupKind.MEMBERS, GroupReason.MEMBERSHIP, "dept-eng", add=("u3",), remove=("u1",))
     engine = linked_group(tmp_path, {"u1", "u2"}, decision)
