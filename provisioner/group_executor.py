@@ -152,15 +152,10 @@ def member_brake(target: TargetConfig) -> Callable[[int, int], bool] | None:
     It gets the number of members a run would remove and the members of our
     groups as last known, and says whether the removals must wait for an
     operator: over ``max_member_removals``, or over ``max_member_removal_share``
-    (:func:`provisioner.planner.brake_trips`, as leavers are braked).
+    (:func:`provisioner.planner.brake_trips`, as leavers are braked). The same
+    limits as :func:`delete_brake`: under ``additive`` only deletes are braked.
     """
-    if target.group_members != "exact":
-        return None
-
-    def trips(removals: int, members: int) -> bool:
-        return brake_trips(removals, members, target.max_member_removals, target.max_member_removal_share)
-
-    return trips
+    return delete_brake(target) if target.group_members == "exact" else None
 
 
 def delete_brake(target: TargetConfig) -> Callable[[int, int], bool]:

@@ -19,9 +19,11 @@ from provisioner.group_executor import (
     GroupExecutor,
     GroupOutcome,
     claim_groups,
+    delete_brake,
     due_for_compare,
     enqueue_groups,
     load_member_state,
+    member_brake,
     record_group,
 )
 from provisioner.groups import (
@@ -306,6 +308,16 @@ def test_a_group_delete_counts_its_members_for_the_brake_and_is_held_whole(tmp_p
     assert asked == [3]
     assert [r[1:] for r in open_group_rows(engine)] == [("pending", "group 'dept-eng' -1 members", "group_members"),
                                                         ("pending", "delete group 'old' -3 members", "group_delete")]  # fmt: skip
+
+
+def test_member_removals_under_exact_and_group_deletes_meet_the_same_limits() -> None:
+    """The member brake (exact only) and the delete brake are one judgement: the same limits, the same answers."""
+    exact = target_config(group_members="exact", max_member_removals=2, max_member_removal_share=0.5)
+    additive = target_config(group_members="additive", max_member_removals=2, max_member_removal_share=0.5)
+    members, deletes = member_brake(exact), delete_brake(additive)
+    assert members is not None and member_brake(additive) is None
+    cases = [(1, 100), (2, 100), (3, 100), (2, 4), (2, 2), (1, 0)]
+    assert [members(n, m) for n, m in cases] == [deletes(n, m) for n, m in cases] == [False, False, True, False, True, False]
 
 
 @respx.mock
