@@ -204,12 +204,7 @@ def enqueue_groups(
     superseded: list[int] = []
     with engine.begin() as conn:
         open_by_key = open_rows(conn, target, GROUP_KINDS)
-        wanted: list[tuple[GroupDecision, list[Any]]] = []
-        for d in plan.decisions:
-            existing = open_by_key.get(d.group_key, [])
-            if any(r.status == "running" for r in existing):
-                continue  # planned again once it has finished
-            wanted.append((d, existing))
+        wanted = _not_running(plan, open_by_key)
         for key in plan.settled:
             superseded.extend(r.id for r in open_by_key.get(key, ()) if r.status != "running")
         hold_removals, hold_deletes = _verdict(conn, target, wanted, brake, deletes)
@@ -241,6 +236,21 @@ def enqueue_groups(
     return len(rows)
 
 
+def _not_running(plan: GroupPlan, open_by_key: dict[str, list[Any]]) -> list[tuple[GroupDecision, list[Any]]]:
+    """The plan's decisions with the open rows of their group, but for groups with a row running.
+
+    A group being sent now is planned again once its row has finished. The one
+    filter of :func:`enqueue_groups` and :func:`would_hold`, so the dry run
+    judges the very decisions a cycle would write.
+    """
+    wanted: list[tuple[GroupDecision, list[Any]]] = []
+    for d in plan.decisions:
+        existing = open_by_key.get(d.group_key, [])
+        if not any(r.status == "running" for r in existing):
+            wanted.append((d, existing))
+    return wanted
+
+
 def _verdict(
     conn: Any, target: str, wanted: list[tuple[GroupDecision, list[Any]]],
     brake: Callable[[int, int], bool] | None, deletes: Callable[[int, int], bool] | None,
@@ -264,9 +274,7 @@ def would_hold(engine: Engine, name: str, target: TargetConfig, plan: GroupPlan)
     removals already held or approved are not counted again.
     """
     with engine.connect() as conn:
-        open_by_key = open_rows(conn, name, GROUP_KINDS)
-        wanted = [(d, open_by_key.get(d.group_key, [])) for d in plan.decisions
-                  if not any(r.status == "running" for r in open_by_key.get(d.group_key, []))]  # fmt: skip
+        wanted = _not_running(plan, open_rows(conn, name, GROUP_KINDS))
         return _verdict(conn, name, wanted, member_brake(target), delete_brake(target))
 
 

@@ -25,6 +25,7 @@ from provisioner.group_executor import (
     load_member_state,
     member_brake,
     record_group,
+    would_hold,
 )
 from provisioner.groups import (
     Desired,
@@ -318,6 +319,20 @@ def test_member_removals_under_exact_and_group_deletes_meet_the_same_limits() ->
     assert members is not None and member_brake(additive) is None
     cases = [(1, 100), (2, 100), (3, 100), (2, 4), (2, 2), (1, 0)]
     assert [members(n, m) for n, m in cases] == [deletes(n, m) for n, m in cases] == [False, False, True, False, True, False]
+
+
+def test_a_group_with_a_row_running_is_neither_written_nor_judged_by_the_dry_run(tmp_path: Path) -> None:
+    """``plan`` judges the decisions a cycle would write: those of a group being sent now wait for it."""
+    engine = linked_group(tmp_path, {"u1", "u2"}, SETTLED)
+    strict = target_config(group_members="exact", max_member_removals=0)
+    gone = GroupDecision("old", GroupKind.DELETE, GroupReason.UNDEFINED, "old", remove=("u7",))
+    assert would_hold(engine, "app", strict, GroupPlan("app", [eng(remove=("u1",)), gone])) == (True, True)
+    [running] = claim_groups(engine, "app")
+    assert running.group_key == "eng"
+
+    plan = GroupPlan("app", [eng(remove=("u1",))])
+    assert would_hold(engine, "app", strict, plan) == (False, False)
+    assert enqueue_groups(engine, "r2", "app", plan, {}, brake=member_brake(strict), deletes=delete_brake(strict)) == 0
 
 
 @respx.mock
