@@ -763,10 +763,24 @@ class GroupExecutor:
             return
         # The managed members the group must have once this operation is done: what a 412 is rebased on.
         desired = (base | set(op.add)) - set(op.remove)
+        await self._change(client, link, add, remove, op.display_name, out, desired)
+
+    async def _change(
+        self, client: ScimClient, link: GroupLink, add: list[str], remove: list[str], name: str, out: GroupOutcome,
+        desired: set[str] | None = None,
+    ) -> None:
+        """Send member changes (and a rename to ``name``) by PATCH, or by GET + PUT of the whole group.
+
+        PUT when PATCH is not used (``ServiceProviderConfig.patch``, RFC 7644 §3.5.2,
+        or ``group_update_method``), or when there are removals and the target was
+        found not to apply them by PATCH (``member_removal: put``, learned).
+        ``desired``: as :meth:`_patch` and :meth:`_put` take it.
+        """
         if self._use_patch() and not (remove and self.quirks.member_removal == "put"):
+            rename = name if name != link.display_name else None
             await self._patch(client, link, add, remove, rename, out, desired)
         else:
-            await self._put(client, link, add, remove, op.display_name, out, desired)
+            await self._put(client, link, add, remove, name, out, desired)
 
     async def _delete(self, client: ScimClient, op: GroupOperation, link: GroupLink, out: GroupOutcome) -> None:
         """DELETE a group no longer defined, unless it is kept for others; on a 412, decide again from a fresh read."""
@@ -809,10 +823,7 @@ class GroupExecutor:
             return False, version
         ours = sorted(members & set(op.remove))
         if ours:
-            if self._use_patch() and self.quirks.member_removal != "put":
-                await self._patch(client, link, [], ours, None, out)
-            else:
-                await self._put(client, link, [], ours, link.display_name, out)
+            await self._change(client, link, [], ours, link.display_name, out)
         out.note = (f"not deleted: it holds {len(foreign)} members we do not manage (group_members: additive); "
                     f"removed our {len(ours)} and left the group to them")  # fmt: skip
         log.warning("group no longer defined kept for members we do not manage", target=self.target,
