@@ -263,7 +263,8 @@ def _verdict(
     counted = (removals if brake is not None else 0) + (deleted if deletes is not None else 0)
     judge = brake or deletes
     tripped = judge is not None and counted > 0 and judge(counted, _member_count(conn, target))
-    return tripped and brake is not None, tripped and deletes is not None
+    # Each kind is said held only when the plan has some of it: a brake tripped by removals holds no delete.
+    return tripped and brake is not None and removals > 0, tripped and deletes is not None and deleted > 0
 
 
 def would_hold(engine: Engine, name: str, target: TargetConfig, plan: GroupPlan) -> tuple[bool, bool]:

@@ -335,6 +335,15 @@ def test_a_group_with_a_row_running_is_neither_written_nor_judged_by_the_dry_run
     assert enqueue_groups(engine, "r2", "app", plan, {}, brake=member_brake(strict), deletes=delete_brake(strict)) == 0
 
 
+def test_the_dry_run_says_held_only_for_the_kinds_the_plan_has(tmp_path: Path) -> None:
+    """Removals that trip the brake under exact hold no group delete when the plan deletes none, and the reverse."""
+    engine = linked_group(tmp_path, {"u1", "u2"}, SETTLED)
+    strict = target_config(group_members="exact", max_member_removals=0)
+    gone = GroupDecision("old", GroupKind.DELETE, GroupReason.UNDEFINED, "old", remove=("u7",))
+    assert would_hold(engine, "app", strict, GroupPlan("app", [eng(remove=("u1",))])) == (True, False)
+    assert would_hold(engine, "app", strict, GroupPlan("app", [gone])) == (False, True)
+
+
 @respx.mock
 def test_two_operations_of_one_group_are_sent_one_after_the_other(tmp_path: Path) -> None:
     """Additions and approved removals of one group, claimed together, never PATCH it at once."""
