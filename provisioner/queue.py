@@ -331,16 +331,7 @@ def enqueue(
         leavers = sum(d.kind.value in DEPROVISION for d in new)
         held = brake is not None and leavers > 0 and brake(leavers)
         write_plan(conn, [], superseded, now)
-        if new:
-            # Through the driver, the statement compiled once: SQLAlchemy's executemany spent more
-            # per row than SQLite took to insert it. The same transaction: the driver's connection.
-            statement = _plan_insert(engine)
-            cursor = conn.connection.cursor()
-            try:
-                for chunk in _chunks(new, PLAN_PAGE):
-                    statement.run(cursor, [_decision_row(run_id, target, d, now, held) for d in chunk])
-            finally:
-                cursor.close()
+        _insert_decisions(conn, run_id, target, new, now, held)
         write_plan(conn, rows, [], now)
     return len(new) + len(rows)
 
@@ -367,21 +358,11 @@ class PlanWriter:
         """Write one page of decisions; return how many rows were added."""
         conn, now = self.conn, self.now
         done_meanwhile = applied_since_plan(conn, self.target, decisions)
-        open_by_key: dict[str, list[Any]] = {}
-        for chunk in _chunks(sorted({d.identity_key for d in decisions}), 500):
-            query = (
-                select(OP.c.id, OP.c.identity_key, OP.c.kind, OP.c.payload_hash, OP.c.status)
-                .where(OP.c.target == self.target, OP.c.status.in_(OPEN), OP.c.kind.in_(ACCOUNT_KINDS),
-                       OP.c.identity_key.in_(chunk))
-                .with_for_update()
-            )  # fmt: skip
-            for row in conn.execute(query):
-                open_by_key.setdefault(row.identity_key, []).append(row)
+        open_by_key = open_rows(conn, self.target, ACCOUNT_KINDS, {d.identity_key for d in decisions})
         superseded: list[int] = []
         new = _to_write(decisions, open_by_key, done_meanwhile, superseded)
         write_plan(conn, [], superseded, now)
-        for chunk in _chunks(new, PLAN_PAGE):
-            conn.execute(insert(OP), [_decision_row(self.run_id, self.target, d, now, False) for d in chunk])
+        _insert_decisions(conn, self.run_id, self.target, new, now, False)
         self.leavers += sum(d.kind.value in DEPROVISION for d in new)
         self.added += len(new)
         return len(new)
@@ -429,8 +410,27 @@ PLAN_PAGE = 1000
 _PLAN_INSERTS: dict[str, _Statement] = {}
 
 
-def _plan_insert(engine: Engine) -> _Statement:
-    dialect = engine.dialect
+def _insert_decisions(
+    conn: Any, run_id: str, target: str, new: Sequence[Decision], now: datetime, held: bool
+) -> None:
+    """Insert a plan's new operations a page at a time, inside the caller's transaction.
+
+    Through the driver, the statement compiled once: SQLAlchemy's executemany
+    spent more per row than SQLite took to insert it. The same transaction: the
+    driver's connection under ``conn``.
+    """
+    if not new:
+        return
+    statement = _plan_insert(conn.dialect)
+    cursor = conn.connection.cursor()
+    try:
+        for chunk in _chunks(list(new), PLAN_PAGE):
+            statement.run(cursor, [_decision_row(run_id, target, d, now, held) for d in chunk])
+    finally:
+        cursor.close()
+
+
+def _plan_insert(dialect: Any) -> _Statement:
     if dialect.name not in _PLAN_INSERTS:
         columns = list(_new_row("", "", "", Kind.CREATE, Reason.JOINER, utcnow()))
         _PLAN_INSERTS[dialect.name] = _Statement(insert(OP), dialect, columns)
@@ -557,11 +557,14 @@ def applied_since_plan(conn: Any, target: str, decisions: Sequence[Decision]) ->
     return moot
 
 
-def open_rows(conn: Any, target: str, kinds: Sequence[str]) -> dict[str, list[Any]]:
+def open_rows(
+    conn: Any, target: str, kinds: Sequence[str], identities: Collection[str] | None = None
+) -> dict[str, list[Any]]:
     """A target's open operations of some kinds, by identity (or group) key.
 
-    Read ``FOR UPDATE`` on PostgreSQL: until the caller's transaction ends, no
-    other instance claims them, so a row the plan supersedes is not being sent
+    With ``identities``, only theirs (read 500 keys per query). Read ``FOR
+    UPDATE`` on PostgreSQL: until the caller's transaction ends, no other
+    instance claims them, so a row the plan supersedes is not being sent
     meanwhile (SQLite's ``BEGIN IMMEDIATE`` already keeps claimers out).
     """
     query = (
@@ -569,9 +572,13 @@ def open_rows(conn: Any, target: str, kinds: Sequence[str]) -> dict[str, list[An
         .where(OP.c.target == target, OP.c.status.in_(OPEN), OP.c.kind.in_(kinds))
         .with_for_update()
     )
+    queries = [query] if identities is None else [
+        query.where(OP.c.identity_key.in_(chunk)) for chunk in _chunks(sorted(identities), 500)
+    ]  # fmt: skip
     by_key: dict[str, list[Any]] = {}
-    for row in conn.execute(query):
-        by_key.setdefault(row.identity_key, []).append(row)
+    for each in queries:
+        for row in conn.execute(each):
+            by_key.setdefault(row.identity_key, []).append(row)
     return by_key
 
 
