@@ -56,7 +56,7 @@ def save_memo(engine: Engine, target: str, memo: RenderMemo, present: Collection
     return len(keys)
 
 
-def settle_references(
+def complete_entries(
     engine: Engine, target: str, run_id: str, memo: RenderMemo, create_only: Iterable[tuple[str, ...]]
 ) -> int:
     """Complete the entries of records planned with a reference to an account created in the same cycle.
@@ -76,8 +76,19 @@ def settle_references(
     if not keys:
         return 0
     create_only = frozenset(create_only)
+    # The ids of the identities these entries refer to, not of every link: the payloads name no others.
+    named: set[str] = set()
+    for key in keys:
+        entry = memo.entries.get(key)
+        if entry is not None and isinstance(entry[1], tuple):
+            named.update(ref for ref, _ in entry[1])
     with engine.connect() as conn:
-        ids = dict(conn.execute(select(LINK.c.identity_key, LINK.c.scim_id).where(LINK.c.target == target)).all())
+        ids: dict[str, str] = {}
+        for chunk in _chunks(sorted(named), CHUNK):
+            query = select(LINK.c.identity_key, LINK.c.scim_id).where(
+                LINK.c.target == target, LINK.c.identity_key.in_(chunk)
+            )
+            ids.update(conn.execute(query).all())
         completed = 0
         for chunk in _chunks(keys, CHUNK):
             query = select(OP.c.identity_key, OP.c.payload).where(

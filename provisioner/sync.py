@@ -28,7 +28,7 @@ from provisioner.executor import Executor
 from provisioner.group_executor import send_due_groups, sync_groups
 from provisioner.groups import GroupPlan, load_groups
 from provisioner.mapping import AttributeMapping, MappingError, load_mapping
-from provisioner.memo import load_memo, save_memo, settle_references
+from provisioner.memo import complete_entries, load_memo, save_memo
 from provisioner.payload import changed_paths, dumps, keep_chosen, keep_omitted, readable
 from provisioner.planner import Kind, Plan, RenderMemo, brake_trips, plan_target
 from provisioner.queue import (
@@ -240,7 +240,7 @@ async def _cycle(
         await _send(engine, config, name, mapping, report, stop)
         if memo.unresolved:
             # Records sent with a manager created in this cycle: remembered with what they got.
-            settle_references(engine, name, report.run_id, memo, mapping.create_only)
+            complete_entries(engine, name, report.run_id, memo, mapping.create_only)
             save_memo(engine, name, memo)
         if config.targets[name].groups is not None:
             # After the users: a member's account exists before it is added to a group.
