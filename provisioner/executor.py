@@ -66,7 +66,7 @@ from provisioner.queue import (
     give_up_if_too_old,
     linked_identity,
     load_link_states,
-    record,
+    record_many,
     release,
     remember_payload,
 )
@@ -224,11 +224,16 @@ class Executor:
         return report
 
     def _defer_all(self, operations: list[ClaimedOperation], exc: ScimError, report: ExecutionReport) -> None:
+        outcomes: list[tuple[str, Outcome]] = []
         for op in operations:
             outcome = _outcome(op, "failed" if give_up_if_too_old(op) else "retry_wait", exc)
             outcome.attempt = op.attempts
-            record(self.engine, self.target, op.identity_key, outcome)
-            report.finished.add(op.id)
+            outcomes.append((op.identity_key, outcome))
+        # One transaction for the whole claim: these outcomes carry no link, nothing can conflict.
+        if outcomes:
+            record_many(self.engine, self.target, outcomes)
+        for _, outcome in outcomes:
+            report.finished.add(outcome.operation_id)
             report.statuses[outcome.status] += 1
         report.unreachable = True
 
