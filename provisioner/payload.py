@@ -15,7 +15,7 @@ import orjson
 
 from provisioner.functions import Unique
 from provisioner.mapping import Ref
-from provisioner.redaction import WRITE_ONLY
+from provisioner.redaction import names_write_only
 
 # Attributes that are not the account's data: never diffed, never patched.
 _NOT_DATA = {"schemas", "id", "meta"}
@@ -128,8 +128,7 @@ def pack(payload: dict[str, Any]) -> dict[str, Any] | Packed:
     again to look (zlib costs ~8 µs each time).
     """
     text = dumps(payload)
-    # WRITE_ONLY names are keys, written "name": by dumps.
-    if any(f'"{name}":' in text for name in WRITE_ONLY):
+    if names_write_only(text):
         return payload
     return Packed(zlib.compress(text.encode(), 1))
 

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from provisioner.payload import Packed, dumps, loads, refs_in
 from provisioner.planner import Decision, Kind, Link, Reason
-from provisioner.redaction import WRITE_ONLY, has_write_only, mask_write_only, redact, register_write_only
+from provisioner.redaction import has_write_only, mask_write_only, names_write_only, redact, register_write_only
 from provisioner.store import CLAIMABLE, AccountLink, Attempt, Operation, counts_by_target, utcnow
 
 OP = Operation.__table__
@@ -451,11 +451,6 @@ def _decision_row(run_id: str, target: str, d: Decision, now: datetime, held: bo
     if held and d.kind.value in DEPROVISION:
         row["status"] = "held"
     return row
-
-
-def _names_write_only(text: str) -> bool:
-    """Whether a payload's JSON text may hold a write-only attribute: most do not, and are not walked."""
-    return any(f'"{name}"' in text for name in WRITE_ONLY)
 
 
 def _unconfirmed_create(row: Any) -> bool:
@@ -1139,7 +1134,7 @@ def _link_row(target: str, key: str, link: LinkState, now: datetime) -> dict[str
         "location": link.location,
         "applied_hash": link.applied_hash,
         # Write-only values (password) are never kept once applied.
-        "applied": None if link.applied is None else _applied_text(link.applied),
+        "applied": None if link.applied is None else _body_text(link.applied),
         "owed_refs": dumps(link.owed) if link.owed else None,
         "updated_at": now,
     }
@@ -1151,19 +1146,16 @@ def remember_payload(engine: Engine, operation_id: int, payload: Mapping[str, An
     ``payload`` as the row holds it: write-only values masked.
     """
     with engine.begin() as conn:
-        conn.execute(update(Operation.__table__).where(Operation.__table__.c.id == operation_id)
-                     .values(payload=dumps(mask_write_only(dict(payload)))))  # fmt: skip
+        conn.execute(update(OP).where(OP.c.id == operation_id).values(payload=_body_text(dict(payload))))
 
 
 def _body_text(body: Any) -> str:
-    """A request body as stored: write-only attributes masked by name (a secret's value is masked by ``cap``)."""
+    """A payload or request body as stored: write-only attributes masked by name.
+
+    (A secret's value anywhere else is masked by ``cap``.)
+    """
     text = dumps(body)
-    return dumps(mask_write_only(body)) if _names_write_only(text) else text
-
-
-def _applied_text(applied: dict[str, Any]) -> str:
-    text = dumps(applied)
-    return dumps(mask_write_only(applied)) if _names_write_only(text) else text
+    return dumps(mask_write_only(body)) if names_write_only(text) else text
 
 
 def give_up_if_too_old(claimed: ClaimedOperation, now: datetime | None = None) -> bool:

@@ -117,3 +117,12 @@ def mask_write_only(payload: Any) -> Any:
 def has_write_only(payload: Any) -> bool:
     """Whether a payload carries a write-only attribute at its top level (where SCIM puts ``password``)."""
     return isinstance(payload, dict) and any(k in WRITE_ONLY and payload[k] is not None for k in payload)
+
+
+def names_write_only(text: str) -> bool:
+    """Whether a payload's compact JSON text may hold a write-only attribute: most do not, and are not walked.
+
+    A name is looked for as a key (``"password":``, as ``payload.dumps`` writes
+    it); a false alarm costs a walk that masks nothing.
+    """
+    return any(f'"{name}":' in text for name in WRITE_ONLY)
