@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any, Protocol
 
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
@@ -406,8 +407,6 @@ def _to_write(
 
 # Rows of a plan inserted per statement.
 PLAN_PAGE = 1000
-# The plan's insert, compiled once per database (see _Statement).
-_PLAN_INSERTS: dict[str, _Statement] = {}
 
 
 def _insert_decisions(
@@ -430,11 +429,10 @@ def _insert_decisions(
         cursor.close()
 
 
+@cache
 def _plan_insert(dialect: Any) -> _Statement:
-    if dialect.name not in _PLAN_INSERTS:
-        columns = list(_new_row("", "", "", Kind.CREATE, Reason.JOINER, utcnow()))
-        _PLAN_INSERTS[dialect.name] = _Statement(insert(OP), dialect, columns)
-    return _PLAN_INSERTS[dialect.name]
+    """The plan's insert, compiled once per database (see _Statement)."""
+    return _Statement(insert(OP), dialect, list(_new_row("", "", "", Kind.CREATE, Reason.JOINER, utcnow())))
 
 
 def _decision_row(run_id: str, target: str, d: Decision, now: datetime, held: bool) -> dict[str, Any]:
@@ -842,6 +840,7 @@ _DROP_LINK = delete(LINK).where(LINK.c.target == bindparam("t"), LINK.c.identity
 _LINK_VALUES = ("scim_id", "active", "etag", "location", "applied_hash", "applied", "owed_refs", "updated_at")
 
 
+@cache
 def _upsert_link(dialect: str) -> Any:
     """INSERT … ON CONFLICT DO UPDATE for the link table, in the database's own dialect."""
     module = postgresql if dialect == "postgresql" else sqlite
@@ -850,9 +849,6 @@ def _upsert_link(dialect: str) -> Any:
         index_elements=[LINK.c.target, LINK.c.identity_key],
         set_={name: getattr(statement.excluded, name) for name in _LINK_VALUES},
     )
-
-
-_UPSERTS: dict[str, Any] = {}
 
 
 class Finished(Protocol):
@@ -916,7 +912,7 @@ def record_many(engine: Engine, target: str, outcomes: Sequence[tuple[str, Outco
     dropped = [{"t": target, "k": key} for key, outcome in outcomes if outcome.drop_link]
     links = [_link_row(target, key, outcome.link, now) for key, outcome in outcomes
              if outcome.link is not None and not outcome.drop_link]  # fmt: skip
-    writer = _writer(engine)
+    writer = _writer(engine.dialect)
     # The driver's own connection: SQLAlchemy's execution machinery costs ten times the statements' own work here.
     raw = engine.raw_connection()
     try:
@@ -987,24 +983,22 @@ class _Writer:
     integrity_error: type[Exception]
 
 
-_WRITERS: dict[str, _Writer] = {}
 _CALL_KEYS = ("operation_id", "number", "started_at", "duration_ms", "method", "url", "http_status", "scim_type",
               "detail", "error", "request_body", "response_body")  # fmt: skip
 
 
-def _writer(engine: Engine) -> _Writer:
-    dialect = engine.dialect
-    if dialect.name not in _WRITERS:
-        _WRITERS[dialect.name] = _Writer(
-            # SQLite: the write lock at once, as every transaction of the store takes it (see provisioner.store).
-            begin="BEGIN IMMEDIATE" if dialect.name == "sqlite" else None,
-            finish=_Statement(_FINISH, dialect),
-            call=_Statement(_INSERT_CALL, dialect, _CALL_KEYS),
-            drop=_Statement(_DROP_LINK, dialect),
-            upsert=_Statement(_upsert_link(dialect.name), dialect, ("target", "identity_key", *_LINK_VALUES)),
-            integrity_error=dialect.loaded_dbapi.IntegrityError,
-        )
-    return _WRITERS[dialect.name]
+@cache
+def _writer(dialect: Any) -> _Writer:
+    """The statements of :func:`record_many`, compiled once per database."""
+    return _Writer(
+        # SQLite: the write lock at once, as every transaction of the store takes it (see provisioner.store).
+        begin="BEGIN IMMEDIATE" if dialect.name == "sqlite" else None,
+        finish=_Statement(_FINISH, dialect),
+        call=_Statement(_INSERT_CALL, dialect, _CALL_KEYS),
+        drop=_Statement(_DROP_LINK, dialect),
+        upsert=_Statement(_upsert_link(dialect.name), dialect, ("target", "identity_key", *_LINK_VALUES)),
+        integrity_error=dialect.loaded_dbapi.IntegrityError,
+    )
 
 
 class GroupCommit:
@@ -1074,13 +1068,6 @@ class GroupCommit:
             raise self.error
 
 
-def _upsert(dialect: str) -> Any:
-    if dialect not in _UPSERTS:
-        _UPSERTS[dialect] = _upsert_link(dialect)
-    return _UPSERTS[dialect]
-
-
-
 def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> None:
     """Write an operation's outcome, its calls and the link it leaves, in one transaction.
 
@@ -1095,7 +1082,7 @@ def record(engine: Engine, target: str, identity_key: str, outcome: Outcome) -> 
             if outcome.drop_link:
                 conn.execute(_DROP_LINK, {"t": target, "k": identity_key})
             elif outcome.link is not None:
-                conn.execute(_upsert(engine.dialect.name), _link_row(target, identity_key, outcome.link, now))
+                conn.execute(_upsert_link(engine.dialect.name), _link_row(target, identity_key, outcome.link, now))
     except IntegrityError:
         if outcome.link is None:
             raise
