@@ -403,7 +403,7 @@ def claim_groups(
                 remove=tuple(m["value"] for m in remove),
                 identities={m["value"]: m.get("identity") for m in [*add, *remove]},
                 attempts=row["attempts"] + 1,
-                created_at=as_utc(row["created_at"]),
+                created_at=row["created_at"],
                 failed_before=row["last_error"] is not None,
             )
         )

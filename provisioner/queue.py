@@ -13,7 +13,7 @@ import re
 import socket
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any, Protocol
 
@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from provisioner.payload import Packed, dumps, loads, refs_in
 from provisioner.planner import Decision, Kind, Link, Reason
 from provisioner.redaction import has_write_only, mask_write_only, names_write_only, redact, register_write_only
-from provisioner.store import CLAIMABLE, AccountLink, Attempt, Operation, counts_by_target, utcnow
+from provisioner.store import CLAIMABLE, AccountLink, Attempt, Operation, as_utc, counts_by_target, utcnow
 
 OP = Operation.__table__
 LINK = AccountLink.__table__
@@ -725,13 +725,9 @@ def _claim(
                 .values(status="running", claimed_by=me.name, lease_until=now + lease,
                         attempts=OP.c.attempts + 1, updated_at=now)  # fmt: skip
             )
-    return [(*row[:7], _stored_utc(row[7]), row[8]) for row in rows]
-
-
-def _stored_utc(value: datetime | str) -> datetime:
-    """A timestamp as the driver returns it (SQLite: text, naive UTC), aware in UTC as ``UTCDateTime`` gives it."""
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return moment.replace(tzinfo=UTC) if moment.utcoffset() is None else moment.astimezone(UTC)
+    # The driver's timestamp: SQLite's is text; both are naive UTC (the column has no zone).
+    return [(*row[:7], as_utc(datetime.fromisoformat(row[7]) if isinstance(row[7], str) else row[7]), row[8])
+            for row in rows]  # fmt: skip
 
 
 # The enumerations by stored value: a dict look-up costs a fifth of calling the enum.
