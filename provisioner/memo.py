@@ -8,18 +8,17 @@ daemon does.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import orjson
 from sqlalchemy import Engine, delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from provisioner.payload import loads, payload_hash, resolve_refs, unchosen, without
 from provisioner.planner import Kind, RenderMemo
-from provisioner.queue import LINK, OP, driver_rows
+from provisioner.queue import LINK, OP
 from provisioner.redaction import has_write_only
-from provisioner.store import RenderedRecord
+from provisioner.store import RenderedRecord, chunks, driver_rows, upsert
 
 MEMO = RenderedRecord.__table__
 # Rows written per statement: a 100,000-record first cycle never builds all its rows at once.
@@ -44,11 +43,12 @@ def save_memo(engine: Engine, target: str, memo: RenderMemo, present: Collection
     gone = sorted(memo.entries.keys() - present) if present is not None else []
     if not keys and not gone:
         return 0
-    upsert = _upsert(engine.dialect.name)
+    statement = upsert(MEMO, ("target", "identity_key"), ("digest", "payload_hash", "match_value", "refs"),
+                       engine.dialect.name)  # fmt: skip
     with engine.begin() as conn:
-        for chunk in _chunks(keys, CHUNK):
-            conn.execute(upsert, [_row(target, key, memo.entries[key]) for key in chunk])
-        for chunk in _chunks(gone, CHUNK):
+        for chunk in chunks(keys, CHUNK):
+            conn.execute(statement, [_row(target, key, memo.entries[key]) for key in chunk])
+        for chunk in chunks(gone, CHUNK):
             conn.execute(delete(MEMO).where(MEMO.c.target == target, MEMO.c.identity_key.in_(chunk)))
     for key in gone:
         del memo.entries[key]
@@ -84,13 +84,13 @@ def complete_entries(
             named.update(ref for ref, _ in entry[1])
     with engine.connect() as conn:
         ids: dict[str, str] = {}
-        for chunk in _chunks(sorted(named), CHUNK):
+        for chunk in chunks(sorted(named), CHUNK):
             query = select(LINK.c.identity_key, LINK.c.scim_id).where(
                 LINK.c.target == target, LINK.c.identity_key.in_(chunk)
             )
             ids.update(conn.execute(query).all())
         completed = 0
-        for chunk in _chunks(keys, CHUNK):
+        for chunk in chunks(keys, CHUNK):
             query = select(OP.c.identity_key, OP.c.payload).where(
                 OP.c.target == target, OP.c.run_id == run_id, OP.c.identity_key.in_(chunk), OP.c.status == "succeeded",
                 OP.c.kind.in_((Kind.CREATE.value, Kind.UPDATE.value, Kind.ENABLE.value)),
@@ -118,16 +118,3 @@ def _row(target: str, key: str, entry: Any) -> dict[str, Any]:
         refs = orjson.dumps(refs).decode()
     return {"target": target, "identity_key": key, "digest": digest, "payload_hash": desired,
             "match_value": match, "refs": refs}  # fmt: skip
-
-
-def _upsert(dialect: str) -> Any:
-    statement = (postgresql if dialect == "postgresql" else sqlite).insert(MEMO)
-    return statement.on_conflict_do_update(
-        index_elements=[MEMO.c.target, MEMO.c.identity_key],
-        set_={name: getattr(statement.excluded, name) for name in ("digest", "payload_hash", "match_value", "refs")},
-    )
-
-
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

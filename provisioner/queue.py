@@ -18,13 +18,23 @@ from functools import cache
 from typing import Any, Protocol
 
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from provisioner.payload import Packed, dumps, loads, refs_in
 from provisioner.planner import Decision, Kind, Link, Reason
 from provisioner.redaction import has_write_only, mask_write_only, names_write_only, redact, register_write_only
-from provisioner.store import CLAIMABLE, AccountLink, Attempt, Operation, as_utc, counts_by_target, utcnow
+from provisioner.store import (
+    CLAIMABLE,
+    AccountLink,
+    Attempt,
+    Operation,
+    as_utc,
+    chunks,
+    counts_by_target,
+    driver_rows,
+    upsert,
+    utcnow,
+)
 
 OP = Operation.__table__
 LINK = AccountLink.__table__
@@ -209,19 +219,6 @@ def load_links(engine: Engine, target: str) -> dict[str, Link]:
             for key, scim_id, applied, active, etag, owed in rows}  # fmt: skip
 
 
-def driver_rows(result: Any) -> list[tuple[Any, ...]]:
-    """A result's rows as the driver returned them, plain tuples, and the result closed.
-
-    Only for columns SQLAlchemy has nothing to convert: text, and flags read for
-    their truth (SQLite returns 0 and 1). Its per-row processing is a third of
-    reading 100,000 links.
-    """
-    try:
-        return result.cursor.fetchall() if result.cursor is not None else [tuple(row) for row in result]
-    finally:
-        result.close()
-
-
 def _owes(owed_refs: str | None) -> frozenset[str]:
     """The identities an account's owed attributes refer to (most accounts owe nothing: no parsing)."""
     return frozenset(refs_in(loads(owed_refs))) if owed_refs else frozenset()
@@ -238,7 +235,7 @@ def load_link_states(engine: Engine, target: str, keys: Sequence[str]) -> dict[s
     """The full link state (with applied payloads) of some identities."""
     states: dict[str, LinkState] = {}
     with engine.connect() as conn:
-        for chunk in _chunks(list(keys), 500):
+        for chunk in chunks(list(keys), 500):
             rows = conn.execute(select(LINK).where(LINK.c.target == target, LINK.c.identity_key.in_(chunk)))
             for row in rows.mappings():
                 states[row["identity_key"]] = LinkState(
@@ -423,7 +420,7 @@ def _insert_decisions(
     statement = _plan_insert(conn.dialect)
     cursor = conn.connection.cursor()
     try:
-        for chunk in _chunks(list(new), PLAN_PAGE):
+        for chunk in chunks(list(new), PLAN_PAGE):
             statement.run(cursor, [_decision_row(run_id, target, d, now, held) for d in chunk])
     finally:
         cursor.close()
@@ -477,7 +474,7 @@ def _leavers_creates(
     if not keys:
         return []
     linked: set[str] = set()
-    for chunk in _chunks(list(keys), 500):
+    for chunk in chunks(list(keys), 500):
         query = select(LINK.c.identity_key).where(LINK.c.target == target, LINK.c.identity_key.in_(chunk))
         linked.update(conn.execute(query).scalars())
     drop: list[int] = []
@@ -489,7 +486,7 @@ def _leavers_creates(
             if row.kind != Kind.CREATE.value or row.status == "running":
                 continue
             (kept if _unconfirmed_create(row) else drop).append(row.id)
-    for chunk in _chunks(kept, 500):
+    for chunk in chunks(kept, 500):
         rows = conn.execute(select(OP.c.id, OP.c.payload, OP.c.payload_hash).where(OP.c.id.in_(chunk))).all()
         for op_id, text, digest in rows:
             payload = loads(text)
@@ -520,7 +517,7 @@ def _is_rejection(row: Any) -> bool:
 def _silenced_rejections(conn: Any, target: str, digests: list[str]) -> set[tuple[str, str, str | None]]:
     """(identity key, record digest, cause) of the rejections an operator resolved or cancelled."""
     found: set[tuple[str, str, str | None]] = set()
-    for chunk in _chunks(sorted({RECORD_HASH_PREFIX + d for d in digests}), 500):
+    for chunk in chunks(sorted({RECORD_HASH_PREFIX + d for d in digests}), 500):
         query = select(OP.c.identity_key, OP.c.payload_hash, OP.c.last_error).where(
             OP.c.target == target, OP.c.status.in_(("resolved", "cancelled")), OP.c.payload_hash.in_(chunk)
         )
@@ -539,7 +536,7 @@ def applied_since_plan(conn: Any, target: str, decisions: Sequence[Decision]) ->
     keys = [d.identity_key for d in decisions if d.kind in (Kind.CREATE, Kind.UPDATE, Kind.ENABLE)]
     wanted = {d.identity_key: d for d in decisions}
     moot: set[str] = set()
-    for chunk in _chunks(keys, 500):
+    for chunk in chunks(keys, 500):
         query = select(LINK.c.identity_key, LINK.c.applied_hash, LINK.c.active).where(
             LINK.c.target == target, LINK.c.identity_key.in_(chunk)
         )
@@ -566,7 +563,7 @@ def open_rows(
         .with_for_update()
     )
     queries = [query] if identities is None else [
-        query.where(OP.c.identity_key.in_(chunk)) for chunk in _chunks(sorted(identities), 500)
+        query.where(OP.c.identity_key.in_(chunk)) for chunk in chunks(sorted(identities), 500)
     ]  # fmt: skip
     by_key: dict[str, list[Any]] = {}
     for each in queries:
@@ -584,7 +581,7 @@ def replaced_by(existing: list[Any], kind: str, payload_hash: str | None) -> lis
 
 def write_plan(conn: Any, rows: list[dict[str, Any]], superseded: list[int], now: datetime) -> None:
     """Insert a plan's new rows and mark the open rows they replace, inside the caller's transaction."""
-    for chunk in _chunks(superseded, 500):
+    for chunk in chunks(superseded, 500):
         conn.execute(
             update(OP)
             .where(OP.c.id.in_(chunk))
@@ -718,7 +715,7 @@ def _claim(
         # The driver's rows: SQLAlchemy's row processing was most of a claim's CPU; the one
         # timestamp is converted below, as the column type would.
         rows = driver_rows(conn.execute(query))
-        for chunk in _chunks([row[0] for row in rows], 500):
+        for chunk in chunks([row[0] for row in rows], 500):
             conn.execute(
                 update(OP)
                 .where(OP.c.id.in_(chunk))
@@ -764,7 +761,7 @@ def release(engine: Engine, operation_ids: Sequence[int]) -> None:
         return
     now = utcnow()
     with engine.begin() as conn:
-        for chunk in _chunks(list(operation_ids), 500):
+        for chunk in chunks(list(operation_ids), 500):
             conn.execute(
                 update(OP)
                 .where(OP.c.id.in_(chunk), OP.c.status == "running", OP.c.claimed_by == claimant().name)
@@ -839,12 +836,7 @@ _LINK_VALUES = ("scim_id", "active", "etag", "location", "applied_hash", "applie
 @cache
 def _upsert_link(dialect: str) -> Any:
     """INSERT … ON CONFLICT DO UPDATE for the link table, in the database's own dialect."""
-    module = postgresql if dialect == "postgresql" else sqlite
-    statement = module.insert(LINK)
-    return statement.on_conflict_do_update(
-        index_elements=[LINK.c.target, LINK.c.identity_key],
-        set_={name: getattr(statement.excluded, name) for name in _LINK_VALUES},
-    )
+    return upsert(LINK, ("target", "identity_key"), _LINK_VALUES, dialect)
 
 
 class Finished(Protocol):
@@ -1192,11 +1184,6 @@ def cap(text: str | None) -> str | None:
     return text if len(text) <= BODY_CAP else text[:BODY_CAP] + f"… ({len(text) - BODY_CAP} more characters)"
 
 
-def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 # What an operator may do to an operation in each status.
 RETRYABLE = ("failed", "retry_wait", "cancelled")
 RESOLVABLE = ("failed", "retry_wait", "held", "pending")
@@ -1274,7 +1261,7 @@ def prune(engine: Engine, older_than: datetime) -> int:
     old = and_(OP.c.status.in_(PRUNABLE), OP.c.updated_at < older_than)
     with engine.begin() as conn:
         ids = [row[0] for row in conn.execute(select(OP.c.id).where(old))]
-        for chunk in _chunks(ids, 500):
+        for chunk in chunks(ids, 500):
             conn.execute(delete(ATTEMPT).where(ATTEMPT.c.operation_id.in_(chunk)))
             conn.execute(delete(OP).where(OP.c.id.in_(chunk)))
     return len(ids)

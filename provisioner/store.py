@@ -18,14 +18,15 @@ import functools
 import importlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, Index, MetaData, event, func, inspect, literal_column, select, text
+from sqlalchemy import Connection, Engine, Index, MetaData, Table, event, func, inspect, literal_column, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlmodel import Field, SQLModel, create_engine
@@ -52,6 +53,37 @@ def utcnow() -> datetime:
 def as_utc(moment: datetime) -> datetime:
     """A stored timestamp, aware: a driver that hands back a naive one means UTC (all we store is)."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def driver_rows(result: Any) -> list[tuple[Any, ...]]:
+    """A result's rows as the driver returned them, plain tuples, and the result closed.
+
+    Only for columns SQLAlchemy has nothing to convert: text, and flags read for
+    their truth (SQLite returns 0 and 1). Its per-row processing is a third of
+    reading 100,000 links.
+    """
+    try:
+        return result.cursor.fetchall() if result.cursor is not None else [tuple(row) for row in result]
+    finally:
+        result.close()
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """``items`` in consecutive slices of at most ``size``: an IN list or a batch of rows per statement."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def upsert(table: Table, keys: Sequence[str], values: Sequence[str], dialect: str) -> Any:
+    """INSERT … ON CONFLICT (``keys``) DO UPDATE SET ``values``, in the database's own dialect.
+
+    ``dialect`` is the engine's dialect name (``postgresql`` or ``sqlite``, both of which spell it so).
+    """
+    statement = (postgresql if dialect == "postgresql" else sqlite).insert(table)
+    return statement.on_conflict_do_update(
+        index_elements=[table.c[key] for key in keys],
+        set_={name: getattr(statement.excluded, name) for name in values},
+    )
 
 
 class AccountLink(SQLModel, table=True):
