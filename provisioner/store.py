@@ -328,10 +328,10 @@ def open_store(url: str) -> Engine:
     engine = connect(url)
     with engine.connect() as conn:
         # Nearly always the schema is current: said without loading Alembic (~0.1 s of CPU a command).
-        heads = _heads_in_files()
-        if heads is not None and _stamped(conn) == heads:
-            return engine
         current = _current(conn)
+        heads = _heads_in_files()
+        if heads is not None and current == heads:
+            return engine
     _check_known(engine, current)
     if current != _heads():
         upgrade(engine)
@@ -402,14 +402,11 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
 
 
 def _current(conn: Connection) -> tuple[str, ...] | str | None:
-    from alembic.runtime.migration import MigrationContext
-
-    tables = set(inspect(conn).get_table_names())
-    if "alembic_version" in tables:
-        return tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
-    if tables:
-        return "legacy"
-    return None
+    """The revisions the database is stamped with, sorted; "legacy" for tables without a stamp, None for no table."""
+    stamped = _stamped(conn)
+    if stamped is not None:
+        return stamped
+    return "legacy" if inspect(conn).get_table_names() else None
 
 
 def _stamped(conn: Connection) -> tuple[str, ...] | None:
