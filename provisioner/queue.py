@@ -328,9 +328,10 @@ def enqueue(
         superseded.extend(_leavers_creates(conn, target, leaving, open_by_key, now))
         leavers = sum(d.kind.value in DEPROVISION for d in new)
         held = brake is not None and leavers > 0 and brake(leavers)
-        write_plan(conn, [], superseded, now)
+        # The rows superseded are open ones read above, never the ones inserted here (and no index spans
+        # both): the order only sets the ids, which stay the plan's before its rejections', as they were.
         _insert_decisions(conn, run_id, target, new, now, held)
-        write_plan(conn, rows, [], now)
+        write_plan(conn, rows, superseded, now)
     return len(new) + len(rows)
 
 
