@@ -105,7 +105,7 @@ class Packed(bytes):
 
     About a seventh of the memory of the same payload as Python objects (an
     initial load holds 100,000 of them at once); zlib's fastest level costs
-    microseconds a payload. :meth:`text` gives the JSON, :meth:`unpack` the payload.
+    microseconds a payload. :meth:`text` gives the JSON (:func:`loads` it for the payload).
     It never holds a write-only value (see :func:`pack`): the queue stores its JSON as it is.
     """
 
@@ -114,11 +114,6 @@ class Packed(bytes):
     def text(self) -> str:
         """The payload as :func:`dumps` writes it."""
         return zlib.decompress(self).decode()
-
-    def unpack(self) -> dict[str, Any]:
-        """The payload as objects, references as :class:`~provisioner.mapping.Ref`."""
-        return loads(self.text())  # type: ignore[no-any-return]
-
 
 def pack(payload: dict[str, Any]) -> dict[str, Any] | Packed:
     """A payload as :class:`Packed` JSON; one that names a write-only attribute (``password``) stays as it is.
