@@ -81,7 +81,7 @@ from provisioner.queue import (
 )
 from provisioner.sources import read_off_loop, read_source
 from provisioner.store import GroupLink as GroupLinkTable
-from provisioner.store import AccountLink, GroupMemberState, Operation, as_utc, utcnow
+from provisioner.store import AccountLink, GroupMemberState, Operation, as_utc, upsert, utcnow
 from provisioner.store import Attempt
 from provisioner.targets import TargetSession, discover
 
@@ -466,14 +466,10 @@ def _write_group_state(
     if out.link is not None:
         values = {"target": target, "group_key": key, "scim_id": out.link.scim_id,
                   "display_name": out.link.display_name, "etag": out.link.etag, "updated_at": now}  # fmt: skip
-        changes = {"scim_id": out.link.scim_id, "display_name": out.link.display_name, "etag": out.link.etag,
-                   "updated_at": now}  # fmt: skip
         if out.verified:
-            values["verified_at"] = changes["verified_at"] = now
-        module = postgresql if dialect == "postgresql" else sqlite
-        conn.execute(
-            module.insert(GLINK).values(**values).on_conflict_do_update(index_elements=[GLINK.c.target, GLINK.c.group_key], set_=changes)
-        )
+            values["verified_at"] = now
+        changed = [name for name in values if name not in ("target", "group_key")]
+        conn.execute(upsert(GLINK, ("target", "group_key"), changed, dialect), values)
     if out.reset is not None:
         conn.execute(delete(GMEMBER).where(members))
         _insert_members(conn, dialect, target, key, out.reset, identities)

@@ -18,11 +18,10 @@ from typing import Any
 import orjson
 import structlog
 from sqlalchemy import Engine, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from connectors import Quirks
 from provisioner.config import TargetConfig
-from provisioner.store import Operation, TargetQuirk, as_utc, utcnow
+from provisioner.store import Operation, TargetQuirk, as_utc, upsert, utcnow
 
 log = structlog.get_logger("provisioner.quirks")
 
@@ -58,14 +57,8 @@ def remember(engine: Engine, target: str, name: str, value: Any, reason: str) ->
     """Write (or overwrite) one learned quirk of a target."""
     now = utcnow()
     row = {"target": target, "name": name, "value": orjson.dumps(value).decode(), "reason": reason, "learned_at": now}
-    module = postgresql if engine.dialect.name == "postgresql" else sqlite
-    statement = module.insert(QUIRK).values(**row)
-    statement = statement.on_conflict_do_update(
-        index_elements=[QUIRK.c.target, QUIRK.c.name],
-        set_={"value": row["value"], "reason": reason, "learned_at": now},
-    )
     with engine.begin() as conn:
-        conn.execute(statement)
+        conn.execute(upsert(QUIRK, ("target", "name"), ("value", "reason", "learned_at"), engine.dialect.name), row)
 
 
 def load_quirks(engine: Engine, target: str, config: TargetConfig) -> Quirks:
