@@ -271,8 +271,10 @@ def cycle_succeeded(report: Any) -> bool:
     paused or quarantined or stopped answering. Operations that failed alone
     — a rejected record, a 400 on one account — do not make it
     unsuccessful: they wait in the review queue and make the target's health
-    ``failed``, which is a different question. A refused or crashed cycle
-    raises before it has a report, and never counts. ``report`` is a
-    ``provisioner.sync.TargetReport``.
+    ``failed``, which is a different question. A cycle stopped before it
+    finished (run status ``interrupted``: stopped during planning or between
+    pages) returns its report but never counts: it left work queued. A
+    refused or crashed cycle raises before it has a report, and never counts.
+    ``report`` is a ``provisioner.sync.TargetReport``.
     """
-    return report.statuses["retry_wait"] == 0 and report.skipped == 0
+    return report.status != "interrupted" and report.statuses["retry_wait"] == 0 and report.skipped == 0
