@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine, and_, case, func, select
 
+from provisioner.lifecycle import EXIT_NOT_OK, EXIT_OK, EXIT_SAFETY_STOP
 from provisioner.lock import holder_gone
 from provisioner.quarantine import TargetState, all_states
 from provisioner.store import Operation, Run, as_utc
@@ -52,8 +53,6 @@ _RENDERED_KINDS = ("create", "update", "enable")
 _REFUSED_RUNS = ("refused", "error")
 # The note of a run whose process ended without finishing it (run status ``abandoned``, never stored).
 ABANDONED = "its process ended before the cycle finished (killed or crashed); the next start picks up its work"
-# Exit codes (README, "Exit codes"): every target ok; something waits or failed; a safety stop.
-EXIT_OK, EXIT_NOT_OK, EXIT_SAFETY_STOP = 0, 4, 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,11 +167,21 @@ def assess(
     )
 
 
-def target_health(engine: Engine, names: list[str]) -> dict[str, TargetHealth]:
-    """The health of these targets, read in four queries whatever their number."""
+def target_health(
+    engine: Engine,
+    names: list[str],
+    *,
+    states: dict[str, TargetState] | None = None,
+    runs: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, TargetHealth]:
+    """The health of these targets, read in four queries whatever their number.
+
+    ``states`` (:func:`provisioner.quarantine.all_states`) and ``runs`` (:func:`last_runs`):
+    given by a caller that has read them already, they are not read again.
+    """
     counts, rejected, held = _open_counts(engine)
-    states = all_states(engine)
-    runs = last_runs(engine)
+    states = all_states(engine) if states is None else states
+    runs = last_runs(engine) if runs is None else runs
     if any(run["status"] == "running" for run in runs.values()) and holder_gone(str(engine.url)):
         # The process running those cycles is gone (kill -9, a crash): they run no more.
         runs = {name: _abandoned(run) if run["status"] == "running" else run for name, run in runs.items()}
