@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from provisioner.config import Config, load_config
     from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
+    from provisioner.lifecycle import Reason
     from provisioner.mapping import AttributeMapping, MappingError, load_mapping
-    from provisioner.planner import Decision, Desired, Kind, Link, Plan, Reason, decide, plan_target
+    from provisioner.planner import Decision, Desired, Kind, Link, Plan, decide, plan_target
     from provisioner.store import open_store
     from provisioner.sync import TargetReport, sync_target
 
@@ -29,7 +30,7 @@ _HOMES = {
     "Link": "provisioner.planner",
     "MappingError": "provisioner.mapping",
     "Plan": "provisioner.planner",
-    "Reason": "provisioner.planner",
+    "Reason": "provisioner.lifecycle",
     "SafetyStop": "provisioner.errors",
     "SourceError": "provisioner.errors",
     "TargetReport": "provisioner.sync",

@@ -214,11 +214,10 @@ class TargetFacts:
     target: str
     # Operations of this target in status ``failed``: waiting for an operator's review.
     failed_count: int = 0
-    # Operations of this target in status ``held`` by the deletion brake.
-    held_count: int = 0
-    # The run ids those held operations belong to (what ``provisioner approve`` takes).
+    # The run ids of the operations held by a brake (what ``provisioner approve`` takes).
     held_runs: tuple[str, ...] = ()
-    # Those held operations by kind (``disable``, ``delete``, ``group_members``, ``group_delete``), as pairs.
+    # The operations of this target in status ``held`` by kind (``disable``, ``delete``: the deletion
+    # brake; ``group_members``, ``group_delete``: the member brake), as pairs.
     held_kinds: tuple[tuple[str, int], ...] = ()
     # The target's last call was refused as an authentication failure (401, or the token endpoint said no).
     auth_failed: bool = False
@@ -243,6 +242,11 @@ class TargetFacts:
     # None: not reconciled, or no groups managed.
     unmatched_groups: int | None = None
     foreign_members: int | None = None
+
+    @property
+    def held_count(self) -> int:
+        """Operations of this target held by a brake, of every kind."""
+        return sum(count for _, count in self.held_kinds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +357,7 @@ def _held_cycle(facts: TargetFacts, rules: AlertRules, now: datetime) -> Conditi
         target=facts.target,
         severity="warning",
         message=(
-            f"{facts.target}: {held_phrase(dict(facts.held_kinds), facts.held_count)} held for approval{where}"
+            f"{facts.target}: {held_phrase(dict(facts.held_kinds))} held for approval{where}"
             " (provisioner approve RUN_ID / reject RUN_ID)"
         ),
         # Another held run is news; the same runs are not.

@@ -21,7 +21,17 @@ import orjson
 # engine (SQLAlchemy, the SCIM client, the scheduler). Each command imports what it runs.
 from provisioner import redaction
 from provisioner.errors import ConfigError, SafetyStop, SourceError, UserError
-from provisioner.lifecycle import STATUSES, Reason
+from provisioner.lifecycle import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CONFIG,
+    EXIT_INTERNAL,
+    EXIT_NOT_OK,
+    EXIT_OK,
+    EXIT_SAFETY_STOP,
+    EXIT_USAGE,
+    STATUSES,
+    Reason,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -30,15 +40,6 @@ if TYPE_CHECKING:
     from provisioner.health import TargetHealth
     from provisioner.queue import Selection
     from provisioner.sync import TargetReport
-
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3
-EXIT_FAILED_OPERATIONS = 4
-EXIT_SAFETY_STOP = 5
-# What a shell reports for a command whose reader closed the pipe (128 + SIGPIPE).
-EXIT_BROKEN_PIPE = 141
 
 EPILOG = """exit codes (sync and status alike, from the targets' health):
   0  every target is healthy: nothing failed, waits for a retry or is held
@@ -478,7 +479,7 @@ def _sync_only(config: Config, args: argparse.Namespace) -> int:
             print(f"{report.target}: {outcome}  {'  '.join(counts)}  (run {report.run_id})")
     if any(r.held for r in reports):
         return EXIT_SAFETY_STOP
-    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED_OPERATIONS
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_NOT_OK
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -499,7 +500,7 @@ def _run_sync(config: Config, names: list[str] | None) -> tuple[int, list[Target
     import asyncio
 
     from provisioner.daemon import check_alerts, keep_leases
-    from provisioner.health import target_health
+    from provisioner.health import exit_code, target_health
     from provisioner.queue import default_instance, identify
     from provisioner.sync import load_target_mapping, selected_targets, sync_target
 
@@ -545,13 +546,6 @@ def _planning(config: Config, targets: list[str]) -> Iterator[Engine]:
             yield engine
         finally:
             planners.close()
-
-
-def exit_code(healths: dict[str, TargetHealth]) -> int:
-    """The exit code of a cycle or of ``status``: :func:`provisioner.health.exit_code`, the one rule for both."""
-    from provisioner.health import exit_code as health_exit_code
-
-    return health_exit_code(healths)
 
 
 def _print_summary(reports: list[TargetReport], healths: dict[str, TargetHealth], *, as_json: bool) -> None:
@@ -630,7 +624,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _plan_exit(plans: list[dict[str, Any]]) -> int:
     """A plan that rejects records is not a clean plan: exit 4, as the sync of those records would."""
-    return EXIT_FAILED_OPERATIONS if any(plan["rejected"] for plan in plans) else EXIT_OK
+    return EXIT_NOT_OK if any(plan["rejected"] for plan in plans) else EXIT_OK
 
 
 def _reconcile(args: argparse.Namespace) -> int:
@@ -695,7 +689,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     if any(r.held for r in reports):
         return EXIT_SAFETY_STOP
     failed = unreadable or any(r.statuses.get("failed") or r.statuses.get("retry_wait") for r in reports)
-    return EXIT_FAILED_OPERATIONS if failed else EXIT_OK
+    return EXIT_NOT_OK if failed else EXIT_OK
 
 
 def _print_reconcile(report: Any) -> None:
@@ -1081,7 +1075,7 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from provisioner.config import load_config
-    from provisioner.health import last_runs, target_health
+    from provisioner.health import exit_code, last_runs, target_health
     from provisioner.quarantine import all_states
     from provisioner.queue import running_by_instance, status_by_target
     from provisioner.quirks import describe as describe_quirk
@@ -1093,10 +1087,10 @@ def _status(args: argparse.Namespace) -> int:
     engine = open_store(config.state)
     counts = status_by_target(engine)
     names = sorted(set(config.targets) | set(counts))
-    healths = target_health(engine, names)
     states = all_states(engine)
-    claimants = running_by_instance(engine)
     runs = last_runs(engine)
+    healths = target_health(engine, names, states=states, runs=runs)
+    claimants = running_by_instance(engine)
     lessons = learned_quirks(engine)
     dropped = unstored_writes(engine)
     data = []

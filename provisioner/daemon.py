@@ -370,7 +370,6 @@ def target_facts(engine: Engine, name: str) -> alerts.TargetFacts:
     return alerts.TargetFacts(
         target=name,
         failed_count=health.failed,
-        held_count=health.held,
         held_runs=tuple(held_runs),
         held_kinds=tuple(sorted(health.held_kinds.items())),
         auth_failed=bool(stored and stored.auth_failures),

@@ -36,9 +36,10 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine, and_, case, func, select
 
+from provisioner.lifecycle import EXIT_NOT_OK, EXIT_OK, EXIT_SAFETY_STOP
 from provisioner.lock import holder_gone
 from provisioner.quarantine import TargetState, all_states
-from provisioner.store import Operation, Run, as_utc, counts_by_target
+from provisioner.store import Operation, Run, as_utc
 
 Status = Literal["ok", "waiting", "failed", "held", "refused", "paused", "quarantined"]
 # Most urgent first.
@@ -52,8 +53,6 @@ _RENDERED_KINDS = ("create", "update", "enable")
 _REFUSED_RUNS = ("refused", "error")
 # The note of a run whose process ended without finishing it (run status ``abandoned``, never stored).
 ABANDONED = "its process ended before the cycle finished (killed or crashed); the next start picks up its work"
-# Exit codes (README, "Exit codes"): every target ok; something waits or failed; a safety stop.
-EXIT_OK, EXIT_NOT_OK, EXIT_SAFETY_STOP = 0, 4, 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +136,7 @@ def assess(
     if refused:
         problems.append(("refused", f"last cycle {run['status']}: {run.get('error') or 'see the log'}"))
     if held:
-        problems.append(("held", f"{held_phrase(held_kinds or {}, held)} awaiting approval: "
+        problems.append(("held", f"{held_phrase(held_kinds or {})} awaiting approval: "
                                  "provisioner plan --held, then approve RUN_ID or reject RUN_ID"))
     if failed:
         of_which = f" ({rejected} of them rejected records)" if rejected else ""
@@ -168,12 +167,21 @@ def assess(
     )
 
 
-def target_health(engine: Engine, names: list[str]) -> dict[str, TargetHealth]:
-    """The health of these targets, read in five queries whatever their number."""
-    counts, rejected = _open_counts(engine)
-    held = counts_by_target(engine, OP.c.kind, OP.c.status == "held")
-    states = all_states(engine)
-    runs = last_runs(engine)
+def target_health(
+    engine: Engine,
+    names: list[str],
+    *,
+    states: dict[str, TargetState] | None = None,
+    runs: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, TargetHealth]:
+    """The health of these targets, read in four queries whatever their number.
+
+    ``states`` (:func:`provisioner.quarantine.all_states`) and ``runs`` (:func:`last_runs`):
+    given by a caller that has read them already, they are not read again.
+    """
+    counts, rejected, held = _open_counts(engine)
+    states = all_states(engine) if states is None else states
+    runs = last_runs(engine) if runs is None else runs
     if any(run["status"] == "running" for run in runs.values()) and holder_gone(str(engine.url)):
         # The process running those cycles is gone (kill -9, a crash): they run no more.
         runs = {name: _abandoned(run) if run["status"] == "running" else run for name, run in runs.items()}
@@ -193,13 +201,12 @@ _HELD_NAMES = {
 }
 
 
-def held_phrase(kinds: dict[str, int], total: int | None = None) -> str:
+def held_phrase(kinds: dict[str, int]) -> str:
     """What is held, by kind: ``'1 leaver disable, 2 group member removals'``.
 
     Accounts deprovisioned (held by the deletion brake) and group member
     removals (held by the member brake) are counted apart: they are different
-    decisions for an operator. ``total``: the held count, when ``kinds`` may be
-    missing some (or all) of it; the rest is said as operations.
+    decisions for an operator.
     """
     order = list(_HELD_NAMES) + sorted(k for k in kinds if k not in _HELD_NAMES)
     parts = []
@@ -208,9 +215,6 @@ def held_phrase(kinds: dict[str, int], total: int | None = None) -> str:
         if count:
             one, many = _HELD_NAMES.get(kind, (f"{kind} operation", f"{kind} operations"))
             parts.append(f"{count} {one if count == 1 else many}")
-    rest = (total or 0) - sum(kinds.values())
-    if rest > 0:
-        parts.append(f"{rest} operation{'' if rest == 1 else 's'}")
     return ", ".join(parts) or "nothing"
 
 
@@ -238,20 +242,29 @@ def overall(healths: dict[str, TargetHealth]) -> Status:
     return min((h.status for h in healths.values()), key=SEVERITY.index, default="ok")
 
 
-def _open_counts(engine: Engine) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+def _open_counts(engine: Engine) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, dict[str, int]]]:
+    """Open operations by target and status, rejected records by target, held ones by target and kind.
+
+    One query: the held count is the sum of the held kinds, never a second count that could differ.
+    """
     is_rejected = and_(OP.c.status == "failed", OP.c.payload.is_(None), OP.c.kind.in_(_RENDERED_KINDS))
+    held_kind = case((OP.c.status == "held", OP.c.kind), else_=None)
     query = (
-        select(OP.c.target, OP.c.status, func.count(), func.sum(case((is_rejected, 1), else_=0)))
+        select(OP.c.target, OP.c.status, held_kind, func.count(), func.sum(case((is_rejected, 1), else_=0)))
         .where(OP.c.status.in_(("pending", "running", "retry_wait", "failed", "held")))
-        .group_by(OP.c.target, OP.c.status)
+        .group_by(OP.c.target, OP.c.status, held_kind)
     )
     counts: dict[str, dict[str, int]] = {}
     rejected: dict[str, int] = {}
+    held: dict[str, dict[str, int]] = {}
     with engine.connect() as conn:
-        for target, status, count, rejects in conn.execute(query):
-            counts.setdefault(target, {})[status] = int(count)
+        for target, status, kind, count, rejects in conn.execute(query):
+            by_status = counts.setdefault(target, {})
+            by_status[status] = by_status.get(status, 0) + int(count)
             rejected[target] = rejected.get(target, 0) + int(rejects or 0)
-    return counts, rejected
+            if kind is not None:
+                held.setdefault(target, {})[kind] = int(count)
+    return counts, rejected, held
 
 
 def last_runs(engine: Engine) -> dict[str, dict[str, Any]]:
@@ -271,8 +284,10 @@ def cycle_succeeded(report: Any) -> bool:
     paused or quarantined or stopped answering. Operations that failed alone
     — a rejected record, a 400 on one account — do not make it
     unsuccessful: they wait in the review queue and make the target's health
-    ``failed``, which is a different question. A refused or crashed cycle
-    raises before it has a report, and never counts. ``report`` is a
-    ``provisioner.sync.TargetReport``.
+    ``failed``, which is a different question. A cycle stopped before it
+    finished (run status ``interrupted``: stopped during planning or between
+    pages) returns its report but never counts: it left work queued. A
+    refused or crashed cycle raises before it has a report, and never counts.
+    ``report`` is a ``provisioner.sync.TargetReport``.
     """
-    return report.statuses["retry_wait"] == 0 and report.skipped == 0
+    return report.status != "interrupted" and report.statuses["retry_wait"] == 0 and report.skipped == 0

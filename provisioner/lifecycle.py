@@ -1,7 +1,8 @@
 """The lifecycle's words, shared by the planner, the queue and the command line.
 
 Plain constants with no import of the engine: the command line lists them as choices
-(``queue list --status``, ``--reason``) while ``provisioner --help`` stays fast.
+(``queue list --status``, ``--reason``) while ``provisioner --help`` stays fast. The exit
+codes are here for the same reason: the command line and ``provisioner.health`` share them.
 """
 
 from __future__ import annotations
@@ -24,3 +25,15 @@ class Reason(StrEnum):
 STATUSES = (
     "pending", "running", "retry_wait", "held", "succeeded", "failed", "resolved", "cancelled", "superseded",
 )  # fmt: skip
+
+
+# Exit codes of the command line (README, "Exit codes"). 0, 4 and 5 are what the targets' health
+# says at the end of ``sync`` and ``status`` (provisioner.health.exit_code).
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_NOT_OK = 4  # operations failed or wait for a retry, or a target is paused or quarantined
+EXIT_SAFETY_STOP = 5  # a refused cycle, or operations held by a brake
+# What a shell reports for a command whose reader closed the pipe (128 + SIGPIPE).
+EXIT_BROKEN_PIPE = 141

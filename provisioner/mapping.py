@@ -471,7 +471,7 @@ def compile_mapping(
         create_only=frozenset(compiler.create_only),
         omit_if_empty=frozenset(compiler.omit_if_empty),
         digest=_mapping_digest(doc),
-        volatile=any(_volatile(compiler.env, part) for part in compiler.parts),
+        volatile=compiler.volatile,
     )
     return mapping, compiler.diagnostics
 
@@ -479,13 +479,6 @@ def compile_mapping(
 # Functions and filters whose result is not decided by the record alone.
 _VOLATILE_CALLS = frozenset({"now", "lipsum"})
 _VOLATILE_FILTERS = frozenset({"random"})
-
-
-def _volatile(env: jinja2.Environment, part: str) -> bool:
-    tree = env.parse(part)
-    return any(isinstance(node.node, jinja2.nodes.Name) and node.node.name in _VOLATILE_CALLS
-               for node in tree.find_all(jinja2.nodes.Call)) or any(
-        node.name in _VOLATILE_FILTERS for node in tree.find_all(jinja2.nodes.Filter))  # fmt: skip
 
 
 def _mapping_digest(doc: Document) -> bytes:
@@ -523,6 +516,8 @@ class _Compiler:
         # Every source column the mapping reads, bare or inside an expression: (name, file:line:column).
         self.names: list[tuple[str, str]] = []
         self.parts: list[str] = []
+        # Whether an expression calls something whose result the record alone does not decide.
+        self.volatile = False
         self.diagnostics: list[Diagnostic] = []
         self.used_schemas: dict[str, Loc] = {}
         self.create_only: set[tuple[str, ...]] = set()
@@ -653,11 +648,14 @@ class _Compiler:
         return _Leaf(path, where, slot=slot)
 
     def _read_names(self, part: str, loc: Loc, path: str) -> None:
-        """Record the columns an expression reads; report the functions it calls that do not exist."""
+        """Record the columns an expression reads and whether it is volatile; report functions that do not exist."""
         tree = self.env.parse(part)
         called = {
             node.node.name for node in tree.find_all(jinja2.nodes.Call) if isinstance(node.node, jinja2.nodes.Name)
         }
+        filtered = {node.name for node in tree.find_all(jinja2.nodes.Filter)}
+        if called & _VOLATILE_CALLS or filtered & _VOLATILE_FILTERS:
+            self.volatile = True
         functions = {name for name in self.env.globals if not name.startswith("_")}
         for name in sorted(called - functions):
             self.fail(self.doc.at_value(loc, name), f"attribute '{path}': unknown function '{name}'{_suggest(name, functions)}")

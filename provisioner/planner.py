@@ -204,9 +204,9 @@ def plan_target(
     not a leaver, and no record here is no safety stop.
     """
     plan = Plan(target)
-    if memo is not None and getattr(mapping, "volatile", False):
+    if memo is not None and mapping.volatile:
         memo = None  # what it renders changes with the time: nothing to remember
-    salt: bytes = getattr(mapping, "digest", b"")
+    salt: bytes = mapping.digest
     seen: set[str] = set()
     # The references of packed payloads, for ordering the plan.
     packed_refs: dict[str, set[str]] = {}

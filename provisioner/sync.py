@@ -66,6 +66,7 @@ class TargetReport:
     rejected: int = 0
     held: int = 0
     skipped: int = 0
+    status: str | None = None  # the run's status once the cycle finished (``interrupted``, ``succeeded``, …)
 
     @property
     def failed(self) -> int:
@@ -458,6 +459,7 @@ def _start_run(engine: Engine, run_id: str, target: str, started: datetime) -> N
 def _finish_run(engine: Engine, report: TargetReport, status: str | None = None, error: str | None = None) -> None:
     if status is None:
         status = "held" if report.held else "failed" if report.failed else "deferred" if report.deferred else "succeeded"
+    report.status = status
     with engine.begin() as conn:
         conn.execute(
             update(Run.__table__)

@@ -88,8 +88,8 @@ DEFAULT = AlertRules()
         ),
         pytest.param(TargetFacts("app", auth_failed=True), DEFAULT, ["auth_failure:app"], id="auth"),
         pytest.param(TargetFacts("app", auth_failed=True), AlertRules(auth_failure=False), [], id="auth-rule-off"),
-        pytest.param(TargetFacts("app", held_count=3, held_runs=("r1",)), DEFAULT, ["held_cycle:app"], id="held"),
-        pytest.param(TargetFacts("app", held_count=3), AlertRules(held_cycle=False), [], id="held-rule-off"),
+        pytest.param(TargetFacts("app", held_runs=("r1",), held_kinds=(("disable", 3),)), DEFAULT, ["held_cycle:app"], id="held"),
+        pytest.param(TargetFacts("app", held_kinds=(("disable", 3),)), AlertRules(held_cycle=False), [], id="held-rule-off"),
         pytest.param(TargetFacts("app", quarantined=True), DEFAULT, ["quarantined:app"], id="quarantined"),
         pytest.param(
             TargetFacts("app", quarantined=True), AlertRules(quarantined_target=False), [], id="quarantine-rule-off"
@@ -98,7 +98,7 @@ DEFAULT = AlertRules()
         pytest.param(TargetFacts("app", unstored_count=9), AlertRules(unstored_writes=False), [], id="unstored-rule-off"),
         pytest.param(
             TargetFacts(
-                "app", failed_count=40, held_count=2, auth_failed=True, failing_since=NOW - minutes(30),
+                "app", failed_count=40, held_kinds=(("disable", 2),), auth_failed=True, failing_since=NOW - minutes(30),
                 quarantined=True,
             ),
             DEFAULT,
@@ -123,7 +123,7 @@ def test_messages_name_the_target_and_the_numbers() -> None:
     facts = [
         TargetFacts("crm", failed_count=12),
         TargetFacts("hr-app", failing_since=NOW - minutes(42), last_error="HTTP 503:\n  Service Unavailable"),
-        TargetFacts("wiki", held_count=61, held_runs=("20260302T0915-ab12cd",),
+        TargetFacts("wiki", held_runs=("20260302T0915-ab12cd",),
                     held_kinds=(("disable", 60), ("group_members", 1))),
         TargetFacts("chat", auth_failed=True, last_error="HTTP 401: invalid_token"),
         TargetFacts("chat2", quarantined=True, quarantine_reason="12 of 12 calls failed"),
@@ -222,10 +222,10 @@ async def test_an_alert_fires_again_when_it_gets_worse_not_when_it_gets_better(e
 
 
 async def test_a_new_held_run_is_news(engine: sqlalchemy.Engine) -> None:
-    first = TargetFacts("app", held_count=60, held_runs=("run-1",))
+    first = TargetFacts("app", held_runs=("run-1",), held_kinds=(("disable", 60),))
     assert await check(engine, [first], NOW) == ["firing held_cycle:app"]
     assert await check(engine, [first], NOW + minutes(15)) == []
-    both = TargetFacts("app", held_count=120, held_runs=("run-1", "run-2"))
+    both = TargetFacts("app", held_runs=("run-1", "run-2"), held_kinds=(("disable", 120),))
     assert await check(engine, [both], NOW + minutes(30)) == ["changed held_cycle:app"]
 
 

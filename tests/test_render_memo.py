@@ -20,6 +20,8 @@ class CountingMapping:
         self.uses_refs = mapping.uses_refs
         self.create_only = mapping.create_only
         self.match = mapping.match
+        self.volatile = mapping.volatile
+        self.digest = mapping.digest
         self.renders = 0
 
     def render(self, record: dict[str, Any]) -> Any:

@@ -25,6 +25,7 @@ import datetime as dt
 import difflib
 import uuid
 from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -49,19 +50,11 @@ def read_sql(config: SqlSourceConfig) -> Iterator[IdentityRecord | BadRecord]:
     reached, its ``query:`` line when the query fails (see :func:`sql_columns`).
     """
     where = config.describe()
-    engine = _engine(config)
-    try:
-        with _connect(engine, config) as conn:
-            try:
-                result = _run(conn, config.query, config.chunk_size)
-                names = _names(list(result.keys()), config)
-                for number, row in enumerate(result, start=1):
-                    attributes = {name: _value(value) for name, value in zip(names, row)}
-                    yield checked(config.key, attributes, f"{where}:{number}")
-            except SQLAlchemyError as exc:
-                raise SourceError(f"{config.at('query')}: {_reason(exc)}") from None
-    finally:
-        engine.dispose()
+    with _query(config, config.chunk_size) as result:
+        names = _names(list(result.keys()), config)
+        for number, row in enumerate(result, start=1):
+            attributes = {name: _value(value) for name, value in zip(names, row)}
+            yield checked(config.key, attributes, f"{where}:{number}")
 
 
 def sql_columns(config: SqlSourceConfig) -> set[str]:
@@ -73,15 +66,23 @@ def sql_columns(config: SqlSourceConfig) -> set[str]:
     config's ``url:`` line, the URL's password hidden) or the query fails
     (naming its ``query:`` line): ``config.yaml:6: sources.hr.query: no such table: employes``.
     """
+    with _query(config, 1) as result, closing(result):
+        return set(_names(list(result.keys()), config))
+
+
+@contextmanager
+def _query(config: SqlSourceConfig, chunk_size: int) -> Iterator[Any]:
+    """The query's result, fetched ``chunk_size`` rows at a time, for the ``with`` block.
+
+    The engine is made for the block and disposed of after it. SourceError naming
+    the ``url:`` line when the database cannot be reached, the ``query:`` line when
+    the query fails, in the block included (a row that cannot be fetched).
+    """
     engine = _engine(config)
     try:
         with _connect(engine, config) as conn:
             try:
-                result = _run(conn, config.query, 1)
-                try:
-                    return set(_names(list(result.keys()), config))
-                finally:
-                    result.close()
+                yield _run(conn, config.query, chunk_size)
             except SQLAlchemyError as exc:
                 raise SourceError(f"{config.at('query')}: {_reason(exc)}") from None
     finally:

@@ -7,6 +7,7 @@ connections in every way a socket can be dropped.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
@@ -21,14 +22,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from provisioner import metrics
 from provisioner.config import load_config
 from provisioner.daemon import Daemon
 from provisioner.demo import DEMO_MAPPING, ScimServer, free_port, start_scim_server
 from provisioner.quarantine import TABLE, set_paused
-from provisioner.store import open_store
+from provisioner.store import Run, open_store
 from tests.conftest import TOKEN_VARIABLE, Workspace, hr_row, write_csv
 from tests.daemons import start_daemon, stop_daemon, wait_for
 from tests.faultproxy import FaultProxy
@@ -250,6 +251,21 @@ def test_healthz_says_stuck_when_the_event_loop_stops_ticking(daemon_of: Daemon)
     assert (code, body["status"]) == (503, "stuck")
     assert float(body["stuck_for_seconds"]) > daemon_of.config.daemon.stuck_after  # type: ignore[arg-type]
     assert json.dumps(body)  # JSON all the way down
+
+
+def test_a_cycle_stopped_before_it_finished_is_not_a_successful_one(daemon_of: Daemon) -> None:
+    """Stopped after planning, before sending: it returns its report, but its work waits in the queue."""
+    success = metrics.LAST_SUCCESS.labels("app")
+    before = success._value.get()
+    daemon_of.stopping.set()
+
+    asyncio.run(daemon_of.cycle("app"))
+
+    with daemon_of.engine.connect() as conn:
+        [(run_status,)] = conn.execute(select(Run.__table__.c.status)).all()
+    assert run_status == "interrupted"
+    assert daemon_of.last_cycle["app"]["status"] == "incomplete"
+    assert success._value.get() == before
 
 
 # --- a slow source ------------------------------------------------------------------------------

@@ -123,10 +123,12 @@ def test_a_cycle_with_a_failed_record_is_successful_one_with_waiting_work_is_not
     with_bad_record = TargetReport("t", "r", statuses=Counter({"succeeded": 9, "failed": 1}), rejected=1)
     waiting = TargetReport("t", "r", statuses=Counter({"succeeded": 9, "retry_wait": 1}))
     unsent = TargetReport("t", "r", statuses=Counter(), skipped=4)
+    stopped = TargetReport("t", "r", statuses=Counter({"succeeded": 9}), status="interrupted")
 
     assert cycle_succeeded(with_bad_record)
     assert not cycle_succeeded(waiting)
     assert not cycle_succeeded(unsent)
+    assert not cycle_succeeded(stopped)
 
 
 def test_target_health_reads_every_cycles_rows_rejected_records_runs_and_pauses(tmp_path: Path) -> None:

@@ -598,3 +598,20 @@ def test_expressions_that_run_too_long_are_stopped(tmp_path: Path, monkeypatch: 
     with pytest.raises(MappingError, match="ran longer than 0.2 s on this record"):
         mapping.render({**RECORD, "email": "a" * 2000 + "@x"})
     assert mapping.render(RECORD).payload["title"] == "x"
+
+
+@pytest.mark.parametrize(
+    ("expression", "volatile"),
+    [
+        pytest.param("email | lower", False, id="filter-of-a-column"),
+        pytest.param("'{{ email }}-{{ now() }}'", True, id="now-in-a-template"),
+        pytest.param("lipsum(1)", True, id="lipsum"),
+        pytest.param("[email, first_name] | random", True, id="random-filter"),
+    ],
+)
+def test_a_mapping_whose_render_the_record_alone_does_not_decide_is_volatile(
+    tmp_path: Path, expression: str, volatile: bool
+) -> None:
+    mapping = compile_mapping(tmp_path, f'attributes:\n  userName: email\n  title: "{expression}"\n')
+
+    assert mapping.volatile is volatile

@@ -118,3 +118,12 @@ def test_status_and_check_load_nothing_that_talks_to_a_target(tmp_path: Path, co
     assert found["code"] == 0, done.stderr
     assert found["ran"] == []
     assert {"httpx", "authlib"} <= set(found["after_targets"])
+
+
+def test_the_lifecycle_words_load_no_heavy_module() -> None:
+    """``from provisioner import Reason`` takes the enum from where it lives, not through the planner."""
+    code = "import json, sys\nfrom provisioner import Reason\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+
+    assert done.returncode == 0, done.stderr
+    assert sorted({name.split(".")[0] for name in json.loads(done.stdout)} & set(HEAVY)) == []
