@@ -50,6 +50,7 @@ from connectors import (
 )
 from provisioner.config import load_config
 from provisioner.errors import UserError
+from provisioner.lifecycle import EXIT_NOT_OK, EXIT_OK
 from provisioner.targets import TargetSession
 
 USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -58,7 +59,6 @@ ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 PREFIX = "provisioner-probe-"
 
 OK, DEVIATES, UNKNOWN = "ok", "DEVIATES", "unknown"
-EXIT_OK, EXIT_CONFIG, EXIT_TARGET = 0, 3, 4
 
 
 @dataclass(slots=True)
@@ -734,7 +734,7 @@ def command(args: argparse.Namespace, run: Callable[..., Awaitable[ProbeReport]]
         return 130
     except ScimError as exc:
         print(f"error: cannot probe {args.target}: {exc}", file=sys.stderr)
-        return EXIT_TARGET
+        return EXIT_NOT_OK
     if args.suggest:
         sys.stdout.write(suggestion_yaml(report.quirks()))
     elif args.json:
