@@ -1314,7 +1314,7 @@ async def _read_groups(
     member state are kept in the classifier's spill: memory holds one group's
     members at a time, not every group's.
     """
-    from provisioner.group_executor import ENDPOINT, GMEMBER, GroupExecutor, load_group_links
+    from provisioner.group_executor import ENDPOINT, GroupExecutor, load_group_links, member_rows
 
     target = config.targets[name]
     assert target.groups is not None
@@ -1323,9 +1323,7 @@ async def _read_groups(
     executor.links = {key: link for key, (link, _) in load_group_links(engine, name).items()}
     state = MemberState(classifier.spill)
     with engine.connect() as conn:
-        rows = conn.execution_options(yield_per=1000).execute(
-            select(GMEMBER.c.group_key, GMEMBER.c.member_id).where(GMEMBER.c.target == name))  # fmt: skip
-        state.load((key, member) for key, member in rows)
+        state.load(member_rows(conn, name))
     executor.state = state  # type: ignore[assignment]  # read as a mapping only: .get(key)
     executor.managed = ManagedIds(classifier, state)  # type: ignore[assignment]  # read as a set only: in, &
     by_id = {link.scim_id: key for key, link in executor.links.items()}
