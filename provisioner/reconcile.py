@@ -110,11 +110,12 @@ class Identity:
     def of(
         cls, key: str, payload: dict[str, Any] | None, link: Link | None = None, *, known: bool = True,
         match: str = "userName", shapes: dict[Any, Any] | None = None,
-        create_only: frozenset[tuple[str, ...]] = frozenset(),
+        create_only: frozenset[tuple[str, ...]] = frozenset(), compared: Mapping[str, Any] | None = None,
     ) -> Identity:
         """An identity from its desired payload (None: no active account); with a digest when given ``shapes`` to intern into.
 
         ``create_only``: the mapping's ``when: create`` paths, left out of the digest as :func:`comparable` leaves them.
+        ``compared``: ``flatten(comparable(payload, create_only))`` when the caller has it already (see :func:`shape_of`).
         """
         if payload is None:
             return cls(key, None, link, known)
@@ -123,7 +124,7 @@ class Identity:
         user_name = user_name if isinstance(user_name, str) else None
         if shapes is None:
             return cls(key, dumps(payload), link, known, value, user_name)
-        shape = shape_of(payload, create_only)
+        shape = shape_of(payload, create_only, compared=compared)
         shape = shapes.setdefault(shape, shape)
         return cls(key, dumps(payload), link, known, value, user_name, fingerprint(shape, flatten(payload)), shape)
 
@@ -286,15 +287,19 @@ def comparable(desired: Mapping[str, Any], create_only: Iterable[tuple[str, ...]
 
 
 def shape_of(
-    desired: Mapping[str, Any], create_only: Iterable[tuple[str, ...]] = ()
+    desired: Mapping[str, Any], create_only: Iterable[tuple[str, ...]] = (), *, compared: Mapping[str, Any] | None = None
 ) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """What a comparison with ``desired`` looks at: (path, "value" | "list" | "map", the keys compared).
 
     Only the :func:`comparable` attributes; paths holding unresolved references
-    are left out too, as :func:`drift` skips them.
+    are left out too, as :func:`drift` skips them. ``compared``: the flattened
+    :func:`comparable` attributes of ``desired`` (path → value), when the caller
+    has computed them already; they are computed here otherwise.
     """
     shape = []
-    for path, want in flatten(comparable(desired, create_only)).items():
+    if compared is None:
+        compared = flatten(comparable(desired, create_only))
+    for path, want in compared.items():
         if refs_in(want) or isinstance(want, Unique):  # a unique_username() is chosen once, on create
             continue
         if isinstance(want, list):
@@ -1157,10 +1162,12 @@ def read_identities(
             unreadable += 1
             classifier.add(Identity.of(record.key, None, known=False))
             continue
-        payload = None
+        payload = compared = None
         if rendered.payload:
             payload = resolve_refs(rendered.payload, lookup.get, keep_unresolved=True)[0]
-            paths.update(flatten(comparable(payload, mapping.create_only)))
+            # What the target is asked for and what the identity's shape is made of: computed once.
+            compared = flatten(comparable(payload, mapping.create_only))
+            paths.update(compared)
             link = classifier.link_of(record.key) if groups is not None else None
             if groups is not None and link is not None and link.active:
                 try:
@@ -1168,7 +1175,8 @@ def read_identities(
                         names.setdefault(key, display)
                 except MappingError:
                     pass  # the group step reviews it; its groups are not counted as defined
-        identity = Identity.of(record.key, payload, match=mapping.match, shapes=shapes, create_only=mapping.create_only)
+        identity = Identity.of(record.key, payload, match=mapping.match, shapes=shapes, create_only=mapping.create_only,
+                               compared=compared)  # fmt: skip
         classifier.add(identity)
     if usable < max(min_records, 1):
         raise SafetyStop(
