@@ -642,12 +642,11 @@ class Findings(Sequence[Finding]):
             raise IndexError(index)
         return self._finding(row)
 
-    def attention(self) -> list[Finding]:
-        """Every finding but the linked accounts without drift: what a repair may act on (few, as a rule)."""
-        return [f for page in self.attention_pages() for f in page]
-
     def attention_pages(self, size: int = 1000) -> Iterator[list[Finding]]:
-        """:meth:`attention`, ``size`` findings at a time: an adoption or a mass drift is every account."""
+        """Every finding but the linked accounts without drift: what a repair may act on, ``size`` findings at a time.
+
+        Few, as a rule; but an adoption or a mass drift is every account.
+        """
         query = f"SELECT {self._COLUMNS} FROM finding WHERE situation != 'linked' OR observed IS NOT NULL ORDER BY n"
         cursor = self.spill.db.execute(query)
         while rows := cursor.fetchmany(size):
@@ -1497,8 +1496,8 @@ def _fix_links(conn: Any, name: str, repairs: Repairs) -> None:
 class _FirstSeen(Mapping[str, datetime]):
     """Since when each unmatched account (by id) has been seen, read from the state database as asked."""
 
-    def __init__(self, conn: Any, name: str, now: datetime) -> None:
-        self.conn, self.name, self.now = conn, name, now
+    def __init__(self, conn: Any, name: str) -> None:
+        self.conn, self.name = conn, name
 
     def __getitem__(self, scim_id: str) -> datetime:
         query = select(UNMATCHED.c.first_seen_at).where(UNMATCHED.c.target == self.name, UNMATCHED.c.scim_id == scim_id)
@@ -1540,7 +1539,7 @@ def _track_unmatched(conn: Any, name: str, findings: Findings, now: datetime) ->
     del rows
     for start in range(0, len(gone), 500):
         conn.execute(delete(UNMATCHED).where(UNMATCHED.c.target == name, UNMATCHED.c.scim_id.in_(gone[start:start + 500])))
-    return _FirstSeen(conn, name, now)
+    return _FirstSeen(conn, name)
 
 
 def last_reconciled(engine: Engine, name: str) -> dict[str, Any] | None:
