@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Container, Iterable, Iterator, Mappin
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, overload
 
 import orjson
 import structlog
@@ -476,14 +476,59 @@ class ListedIds(MutableSet[str]):
         self.db.execute("DELETE FROM listed WHERE id = ?", (value,))
 
 
-class GroupFindings(Sequence[GroupFinding]):
+_Row = TypeVar("_Row")
+
+
+class _SpillRows(Sequence[_Row]):
+    """The rows of one table of a spill as a sequence, in the order they were written (``n``), decoded one at a time.
+
+    Subclasses name the table, its columns and how a row is decoded; memory
+    holds one page of ``_PAGE`` rows while iterating, one row when indexing.
+    """
+
+    _TABLE: ClassVar[str]
+    _COLUMNS: ClassVar[str]
+    _PAGE: ClassVar[int] = 1000
+
+    def __init__(self, spill: Spill) -> None:
+        self.spill, self.db = spill, spill.db
+
+    def _decode(self, row: tuple[Any, ...]) -> _Row:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[_Row]:
+        cursor = self.db.execute(f"SELECT {self._COLUMNS} FROM {self._TABLE} ORDER BY n")
+        while rows := cursor.fetchmany(self._PAGE):
+            yield from map(self._decode, rows)
+
+    def __len__(self) -> int:
+        return int(self.db.execute(f"SELECT count(*) FROM {self._TABLE}").fetchone()[0])
+
+    @overload
+    def __getitem__(self, index: int) -> _Row: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[_Row]: ...
+    def __getitem__(self, index: int | slice) -> _Row | list[_Row]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        index = index + len(self) if index < 0 else index
+        row = self.db.execute(f"SELECT {self._COLUMNS} FROM {self._TABLE} ORDER BY n LIMIT 1 OFFSET ?",
+                              (index,)).fetchone()  # fmt: skip
+        if row is None:
+            raise IndexError(index)
+        return self._decode(row)
+
+
+class GroupFindings(_SpillRows[GroupFinding]):
     """The group findings of one reconciliation, read from its spill in the order the groups were seen.
 
     A group's foreign members are read with it: one group's at a time in memory, not every group's.
     """
 
-    def __init__(self, spill: Spill) -> None:
-        self.db = spill.db
+    _TABLE = "group_finding"
+    _COLUMNS = "n, situation, group_key, id, display_name"
+    # Fewer rows a page than accounts: each holds its group's foreign members.
+    _PAGE = 100
 
     def add(self, finding: GroupFinding) -> None:
         n = self.db.execute(
@@ -493,32 +538,10 @@ class GroupFindings(Sequence[GroupFinding]):
         self.db.executemany("INSERT OR IGNORE INTO foreign_member VALUES (?, ?)",
                             ((n, m) for m in finding.foreign_members))  # fmt: skip
 
-    def _finding(self, row: tuple[Any, ...]) -> GroupFinding:
+    def _decode(self, row: tuple[Any, ...]) -> GroupFinding:
         n, situation, group, scim_id, display = row
         members = [m for (m,) in self.db.execute("SELECT member FROM foreign_member WHERE n = ? ORDER BY member", (n,))]
         return GroupFinding(Situation(situation), group, scim_id, display, members)
-
-    def __iter__(self) -> Iterator[GroupFinding]:
-        cursor = self.db.execute("SELECT n, situation, group_key, id, display_name FROM group_finding ORDER BY n")
-        while rows := cursor.fetchmany(100):
-            yield from map(self._finding, rows)
-
-    def __len__(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM group_finding").fetchone()[0])
-
-    @overload
-    def __getitem__(self, index: int) -> GroupFinding: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[GroupFinding]: ...
-    def __getitem__(self, index: int | slice) -> GroupFinding | list[GroupFinding]:
-        if isinstance(index, slice):
-            return list(self)[index]
-        index = index + len(self) if index < 0 else index
-        row = self.db.execute("SELECT n, situation, group_key, id, display_name FROM group_finding ORDER BY n "
-                              "LIMIT 1 OFFSET ?", (index,)).fetchone()  # fmt: skip
-        if row is None:
-            raise IndexError(index)
-        return self._finding(row)
 
     def counts(self) -> dict[str, int]:
         """Groups by situation (every one present), and ``foreign_members``: foreign members of linked groups."""
@@ -606,41 +629,16 @@ def _bit(value: bool | None) -> int | None:
     return None if value is None else int(value)
 
 
-class Findings(Sequence[Finding]):
+class Findings(_SpillRows[Finding]):
     """The findings of one reconciliation, read from its spill in the order the accounts were seen."""
 
+    _TABLE = "finding"
     _COLUMNS = "situation, identity, id, user_name, active, observed"
 
-    def __init__(self, spill: Spill) -> None:
-        self.spill = spill
-
-    @staticmethod
-    def _finding(row: tuple[Any, ...]) -> Finding:
+    def _decode(self, row: tuple[Any, ...]) -> Finding:
         situation, identity, scim_id, user_name, active, observed = row
         return Finding(Situation(situation), identity, scim_id, user_name,
                        active=None if active is None else bool(active), observed=loads(observed))  # fmt: skip
-
-    def __iter__(self) -> Iterator[Finding]:
-        cursor = self.spill.db.execute(f"SELECT {self._COLUMNS} FROM finding ORDER BY n")
-        while rows := cursor.fetchmany(1000):
-            yield from map(self._finding, rows)
-
-    def __len__(self) -> int:
-        return int(self.spill.db.execute("SELECT count(*) FROM finding").fetchone()[0])
-
-    @overload
-    def __getitem__(self, index: int) -> Finding: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Finding]: ...
-    def __getitem__(self, index: int | slice) -> Finding | list[Finding]:
-        if isinstance(index, slice):
-            return list(self)[index]
-        index = index + len(self) if index < 0 else index
-        row = self.spill.db.execute(f"SELECT {self._COLUMNS} FROM finding ORDER BY n LIMIT 1 OFFSET ?",
-                                    (index,)).fetchone()  # fmt: skip
-        if row is None:
-            raise IndexError(index)
-        return self._finding(row)
 
     def attention_pages(self, size: int = 1000) -> Iterator[list[Finding]]:
         """Every finding but the linked accounts without drift: what a repair may act on, ``size`` findings at a time.
@@ -650,7 +648,7 @@ class Findings(Sequence[Finding]):
         query = f"SELECT {self._COLUMNS} FROM finding WHERE situation != 'linked' OR observed IS NOT NULL ORDER BY n"
         cursor = self.spill.db.execute(query)
         while rows := cursor.fetchmany(size):
-            yield [self._finding(row) for row in rows]
+            yield [self._decode(row) for row in rows]
 
     def adopted(self) -> _Adopted:
         """The identities an ``unlinked`` account is found for, as a container read from the spill."""
