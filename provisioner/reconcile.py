@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator, Container, Iterable, Iterator, Mapping, MutableSet, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -903,20 +904,13 @@ class Repairs:
     drop: list[str] = field(default_factory=list)
     # Unmatched accounts held back from disable/delete, with why.
     spared: list[tuple[str, str]] = field(default_factory=list)
-    # Operations by kind of the pages written already and let go (see :meth:`absorb`).
-    written: dict[str, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Operations by kind."""
-        tally = dict(self.written)
+        tally: dict[str, int] = {}
         for decision in self.decisions:
             tally[decision.kind.value] = tally.get(decision.kind.value, 0) + 1
         return tally
-
-    def absorb(self, page: Repairs) -> None:
-        """Count the operations of a page that was written; its decisions, link changes and spared accounts are not kept."""
-        for kind, n in page.counts().items():
-            self.written[kind] = self.written.get(kind, 0) + n
 
 
 def plan_repairs(
@@ -1045,7 +1039,8 @@ class ReconcileReport:
     unreadable_records: int = 0
     requests: int = 0
     repaired: bool = False
-    repairs: Repairs | None = None
+    # Operations a repair queued, by kind (in the order the kinds were first queued); empty without one.
+    queued: Counter[str] = field(default_factory=Counter)
     # Outcomes of the operations sent after a repair, by status; and how many wait for approval.
     statuses: dict[str, int] = field(default_factory=dict)
     held: int = 0
@@ -1433,7 +1428,7 @@ async def _repair(
     def brake(leavers: int) -> bool:
         return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
 
-    repairs = Repairs()
+    queued: Counter[str] = Counter()
     with engine.begin() as conn:
         first_seen = _track_unmatched(conn, name, findings, now)
         writer = PlanWriter(conn, report.run_id, name)
@@ -1447,9 +1442,10 @@ async def _repair(
                 log.info("unmatched account left as it is", target=name, id=scim_id, reason=why)
             _fix_links(conn, name, planned)
             writer.add(planned.decisions)
-            repairs.absorb(planned)
+            # The page's decisions, link changes and spared accounts are let go: only their counts are kept.
+            queued.update(planned.counts())
         writer.finish(brake)
-    report.repairs = repairs
+    report.queued = queued
     report.repaired = True
     if target.groups is not None and target.group_members == "exact":
         report.foreign_removals = _remove_foreign_members(engine, config, name, report.run_id, report.groups)
