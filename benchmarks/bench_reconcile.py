@@ -134,8 +134,8 @@ def reconcile(config_path: Path, mode: str) -> None:
         figures.update(requests=report.requests, counts=report.counts(), drifted=report.drifted)
         if report.groups:
             figures["groups"] = report.group_counts()
-        if report.repairs is not None:
-            figures["queued"] = report.repairs.counts()
+        if report.repaired:
+            figures["queued"] = dict(report.queued)
     print(json.dumps({
         "seconds": round(time.perf_counter() - started, 2),
         "cpu_seconds": round(time.process_time() - cpu, 2),

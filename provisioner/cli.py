@@ -712,7 +712,7 @@ def _print_reconcile(report: Any) -> None:
                 continue
             foreign = f"  foreign members: {', '.join(g.foreign_members)}" if g.foreign_members else ""
             print(f"  group {g.situation.value:<9} {g.display_name or '-'}  id {g.id or '-'}{foreign}")
-    if report.repairs is None:
+    if not report.repaired:
         # The adoption preview (a target with accounts, before the first cycle): what a repair and the
         # cycles after it would do, accounts linked by the match attribute and identities created.
         create = report.without_account + counts["deleted"]
@@ -720,7 +720,7 @@ def _print_reconcile(report: Any) -> None:
               f"disputed {counts['disputed']}")  # fmt: skip
         print("  report only: nothing was written; --repair queues and sends the configured reactions")
         return
-    queued = "  ".join(f"{k} {v}" for k, v in report.repairs.counts().items()) or "nothing"
+    queued = "  ".join(f"{k} {v}" for k, v in report.queued.items()) or "nothing"
     if report.foreign_removals:
         queued += f"  (foreign group members to remove {report.foreign_removals})"
     print(f"  repair (run {report.run_id}): queued {queued}")

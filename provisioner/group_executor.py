@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine, and_, delete, func, select
+from sqlalchemy import Connection, Engine, and_, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -116,13 +116,20 @@ def load_group_links(engine: Engine, target: str) -> dict[str, tuple[GroupLink, 
         }
 
 
+def member_rows(conn: Connection, target: str) -> Iterable[tuple[str, str]]:
+    """(group key, member id) of every stored member of a target's groups, streamed a thousand rows at a time.
+
+    Read them before ``conn`` is closed.
+    """
+    query = select(GMEMBER.c.group_key, GMEMBER.c.member_id).where(GMEMBER.c.target == target)
+    return ((key, member) for key, member in conn.execute(query, execution_options={"yield_per": 1000}))
+
+
 def load_member_state(engine: Engine, target: str) -> dict[str, set[str]]:
     """Member ids per group, as last applied or read."""
     state: dict[str, set[str]] = {}
     with engine.connect() as conn:
-        for key, member in conn.execute(
-            select(GMEMBER.c.group_key, GMEMBER.c.member_id).where(GMEMBER.c.target == target)
-        ):
+        for key, member in member_rows(conn, target):
             state.setdefault(key, set()).add(member)
     return state
 

@@ -34,11 +34,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator, Container, Iterable, Iterator, Mapping, MutableSet, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, overload
 
 import orjson
 import structlog
@@ -110,11 +111,12 @@ class Identity:
     def of(
         cls, key: str, payload: dict[str, Any] | None, link: Link | None = None, *, known: bool = True,
         match: str = "userName", shapes: dict[Any, Any] | None = None,
-        create_only: frozenset[tuple[str, ...]] = frozenset(),
+        create_only: frozenset[tuple[str, ...]] = frozenset(), compared: Mapping[str, Any] | None = None,
     ) -> Identity:
         """An identity from its desired payload (None: no active account); with a digest when given ``shapes`` to intern into.
 
         ``create_only``: the mapping's ``when: create`` paths, left out of the digest as :func:`comparable` leaves them.
+        ``compared``: ``flatten(comparable(payload, create_only))`` when the caller has it already (see :func:`shape_of`).
         """
         if payload is None:
             return cls(key, None, link, known)
@@ -123,7 +125,7 @@ class Identity:
         user_name = user_name if isinstance(user_name, str) else None
         if shapes is None:
             return cls(key, dumps(payload), link, known, value, user_name)
-        shape = shape_of(payload, create_only)
+        shape = shape_of(payload, create_only, compared=compared)
         shape = shapes.setdefault(shape, shape)
         return cls(key, dumps(payload), link, known, value, user_name, fingerprint(shape, flatten(payload)), shape)
 
@@ -286,15 +288,19 @@ def comparable(desired: Mapping[str, Any], create_only: Iterable[tuple[str, ...]
 
 
 def shape_of(
-    desired: Mapping[str, Any], create_only: Iterable[tuple[str, ...]] = ()
+    desired: Mapping[str, Any], create_only: Iterable[tuple[str, ...]] = (), *, compared: Mapping[str, Any] | None = None
 ) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """What a comparison with ``desired`` looks at: (path, "value" | "list" | "map", the keys compared).
 
     Only the :func:`comparable` attributes; paths holding unresolved references
-    are left out too, as :func:`drift` skips them.
+    are left out too, as :func:`drift` skips them. ``compared``: the flattened
+    :func:`comparable` attributes of ``desired`` (path → value), when the caller
+    has computed them already; they are computed here otherwise.
     """
     shape = []
-    for path, want in flatten(comparable(desired, create_only)).items():
+    if compared is None:
+        compared = flatten(comparable(desired, create_only))
+    for path, want in compared.items():
         if refs_in(want) or isinstance(want, Unique):  # a unique_username() is chosen once, on create
             continue
         if isinstance(want, list):
@@ -471,14 +477,59 @@ class ListedIds(MutableSet[str]):
         self.db.execute("DELETE FROM listed WHERE id = ?", (value,))
 
 
-class GroupFindings(Sequence[GroupFinding]):
+_Row = TypeVar("_Row")
+
+
+class _SpillRows(Sequence[_Row]):
+    """The rows of one table of a spill as a sequence, in the order they were written (``n``), decoded one at a time.
+
+    Subclasses name the table, its columns and how a row is decoded; memory
+    holds one page of ``_PAGE`` rows while iterating, one row when indexing.
+    """
+
+    _TABLE: ClassVar[str]
+    _COLUMNS: ClassVar[str]
+    _PAGE: ClassVar[int] = 1000
+
+    def __init__(self, spill: Spill) -> None:
+        self.spill, self.db = spill, spill.db
+
+    def _decode(self, row: tuple[Any, ...]) -> _Row:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[_Row]:
+        cursor = self.db.execute(f"SELECT {self._COLUMNS} FROM {self._TABLE} ORDER BY n")
+        while rows := cursor.fetchmany(self._PAGE):
+            yield from map(self._decode, rows)
+
+    def __len__(self) -> int:
+        return int(self.db.execute(f"SELECT count(*) FROM {self._TABLE}").fetchone()[0])
+
+    @overload
+    def __getitem__(self, index: int) -> _Row: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[_Row]: ...
+    def __getitem__(self, index: int | slice) -> _Row | list[_Row]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        index = index + len(self) if index < 0 else index
+        row = self.db.execute(f"SELECT {self._COLUMNS} FROM {self._TABLE} ORDER BY n LIMIT 1 OFFSET ?",
+                              (index,)).fetchone()  # fmt: skip
+        if row is None:
+            raise IndexError(index)
+        return self._decode(row)
+
+
+class GroupFindings(_SpillRows[GroupFinding]):
     """The group findings of one reconciliation, read from its spill in the order the groups were seen.
 
     A group's foreign members are read with it: one group's at a time in memory, not every group's.
     """
 
-    def __init__(self, spill: Spill) -> None:
-        self.db = spill.db
+    _TABLE = "group_finding"
+    _COLUMNS = "n, situation, group_key, id, display_name"
+    # Fewer rows a page than accounts: each holds its group's foreign members.
+    _PAGE = 100
 
     def add(self, finding: GroupFinding) -> None:
         n = self.db.execute(
@@ -488,32 +539,10 @@ class GroupFindings(Sequence[GroupFinding]):
         self.db.executemany("INSERT OR IGNORE INTO foreign_member VALUES (?, ?)",
                             ((n, m) for m in finding.foreign_members))  # fmt: skip
 
-    def _finding(self, row: tuple[Any, ...]) -> GroupFinding:
+    def _decode(self, row: tuple[Any, ...]) -> GroupFinding:
         n, situation, group, scim_id, display = row
         members = [m for (m,) in self.db.execute("SELECT member FROM foreign_member WHERE n = ? ORDER BY member", (n,))]
         return GroupFinding(Situation(situation), group, scim_id, display, members)
-
-    def __iter__(self) -> Iterator[GroupFinding]:
-        cursor = self.db.execute("SELECT n, situation, group_key, id, display_name FROM group_finding ORDER BY n")
-        while rows := cursor.fetchmany(100):
-            yield from map(self._finding, rows)
-
-    def __len__(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM group_finding").fetchone()[0])
-
-    @overload
-    def __getitem__(self, index: int) -> GroupFinding: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[GroupFinding]: ...
-    def __getitem__(self, index: int | slice) -> GroupFinding | list[GroupFinding]:
-        if isinstance(index, slice):
-            return list(self)[index]
-        index = index + len(self) if index < 0 else index
-        row = self.db.execute("SELECT n, situation, group_key, id, display_name FROM group_finding ORDER BY n "
-                              "LIMIT 1 OFFSET ?", (index,)).fetchone()  # fmt: skip
-        if row is None:
-            raise IndexError(index)
-        return self._finding(row)
 
     def counts(self) -> dict[str, int]:
         """Groups by situation (every one present), and ``foreign_members``: foreign members of linked groups."""
@@ -601,52 +630,26 @@ def _bit(value: bool | None) -> int | None:
     return None if value is None else int(value)
 
 
-class Findings(Sequence[Finding]):
+class Findings(_SpillRows[Finding]):
     """The findings of one reconciliation, read from its spill in the order the accounts were seen."""
 
+    _TABLE = "finding"
     _COLUMNS = "situation, identity, id, user_name, active, observed"
 
-    def __init__(self, spill: Spill) -> None:
-        self.spill = spill
-
-    @staticmethod
-    def _finding(row: tuple[Any, ...]) -> Finding:
+    def _decode(self, row: tuple[Any, ...]) -> Finding:
         situation, identity, scim_id, user_name, active, observed = row
         return Finding(Situation(situation), identity, scim_id, user_name,
                        active=None if active is None else bool(active), observed=loads(observed))  # fmt: skip
 
-    def __iter__(self) -> Iterator[Finding]:
-        cursor = self.spill.db.execute(f"SELECT {self._COLUMNS} FROM finding ORDER BY n")
-        while rows := cursor.fetchmany(1000):
-            yield from map(self._finding, rows)
-
-    def __len__(self) -> int:
-        return int(self.spill.db.execute("SELECT count(*) FROM finding").fetchone()[0])
-
-    @overload
-    def __getitem__(self, index: int) -> Finding: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Finding]: ...
-    def __getitem__(self, index: int | slice) -> Finding | list[Finding]:
-        if isinstance(index, slice):
-            return list(self)[index]
-        index = index + len(self) if index < 0 else index
-        row = self.spill.db.execute(f"SELECT {self._COLUMNS} FROM finding ORDER BY n LIMIT 1 OFFSET ?",
-                                    (index,)).fetchone()  # fmt: skip
-        if row is None:
-            raise IndexError(index)
-        return self._finding(row)
-
-    def attention(self) -> list[Finding]:
-        """Every finding but the linked accounts without drift: what a repair may act on (few, as a rule)."""
-        return [f for page in self.attention_pages() for f in page]
-
     def attention_pages(self, size: int = 1000) -> Iterator[list[Finding]]:
-        """:meth:`attention`, ``size`` findings at a time: an adoption or a mass drift is every account."""
+        """Every finding but the linked accounts without drift: what a repair may act on, ``size`` findings at a time.
+
+        Few, as a rule; but an adoption or a mass drift is every account.
+        """
         query = f"SELECT {self._COLUMNS} FROM finding WHERE situation != 'linked' OR observed IS NOT NULL ORDER BY n"
         cursor = self.spill.db.execute(query)
         while rows := cursor.fetchmany(size):
-            yield [self._finding(row) for row in rows]
+            yield [self._decode(row) for row in rows]
 
     def adopted(self) -> _Adopted:
         """The identities an ``unlinked`` account is found for, as a container read from the spill."""
@@ -901,20 +904,13 @@ class Repairs:
     drop: list[str] = field(default_factory=list)
     # Unmatched accounts held back from disable/delete, with why.
     spared: list[tuple[str, str]] = field(default_factory=list)
-    # Operations by kind of the pages written already and let go (see :meth:`absorb`).
-    written: dict[str, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Operations by kind."""
-        tally = dict(self.written)
+        tally: dict[str, int] = {}
         for decision in self.decisions:
             tally[decision.kind.value] = tally.get(decision.kind.value, 0) + 1
         return tally
-
-    def absorb(self, page: Repairs) -> None:
-        """Count the operations of a page that was written; its decisions, link changes and spared accounts are not kept."""
-        for kind, n in page.counts().items():
-            self.written[kind] = self.written.get(kind, 0) + n
 
 
 def plan_repairs(
@@ -1043,7 +1039,8 @@ class ReconcileReport:
     unreadable_records: int = 0
     requests: int = 0
     repaired: bool = False
-    repairs: Repairs | None = None
+    # Operations a repair queued, by kind (in the order the kinds were first queued); empty without one.
+    queued: Counter[str] = field(default_factory=Counter)
     # Outcomes of the operations sent after a repair, by status; and how many wait for approval.
     statuses: dict[str, int] = field(default_factory=dict)
     held: int = 0
@@ -1157,10 +1154,12 @@ def read_identities(
             unreadable += 1
             classifier.add(Identity.of(record.key, None, known=False))
             continue
-        payload = None
+        payload = compared = None
         if rendered.payload:
             payload = resolve_refs(rendered.payload, lookup.get, keep_unresolved=True)[0]
-            paths.update(flatten(comparable(payload, mapping.create_only)))
+            # What the target is asked for and what the identity's shape is made of: computed once.
+            compared = flatten(comparable(payload, mapping.create_only))
+            paths.update(compared)
             link = classifier.link_of(record.key) if groups is not None else None
             if groups is not None and link is not None and link.active:
                 try:
@@ -1168,7 +1167,8 @@ def read_identities(
                         names.setdefault(key, display)
                 except MappingError:
                     pass  # the group step reviews it; its groups are not counted as defined
-        identity = Identity.of(record.key, payload, match=mapping.match, shapes=shapes, create_only=mapping.create_only)
+        identity = Identity.of(record.key, payload, match=mapping.match, shapes=shapes, create_only=mapping.create_only,
+                               compared=compared)  # fmt: skip
         classifier.add(identity)
     if usable < max(min_records, 1):
         raise SafetyStop(
@@ -1314,7 +1314,7 @@ async def _read_groups(
     member state are kept in the classifier's spill: memory holds one group's
     members at a time, not every group's.
     """
-    from provisioner.group_executor import ENDPOINT, GMEMBER, GroupExecutor, load_group_links
+    from provisioner.group_executor import ENDPOINT, GroupExecutor, load_group_links, member_rows
 
     target = config.targets[name]
     assert target.groups is not None
@@ -1323,9 +1323,7 @@ async def _read_groups(
     executor.links = {key: link for key, (link, _) in load_group_links(engine, name).items()}
     state = MemberState(classifier.spill)
     with engine.connect() as conn:
-        rows = conn.execution_options(yield_per=1000).execute(
-            select(GMEMBER.c.group_key, GMEMBER.c.member_id).where(GMEMBER.c.target == name))  # fmt: skip
-        state.load((key, member) for key, member in rows)
+        state.load(member_rows(conn, name))
     executor.state = state  # type: ignore[assignment]  # read as a mapping only: .get(key)
     executor.managed = ManagedIds(classifier, state)  # type: ignore[assignment]  # read as a set only: in, &
     by_id = {link.scim_id: key for key, link in executor.links.items()}
@@ -1430,7 +1428,7 @@ async def _repair(
     def brake(leavers: int) -> bool:
         return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
 
-    repairs = Repairs()
+    queued: Counter[str] = Counter()
     with engine.begin() as conn:
         first_seen = _track_unmatched(conn, name, findings, now)
         writer = PlanWriter(conn, report.run_id, name)
@@ -1444,9 +1442,10 @@ async def _repair(
                 log.info("unmatched account left as it is", target=name, id=scim_id, reason=why)
             _fix_links(conn, name, planned)
             writer.add(planned.decisions)
-            repairs.absorb(planned)
+            # The page's decisions, link changes and spared accounts are let go: only their counts are kept.
+            queued.update(planned.counts())
         writer.finish(brake)
-    report.repairs = repairs
+    report.queued = queued
     report.repaired = True
     if target.groups is not None and target.group_members == "exact":
         report.foreign_removals = _remove_foreign_members(engine, config, name, report.run_id, report.groups)
@@ -1491,8 +1490,8 @@ def _fix_links(conn: Any, name: str, repairs: Repairs) -> None:
 class _FirstSeen(Mapping[str, datetime]):
     """Since when each unmatched account (by id) has been seen, read from the state database as asked."""
 
-    def __init__(self, conn: Any, name: str, now: datetime) -> None:
-        self.conn, self.name, self.now = conn, name, now
+    def __init__(self, conn: Any, name: str) -> None:
+        self.conn, self.name = conn, name
 
     def __getitem__(self, scim_id: str) -> datetime:
         query = select(UNMATCHED.c.first_seen_at).where(UNMATCHED.c.target == self.name, UNMATCHED.c.scim_id == scim_id)
@@ -1534,7 +1533,7 @@ def _track_unmatched(conn: Any, name: str, findings: Findings, now: datetime) ->
     del rows
     for start in range(0, len(gone), 500):
         conn.execute(delete(UNMATCHED).where(UNMATCHED.c.target == name, UNMATCHED.c.scim_id.in_(gone[start:start + 500])))
-    return _FirstSeen(conn, name, now)
+    return _FirstSeen(conn, name)
 
 
 def last_reconciled(engine: Engine, name: str) -> dict[str, Any] | None:

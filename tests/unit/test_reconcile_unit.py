@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -257,15 +258,16 @@ def test_repairs_planned_a_page_at_a_time_are_the_repairs_planned_at_once() -> N
         ("E1", Kind.UPDATE), ("E2", Kind.LINK), ("E4", Kind.LINK), ("E5", Kind.CREATE), ("unmatched:u7", Kind.DISABLE),
     ]  # fmt: skip
     adopted, disputed = findings.adopted(), findings.disputed()
-    total, paged = plan_repairs([], {}, policy, first_seen={}, now=now, lookup={}), []
+    total: Counter[str] = Counter()
+    paged = []
     for page in findings.attention_pages(size=2):
         identities = classifier.identities(f.identity for f in page if f.identity)
         planned = plan_repairs(page, identities, policy, first_seen={}, now=now, lookup={}, adopted=adopted,
                                disputed=disputed)  # fmt: skip
         paged.extend((d.identity_key, d.kind, d.payload, d.payload_hash) for d in planned.decisions)
-        total.absorb(planned)
+        total.update(planned.counts())
     assert paged == [(d.identity_key, d.kind, d.payload, d.payload_hash) for d in whole.decisions]
-    assert total.counts() == whole.counts() == {"update": 1, "link": 2, "create": 1, "disable": 1}
+    assert total == whole.counts() == {"update": 1, "link": 2, "create": 1, "disable": 1}
 
 
 def test_the_json_written_in_pieces_is_the_json_of_the_whole_report() -> None:
