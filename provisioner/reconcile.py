@@ -513,8 +513,9 @@ class _SpillRows(Sequence[_Row]):
         if isinstance(index, slice):
             return list(self)[index]
         index = index + len(self) if index < 0 else index
-        row = self.db.execute(f"SELECT {self._COLUMNS} FROM {self._TABLE} ORDER BY n LIMIT 1 OFFSET ?",
-                              (index,)).fetchone()  # fmt: skip
+        # SQLite reads a negative OFFSET as 0: an index before the first row would give the first.
+        query = f"SELECT {self._COLUMNS} FROM {self._TABLE} ORDER BY n LIMIT 1 OFFSET ?"
+        row = self.db.execute(query, (index,)).fetchone() if index >= 0 else None
         if row is None:
             raise IndexError(index)
         return self._decode(row)

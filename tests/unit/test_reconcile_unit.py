@@ -331,6 +331,10 @@ def test_group_findings_kept_in_the_spill_read_back_as_found_with_their_counts()
     assert spilled.group_counts() == in_memory.group_counts() == {
         "linked": 2, "unlinked": 0, "unmatched": 1, "deleted": 1, "foreign_members": 2}  # fmt: skip
     assert kept.seen("G9") and not kept.seen("G9") and kept.was_seen("G9") and not kept.was_seen("G8")
+    # As a list answers: an index past either end is an IndexError, never another row.
+    for outside in (4, -5):
+        with pytest.raises(IndexError):
+            kept[outside]
     spilled.close()
 
 
