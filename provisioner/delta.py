@@ -4,7 +4,7 @@ A SCIM source with ``delta: true`` is read, most cycles, with
 ``filter=meta.lastModified gt "<watermark>"`` (RFC 7644 §3.4.2.2; ANDed in
 parentheses with the source's own ``filter``). The records it returns are
 planned the way ``provisioner sync --only`` plans its keys
-(:func:`provisioner.ondemand.plan_only`): their references resolve against
+(:func:`provisioner.sync.plan_only`): their references resolve against
 every account link, and nobody the read left out is a leaver. A changed record that says so
 (``active: false``, the mapping's ``leaver_when``) is one.
 

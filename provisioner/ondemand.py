@@ -52,15 +52,13 @@ from provisioner.group_executor import (
 from provisioner.groups import desired_groups, load_groups, only_members, plan_groups
 from provisioner.mapping import AttributeMapping, MappingError
 from provisioner.payload import readable
-from provisioner.planner import Kind, Plan, brake_trips, plan_target
+from provisioner.planner import Kind
 from provisioner.queue import (
     OPEN,
     ClaimedOperation,
     Outcome,
-    Rejections,
     Selection,
     claim,
-    enqueue,
     load_links,
     retry_now,
 )
@@ -68,7 +66,7 @@ from provisioner.quirks import load_quirks
 from provisioner.redaction import mask_write_only
 from provisioner.sources import BadRecord, IdentityRecord, read_source
 from provisioner.store import Operation
-from provisioner.sync import new_run_id, render_write_only
+from provisioner.sync import new_run_id, plan_only, queue_plan, render_write_only
 from provisioner.targets import TargetSession
 
 Echo = Callable[[str], None]
@@ -121,7 +119,8 @@ async def sync_only(
             echo(f"{name}: {key}: planned nothing: the account already holds what the record renders to")
     for rejected in plan.rejected:
         echo(f"{name}: {rejected.identity_key}: rejected: {rejected.message}")
-    queue_only(engine, config, name, plan, report.run_id)
+    active = sum(link.active for link in load_links(engine, name).values())
+    queue_plan(engine, config, name, plan, report.run_id, active)
     report.rejected = len(plan.rejected)
     for key, kind in _send_again(engine, name, plan.present & found):
         echo(f"{name}: {key}: an earlier {kind} that failed or waits for a retry is sent now")
@@ -133,33 +132,6 @@ async def sync_only(
     if report.held:
         echo(f"{name}: {report.held} leaver operation(s) held by the deletion brake: provisioner approve {report.run_id}")
     return report
-
-
-def plan_only(
-    engine: Engine, config: Config, name: str, mapping: AttributeMapping, records: list[IdentityRecord | BadRecord]
-) -> Plan:
-    """Plan these records in target ``name`` as a full plan decides them; writes nothing.
-
-    Their references (``ref(manager_id)``) resolve against every account link,
-    as in a full plan: an unchanged identity whose manager is not planned is
-    still unchanged. Nobody else is planned: an identity without a record here
-    is never a leaver.
-    """
-    return plan_target(name, mapping, records, load_links(engine, name), config.targets[name].leaver, min_records=0,
-                       partial=True)  # fmt: skip
-
-
-def queue_only(engine: Engine, config: Config, name: str, plan: Plan, run_id: str) -> None:
-    """Queue a :func:`plan_only` plan, its leavers behind the target's deletion brake (counted on every account)."""
-    target = config.targets[name]
-    active = sum(link.active for link in load_links(engine, name).values())
-
-    def brake(leavers: int) -> bool:
-        return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
-
-    # No `present`: it would close the open rejections of everyone not planned.
-    enqueue(engine, run_id, name, plan.decisions, plan.rejected, brake=brake, settled=plan.settled,
-            record_hashes=plan.record_hashes, rejections=Rejections())  # fmt: skip
 
 
 def _records(config: Config, name: str, keys: set[str]) -> list[IdentityRecord | BadRecord]:

@@ -12,7 +12,7 @@ import gc
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -202,6 +202,47 @@ def plan_once(
     return plan, sum(link.active for link in links.values())
 
 
+def plan_only(
+    engine: Engine, config: Config, name: str, mapping: AttributeMapping, records: list[IdentityRecord | BadRecord]
+) -> Plan:
+    """Plan these records in target ``name`` as a full plan decides them; writes nothing.
+
+    Their references (``ref(manager_id)``) resolve against every account link,
+    as in a full plan: an unchanged identity whose manager is not planned is
+    still unchanged. Nobody else is planned: an identity without a record here
+    is never a leaver. ``sync --only`` plans its keys so, a cycle its delta read.
+    """
+    return plan_target(name, mapping, records, load_links(engine, name), config.targets[name].leaver, min_records=0,
+                       partial=True)  # fmt: skip
+
+
+def queue_plan(
+    engine: Engine,
+    config: Config,
+    name: str,
+    plan: Plan,
+    run_id: str,
+    active: int,
+    present: Collection[str] | None = None,
+) -> Rejections:
+    """Queue a plan, its leavers behind the target's deletion brake over its ``active`` linked accounts.
+
+    ``present``: every identity key the source had, for a plan of the whole
+    source: open rejections of identities gone from it close. A plan of some
+    records (:func:`plan_only`) has none: it would close the open rejections of
+    everyone not planned. Returns what became of the plan's rejections.
+    """
+    target = config.targets[name]
+
+    def brake(leavers: int) -> bool:
+        return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
+
+    rejections = Rejections()
+    enqueue(engine, run_id, name, plan.decisions, plan.rejected, brake=brake, settled=plan.settled,
+            record_hashes=plan.record_hashes, rejections=rejections, present=present)  # fmt: skip
+    return rejections
+
+
 async def sync_target(
     engine: Engine,
     config: Config,
@@ -310,7 +351,6 @@ def _plan_into_queue(
     read: DeltaRead | None,
     records: Iterable[IdentityRecord | BadRecord],
 ) -> None:
-    target = config.targets[name]
     if read is not None and not read.full:
         _plan_changes_into_queue(engine, config, name, mapping, report, read, list(records))
         return
@@ -321,27 +361,13 @@ def _plan_into_queue(
     if plan.unresolved_refs:
         # Usually managers created in this same cycle (sent first); otherwise a reference to nobody.
         log.info("references to accounts not in the target yet", target=name, count=plan.unresolved_refs)
-    report.planned = plan.counts()
-    report.unchanged = plan.unchanged
-
-    def brake(leavers: int) -> bool:
-        return brake_trips(leavers, active, target.max_deprovision, target.max_deprovision_share)
-
-    rejections = Rejections()
-    enqueue(engine, report.run_id, name, plan.decisions, plan.rejected, brake=brake, settled=plan.settled,
-            record_hashes=plan.record_hashes, rejections=rejections, present=plan.present)  # fmt: skip
-    # After the plan is queued: a crash in between loses only renders, which the next cycle makes again.
-    save_memo(engine, name, memo, plan.present)
-    if read is not None:
-        read.save(engine)
+    rejections = _queue_cycle_plan(engine, config, name, report, plan, active, read, memo)
     for key, message in rejections.new:
         log.warning("record rejected", target=name, run_id=report.run_id, identity=key, reason=message)
     # Counted once per record and cause; one an operator resolved stays out until the record changes.
     report.rejected = len(rejections.new) + rejections.open
     if rejections.open or rejections.silenced:
         log.info("records still rejected", target=name, open=rejections.open, resolved=rejections.silenced)
-    # Held operations of earlier cycles still wait too: the target stays held until approved.
-    report.held = count_status(engine, name, "held")
     if report.held:
         log.warning(
             "cycle held",
@@ -363,19 +389,45 @@ def _plan_changes_into_queue(
     records: list[IdentityRecord | BadRecord],
 ) -> None:
     """A delta read's records planned and queued as ``sync --only`` does: nobody else is planned or a leaver."""
-    from provisioner.ondemand import plan_only, queue_only
-
     plan = plan_only(engine, config, name, mapping, records)
-    report.planned = plan.counts()
-    report.unchanged = plan.unchanged
-    queue_only(engine, config, name, plan, report.run_id)
-    # After the plan is queued: a crash before reads these changes again.
-    read.save(engine)
+    active = sum(link.active for link in load_links(engine, name).values())
+    _queue_cycle_plan(engine, config, name, report, plan, active, read, None)
+    # Unlike a whole plan's, every rejection of the records read is logged and counted, resolved ones too.
     for key, message, _kind, _reason in plan.rejected:
         log.warning("record rejected", target=name, run_id=report.run_id, identity=key, reason=message)
     report.rejected = len(plan.rejected)
-    report.held = count_status(engine, name, "held")
     log.info("delta read", target=name, run_id=report.run_id, since=str(read.since), records=len(records))
+
+
+def _queue_cycle_plan(
+    engine: Engine,
+    config: Config,
+    name: str,
+    report: TargetReport,
+    plan: Plan,
+    active: int,
+    read: DeltaRead | None,
+    memo: RenderMemo | None,
+) -> Rejections:
+    """Queue a cycle's plan and count it in ``report``, then save where the next cycle starts from.
+
+    ``memo``: a whole plan's renders, saved with it (and its ``present`` closes the
+    rejections of identities gone from the source); None for a delta's plan of
+    the records read. ``read``: the delta read, whose watermark is saved.
+    """
+    report.planned = plan.counts()
+    report.unchanged = plan.unchanged
+    present = plan.present if memo is not None else None
+    rejections = queue_plan(engine, config, name, plan, report.run_id, active, present)
+    # After the plan is queued: a crash in between loses only renders, which the next cycle makes
+    # again, and reads the same changes again.
+    if memo is not None:
+        save_memo(engine, name, memo, plan.present)
+    if read is not None:
+        read.save(engine)
+    # Held operations of earlier cycles still wait too: the target stays held until approved.
+    report.held = count_status(engine, name, "held")
+    return rejections
 
 
 async def _send(

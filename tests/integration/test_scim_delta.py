@@ -7,7 +7,7 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunspli
 
 import pytest
 
-from provisioner import ondemand
+from provisioner import sync
 from provisioner.delta import DeltaRead, last_modified
 from provisioner.sources import read_source
 from tests.conftest import ENTERPRISE, ScimReader, Workspace
@@ -146,7 +146,7 @@ def test_a_cycle_that_crashes_before_its_plan_is_queued_keeps_the_watermark_and_
         raise RuntimeError("power cut")
 
     with monkeypatch.context() as patch:
-        patch.setattr(ondemand, "queue_only", crash)
+        patch.setattr(sync, "queue_plan", crash)
         with pytest.raises(RuntimeError):
             delta_workspace.sync_now()
     after_crash = delta_workspace.query("SELECT watermark FROM source_watermark")
