@@ -109,7 +109,7 @@ async def sync_only(
         echo(f"{name}: {key}: not in the source; nothing planned (a full sync handles leavers)")
     for record in records:
         _echo_render(echo, name, mapping, record)
-    plan = plan_only(engine, config, name, mapping, records)
+    plan, active = plan_only(engine, config, name, mapping, records)
     decided = {d.identity_key: d for d in plan.decisions}
     for key in wanted:
         if key in decided:
@@ -119,7 +119,6 @@ async def sync_only(
             echo(f"{name}: {key}: planned nothing: the account already holds what the record renders to")
     for rejected in plan.rejected:
         echo(f"{name}: {rejected.identity_key}: rejected: {rejected.message}")
-    active = sum(link.active for link in load_links(engine, name).values())
     queue_plan(engine, config, name, plan, report.run_id, active)
     report.rejected = len(plan.rejected)
     for key, kind in _send_again(engine, name, plan.present & found):

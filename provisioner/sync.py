@@ -204,16 +204,18 @@ def plan_once(
 
 def plan_only(
     engine: Engine, config: Config, name: str, mapping: AttributeMapping, records: list[IdentityRecord | BadRecord]
-) -> Plan:
+) -> tuple[Plan, int]:
     """Plan these records in target ``name`` as a full plan decides them; writes nothing.
 
     Their references (``ref(manager_id)``) resolve against every account link,
     as in a full plan: an unchanged identity whose manager is not planned is
     still unchanged. Nobody else is planned: an identity without a record here
     is never a leaver. ``sync --only`` plans its keys so, a cycle its delta read.
+    Also returns the target's active account count, which :func:`queue_plan` needs.
     """
-    return plan_target(name, mapping, records, load_links(engine, name), config.targets[name].leaver, min_records=0,
-                       partial=True)  # fmt: skip
+    links = load_links(engine, name)
+    plan = plan_target(name, mapping, records, links, config.targets[name].leaver, min_records=0, partial=True)
+    return plan, sum(link.active for link in links.values())
 
 
 def queue_plan(
@@ -389,8 +391,7 @@ def _plan_changes_into_queue(
     records: list[IdentityRecord | BadRecord],
 ) -> None:
     """A delta read's records planned and queued as ``sync --only`` does: nobody else is planned or a leaver."""
-    plan = plan_only(engine, config, name, mapping, records)
-    active = sum(link.active for link in load_links(engine, name).values())
+    plan, active = plan_only(engine, config, name, mapping, records)
     _queue_cycle_plan(engine, config, name, report, plan, active, read, None)
     # Unlike a whole plan's, every rejection of the records read is logged and counted, resolved ones too.
     for key, message, _kind, _reason in plan.rejected:
