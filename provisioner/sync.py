@@ -273,16 +273,14 @@ async def _cycle(
 ) -> TargetReport:
     report = TargetReport(name, new_run_id())
     _start_run(engine, report.run_id, name, utcnow())
-    if memo is None:
-        memo = load_memo(engine, name)
     try:
         # The source is read off the event loop: a slow query or HR endpoint would stall every other
         # target, /healthz's heartbeat and the metrics meanwhile. The caller holds the target's locks.
         read, records = _open_read(engine, config, name)
         records = await read_off_loop(records)
-        _plan_into_queue(engine, config, name, mapping, report, memo, read, records)
+        memo = _plan_into_queue(engine, config, name, mapping, report, memo, read, records)
         await _send(engine, config, name, mapping, report, stop)
-        if memo.unresolved:
+        if memo is not None and memo.unresolved:
             # Records sent with a manager created in this cycle: remembered with what they got.
             complete_entries(engine, name, report.run_id, memo, mapping.create_only)
             save_memo(engine, name, memo)
@@ -352,10 +350,15 @@ def _plan_into_queue(
     memo: RenderMemo | None,
     read: DeltaRead | None,
     records: Iterable[IdentityRecord | BadRecord],
-) -> None:
+) -> RenderMemo | None:
+    """Plan the records read and queue the plan; returns the render memo a whole plan used (loaded if not given).
+
+    A delta read's plan renders every record it read (:func:`plan_only`): it
+    neither loads nor fills a memo, and returns ``memo`` as given.
+    """
     if read is not None and not read.full:
         _plan_changes_into_queue(engine, config, name, mapping, report, read, list(records))
-        return
+        return memo
     if memo is None:
         memo = load_memo(engine, name)
     # Packed: an initial load's plan is its 100,000 payloads, held until they are queued.
@@ -379,6 +382,7 @@ def _plan_into_queue(
             active_accounts=active,
             hint="provisioner plan --held, then provisioner approve RUN_ID or reject RUN_ID",
         )
+    return memo
 
 
 def _plan_changes_into_queue(
