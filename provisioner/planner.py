@@ -188,7 +188,6 @@ def plan_target(
     memo: RenderMemo | None = None,
     *,
     pack: bool = False,
-    partial: bool = False,
 ) -> Plan:
     """Decide every operation for one target from the whole source and the current links.
 
@@ -198,10 +197,60 @@ def plan_target(
     rendering records unchanged since a render whose result the target already has.
     ``pack``: each decision's payload is held as :class:`~provisioner.payload.Packed`
     JSON, a third of the memory, for a caller that only queues the plan.
-    ``partial``: ``records`` are some of the source (``sync --only``): ``links``
-    are still every account, so that references to identities not planned
-    resolve as in a full plan, but a linked identity without a record here is
-    not a leaver, and no record here is no safety stop.
+    Raises SafetyStop when the source has no usable records (and accounts are
+    linked) or fewer than ``min_records``.
+    """
+    plan, refs = _decide_records(target, mapping, records, links, leaver, memo, pack)
+    active = sum(link.active for link in links.values())
+    if plan.source_records == 0 and active:
+        raise SafetyStop(
+            f"target {target}: the source has no usable records; refusing to deprovision {active} linked accounts"
+        )
+    if plan.source_records < min_records:
+        raise SafetyStop(
+            f"target {target}: the source has {plan.source_records} usable records, fewer than its "
+            f"min_records ({min_records}); is the export truncated?"
+        )
+    # Nearly always every linked identity is still in the source: one set difference says so.
+    if links.keys() - plan.present:
+        for key, link in links.items():
+            if key not in plan.present:
+                _add(plan, key, decide(Desired(key, None), link, leaver, owed_now=_owed_now(link, links)))
+    plan.decisions = order_by_references(plan.decisions, refs)
+    return plan
+
+
+def plan_records(
+    target: str,
+    mapping: AttributeMapping,
+    records: Iterable[IdentityRecord | BadRecord],
+    links: Mapping[str, Link],
+    leaver: LeaverAction = "disable",
+) -> Plan:
+    """Decide the operations of some of the source's records (``sync --only``, a delta read) as a full plan would.
+
+    ``links`` are still every account, so that references to identities not
+    planned resolve as in a full plan; but a linked identity without a record
+    here is not a leaver, and no record here is no safety stop.
+    """
+    plan, refs = _decide_records(target, mapping, records, links, leaver, None, False)
+    plan.decisions = order_by_references(plan.decisions, refs)
+    return plan
+
+
+def _decide_records(
+    target: str,
+    mapping: AttributeMapping,
+    records: Iterable[IdentityRecord | BadRecord],
+    links: Mapping[str, Link],
+    leaver: LeaverAction,
+    memo: RenderMemo | None,
+    pack: bool,
+) -> tuple[Plan, dict[str, set[str]] | None]:
+    """Each record's decision or rejection, identities sharing a match value held; not yet ordered.
+
+    Also returns the references of packed payloads, by identity key, for
+    :func:`order_by_references` (None when the payloads are not packed).
     """
     plan = Plan(target)
     if memo is not None and mapping.volatile:
@@ -253,26 +302,7 @@ def plan_target(
             memo.remember(record, desired.payload_hash, refs, links, match, salt)
     plan.present.update(seen)
     _hold_shared_match_values(plan, matched, mapping.match, links)
-    active = sum(link.active for link in links.values())
-    if partial:
-        plan.decisions = order_by_references(plan.decisions, packed_refs if pack else None)
-        return plan
-    if plan.source_records == 0 and active:
-        raise SafetyStop(
-            f"target {target}: the source has no usable records; refusing to deprovision {active} linked accounts"
-        )
-    if plan.source_records < min_records:
-        raise SafetyStop(
-            f"target {target}: the source has {plan.source_records} usable records, fewer than its "
-            f"min_records ({min_records}); is the export truncated?"
-        )
-    # Nearly always every linked identity is still in the source: one set difference says so.
-    if links.keys() - seen:
-        for key, link in links.items():
-            if key not in seen:
-                _add(plan, key, decide(Desired(key, None), link, leaver, owed_now=_owed_now(link, links)))
-    plan.decisions = order_by_references(plan.decisions, packed_refs if pack else None)
-    return plan
+    return plan, packed_refs if pack else None
 
 
 def _hold_shared_match_values(

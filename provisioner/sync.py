@@ -30,7 +30,7 @@ from provisioner.groups import GroupPlan, load_groups
 from provisioner.mapping import AttributeMapping, MappingError, load_mapping
 from provisioner.memo import complete_entries, load_memo, save_memo
 from provisioner.payload import changed_paths, dumps, keep_chosen, keep_omitted, readable
-from provisioner.planner import Kind, Plan, RenderMemo, brake_trips, plan_target
+from provisioner.planner import Kind, Plan, RenderMemo, brake_trips, plan_records, plan_target
 from provisioner.queue import (
     ClaimedOperation,
     Rejections,
@@ -214,7 +214,7 @@ def plan_only(
     Also returns the target's active account count, which :func:`queue_plan` needs.
     """
     links = load_links(engine, name)
-    plan = plan_target(name, mapping, records, links, config.targets[name].leaver, min_records=0, partial=True)
+    plan = plan_records(name, mapping, records, links, config.targets[name].leaver)
     return plan, sum(link.active for link in links.values())
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from provisioner.errors import SafetyStop
 from provisioner.mapping import AttributeMapping, load_mapping
-from provisioner.planner import Decision, Desired, Kind, Link, Reason, decide, plan_target
+from provisioner.planner import Decision, Desired, Kind, Link, Reason, decide, plan_records, plan_target
 from provisioner.sources import BadRecord, IdentityRecord
 
 PAYLOAD = {"userName": "ada@example.com", "active": True}
@@ -279,11 +279,11 @@ def test_a_partial_plan_decides_each_record_as_the_full_plan_does_and_makes_no_l
     [created] = [d for d in plan_target("app", mapping, [manager, report, mover], links).decisions if d.identity_key == "E2"]
     links["E2"] = Link("E2", "scim-of-e2", created.payload_hash, True)
 
-    partial = plan_target("app", mapping, [report, person("E3", title="CTO")], links, partial=True)
+    partial = plan_records("app", mapping, [report, person("E3", title="CTO")], links)
 
     assert partial.settled == ["E2"]
     assert kinds(partial.decisions) == {"E3": (Kind.UPDATE, Reason.MOVER)}  # E1 and E4 are not planned: no leaver
-    assert plan_target("app", mapping, [], links, partial=True).decisions == []  # and no safety stop
+    assert plan_records("app", mapping, [], links).decisions == []  # and no safety stop
 
 
 def test_unchanged_identities_are_settled(mapping: AttributeMapping) -> None:
