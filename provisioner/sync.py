@@ -32,14 +32,12 @@ from provisioner.memo import complete_entries, load_memo, save_memo
 from provisioner.payload import changed_paths, dumps, keep_chosen, keep_omitted, readable
 from provisioner.planner import Kind, Plan, RenderMemo, brake_trips, plan_records, plan_target
 from provisioner.queue import (
-    ClaimedOperation,
     Rejections,
     claim,
     count_status,
     enqueue,
     load_link_states,
     load_links,
-    release,
 )
 from provisioner.redaction import WRITE_ONLY
 from provisioner.sources import BadRecord, IdentityRecord, read_off_loop, read_source, source_columns
@@ -447,9 +445,11 @@ async def _send(
     if stop is not None and stop.is_set():
         return
     # A cycle with nothing due (nothing changed) makes no client: no TLS context, no connection.
-    first: list[ClaimedOperation] | None = claim(engine, name, limit=CLAIM_PAGE)
-    if not first:
+    page = claim(engine, name, limit=CLAIM_PAGE)
+    if not page:
         return
+    # With the page just claimed, which is no longer pending.
+    due = len(page) + count_status(engine, name, "pending")
     session = TargetSession(target, quirks=load_quirks(engine, name, target))
     executor = Executor(engine, name, target, session.client, endpoint=mapping.endpoint, match_attribute=mapping.match,
                         quirks=session.quirks,
@@ -458,13 +458,12 @@ async def _send(
                         uses_refs=mapping.uses_refs)  # fmt: skip
     if stop is not None:
         executor.stopping = stop
-    due = count_status(engine, name, "pending")
     sent = 0
     started = time.monotonic()
     try:
-        # Page by page: an initial load of 100,000 accounts never sits in memory at once.
-        while not executor.stopping.is_set():
-            page, first = (first if first is not None else claim(engine, name, limit=CLAIM_PAGE)), None
+        # Page by page: an initial load of 100,000 accounts never sits in memory at once. The executor
+        # sends or gives back every operation it is handed; a page is claimed only to be handed over.
+        while True:
             result = await executor.run(page)
             report.done.update(result.done)
             report.statuses.update(result.statuses)
@@ -476,9 +475,10 @@ async def _send(
                          eta_seconds=round(max(due - sent, 0) / rate) if rate else None)  # fmt: skip
             if not result.finished or result.skipped or result.unreachable:
                 break  # nothing due, or the target stopped taking work (paused, quarantined, breaker)
+            if executor.stopping.is_set():
+                break  # asked to stop: the rest stays queued, unclaimed
+            page = claim(engine, name, limit=CLAIM_PAGE)
     finally:
-        if first:
-            release(engine, [op.id for op in first])  # stopped before the first page was sent
         await session.aclose()
 
 
