@@ -41,10 +41,10 @@ from provisioner.quirks import DROPPED_NOTE, load_quirks
 from provisioner.targets import discover
 from provisioner.functions import Unique
 from provisioner.payload import (
-    changed_paths,
     flatten,
     keep_chosen,
     keep_omitted,
+    nothing_to_send,
     owed_references,
     patch_operations,
     payload_hash,
@@ -371,7 +371,7 @@ class Executor:
         payload = keep_chosen(link.applied, without(payload, self.create_only))
         if self.omit_if_empty:
             payload, kept = keep_omitted(link.applied, payload, self.omit_if_empty)
-            if kept and op.kind is Kind.UPDATE and link.active and not _differs(link.applied, payload):
+            if op.kind is Kind.UPDATE and link.active and nothing_to_send(link.applied, payload, kept):
                 # Only omit_if_empty attributes went empty: the target keeps its values, nothing to send.
                 state = replace(link, applied=payload, applied_hash=applied_hash)
                 return Outcome(op.id, "succeeded", note=f"kept {', '.join(kept)} (omit_if_empty); nothing to send",
@@ -934,11 +934,6 @@ def _waves(by_key: dict[str, list[ClaimedOperation]], links: dict[str, LinkState
         for key in ready:
             del waiting[key]
     return waves
-
-
-def _differs(applied: dict[str, Any] | None, payload: dict[str, Any]) -> bool:
-    """Whether ``payload`` changes anything of what was last applied (write-only values are masked there)."""
-    return any(path not in WRITE_ONLY for path in changed_paths(applied, payload))
 
 
 def _active(payload: dict[str, Any]) -> bool:

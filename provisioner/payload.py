@@ -15,7 +15,7 @@ import orjson
 
 from provisioner.functions import Unique
 from provisioner.mapping import Ref
-from provisioner.redaction import names_write_only
+from provisioner.redaction import WRITE_ONLY, names_write_only
 
 # Attributes that are not the account's data: never diffed, never patched.
 _NOT_DATA = {"schemas", "id", "meta"}
@@ -267,6 +267,18 @@ def changed_paths(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list
     before = flatten(old or {})
     after = flatten(new)
     return sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+
+
+def nothing_to_send(applied: Mapping[str, Any] | None, payload: Mapping[str, Any], kept: Iterable[str]) -> bool:
+    """Whether an update of an active account sends nothing: only ``omit_if_empty`` attributes went empty.
+
+    ``kept``: the paths :func:`keep_omitted` kept, whose values the target
+    keeps; ``payload``: the update with them kept; ``applied``: the payload last
+    applied, where write-only values (RFC 7643 §4.1.1, returned "never") are
+    masked, so a difference there is no change. The executor then records the
+    new hash and sends nothing; a plan's description counts the update unchanged.
+    """
+    return bool(kept) and all(path in WRITE_ONLY for path in changed_paths(applied, payload))
 
 
 def patch_operations(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[dict[str, Any]]:

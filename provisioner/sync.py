@@ -29,7 +29,7 @@ from provisioner.group_executor import send_due_groups, sync_groups
 from provisioner.groups import GroupPlan, load_groups
 from provisioner.mapping import AttributeMapping, MappingError, load_mapping
 from provisioner.memo import complete_entries, load_memo, save_memo
-from provisioner.payload import changed_paths, dumps, keep_chosen, keep_omitted, readable
+from provisioner.payload import changed_paths, dumps, keep_chosen, keep_omitted, nothing_to_send, readable
 from provisioner.planner import Kind, Plan, RenderMemo, brake_trips, plan_records, plan_target
 from provisioner.queue import (
     Rejections,
@@ -567,8 +567,8 @@ def describe_plan(
             payload = keep_chosen(applied, decision.payload)
             payload, kept = keep_omitted(applied, payload, omit_if_empty) if omit_if_empty else (payload, [])
             changes = changed_paths(applied, payload)
-            # As the executor decides it: only omitted attributes went empty, write-only values aside.
-            if kept and decision.kind is Kind.UPDATE and state and state.active and set(changes) <= WRITE_ONLY:
+            # As the executor decides it: only omitted attributes went empty.
+            if decision.kind is Kind.UPDATE and state and state.active and nothing_to_send(applied, payload, kept):
                 counts[Kind.UPDATE.value] -= 1
                 counts["unchanged"] += 1
                 continue
