@@ -296,18 +296,14 @@ async def _cycle(
         raise
     except (asyncio.CancelledError, KeyboardInterrupt):
         # A stop (SIGTERM past the shutdown grace, Ctrl-C), not a failure: what was left waits in the queue.
-        _finish_run(engine, report, status="interrupted", error=INTERRUPTED)
-        log.warning("cycle interrupted", target=name, run_id=report.run_id, planned=report.planned,
-                    outcomes=dict(report.statuses))  # fmt: skip
+        _interrupted(engine, report)
         raise
     except BaseException:
         _finish_run(engine, report, status="error")
         raise
     if stop is not None and stop.is_set() and count_status(engine, name, "pending"):
         # Asked to stop: the cycle sent what was in flight and left the rest queued, unfinished.
-        _finish_run(engine, report, status="interrupted", error=INTERRUPTED)
-        log.warning("cycle interrupted", target=name, run_id=report.run_id, planned=report.planned,
-                    outcomes=dict(report.statuses))  # fmt: skip
+        _interrupted(engine, report)
         return report
     log.info("cycle", target=name, run_id=report.run_id, planned=report.planned, outcomes=dict(report.statuses))
     _finish_run(engine, report)
@@ -523,6 +519,13 @@ def _finish_run(engine: Engine, report: TargetReport, status: str | None = None,
             .where(Run.__table__.c.id == report.run_id)
             .values(finished_at=utcnow(), status=status, counts=dumps(report.summary()), error=error)
         )
+
+
+def _interrupted(engine: Engine, report: TargetReport) -> None:
+    """Finish a run cut short by a stop as ``interrupted``, and say what it had planned and done."""
+    _finish_run(engine, report, status="interrupted", error=INTERRUPTED)
+    log.warning("cycle interrupted", target=report.target, run_id=report.run_id, planned=report.planned,
+                outcomes=dict(report.statuses))  # fmt: skip
 
 
 def _describe_groups(plan: GroupPlan) -> dict[str, object]:
