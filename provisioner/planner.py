@@ -246,19 +246,19 @@ def _decide_records(
     leaver: LeaverAction,
     memo: RenderMemo | None,
     pack: bool,
-) -> tuple[Plan, dict[str, set[str]] | None]:
+) -> tuple[Plan, dict[str, set[str]]]:
     """Each record's decision or rejection, identities sharing a match value held; not yet ordered.
 
-    Also returns the references of packed payloads, by identity key, for
-    :func:`order_by_references` (None when the payloads are not packed).
+    Also returns, for :func:`order_by_references`, the identities each
+    decision's payload refers to, by identity key (none: no entry).
     """
     plan = Plan(target)
     if memo is not None and mapping.volatile:
         memo = None  # what it renders changes with the time: nothing to remember
     salt: bytes = mapping.digest
     seen: set[str] = set()
-    # The references of packed payloads, for ordering the plan.
-    packed_refs: dict[str, set[str]] = {}
+    # The identities each decision's payload refers to, for ordering the plan (a packed payload is opaque).
+    payload_refs: dict[str, set[str]] = {}
     # (key, match value, origin, payload hash) of each record that gets an account: duplicates are
     # found once every record is read, and taken out of the plan before anything is written.
     matched: list[tuple[str, str, str, str | None]] = []
@@ -292,17 +292,18 @@ def _decide_records(
         if match is not None:
             matched.append((record.key, match, record.origin, desired.payload_hash))
         decision = decide(desired, link, leaver, owed_now=_owed_now(link, links))
-        if pack and decision is not None and decision.payload is not None:
+        if decision is not None and decision.payload is not None:
             if refs:
-                packed_refs[record.key] = refs_in(decision.payload)
-            decision = Decision(decision.identity_key, decision.kind, decision.reason,
-                                packed(decision.payload), decision.payload_hash)  # type: ignore[arg-type]  # fmt: skip
+                payload_refs[record.key] = refs_in(decision.payload)
+            if pack:
+                decision = Decision(decision.identity_key, decision.kind, decision.reason,
+                                    packed(decision.payload), decision.payload_hash)  # type: ignore[arg-type]  # fmt: skip
         _add(plan, record.key, decision)
         if memo is not None:
             memo.remember(record, desired.payload_hash, refs, links, match, salt)
     plan.present.update(seen)
     _hold_shared_match_values(plan, matched, mapping.match, links)
-    return plan, packed_refs if pack else None
+    return plan, payload_refs
 
 
 def _hold_shared_match_values(
@@ -316,10 +317,7 @@ def _hold_shared_match_values(
     the rejection stays silenced (once resolved) until what the record renders to changes.
     """
     # Nearly always every value is distinct: one set says so without building the groups.
-    if attribute in CASE_EXACT:
-        distinct = {match for _k, match, _o, _h in matched}
-    else:
-        distinct = {match.strip().casefold() for _k, match, _o, _h in matched}
+    distinct = {match_key(attribute, match) for _k, match, _o, _h in matched}
     if len(distinct) == len(matched):
         return
     shared = shared_match_values(((key, match) for key, match, _o, _h in matched), attribute)
@@ -354,17 +352,15 @@ def shared_match_values(values: Iterable[tuple[str, str | None]], attribute: str
     return shared
 
 
-def order_by_references(decisions: list[Decision], refs: Mapping[str, set[str]] | None = None) -> list[Decision]:
+def order_by_references(decisions: list[Decision], refs: Mapping[str, set[str]]) -> list[Decision]:
     """Decisions with every account another one refers to (a manager) before the ones referring to it.
 
     The queue is sent in this order, page by page, so a report's manager exists
     by the time the report is created. A reference cycle keeps the source order.
-    ``refs``: each identity's references, when the payloads are packed.
+    ``refs``: the identities each decision's payload refers to, by identity key
+    (collected while planning: a packed payload cannot be walked).
     """
-    if refs is not None:
-        payload_refs = {d.identity_key: refs.get(d.identity_key, set()) for d in decisions if d.payload is not None}
-    else:
-        payload_refs = {d.identity_key: refs_in(d.payload) for d in decisions if d.payload is not None}
+    payload_refs = {d.identity_key: refs.get(d.identity_key, set()) for d in decisions if d.payload is not None}
     if not any(payload_refs.values()):
         return decisions
     depth: dict[str, int] = {}
