@@ -66,7 +66,7 @@ from provisioner.quirks import load_quirks
 from provisioner.redaction import mask_write_only
 from provisioner.sources import BadRecord, IdentityRecord, read_source
 from provisioner.store import Operation
-from provisioner.sync import new_run_id, plan_only, queue_plan, render_write_only
+from provisioner.sync import account_executor, new_run_id, plan_only, queue_plan
 from provisioner.targets import TargetSession
 
 Echo = Callable[[str], None]
@@ -207,10 +207,8 @@ async def _send_accounts(
     """Send the open account operations of ``keys``; returns the ids of those that succeeded sending nothing."""
     target = config.targets[name]
     session = TargetSession(target, quirks=load_quirks(engine, name, target))
-    executor = _EchoingExecutor(engine, name, target, _echoing_clients(session, echo, name), endpoint=mapping.endpoint,
-                                match_attribute=mapping.match, quirks=session.quirks,
-                                write_only=lambda wanted: render_write_only(config, name, mapping, wanted),
-                                create_only=mapping.create_only, omit_if_empty=mapping.omit_if_empty)  # fmt: skip
+    executor = account_executor(engine, config, name, mapping, session, _echoing_clients(session, echo, name),
+                                _EchoingExecutor)  # fmt: skip
     executor.echo = echo
     executor.unchanged = set()
     try:

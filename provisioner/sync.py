@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import Engine, insert, update
@@ -24,7 +24,7 @@ from sqlalchemy import Engine, insert, update
 from provisioner.config import Config, ScimSourceConfig, SqlSourceConfig, TargetConfig
 from provisioner.delta import DeltaRead, start_read
 from provisioner.errors import ConfigError, SourceError, UserError
-from provisioner.executor import Executor
+from provisioner.executor import ClientFactory, Executor
 from provisioner.group_executor import send_due_groups, sync_groups
 from provisioner.groups import GroupPlan, load_groups
 from provisioner.mapping import AttributeMapping, MappingError, load_mapping
@@ -49,6 +49,8 @@ log = structlog.get_logger("provisioner.sync")
 
 # Operations claimed and sent at a time.
 CLAIM_PAGE = 1000
+
+E = TypeVar("E", bound=Executor)
 
 
 @dataclass(slots=True)
@@ -447,11 +449,7 @@ async def _send(
     # With the page just claimed, which is no longer pending.
     due = len(page) + count_status(engine, name, "pending")
     session = TargetSession(target, quirks=load_quirks(engine, name, target))
-    executor = Executor(engine, name, target, session.client, endpoint=mapping.endpoint, match_attribute=mapping.match,
-                        quirks=session.quirks,
-                        write_only=lambda keys: render_write_only(config, name, mapping, keys),
-                        create_only=mapping.create_only, omit_if_empty=mapping.omit_if_empty,
-                        uses_refs=mapping.uses_refs)  # fmt: skip
+    executor = account_executor(engine, config, name, mapping, session)
     if stop is not None:
         executor.stopping = stop
     sent = 0
@@ -476,6 +474,27 @@ async def _send(
             page = claim(engine, name, limit=CLAIM_PAGE)
     finally:
         await session.aclose()
+
+
+def account_executor(
+    engine: Engine,
+    config: Config,
+    name: str,
+    mapping: AttributeMapping,
+    session: TargetSession,
+    clients: ClientFactory | None = None,
+    kind: type[E] = Executor,  # type: ignore[assignment]
+) -> E:
+    """The executor of target ``name``'s account operations, as ``mapping`` shapes them.
+
+    Its clients come from ``session`` (``clients``: another factory of them, say
+    one that prints each exchange); ``kind``: an Executor subclass.
+    """
+    return kind(engine, name, config.targets[name], clients or session.client, endpoint=mapping.endpoint,
+                match_attribute=mapping.match, quirks=session.quirks,
+                write_only=lambda keys: render_write_only(config, name, mapping, keys),
+                create_only=mapping.create_only, omit_if_empty=mapping.omit_if_empty,
+                uses_refs=mapping.uses_refs)  # fmt: skip
 
 
 def render_write_only(config: Config, name: str, mapping: AttributeMapping, keys: list[str]) -> dict[str, dict[str, Any]]:
