@@ -40,7 +40,7 @@ from sqlalchemy import Engine, delete, insert, select
 
 from provisioner.config import ScimSourceConfig, parse_duration
 from provisioner.sources import BadRecord, IdentityRecord
-from provisioner.store import SourceWatermark, utcnow
+from provisioner.store import SourceWatermark, as_utc, utcnow
 
 _TABLE = SourceWatermark.__table__  # type: ignore[attr-defined]
 
@@ -103,7 +103,7 @@ def start_read(engine: Engine, target: str, source_name: str, source: ScimSource
         query = select(_TABLE.c.watermark, _TABLE.c.full_read_at).where(*_where(target, source_name))
         row = conn.execute(query).first()
     previous = _parse(row[0]) if row and row[0] else None
-    full_read_at = _aware(row[1]) if row and row[1] else None
+    full_read_at = as_utc(row[1]) if row and row[1] else None
     since = None
     if previous is not None and full_read_at is not None:
         if utcnow() - full_read_at < timedelta(seconds=parse_duration(source.full_every)):
@@ -120,14 +120,11 @@ def last_modified(attributes: dict[str, Any]) -> datetime | None:
 
 def _parse(text: str) -> datetime | None:
     try:
-        return _aware(datetime.fromisoformat(text))
+        moment = datetime.fromisoformat(text)
     except ValueError:
         return None
-
-
-def _aware(moment: datetime) -> datetime:
-    # xsd:dateTime without an offset, and SQLite's stored timestamps, are read as UTC.
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    # An xsd:dateTime without an offset is read as UTC; one with an offset is turned to UTC, as stored.
+    return as_utc(moment).astimezone(UTC)
 
 
 def _text(moment: datetime) -> str:
