@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, select
 
 from provisioner.config import ScimSourceConfig, parse_duration
 from provisioner.sources import BadRecord, IdentityRecord
-from provisioner.store import SourceWatermark, as_utc, utcnow
+from provisioner.store import SourceWatermark, as_utc, upsert, utcnow
 
 _TABLE = SourceWatermark.__table__  # type: ignore[attr-defined]
 
@@ -89,12 +89,12 @@ class DeltaRead:
         a delta's only moves it forward.
         """
         mark = self.seen if self.full else max(filter(None, (self.seen, self.previous)), default=None)
+        row = {"target": self.target, "source": self.source_name, "watermark": _text(mark) if mark else None,
+               "full_read_at": utcnow() if self.full else None}  # fmt: skip
+        # A delta keeps the time of the last full read (none yet: a first row without one).
+        updated = ("watermark", "full_read_at") if self.full else ("watermark",)
         with engine.begin() as conn:
-            row = conn.execute(select(_TABLE.c.full_read_at).where(*_where(self.target, self.source_name))).first()
-            full_read_at = utcnow() if self.full else (row[0] if row else None)
-            conn.execute(delete(_TABLE).where(*_where(self.target, self.source_name)))
-            values = {"target": self.target, "source": self.source_name, "full_read_at": full_read_at}
-            conn.execute(insert(_TABLE).values(**values, watermark=_text(mark) if mark else None))
+            conn.execute(upsert(_TABLE, ("target", "source"), updated, engine.dialect.name), row)
 
 
 def start_read(engine: Engine, target: str, source_name: str, source: ScimSourceConfig) -> DeltaRead:
